@@ -1,0 +1,136 @@
+"""`Engine`: one loaded NLD model that decodes a request in any of the three modes.
+
+Contract: `Engine.from_pretrained(path, device, dtype)` loads the weights once (and the draft
+LoRA when present); `generate(prompt_ids, DecodeParams)` runs one request to completion and
+returns a `GenerationOutput`. `check_request` validates a request against the model and raises
+`ValueError` with a precise message. The loop is the same one the batched engine runs, at
+batch size 1: the mode says which pass, the runner executes it, the mode advances.
+Non-goals: concurrency (see the batched engine), tokenisation (the replica's edge does that).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .kv_cache import KVCache, SequenceKV
+from .loader import LORA_SUBDIR, load_lora, load_model, resolve_dtype
+from .model import NLDModel
+from .modes import MODE_CLASSES, finish_prefill, prefill_pass
+from .params import DecodeParams, GenerationOutput
+from .runner import ModelRunner
+from .sequence import Sequence
+
+
+class Engine:
+    def __init__(self, model: NLDModel, *, max_block_length: int | None = None) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.device = model.encoder.embed_tokens.weight.device
+        self.dtype = model.encoder.embed_tokens.weight.dtype
+        self.max_block_length = max_block_length or self.config.block_size
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        *,
+        lora: str | Path | bool | None = None,
+        max_block_length: int | None = None,
+    ) -> "Engine":
+        """Load `path`. `lora`: None = `linear_spec_lora/` when present, False = none, or a directory."""
+        model = load_model(path, device, dtype)
+        adapter = Path(path) / LORA_SUBDIR if lora is None or lora is True else lora
+        if lora is True and not Path(adapter).is_dir():
+            raise FileNotFoundError(f"no LoRA adapter at {adapter}")
+        if adapter and Path(adapter).is_dir():
+            model.set_lora(load_lora(adapter, model.config, device, resolve_dtype(dtype)))
+        return cls(model, max_block_length=max_block_length)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.model.has_lora
+
+    def check_request(self, prompt_ids, params: DecodeParams) -> DecodeParams:
+        """Validate against the model; return params with defaults resolved."""
+        cfg = self.config
+        if len(prompt_ids) == 0:
+            raise ValueError("prompt_ids: the prompt is empty")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_ids: token id {bad[0]!r} is outside the vocabulary [0, {cfg.vocab_size})")
+        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < cfg.vocab_size]
+        if bad_stop:
+            raise ValueError(f"stop_token_ids: token id {bad_stop[0]!r} is outside the vocabulary")
+        block = params.block_length or min(cfg.block_size, self.max_block_length)
+        if block > self.max_block_length:
+            raise ValueError(f"block_length: {block} is above the configured limit {self.max_block_length}")
+        if params.draft_lora and not self.has_lora:
+            raise ValueError("draft_lora: no LoRA adapter is loaded")
+        draft_lora = self.has_lora if params.draft_lora is None else params.draft_lora
+        need = self.positions_needed(len(prompt_ids), params.max_new_tokens, block)
+        if need > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
+                f"+ one block exceeds max_position_embeddings ({cfg.max_position_embeddings})"
+            )
+        return params.with_(block_length=block, draft_lora=draft_lora)
+
+    @staticmethod
+    def positions_needed(prompt_len: int, max_new_tokens: int, block: int) -> int:
+        """Cache columns a request can touch: its prompt, its output and one block of lookahead."""
+        return prompt_len + max_new_tokens + block
+
+    def new_sequence(self, prompt_ids, params: DecodeParams, slot: int, request_id: str | None = None) -> Sequence:
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        return Sequence(
+            request_id or f"req-{next(self._ids)}",
+            list(prompt_ids),
+            params,
+            kv=SequenceKV(slot=slot),
+            eos_token_ids=self.config.eos_token_ids,
+            mask_token_id=self.config.mask_token_id,
+            generator=generator,
+        )
+
+    def generate(self, prompt_ids, params: DecodeParams | None = None) -> GenerationOutput:
+        params = self.check_request(list(prompt_ids), params or DecodeParams())
+        t0 = time.perf_counter()
+        cfg = self.config
+        cache = KVCache(
+            num_layers=cfg.num_hidden_layers,
+            num_slots=1,
+            num_kv_heads=cfg.num_key_value_heads,
+            max_len=self.positions_needed(len(prompt_ids), params.max_new_tokens, params.block_length),
+            head_dim=cfg.head_dim,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        runner = ModelRunner(self.model, cache)
+        seq = self.new_sequence(prompt_ids, params, slot=0)
+        finish_prefill(seq, runner.run([(0, prefill_pass(seq))])[0])
+        mode = MODE_CLASSES[params.mode](seq)
+        while not seq.finished:
+            mode.advance(runner.run([(0, mode.next_pass())])[0])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return GenerationOutput(
+            token_ids=seq.output,
+            finish_reason=seq.finish_reason,
+            forward_passes=seq.forward_passes,
+            mode=params.mode,
+            prompt_tokens=len(seq.prompt_ids),
+            accepted_lengths=seq.accepted_lengths,
+            denoise_passes=seq.denoise_passes,
+            seconds=time.perf_counter() - t0,
+        )

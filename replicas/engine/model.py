@@ -1,0 +1,160 @@
+"""The NLD transformer (Ministral3 layout): RMSNorm, GQA attention with YaRN RoPE and the
+Llama-4 query scale, SwiGLU MLP, untied `diffusion_head`.
+
+Contract: `NLDModel.forward(tokens, positions, cache, attn)` takes token ids [B, T], absolute
+positions [B, T], a `KVCache` and an `AttentionInputs` (slots, write columns, boolean mask
+[B, 1, T, S]) and returns final hidden states [B, T, hidden]; `logits(h)` applies the head.
+Each layer writes its K/V for the input tokens into the cache, then attends over the first S
+columns under the given mask through `scaled_dot_product_attention`. The model knows no
+decoding mode: causal vs bidirectional is entirely the caller's mask. The optional `o_proj`
+LoRA delta applies only to the rows flagged in `AttentionInputs.lora_rows`.
+Non-goals: weight loading (see `loader`), sampling, training-time dropout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+from .rope import apply_rotary, compute_inv_freq, llama4_query_scale, rotary_cos_sin
+
+
+@dataclass
+class AttentionInputs:
+    """Per-forward attention metadata built by the runner."""
+
+    slots: torch.Tensor | None  # [B] cache slot per row; None = slots 0..B-1 of a B-slot cache
+    write_index: torch.Tensor  # [B, T] cache column each token's K/V goes to
+    mask: torch.Tensor  # [B, 1, T, S] bool, True = may attend; S = columns read
+    lora_rows: torch.Tensor | None = None  # [B] bool rows that take the o_proj LoRA delta
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h = cfg.hidden_size
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.lora_a: torch.Tensor | None = None  # [r, heads * head_dim]
+        self.lora_b: torch.Tensor | None = None  # [hidden, r], already multiplied by the LoRA scale
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_scale: torch.Tensor | None,
+        cache: KVCache,
+        attn: AttentionInputs,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if q_scale is not None:
+            q = q * q_scale.to(q.dtype)
+        slots = attn.slots if attn.slots is not None else torch.arange(b, device=x.device)
+        cache.write(self.layer, slots, attn.write_index, k, v)
+        keys, values = cache.read(self.layer, attn.slots, attn.mask.shape[-1])  # [B, Hkv, S, D]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attn.mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv
+        )  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+        y = self.o_proj(out)
+        if self.lora_a is not None and attn.lora_rows is not None and bool(attn.lora_rows.any()):
+            rows = attn.lora_rows.nonzero().squeeze(1)  # [R]
+            delta = (out.index_select(0, rows) @ self.lora_a.T) @ self.lora_b.T  # [R, T, hidden]
+            y = y.index_add(0, rows, delta)
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, q_scale, cache, attn):  # x [B, T, hidden]
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, q_scale, cache, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Encoder(nn.Module):
+    """The backbone, named as in the checkpoint (`encoder.*`)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class NLDModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", compute_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+        self.attention_factor = cfg.rope.resolved_attention_factor()
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn: AttentionInputs
+    ) -> torch.Tensor:
+        """tokens, positions [B, T] -> hidden [B, T, hidden] (after the final norm)."""
+        x = self.encoder.embed_tokens(tokens)
+        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.attention_factor, x.dtype)
+        q_scale = llama4_query_scale(positions, self.config.rope)
+        for layer in self.encoder.layers:
+            x = layer(x, cos, sin, q_scale, cache, attn)
+        return self.encoder.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden] -> float32 logits [..., vocab]."""
+        return self.diffusion_head(hidden).float()
+
+    def set_lora(self, deltas: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """Install per-layer (A [r, in], scale * B [out, r]) o_proj deltas, or remove them."""
+        for i, layer in enumerate(self.encoder.layers):
+            attn = layer.self_attn
+            attn.lora_a, attn.lora_b = (None, None) if deltas is None else deltas[i]
+
+    @property
+    def has_lora(self) -> bool:
+        return self.encoder.layers[0].self_attn.lora_a is not None
