@@ -2,8 +2,8 @@
 Llama-4 query scale, SwiGLU MLP, untied `diffusion_head`.
 
 Contract: `NLDModel.forward(tokens, positions, cache, attn)` takes token ids [B, T], absolute
-positions [B, T], a `KVCache` and an `AttentionInputs` (slots, write columns, boolean mask
-[B, 1, T, S]) and returns final hidden states [B, T, hidden]; `logits(h)` applies the head.
+positions [B, T], a `KVCache` (or None: cache-free, for training) and an `AttentionInputs`
+(slots, write columns, boolean mask [B, 1, T, S]) and returns final hidden states [B, T, hidden]; `logits(h)` applies the head.
 Each layer writes its K/V for the input tokens into the cache, then attends over the first S
 columns under the given mask through `scaled_dot_product_attention`. The model knows no
 decoding mode: causal vs bidirectional is entirely the caller's mask. The optional `o_proj`
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         q_scale: torch.Tensor | None,
-        cache: KVCache,
+        cache: KVCache | None,
         attn: AttentionInputs,
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -76,9 +76,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
-        slots = attn.slots if attn.slots is not None else torch.arange(b, device=x.device)
-        cache.write(self.layer, slots, attn.write_index, k, v)
-        keys, values = cache.read(self.layer, attn.slots, attn.mask.shape[-1])  # [B, Hkv, S, D]
+        if cache is None:  # cache-free (training, references): attend over this call's tokens
+            keys, values = k, v
+        else:
+            slots = attn.slots if attn.slots is not None else torch.arange(b, device=x.device)
+            cache.write(self.layer, slots, attn.write_index, k, v)
+            keys, values = cache.read(self.layer, attn.slots, attn.mask.shape[-1])  # [B, Hkv, S, D]
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=attn.mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv
         )  # [B, H, T, D]
@@ -135,9 +138,12 @@ class NLDModel(nn.Module):
         self.attention_factor = cfg.rope.resolved_attention_factor()
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, attn: AttentionInputs
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, attn: AttentionInputs
     ) -> torch.Tensor:
-        """tokens, positions [B, T] -> hidden [B, T, hidden] (after the final norm)."""
+        """tokens, positions [B, T] -> hidden [B, T, hidden] (after the final norm).
+
+        With `cache=None` nothing is cached and attention covers only these T tokens under
+        `attn.mask` [B, 1, T, T] (`write_index` and `slots` are ignored): the training path."""
         x = self.encoder.embed_tokens(tokens)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.attention_factor, x.dtype)
         q_scale = llama4_query_scale(positions, self.config.rope)

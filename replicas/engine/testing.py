@@ -83,8 +83,8 @@ def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
 
     if vocab_size < N_SPECIAL + 256:
         raise ValueError(f"the test tokenizer needs vocab_size >= {N_SPECIAL + 256}, got {vocab_size}")
-    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
-    byte_chars.sort(key=lambda c: _byte_of(c))
+    byte_of = _gpt2_byte_table()
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet(), key=byte_of.__getitem__)
     vocab = {SPECIAL_NAMES.get(i, f"<special_{i}>"): i for i in range(N_SPECIAL)}
     vocab.update({ch: N_SPECIAL + i for i, ch in enumerate(byte_chars)})
     vocab.update({f"<unused_{i}>": i for i in range(N_SPECIAL + 256, vocab_size)})
@@ -100,14 +100,8 @@ def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
     }, indent=2))
 
 
-def _byte_of(ch: str) -> int:
-    from tokenizers import pre_tokenizers  # noqa: F401  (alphabet order is GPT-2's byte map)
-
-    table = _gpt2_byte_table()
-    return table[ch]
-
-
 def _gpt2_byte_table() -> dict[str, int]:
+    """The byte-level pre-tokenizer's printable character for each byte value, inverted."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
