@@ -1,0 +1,161 @@
+"""Train the self-speculation draft LoRA (`linear_spec_lora/`, PEFT format, `o_proj` only) for a
+trained tiny NLD checkpoint, with the backbone frozen.
+
+The draft's job is to guess the model's OWN greedy continuation in one bidirectional pass over
+`[seed, MASK x (B-1)]`. So the data is the model's greedy AR continuations of train-split
+prompts, and every block of the noisy copy is exactly a draft: its first token clean, the rest
+masked (t = 1). The `[noisy | clean]` layout of train_tiny is reused; the LoRA delta is added
+to the noisy half only (the clean half never attends to the noisy half, so it is the LoRA-off
+prefix the draft reads at inference). The adapter is ON only for draft passes at inference, so
+it changes acceptance, never the verified output.
+
+    .venv/bin/python -m training.train_lora --model models/nld-tiny-pystdlib --steps 120 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from replicas.engine.loader import LORA_SUBDIR, load_model
+
+from . import train_tiny as tt
+
+
+class OProjLoRA:
+    """Per-layer (A [r, in], B [out, r]) applied as scale * x A^T B^T to the first `rows` tokens."""
+
+    def __init__(self, model, rank: int, alpha: float, seed: int) -> None:
+        cfg = model.config
+        inner = cfg.num_attention_heads * cfg.head_dim
+        g = torch.Generator().manual_seed(seed)
+        self.scale = alpha / rank
+        self.rank, self.alpha = rank, alpha
+        self.a = [torch.nn.Parameter(torch.randn(rank, inner, generator=g) / math.sqrt(inner))
+                  for _ in range(cfg.num_hidden_layers)]
+        self.b = [torch.nn.Parameter(torch.zeros(cfg.hidden_size, rank)) for _ in range(cfg.num_hidden_layers)]
+        self.rows = 0  # tokens [0, rows) of every sequence take the delta
+        self.handles = [layer.self_attn.o_proj.register_forward_hook(self._hook(i))
+                        for i, layer in enumerate(model.encoder.layers)]
+
+    def _hook(self, i: int):
+        def hook(module, inputs, output):
+            if not self.rows:
+                return output
+            x = inputs[0][:, : self.rows]  # [B, rows, in]
+            delta = (x @ self.a[i].T) @ self.b[i].T * self.scale  # [B, rows, out]
+            return torch.cat([output[:, : self.rows] + delta, output[:, self.rows:]], dim=1)
+        return hook
+
+    def parameters(self):
+        return self.a + self.b
+
+    def save(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, (a, b) in enumerate(zip(self.a, self.b)):
+            stem = f"base_model.model.encoder.layers.{i}.self_attn.o_proj"
+            tensors[f"{stem}.lora_A.weight"] = a.detach().float().contiguous()
+            tensors[f"{stem}.lora_B.weight"] = b.detach().float().contiguous()
+        save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (out_dir / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "target_modules": ["o_proj"],
+            "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM", "use_rslora": False,
+            "base_model_name_or_path": None,
+        }, indent=2))
+
+
+def full_draft_rows(seqs: torch.Tensor, blocks: list[int], gen: torch.Generator, loss_from: int) -> dict:
+    """Every block a draft `[seed, MASK x (n-1)]` (random block size and offset per row); the loss
+    covers masked positions at or after loss_from (the generated part), unweighted (t = 1)."""
+    b, t = seqs.shape
+    noisy, masked, weight, masks = [], [], [], []
+    for r in range(b):
+        block = blocks[int(torch.randint(0, len(blocks), (), generator=gen))]
+        offset = int(torch.randint(0, block, (), generator=gen))
+        ids = tt.block_ids(t, block, offset)
+        first = torch.ones(t, dtype=torch.bool)
+        first[1:] = ids[1:] != ids[:-1]
+        m = ~first
+        m[:loss_from] = False
+        noisy.append(torch.where(m, torch.full_like(seqs[r], tt.MASK_ID), seqs[r]))
+        masked.append(m)
+        weight.append(m.float())
+        masks.append(tt.joint_attention_mask(t, block, offset))
+    return {"clean": seqs, "noisy": torch.stack(noisy), "masked": torch.stack(masked),
+            "weight": torch.stack(weight), "mask": torch.stack(masks)[:, None],
+            "loss_tokens": int(torch.stack(masked).sum())}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="train the o_proj draft LoRA of a tiny NLD checkpoint")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--blocks", default="16,32")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--lib", type=Path, default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    t_start = time.time()
+
+    model = load_model(args.model, device, "float32")  # frozen: requires_grad False
+    split = json.loads((args.model / "split.json").read_text())
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
+    lib = args.lib or tt.stdlib_dir()
+    stream = tt.encode_files(tok, [tt.read_text(lib, f) for f in split["train"]])
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    seqs = tt.generate_distill_set(model, stream, args.samples, args.prompt, args.new, gen)
+    t_gen = time.time() - t_start
+    print(f"{seqs.shape[0]} self-generated sequences of {seqs.shape[1]} tokens in {t_gen:.0f}s", flush=True)
+
+    lora = OProjLoRA(model, args.rank, args.alpha, args.seed)
+    for prm in lora.parameters():
+        prm.data = prm.data.to(device)
+    opt = torch.optim.AdamW(lora.parameters(), lr=args.lr, weight_decay=0.0)
+    blocks = [int(x) for x in args.blocks.split(",")]
+    t = seqs.shape[1]
+    lora.rows = t
+    log = {"args": {k: str(v) for k, v in vars(args).items()}, "generate_seconds": round(t_gen, 1), "train": []}
+    acc, n = 0.0, 0
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        rows = torch.randint(0, seqs.shape[0], (args.batch,), generator=gen)
+        batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=args.prompt)
+        loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)
+        opt.step()
+        acc, n = acc + l_diff, n + 1
+        if (step + 1) % 10 == 0 or step + 1 == args.steps:
+            log["train"].append({"step": step + 1, "draft_ce": acc / n, "seconds": round(time.time() - t_start, 1)})
+            print(f"step {step + 1:4d}  draft CE {acc / n:.3f}  {time.time() - t_start:.0f}s", flush=True)
+            acc, n = 0.0, 0
+    lora.save(args.model / LORA_SUBDIR)
+    log["total_seconds"] = round(time.time() - t_start, 1)
+    (args.model / "lora_train_log.json").write_text(json.dumps(log, indent=1))
+    print(f"wrote {args.model / LORA_SUBDIR} in {log['total_seconds']:.0f}s", flush=True)
+    return log
+
+
+if __name__ == "__main__":
+    main()
