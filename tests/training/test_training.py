@@ -1,0 +1,205 @@
+"""The tiny-model training script: masking and attention layout against brute force, the corpus
+split, two real training steps (plus one self-distillation step and one LoRA step) on a 2-layer
+model, and the checkpoint they write loading in the engine."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from replicas.engine import DecodeParams, Engine
+from replicas.engine.loader import load_lora, load_model
+from training import train_lora, train_tiny as tt
+
+
+def brute_blocks(t: int, block: int, offset: int) -> list[int]:
+    """Block index per position: a new block starts at every position p with p % block == offset % block."""
+    out, k = [], 0
+    for p in range(t):
+        if p > 0 and p % block == offset % block:
+            k += 1
+        out.append(k)
+    return out
+
+
+def brute_mask(t: int, block: int, offset: int) -> torch.Tensor:
+    """[noisy | clean] rules written out pair by pair."""
+    blk = brute_blocks(t, block, offset)
+    m = torch.zeros(2 * t, 2 * t, dtype=torch.bool)
+    for q in range(2 * t):
+        for k in range(2 * t):
+            q_noisy, k_noisy = q < t, k < t
+            i, j = q % t, k % t
+            if not q_noisy and not k_noisy:
+                m[q, k] = j <= i  # clean -> clean: causal
+            elif q_noisy and k_noisy:
+                m[q, k] = blk[i] == blk[j]  # noisy -> noisy: bidirectional inside the block
+            elif q_noisy and not k_noisy:
+                m[q, k] = blk[j] < blk[i]  # noisy -> clean: earlier blocks only
+            else:
+                m[q, k] = False  # clean -> noisy: never
+    return m
+
+
+@pytest.mark.parametrize("t,block,offset", [(8, 4, 0), (8, 4, 1), (10, 3, 2), (16, 16, 5), (7, 8, 3), (12, 2, 1)])
+def test_block_ids_and_attention_layout_match_brute_force(t, block, offset):
+    assert tt.block_ids(t, block, offset).tolist() == brute_blocks(t, block, offset)
+    assert torch.equal(tt.joint_attention_mask(t, block, offset), brute_mask(t, block, offset))
+
+
+def test_layout_properties():
+    m = tt.joint_attention_mask(32, 8, 3)
+    assert m.diagonal().all()  # every query sees itself: no empty softmax rows
+    assert not m[32:, :32].any()  # the clean stream never sees the noisy copy
+
+
+@pytest.mark.parametrize("keep_first,suffix", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)])
+def test_noise_blocks_ratio_weight_and_placement(keep_first, suffix):
+    gen = torch.Generator().manual_seed(0)
+    t, block = 64, 8
+    for trial in range(20):
+        offset = trial % block
+        tokens = torch.randint(200, 300, (t,), generator=gen)
+        noisy, masked, weight = tt.noise_blocks(tokens, block, offset, gen, keep_first_prob=keep_first,
+                                                suffix_prob=suffix)
+        assert torch.equal(noisy, torch.where(masked, torch.full_like(tokens, tt.MASK_ID), tokens))
+        assert torch.all(weight[~masked] == 0)
+        blk = torch.tensor(brute_blocks(t, block, offset))
+        for k in blk.unique().tolist():
+            idx = (blk == k).nonzero().squeeze(1)
+            m = masked[idx]
+            assert m.sum() >= 1  # t > 0: at least one masked token per block
+            if keep_first == 1.0 and len(idx) >= 2:
+                assert not m[0]
+            maskable = len(idx) - (1 if keep_first == 1.0 and len(idx) >= 2 else 0)
+            if keep_first in (0.0, 1.0):  # weight = 1/t with t = masked / maskable
+                assert torch.allclose(weight[idx][m], torch.full((int(m.sum()),), maskable / float(m.sum())))
+            if suffix == 1.0:  # the masked tokens are the block's last ones
+                first = int(m.nonzero()[0])
+                assert m[first:].all()
+
+
+def test_t_is_uniform_over_blocks():
+    """m ~ U{1..n}: the mean masked fraction of a long stream is about (n + 1) / (2n)."""
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.full((4096,), 300)
+    _, masked, _ = tt.noise_blocks(tokens, 16, 0, gen, keep_first_prob=0.0, suffix_prob=0.0)
+    assert abs(masked.float().mean().item() - 17 / 32) < 0.05
+
+
+def test_split_is_deterministic_and_disjoint():
+    paths = [f"pkg/mod{i}.py" for i in range(100)]
+    a, b = tt.split_files(paths, 0), tt.split_files(list(reversed(paths)), 0)
+    assert a == b
+    assert not set(a["train"]) & set(a["heldout"])
+    assert sorted(a["train"] + a["heldout"]) == sorted(paths)
+    assert len(a["heldout"]) == 5
+    assert tt.split_files(paths, 1)["heldout"] != a["heldout"]
+
+
+def test_collect_files_skips_tests_and_packages(tmp_path):
+    for rel in ["a.py", "pkg/b.py", "test/c.py", "pkg/tests/d.py", "site-packages/e.py", "f.txt"]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    assert tt.collect_files(tmp_path) == ["a.py", "pkg/b.py"]
+
+
+SOURCE = '''
+def add(a, b):
+    """Return the sum of a and b."""
+    return a + b
+
+
+class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def increment(self, step=1):
+        self.count += step
+        return self.count
+'''
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    lib = tmp_path_factory.mktemp("lib")
+    for i in range(24):
+        (lib / f"mod{i}.py").write_text(SOURCE.replace("add", f"add{i}").replace("Counter", f"Counter{i}") * 3)
+    out = tmp_path_factory.mktemp("ckpt")
+    log = tt.main([
+        "--out", str(out), "--lib", str(lib), "--steps", "2", "--distill-steps", "1", "--distill-samples", "2",
+        "--distill-prompt", "8", "--distill-new", "8", "--distill-batch", "2", "--layers", "2", "--hidden", "64",
+        "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--intermediate", "128", "--vocab", "512",
+        "--seq", "32", "--batch", "2", "--warmup", "1", "--eval-windows", "2", "--log-every", "1", "--threads", "1",
+    ])
+    return lib, out, log
+
+
+def test_two_training_steps_have_finite_loss_and_write_a_loadable_checkpoint(tiny_run):
+    lib, out, log = tiny_run
+    assert len(log["train"]) == 3
+    for rec in log["train"]:
+        assert math.isfinite(rec["ar"]) and math.isfinite(rec["diff"])
+    assert "diff_self" in log["train"][-1] and math.isfinite(log["train"][-1]["diff_self"])
+    assert math.isfinite(log["heldout_ar_final"])
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "split.json",
+                 "train_log.json", "loss_curves.png"]:
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["mask_token_id"] == 100
+    assert cfg["bos_token_id"] == 1 and cfg["eos_token_id"] == 11
+    split = json.loads((out / "split.json").read_text())
+    assert split["heldout"] and split["train"] and split["python_version"]
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.token_to_id("<s>") == 1 and tok.token_to_id("</s>") == 11 and tok.token_to_id("<mask>") == 100
+    text = "def add(a, b):\n    return a + b\n"
+    assert tok.decode(tok.encode(text).ids) == text
+
+    engine = Engine.from_pretrained(out)
+    prompt = [1] + tok.encode(SOURCE[:60]).ids
+    outs = {m: engine.generate(prompt, DecodeParams(mode=m, max_new_tokens=12, block_length=4, ignore_eos=True))
+            for m in ("ar", "self_spec", "diffusion")}
+    assert outs["self_spec"].token_ids == outs["ar"].token_ids
+    assert all(len(o.token_ids) == 12 for o in outs.values())
+
+
+def test_one_lora_step_writes_a_peft_adapter_the_engine_loads(tiny_run):
+    lib, out, _ = tiny_run
+    log = train_lora.main(["--model", str(out), "--lib", str(lib), "--steps", "1", "--samples", "2", "--prompt", "8",
+                           "--new", "8", "--batch", "2", "--rank", "4", "--alpha", "8", "--threads", "1"])
+    assert math.isfinite(log["train"][-1]["draft_ce"])
+    model = load_model(out)
+    deltas = load_lora(out / "linear_spec_lora", model.config, "cpu", torch.float32)
+    assert len(deltas) == model.config.num_hidden_layers and deltas[0][0].shape[0] == 4
+    engine = Engine.from_pretrained(out)
+    assert engine.has_lora
+    prompt = [1, 200, 201, 202, 203]
+    ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
+    ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
+    assert ss.token_ids == ar.token_ids
+
+
+def test_lora_hook_touches_only_the_noisy_half():
+    cfg = tt.ModelConfig.from_dict(tt.random_config(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8,
+                                                    intermediate=64, vocab=400))
+    model = tt.init_model(cfg, 0).eval().requires_grad_(False)
+    t = 12
+    batch = train_lora.full_draft_rows(torch.randint(200, 300, (2, t)), [4], torch.Generator().manual_seed(0), 0)
+    tokens = torch.cat([batch["noisy"], batch["clean"]], 1)
+    pos = torch.arange(t).repeat(2)[None].expand(2, -1)
+    attn = tt.AttentionInputs(slots=None, write_index=pos, mask=batch["mask"])
+    base = model(tokens, pos, None, attn)
+    lora = train_lora.OProjLoRA(model, 4, 8.0, 0)
+    for b in lora.b:
+        b.data.normal_()
+    lora.rows = t
+    with_lora = model(tokens, pos, None, attn)
+    assert torch.allclose(base[:, t:], with_lora[:, t:])  # clean half: LoRA off
+    assert not torch.allclose(base[:, :t], with_lora[:, :t])
