@@ -27,8 +27,11 @@ from .sequence import Sequence
 
 
 class Engine:
-    def __init__(self, model: NLDModel, *, max_block_length: int | None = None) -> None:
+    def __init__(
+        self, model: NLDModel, *, max_block_length: int | None = None, runner_cls: type[ModelRunner] = ModelRunner
+    ) -> None:
         self.model = model
+        self.runner_cls = runner_cls
         self.config: ModelConfig = model.config
         self.device = model.encoder.embed_tokens.weight.device
         self.dtype = model.encoder.embed_tokens.weight.dtype
@@ -116,7 +119,7 @@ class Engine:
             device=self.device,
             dtype=self.dtype,
         )
-        runner = ModelRunner(self.model, cache)
+        runner = self.runner_cls(self.model, cache)
         seq = self.new_sequence(prompt_ids, params, slot=0)
         finish_prefill(seq, runner.run([(0, prefill_pass(seq))])[0])
         mode = MODE_CLASSES[params.mode](seq)
