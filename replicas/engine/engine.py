@@ -47,6 +47,7 @@ class Engine:
         *,
         lora: str | Path | bool | None = None,
         max_block_length: int | None = None,
+        runner_cls: type[ModelRunner] = ModelRunner,
     ) -> "Engine":
         """Load `path`. `lora`: None = `linear_spec_lora/` when present, False = none, or a directory."""
         model = load_model(path, device, dtype)
@@ -55,7 +56,7 @@ class Engine:
             raise FileNotFoundError(f"no LoRA adapter at {adapter}")
         if adapter and Path(adapter).is_dir():
             model.set_lora(load_lora(adapter, model.config, device, resolve_dtype(dtype)))
-        return cls(model, max_block_length=max_block_length)
+        return cls(model, max_block_length=max_block_length, runner_cls=runner_cls)
 
     @property
     def has_lora(self) -> bool:

@@ -53,6 +53,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.forward_passes = 0  # after prefill
         self.accepted_lengths: list[int] = []
+        self.draft_blocks: list[int] = []  # self-spec block length of each cycle
         self.denoise_passes: list[int] = []
 
     @property

@@ -45,7 +45,7 @@ def prefill_pass(seq: Sequence) -> ForwardPass:
 
 
 def finish_prefill(seq: Sequence, logits: torch.Tensor) -> list[int]:
-    """Cache the prompt and emit the first token, establishing the boundary invariant."""
-    seq.kv.append(len(seq.prompt_ids))
+    """Cache the (rest of the) prompt and emit the first token, establishing the boundary invariant."""
+    seq.kv.append(len(seq.prompt_ids) - seq.kv.length)
     tok, _ = select(logits[-1:], seq.params, seq.mask_token_id, seq.generator)
     return seq.emit([int(tok)])

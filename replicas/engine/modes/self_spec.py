@@ -64,4 +64,5 @@ class SelfSpecMode(DecodeMode):
         s.kv.append(self.block)
         s.kv.truncate(base + 1 + c)  # keep pending and the c accepted drafts
         s.accepted_lengths.append(c)
+        s.draft_blocks.append(self.block)
         return s.emit(drafts[:c] + [extra])

@@ -1,0 +1,53 @@
+"""`EngineConfig`: the batched engine's limits, validated at construction.
+
+Contract: plain data, built once at the entry point (CLI, replica builder, tests) and passed
+down. Non-goals: model facts (see `ModelConfig`), reading the environment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DraftTier:
+    """While at most `max_running` requests run, self-spec drafts use at most `block_length`."""
+
+    max_running: int
+    block_length: int
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1:
+            raise ValueError(f"draft_tiers.max_running: must be >= 1, got {self.max_running}")
+        if self.block_length < 2:
+            raise ValueError(f"draft_tiers.block_length: must be >= 2, got {self.block_length}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 32  # KV slots = sequences decoded at once
+    max_seq_len: int = 2048  # cache columns per slot: prompt + output + one block
+    max_waiting: int = 256  # queued requests beyond this raise EngineOverloaded
+    max_block_length: int | None = None  # None: the model's block_size
+    prefill_chunk: int = 512  # prompts are prefilled in causal chunks of at most this many tokens
+    draft_tiers: tuple[DraftTier, ...] = field(default_factory=tuple)
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_seq_len", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting: must be >= 0, got {self.max_waiting}")
+        tiers = tuple(t if isinstance(t, DraftTier) else DraftTier(**t) for t in self.draft_tiers)
+        if any(a.max_running >= b.max_running for a, b in zip(tiers, tiers[1:])):
+            raise ValueError("draft_tiers: max_running must increase from one tier to the next")
+        object.__setattr__(self, "draft_tiers", tiers)
+
+    def draft_block(self, running: int, requested: int) -> int:
+        """The self-spec block for a request asking for `requested` while `running` requests run."""
+        for tier in self.draft_tiers:
+            if running <= tier.max_running:
+                return min(requested, tier.block_length)
+        return min(requested, self.draft_tiers[-1].block_length) if self.draft_tiers else requested
