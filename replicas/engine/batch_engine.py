@@ -53,8 +53,6 @@ class BatchEngine:
         self._abort_notices: list[str] = []  # waiting requests already removed; report next step
         self._switches: dict[str, str] = {}
         self._ids = itertools.count()
-        self._snapshot: dict = {}
-        self._take_snapshot()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **load_kw) -> "BatchEngine":
@@ -110,9 +108,9 @@ class BatchEngine:
             return bool(self.scheduler.waiting or self.scheduler.running or self._aborts or self._abort_notices)
 
     def stats_snapshot(self) -> dict:
-        """Counters as of the end of the last step (the waiting count is live)."""
+        """Counters as of the last completed step (computed on demand, under the engine lock)."""
         with self._lock:
-            return dict(self._snapshot, waiting=len(self.scheduler.waiting))
+            return self._snapshot()
 
     # ---- the loop body -------------------------------------------------------------------
     def step(self) -> list[StreamChunk]:
@@ -141,7 +139,6 @@ class BatchEngine:
         self.stats.last_step_seconds = time.perf_counter() - t0
         if batch:
             self.stats.step_seconds.observe(self.stats.last_step_seconds)
-        self._take_snapshot()
         return out
 
     def _run(self, batch: list[Running]) -> list[StreamChunk]:
@@ -177,7 +174,7 @@ class BatchEngine:
                 out.append(StreamChunk(seq.request_id, new))
         return out
 
-    def _take_snapshot(self) -> None:
+    def _snapshot(self) -> dict:
         running = list(self.scheduler.running.values())
         by_mode = {m: 0 for m in ("prefill", *MODES)}
         for r in running:
@@ -199,9 +196,9 @@ class BatchEngine:
             "accepted_length": s.accepted_length.snapshot(),
             "step_seconds": s.step_seconds.snapshot(),
             "last_step_seconds": s.last_step_seconds,
+            "waiting": len(self.scheduler.waiting),
         }
-        with self._lock:
-            self._snapshot = snap
+        return snap
 
 
 def request_stats(seq) -> dict:

@@ -52,12 +52,15 @@ class KVCache:
         self.k[layer][rows, :, index] = k.transpose(1, 2)  # target view [B, T, Hkv, D]
         self.v[layer][rows, :, index] = v.transpose(1, 2)
 
-    def read(self, layer: int, slots: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V [B, Hkv, length, D] for `slots` (None: slots 0..B-1 as a view, B = num_slots)."""
+    def read(
+        self, layer: int, slots: torch.Tensor, length: int, slot_start: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [B, Hkv, length, D] of `slots`; a view (no copy) when they are a contiguous range."""
         k = self.k[layer][:, :, :length]
         v = self.v[layer][:, :, :length]
-        if slots is None:
-            return k, v
+        if slot_start is not None:
+            b = slots.shape[0]
+            return k[slot_start : slot_start + b], v[slot_start : slot_start + b]
         return k.index_select(0, slots), v.index_select(0, slots)
 
 

@@ -28,10 +28,11 @@ from .rope import apply_rotary, compute_inv_freq, llama4_query_scale, rotary_cos
 class AttentionInputs:
     """Per-forward attention metadata built by the runner."""
 
-    slots: torch.Tensor | None  # [B] cache slot per row; None = slots 0..B-1 of a B-slot cache
+    slots: torch.Tensor  # [B] cache slot per row
     write_index: torch.Tensor  # [B, T] cache column each token's K/V goes to
     mask: torch.Tensor  # [B, 1, T, S] bool, True = may attend; S = columns read
     lora_rows: torch.Tensor | None = None  # [B] bool rows that take the o_proj LoRA delta
+    slot_start: int | None = None  # set when slots == slot_start + arange(B): reads become views
 
 
 class RMSNorm(nn.Module):
@@ -79,9 +80,8 @@ class Attention(nn.Module):
         if cache is None:  # cache-free (training, references): attend over this call's tokens
             keys, values = k, v
         else:
-            slots = attn.slots if attn.slots is not None else torch.arange(b, device=x.device)
-            cache.write(self.layer, slots, attn.write_index, k, v)
-            keys, values = cache.read(self.layer, attn.slots, attn.mask.shape[-1])  # [B, Hkv, S, D]
+            cache.write(self.layer, attn.slots, attn.write_index, k, v)
+            keys, values = cache.read(self.layer, attn.slots, attn.mask.shape[-1], attn.slot_start)  # [B, Hkv, S, D]
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=attn.mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv
         )  # [B, H, T, D]

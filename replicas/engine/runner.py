@@ -48,12 +48,13 @@ class ModelRunner:
         limit = torch.where(real, limit, 0)
         s = int((starts + lengths).max())
         mask = torch.arange(s)[None, None, :] <= limit[:, :, None]  # [B, T, S]
-        slots = torch.tensor([slot for slot, _ in items])
-        contiguous = b == self.cache.num_slots and bool((slots == torch.arange(b)).all())
+        slot_list = [slot for slot, _ in items]
+        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + b))
         lora = torch.tensor([p.lora for _, p in items])
         dev = self.device
         attn = AttentionInputs(
-            slots=None if contiguous else slots.to(dev),
+            slots=torch.tensor(slot_list, device=dev),
+            slot_start=slot_list[0] if contiguous else None,
             write_index=write_index.to(dev),
             mask=mask[:, None].to(dev),
             lora_rows=lora.to(dev) if bool(lora.any()) and self.model.has_lora else None,

@@ -67,7 +67,7 @@ def test_llama4_scale_and_yarn_far_positions_match_transformers(engine, ckpt_dir
     from replicas.engine.model import AttentionInputs
 
     mask = torch.tril(torch.ones(4, 4, dtype=torch.bool))[None, None]
-    attn = AttentionInputs(slots=None, write_index=torch.arange(4)[None], mask=mask)
+    attn = AttentionInputs(slots=torch.tensor([0]), write_index=torch.arange(4)[None], mask=mask, slot_start=0)
     with torch.no_grad():
         ours = engine.model.logits(engine.model(ids, pos, cache, attn))[0]
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
@@ -110,7 +110,7 @@ def test_bidirectional_pass_reads_cache_but_does_not_change_it(engine):
     mask[12:, 12:] = True
     fresh = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
                     max_len=20, head_dim=cfg.head_dim)
-    attn = AttentionInputs(slots=None, write_index=torch.arange(20)[None], mask=mask[None, None])
+    attn = AttentionInputs(slots=torch.tensor([0]), write_index=torch.arange(20)[None], mask=mask[None, None])
     with torch.no_grad():
         ref = engine.model.logits(engine.model(torch.tensor([tokens]), torch.arange(20)[None], fresh, attn))[0]
     torch.testing.assert_close(bidir, ref[12:], atol=1e-5, rtol=0)

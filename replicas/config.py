@@ -1,0 +1,54 @@
+"""`ReplicaConfig`: everything one Ray Serve replica needs, validated at construction.
+
+Contract: built by the entry point (CLI, `build_app` from Serve config `args`, Helm values)
+and passed down; nothing below reads the environment. `engine_config()` gives the engine's
+`EngineConfig`. Importable without torch or ray.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .wire import DraftTierModel
+
+
+class EngineLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int = Field(default=32, ge=1, description="KV slots: sequences decoded at once")
+    max_seq_len: int = Field(default=2048, ge=16, description="cache columns per slot (prompt + output + one block)")
+    max_waiting: int = Field(default=256, ge=0, description="queued requests beyond this get 429")
+    max_block_length: int | None = Field(default=None, ge=2, description="None: the model's block_size")
+    prefill_chunk: int = Field(default=512, ge=1)
+    draft_tiers: list[DraftTierModel] = Field(default_factory=list)
+
+
+class ReplicaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_path: str = Field(description="NLD checkpoint directory on the replica's filesystem")
+    model_name: str = Field(default="nld", description="the model id clients send")
+    lora_path: str | None = Field(default=None, description="draft LoRA dir; None: <model>/linear_spec_lora if present")
+    use_lora: bool = True
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    engine: EngineLimits = Field(default_factory=EngineLimits)
+    max_prompt_tokens: int | None = Field(default=None, ge=1, description="None: max_seq_len minus one block")
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch in the replica")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ReplicaConfig":
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens >= self.engine.max_seq_len:
+            raise ValueError("max_prompt_tokens must be below engine.max_seq_len")
+        return self
+
+    def engine_config(self):
+        from replicas.engine import DraftTier, EngineConfig  # torch only where the engine is built
+
+        e = self.engine
+        return EngineConfig(
+            max_batch_size=e.max_batch_size, max_seq_len=e.max_seq_len, max_waiting=e.max_waiting,
+            max_block_length=e.max_block_length, prefill_chunk=e.prefill_chunk,
+            draft_tiers=tuple(DraftTier(t.max_running, t.block_length) for t in e.draft_tiers),
+            device=self.device, dtype=self.dtype,
+        )

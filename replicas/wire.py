@@ -1,0 +1,109 @@
+"""Wire types between the gateway and the replicas (internal; documented in docs/ARCHITECTURE.md).
+
+Contract: pydantic models only, importable without torch or ray, so the gateway can depend on
+them. The replica exposes, behind the Ray Serve HTTP proxy:
+
+- `POST /generate` with a `GenerateRequest` JSON body. On success: HTTP 200 and a stream of
+  NDJSON lines, one `GenerateChunk` each; the last chunk has `finish_reason` and `usage`. On
+  a request error before streaming: an `ErrorBody` JSON with status 400 (bad parameters,
+  `param` set), 413 (prompt too long), 429 (engine overloaded) or 503 (not ready). A failure
+  after streaming began is one last chunk with `error` set and `finish_reason` "error".
+- `GET /health` -> `{"status": "ok"}`; `GET /info` -> `ReplicaInfo`; `GET /stats` -> the engine's
+  stats dict; `POST /engine` with `EngineSettings` -> the applied settings (policy hooks).
+
+Closing the HTTP response aborts the request in the engine (its KV slot is freed).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["ar", "diffusion", "self_spec"]
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list | None = None
+
+
+class GenerateRequest(BaseModel):
+    """One completion. Exactly one of `prompt`, `prompt_ids`, `messages` is set."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str | None = None
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[ChatMessage] | None = None  # rendered with the checkpoint's chat template
+    add_generation_prompt: bool = True
+    mode: Mode = "ar"
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)  # stop strings: excluded from the text
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    block_length: int | None = Field(default=None, ge=2)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # diffusion confidence threshold
+    draft_lora: bool | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    forward_passes: int
+    tokens_per_forward: float
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorInfo
+
+
+class GenerateChunk(BaseModel):
+    request_id: str
+    mode: Mode
+    token_ids: list[int] = Field(default_factory=list)
+    text: str = ""  # text delta (stop strings already cut)
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None  # on the last chunk
+    accepted_lengths: list[int] | None = None  # on the last chunk, self_spec
+    error: ErrorInfo | None = None
+
+
+class ReplicaInfo(BaseModel):
+    model: str
+    vocab_size: int
+    max_seq_len: int
+    max_prompt_tokens: int
+    block_size: int
+    max_block_length: int
+    has_draft_lora: bool
+    eos_token_ids: list[int]
+    device: str
+    dtype: str
+
+
+class DraftTierModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_running: int = Field(ge=1)
+    block_length: int = Field(ge=2)
+
+
+class EngineSettings(BaseModel):
+    """Run-time engine settings a policy may push to every replica without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+    draft_tiers: list[DraftTierModel] | None = None
+    downgrade_running_to: Mode | None = None  # move running self_spec requests to this mode
