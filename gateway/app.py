@@ -1,0 +1,213 @@
+"""`create_app(config, replica_client, policy)`: the gateway's FastAPI application.
+
+Contract: every collaborator is injected: the typed `GatewayConfig`, a `ReplicaClient`
+(`HttpReplicaClient` in production, a fake in tests; the app closes it on shutdown), a
+`policies.ModePolicy`, and optionally the `GatewayMetrics` (whose `InflightCounter` a policy
+may read; `app.state.inflight`). Endpoints: `GET /v1/models[/{id}]`, `POST /v1/completions`,
+`POST /v1/chat/completions` (JSON or SSE), `GET /v1/nld/policy`, `GET /health` (liveness),
+`GET /ready` (a replica answers), `GET /metrics` (Prometheus). Every completion response
+carries `x-nld-decoding-mode` (the mode used), `x-nld-mode-reason` and `x-request-id`; every
+error is an OpenAI envelope. A completion request's deadline is `config.request_timeout_s`
+(504 before the first byte); a client disconnect at any point aborts its upstream requests.
+Non-goals: process management (see `gateway.cli`), the policy's own signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from starlette.responses import JSONResponse, Response
+
+from policies import ModePolicy
+
+from .auth import ApiKeyAuth
+from .config import GatewayConfig
+from .errors import GatewayError, install_error_handlers
+from .metrics import GatewayMetrics, InflightCounter
+from .middleware import FrontDoor
+from .openai_api import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+                         ErrorResponse, ModelCard, ModelList)
+from .replica_client import ReplicaClient
+from .service import CompletionService, Plan
+from .sse import ClientGone, SSEResponse, run_until_disconnect
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503, 504)}
+MODE_HEADERS = {
+    "x-nld-decoding-mode": {"description": "decoding mode used: ar, diffusion or self_spec", "schema": {"type": "string"}},
+    "x-nld-mode-reason": {"description": "why: client, policy:<why>, override:<how>", "schema": {"type": "string"}},
+    "x-request-id": {"description": "the completion id", "schema": {"type": "string"}},
+}
+
+
+def _completion_doc(model: type) -> dict:
+    return {200: {"model": model, "headers": MODE_HEADERS, "content": {"text/event-stream": {
+        "schema": {"type": "string", "description": "with stream=true: `data: {chunk}` events, then `data: [DONE]`"}}}},
+            **ERRORS}
+
+
+def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: ModePolicy, *,
+               metrics: GatewayMetrics | None = None) -> FastAPI:
+    metrics = metrics or GatewayMetrics(InflightCounter())
+    inflight = metrics.inflight
+    service = CompletionService(config, replica_client, policy)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        await replica_client.aclose()
+
+    app = FastAPI(title="nld-gateway", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible front door of nld-gateway (see docs/GATEWAY.md)")
+    app.state.config, app.state.metrics, app.state.inflight, app.state.policy = config, metrics, inflight, policy
+    install_error_handlers(app)
+    auth = ApiKeyAuth(config.api_keys) if config.auth_enabled else None
+    app.add_middleware(FrontDoor, config=config, auth=auth, metrics=metrics)
+
+    async def complete(request: Request, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Response:
+        t0 = time.perf_counter()
+        if config.max_inflight_requests is not None and inflight.value >= config.max_inflight_requests:
+            metrics.finished(None, 429)
+            raise GatewayError(429, "the gateway is at its in-flight request limit; retry later",
+                               retry_after=config.retry_after_s)
+        try:
+            plan = service.plan(body, chat)
+        except GatewayError as e:
+            metrics.finished(None, e.status)
+            raise
+        inflight.enter()
+        handed_off = False
+        try:
+            opened, result = await run_until_disconnect(_run(plan, t0), request.receive)
+            headers = {"x-nld-decoding-mode": opened.mode, "x-nld-mode-reason": plan.reason, "x-request-id": plan.id}
+            if result is not None:
+                metrics.finished(opened.mode, 200, time.perf_counter() - t0)
+                return JSONResponse(result, headers=headers)
+
+            async def on_close(disconnected: bool) -> None:
+                await service.close(opened)
+                inflight.exit()
+                status = 499 if disconnected else opened.status
+                metrics.finished(opened.mode, status, time.perf_counter() - t0)
+
+            handed_off = True
+            return SSEResponse(service.sse_events(plan, opened), on_close, headers)
+        except ClientGone:
+            metrics.finished(plan.mode, 499, time.perf_counter() - t0)
+            return Response(status_code=499)
+        except TimeoutError:
+            metrics.finished(plan.mode, 504, time.perf_counter() - t0)
+            raise GatewayError(504, f"no answer from the replicas within {config.request_timeout_s:g} s",
+                               code="upstream_timeout") from None
+        except GatewayError as e:
+            metrics.finished(plan.mode, e.status, time.perf_counter() - t0)
+            raise
+        finally:
+            if not handed_off:
+                inflight.exit()
+
+    async def _run(plan: Plan, t0: float) -> tuple[Any, dict | None]:
+        """Open the upstream generations (and, not streaming, collect them) within the deadline."""
+        async with asyncio.timeout(config.request_timeout_s):
+            await service.check_prompt_lengths(plan)
+            opened = await service.open(plan)
+            metrics.first_token(opened.mode, time.perf_counter() - t0)
+            if plan.stream:
+                return opened, None
+            try:
+                return opened, await service.collect(plan, opened)
+            finally:
+                await service.close(opened)
+
+    @app.post("/v1/completions", response_model=None, responses=_completion_doc(CompletionResponse),
+              summary="Text completion (OpenAI); stream=true for SSE")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await complete(request, body, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=None, responses=_completion_doc(ChatCompletionResponse),
+              summary="Chat completion (OpenAI); the replica applies the checkpoint's chat template")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await complete(request, body, chat=True)
+
+    def card() -> dict:
+        return {"id": config.model_name, "object": "model", "created": started, "owned_by": "nld-gateway"}
+
+    @app.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
+    async def models() -> dict:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={401: ERRORS[401], 404: ERRORS[404]})
+    async def model(model_id: str) -> dict:
+        if model_id != config.model_name:
+            raise GatewayError(404, f"model {model_id!r} does not exist", type="invalid_request_error",
+                               param="model", code="model_not_found")
+        return card()
+
+    @app.get("/v1/nld/policy", responses={401: ERRORS[401]}, summary="The mode policy's state")
+    async def policy_state() -> dict:
+        return {**policy.snapshot(), "gateway_inflight": inflight.value}
+
+    @app.get("/health", summary="Liveness: the gateway process answers")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready", responses={503: ERRORS[503]}, summary="Readiness: a replica answers")
+    async def ready() -> dict:
+        try:
+            ok = await asyncio.wait_for(replica_client.health(), config.ready_timeout_s)
+        except (TimeoutError, Exception):
+            ok = False
+        if not ok:
+            raise GatewayError(503, "no replica answers", retry_after=config.retry_after_s)
+        return {"status": "ready"}
+
+    @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    app.openapi = lambda: _openapi(app, config)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI, config: GatewayConfig) -> dict:
+    """FastAPI's schema, with 400 instead of 422 and the limits that come from the config."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path, ops in schema["paths"].items():
+        for op in ops.values():
+            op["responses"].pop("422", None)
+            if config.auth_enabled and path.startswith("/v1/"):
+                op["security"] = [{"bearer": []}]
+    comps = schema.setdefault("components", {})
+    schemas = comps.setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    if config.auth_enabled:
+        comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schemas[name]["properties"]
+        props["n"]["maximum"] = config.max_n
+        props["model"]["examples"] = [config.model_name]
+        for key in ("max_tokens", "max_completion_tokens"):
+            _limit(props[key], "maximum", config.max_tokens_limit)
+        _limit(props["stop"], "maxItems", config.max_stop)
+    for branch in schemas["CompletionRequest"]["properties"]["prompt"].get("anyOf", []):
+        if branch.get("type") == "array":
+            branch["maxItems"] = config.max_prompts if branch["items"].get("type") != "integer" else branch.get("maxItems")
+            if branch["maxItems"] is None:
+                del branch["maxItems"]
+    app.openapi_schema = schema
+    return schema
+
+
+def _limit(prop: dict, key: str, value: int) -> None:
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") in ("integer", "array"):
+            branch[key] = value

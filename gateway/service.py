@@ -1,0 +1,330 @@
+"""The completion service: OpenAI request -> mode decision -> n upstream generations -> response.
+
+Contract: `CompletionService.plan(request, chat)` validates what the request models cannot
+(model id -> 404, config limits and unsupported features -> 400 with `param`), asks the
+injected `ModePolicy` for the mode (for `auto` and explicit modes alike) and builds one
+`GenerateRequest` per choice (prompt i, sample j -> choice index i*n+j, seed + index).
+`open(plan)` starts every generation concurrently and waits for each first chunk, so any
+failure up to there is a `GatewayError` with a real HTTP status; `collect` (non-streaming) and
+`sse_events` (streaming) consume the opened streams, and `close` aborts whatever is still
+running upstream. The caller (`gateway.app`) owns deadlines, disconnects and metrics.
+Non-goals: HTTP routing, auth, tokenization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from policies import ModePolicy, ModeRequest
+from replicas.wire import ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
+
+from .config import GatewayConfig
+from .errors import GatewayError
+from .openai_api import INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionRequest
+from .replica_client import ReplicaClient, ReplicaError, ReplicaStream
+from .sse import DONE, event
+
+CHUNK_ERROR_STATUS = {"invalid_request_error": 400, "rate_limit_error": 429, "timeout_error": 504,
+                      "service_unavailable_error": 503}
+
+
+@dataclass
+class Plan:
+    id: str
+    created: int
+    chat: bool
+    model: str
+    mode: str
+    reason: str
+    n: int
+    requests: list[GenerateRequest]
+    stream: bool
+    include_usage: bool
+
+
+@dataclass
+class Opened:
+    """Upstream streams of one request with their first chunks (already received)."""
+    streams: list[ReplicaStream]
+    firsts: list[GenerateChunk]
+    mode: str
+    closed: bool = False
+    status: int = 200  # what metrics record for a streamed request
+    done: list[bool] = field(default_factory=list)
+
+
+def _wrap_int64(v: int) -> int:
+    return (v - INT64_MIN) % (1 << 64) + INT64_MIN
+
+
+def chunk_error(info: ErrorInfo) -> GatewayError:
+    status = CHUNK_ERROR_STATUS.get(info.type, 500)
+    return GatewayError(status, info.message, type=info.type, param=info.param, code=info.code)
+
+
+def replica_error(e: ReplicaError, retry_after_s: int) -> GatewayError:
+    retry = e.retry_after if e.retry_after is not None else (retry_after_s if e.status in (429, 503) else None)
+    code = e.info.code
+    if code is None and e.status == 413:
+        code = "context_length_exceeded"
+    return GatewayError(e.status, e.info.message, type=e.info.type, param=e.info.param, code=code, retry_after=retry)
+
+
+class CompletionService:
+    def __init__(self, config: GatewayConfig, client: ReplicaClient, policy: ModePolicy) -> None:
+        self.config = config
+        self.client = client
+        self.policy = policy
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def plan(self, req: CompletionRequest | ChatCompletionRequest, chat: bool) -> Plan:
+        cfg = self.config
+        if req.model != cfg.model_name:
+            raise GatewayError(404, f"model {req.model!r} does not exist (served: {cfg.model_name!r})",
+                               type="invalid_request_error", param="model", code="model_not_found")
+        bad = req.unsupported_features()
+        if bad is not None:
+            raise GatewayError(400, bad[1], param=bad[0], code="unsupported_parameter")
+        if req.n > cfg.max_n:
+            raise GatewayError(400, f"n must be at most {cfg.max_n}", param="n", code="invalid_value")
+        stops = req.stop_list()
+        if len(stops) > cfg.max_stop:
+            raise GatewayError(400, f"at most {cfg.max_stop} stop strings", param="stop", code="invalid_value")
+        if any(not s for s in stops):
+            raise GatewayError(400, "stop strings must not be empty", param="stop", code="invalid_value")
+        asked = req.requested_max_tokens()
+        if asked is not None and asked > cfg.max_tokens_limit:
+            name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+            raise GatewayError(400, f"{name} must be at most {cfg.max_tokens_limit}", param=name, code="invalid_value")
+        max_tokens = asked if asked is not None else cfg.default_max_tokens
+
+        temperature = cfg.default_temperature if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if top_p == 0.0:  # OpenAI allows it; it means "the top token": greedy
+            temperature, top_p = 0.0, 1.0
+
+        decision = self.policy.decide(ModeRequest(requested_mode=req.decoding_mode, model=req.model,
+                                                  max_tokens=max_tokens))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        common = dict(mode=decision.mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops,
+                      block_length=req.block_length, threshold=req.confidence_threshold, draft_lora=req.draft_lora)
+        sources: list[dict] = []
+        if chat:
+            assert isinstance(req, ChatCompletionRequest)
+            sources.append({"messages": req.wire_messages()})
+        else:
+            assert isinstance(req, CompletionRequest)
+            prompts = req.prompts()
+            if not prompts:
+                raise GatewayError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+            if len(prompts) > cfg.max_prompts:
+                raise GatewayError(400, f"at most {cfg.max_prompts} prompts per request", param="prompt",
+                                   code="invalid_value")
+            for p in prompts:
+                if isinstance(p, str):
+                    sources.append({"prompt": p})
+                elif not p or any(t < 0 for t in p):
+                    raise GatewayError(400, "token-id prompts must be non-empty lists of ids >= 0", param="prompt",
+                                       code="invalid_value")
+                else:
+                    sources.append({"prompt_ids": p})
+        requests = []
+        for i, src in enumerate(sources):
+            for j in range(req.n):
+                index = i * req.n + j
+                seed = None if req.seed is None else _wrap_int64(req.seed + index)
+                requests.append(GenerateRequest(request_id=f"{rid}-{index}", seed=seed, **src, **common))
+        return Plan(id=rid, created=int(time.time()), chat=chat, model=cfg.model_name, mode=decision.mode,
+                    reason=decision.reason, n=req.n, requests=requests, stream=bool(req.stream),
+                    include_usage=req.wants_usage_chunk())
+
+    async def check_prompt_lengths(self, plan: Plan) -> None:
+        """413 for token-id prompts longer than the replicas accept (text prompts: the replica checks)."""
+        longest = max((len(r.prompt_ids) for r in plan.requests if r.prompt_ids is not None), default=0)
+        if not longest:
+            return
+        try:
+            info: ReplicaInfo = await self.client.info()
+        except ReplicaError:
+            return  # the replica checks again
+        if longest > info.max_prompt_tokens:
+            raise GatewayError(413, f"prompt has {longest} tokens; at most {info.max_prompt_tokens} are accepted",
+                               param="prompt", code="context_length_exceeded")
+
+    # ---- upstream ----------------------------------------------------------------------------
+
+    async def open(self, plan: Plan) -> Opened:
+        tasks = [asyncio.ensure_future(self._open_one(r)) for r in plan.requests]
+        try:
+            await gather_or_cancel(tasks)
+        except BaseException as e:
+            ok = [t.result()[0] for t in tasks if t.done() and not t.cancelled() and t.exception() is None]
+            await asyncio.gather(*(s.aclose() for s in ok), return_exceptions=True)
+            if isinstance(e, ReplicaError):
+                raise replica_error(e, self.config.retry_after_s) from e
+            raise
+        opened = Opened(streams=[t.result()[0] for t in tasks], firsts=[t.result()[1] for t in tasks], mode=plan.mode)
+        opened.mode = opened.firsts[0].mode
+        opened.done = [c.finish_reason is not None for c in opened.firsts]
+        return opened
+
+    async def _open_one(self, request: GenerateRequest) -> tuple[ReplicaStream, GenerateChunk]:
+        stream = await self.client.generate(request)
+        try:
+            first = await anext(aiter(stream))
+            if first.error is not None:
+                raise chunk_error(first.error)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream, first
+
+    async def close(self, opened: Opened) -> None:
+        if opened.closed:
+            return
+        opened.closed = True
+        await asyncio.gather(*(s.aclose() for s in opened.streams), return_exceptions=True)
+
+    # ---- non-streaming -----------------------------------------------------------------------
+
+    async def collect(self, plan: Plan, opened: Opened) -> dict:
+        async def one(i: int) -> tuple[str, GenerateChunk]:
+            texts, last = [opened.firsts[i].text], opened.firsts[i]
+            if last.finish_reason is None:
+                async for c in opened.streams[i]:  # the first chunk was consumed by `open`
+                    texts.append(c.text)
+                    last = c
+                    if c.finish_reason is not None:
+                        break
+            if last.error is not None:
+                raise chunk_error(last.error)
+            return "".join(texts), last
+
+        results = await gather_or_cancel([asyncio.ensure_future(one(i)) for i in range(len(opened.streams))])
+        opened.mode = results[0][1].mode
+        choices = []
+        for index, (text, last) in enumerate(results):
+            reason = "length" if last.finish_reason == "length" else "stop"
+            if plan.chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "finish_reason": reason, "logprobs": None})
+            else:
+                choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
+        return {"id": plan.id, "object": "chat.completion" if plan.chat else "text_completion",
+                "created": plan.created, "model": plan.model, "choices": choices,
+                "usage": usage(plan, [last for _, last in results])}
+
+    # ---- streaming ---------------------------------------------------------------------------
+
+    async def sse_events(self, plan: Plan, opened: Opened) -> AsyncIterator[bytes]:
+        base = {"id": plan.id, "object": "chat.completion.chunk" if plan.chat else "text_completion",
+                "created": plan.created, "model": plan.model}
+        lasts: list[GenerateChunk | None] = [None] * len(opened.streams)
+        started: set[int] = set()
+        merged = self._merged(opened)
+        try:
+            async for index, c in merged:
+                if c.error is not None:
+                    err = chunk_error(c.error)
+                    opened.status = err.status
+                    yield event(err.body())
+                    yield DONE
+                    return
+                payload = self._chunk_payload(plan, base, index, c, lasts, started)
+                if payload is not None:
+                    yield event(payload)
+        finally:
+            await merged.aclose()
+        if plan.include_usage:
+            yield event({**base, "choices": [], "usage": usage(plan, lasts)})
+        yield DONE
+
+    @staticmethod
+    def _chunk_payload(plan: Plan, base: dict, index: int, c: GenerateChunk, lasts: list, started: set) -> dict | None:
+        """One OpenAI stream chunk for upstream chunk `c` of choice `index` (None: nothing to send)."""
+        reason = None
+        if c.finish_reason is not None:
+            lasts[index] = c
+            reason = "length" if c.finish_reason == "length" else "stop"
+        if plan.chat:
+            delta: dict = {}
+            if index not in started:  # the first chunk of a choice names the role
+                started.add(index)
+                delta["role"] = "assistant"
+            if c.text or "role" in delta:
+                delta["content"] = c.text
+            if not delta and reason is None:
+                return None
+            choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
+        else:
+            if not c.text and reason is None:
+                return None
+            choice = {"index": index, "text": c.text, "finish_reason": reason, "logprobs": None}
+        payload = {**base, "choices": [choice]}
+        if plan.include_usage:
+            payload["usage"] = None
+        return payload
+
+    async def _merged(self, opened: Opened) -> AsyncIterator[tuple[int, GenerateChunk]]:
+        """(choice index, chunk) from every stream, first chunks first, then as they arrive."""
+        for i, c in enumerate(opened.firsts):
+            yield i, c
+        live = [i for i, d in enumerate(opened.done) if not d]
+        if not live:
+            return
+        iters = {i: aiter(opened.streams[i]) for i in live}
+        if len(live) == 1:  # n = 1: no tasks
+            i = live[0]
+            async for c in iters[i]:
+                yield i, c
+                if c.finish_reason is not None:
+                    return
+            return
+        pending = {asyncio.ensure_future(anext(iters[i], None)): i for i in live}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=lambda t: pending[t]):
+                    i = pending.pop(task)
+                    c = task.result()
+                    if c is None:
+                        continue
+                    yield i, c
+                    if c.finish_reason is None:
+                        pending[asyncio.ensure_future(anext(iters[i], None))] = i
+        finally:
+            for task in pending:
+                task.cancel()
+
+
+async def gather_or_cancel(tasks: list[asyncio.Future]) -> list:
+    """Results of all tasks; on the first failure (or cancellation) cancel the rest, wait, re-raise."""
+    try:
+        if len(tasks) == 1:
+            return [await tasks[0]]
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+def usage(plan: Plan, lasts: list[GenerateChunk | None]) -> dict:
+    """OpenAI usage plus NLD's: prompt tokens once per prompt, the rest summed over choices."""
+    prompt = completion = passes = 0
+    for index, c in enumerate(lasts):
+        u = c.usage if c is not None else None
+        if u is None:
+            continue
+        if index % plan.n == 0:
+            prompt += u.prompt_tokens
+        completion += u.completion_tokens
+        passes += u.forward_passes
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "forward_passes": passes, "tokens_per_forward": round(completion / passes, 4) if passes else 0.0}
