@@ -15,6 +15,7 @@ Non-goals: process management (see `gateway.cli`), the policy's own signals.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +37,7 @@ from .replica_client import ReplicaClient
 from .service import CompletionService, Plan
 from .sse import ClientGone, SSEResponse, run_until_disconnect
 
+log = logging.getLogger("gateway")
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503, 504)}
 MODE_HEADERS = {
     "x-nld-decoding-mode": {"description": "decoding mode used: ar, diffusion or self_spec", "schema": {"type": "string"}},
@@ -107,6 +109,10 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
         except GatewayError as e:
             metrics.finished(plan.mode, e.status, time.perf_counter() - t0)
             raise
+        except Exception:
+            log.exception("completion %s failed", plan.id)  # traceback only: no request data
+            metrics.finished(plan.mode, 500, time.perf_counter() - t0)
+            raise GatewayError(500, "internal gateway error") from None
         finally:
             if not handed_off:
                 inflight.exit()

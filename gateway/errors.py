@@ -94,12 +94,11 @@ def validation_error(exc: RequestValidationError) -> GatewayError:
 
 def _param(error: dict) -> str | None:
     # pydantic appends the union member's tag to the loc ("prompt", "list[str]", 0); drop those
-    loc = [p for p in error.get("loc", ()) if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+    loc = [p for p in error.get("loc", ()) if not (isinstance(p, str) and (not p.isidentifier() or p in _UNION_TAGS))]
     return param_from_loc(loc)
 
 
-_UNION_TAGS = {"str", "int", "list", "dict", "float", "bool", "none", "function-after", "function-before",
-               "function-wrap", "list[str]", "list[int]", "list[list[int]]"}
+_UNION_TAGS = {"str", "int", "list", "dict", "float", "bool", "none"}  # field names are never these
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,0 +1,5 @@
+"""`python -m gateway` = `nld-gateway`."""
+
+from .cli import main
+
+raise SystemExit(main())

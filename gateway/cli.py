@@ -1,0 +1,109 @@
+"""`nld-gateway` command line: the only place of the gateway that reads the environment.
+
+Contract: `main(argv)` parses subcommands and returns an exit code. `serve` builds a
+`GatewayConfig` from flags (the API-key path falls back to `$NLD_API_KEY_FILE`; a key path
+turns auth on), loads the keys (`gateway.auth.load_api_keys`: a file with one key per line or
+a Kubernetes Secret mount directory), builds `HttpReplicaClient`, the mode policy and the
+app, and runs uvicorn. Configuration errors exit with status 2 and a one-line message that
+never contains a key. Other subcommands (`up`) register themselves in `build_parser`.
+Non-goals: starting replicas or Ray (that is `up`'s job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+API_KEY_ENV = "NLD_API_KEY_FILE"
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the OpenAI-compatible gateway in front of running replicas")
+    p.add_argument("--replica-url", required=True, help="Ray Serve HTTP proxy base URL, e.g. http://127.0.0.1:8001")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="nld", help="the model id clients send")
+    p.add_argument("--api-key-file", default=None,
+                   help=f"file (one key per line) or Secret mount directory; default ${API_KEY_ENV}; enables auth")
+    p.add_argument("--no-auth", action="store_true", help="disable auth even when a key file is given")
+    p.add_argument("--mode", default="self_spec", choices=("ar", "diffusion", "self_spec"),
+                   help="decoding mode of `auto` requests (fixed-mode policy)")
+    p.add_argument("--client-override", default="allow", choices=("allow", "deny", "clamp"),
+                   help="whether explicit decoding_mode values are honoured")
+    p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument("--max-tokens-limit", type=int, default=None)
+    p.add_argument("--max-inflight", type=int, default=None, help="429 beyond this many in-flight requests")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds (504 before the first byte)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nld-gateway", description="nld-gateway: serving for NLD models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    # `up` (Ray Serve replicas + gateway in one command) registers here.
+    return parser
+
+
+def serve_config(args: argparse.Namespace, environ: dict[str, str]):
+    """The `GatewayConfig` for `serve` (keys loaded from the flag or the environment)."""
+    from .auth import load_api_keys
+    from .config import GatewayConfig
+
+    key_path = args.api_key_file or environ.get(API_KEY_ENV) or None
+    fields: dict = {"replica_url": args.replica_url, "model_name": args.model_name}
+    if key_path and not args.no_auth:
+        fields["api_keys"] = load_api_keys(key_path)
+        fields["auth_enabled"] = True
+    optional = {"max_body_bytes": args.max_body_bytes, "max_tokens_limit": args.max_tokens_limit,
+                "max_inflight_requests": args.max_inflight, "request_timeout_s": args.request_timeout}
+    fields.update({k: v for k, v in optional.items() if v is not None})
+    if "max_tokens_limit" in fields:
+        fields["default_max_tokens"] = min(256, fields["max_tokens_limit"])
+    return GatewayConfig(**fields)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from policies import FixedModePolicy
+
+    from .app import create_app
+    from .metrics import GatewayMetrics, InflightCounter
+    from .replica_client import HttpReplicaClient
+
+    try:
+        config = serve_config(args, dict(os.environ))
+        policy = FixedModePolicy(mode=args.mode, client_override=args.client_override)
+    except (ValidationError, ValueError, OSError) as e:
+        print(f"nld-gateway serve: invalid configuration: {_first_line(e)}", file=sys.stderr)
+        return 2
+    metrics = GatewayMetrics(InflightCounter())
+    client = HttpReplicaClient(config, on_retry=metrics.retries.inc)
+    app = create_app(config, client, policy, metrics=metrics)
+    logging.getLogger("gateway").info("auth %s; replicas at %s", "on" if config.auth_enabled else "off",
+                                      config.replica_url)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    return 0
+
+
+def _first_line(e: Exception) -> str:
+    if isinstance(e, ValidationError):  # never echo input values (they may be keys)
+        err = e.errors()[0]
+        return f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
