@@ -375,6 +375,8 @@ def parse_args(argv=None):
     p.add_argument("--distill-prompt", type=int, default=64)
     p.add_argument("--distill-new", type=int, default=128)
     p.add_argument("--distill-batch", type=int, default=8)
+    p.add_argument("--distill-rounds", type=int, default=1,
+                   help="regenerate the self-generated set this many times during phase 2 (evenly spaced)")
     p.add_argument("--lib", type=Path, default=None, help="corpus root (default: the interpreter's Lib/)")
     p.add_argument("--max-files", type=int, default=0, help="use only the first N corpus files (tests)")
     return p.parse_args(argv)
@@ -433,12 +435,14 @@ def main(argv=None) -> dict:
     distill = None
     t_train = time.time()
     for step in range(total_steps):
-        if step == args.steps and args.distill_steps:
+        round_len = max(1, args.distill_steps // max(1, args.distill_rounds))
+        if args.distill_steps and step >= args.steps and (step - args.steps) % round_len == 0 \
+                and (step - args.steps) // round_len < args.distill_rounds:
             t0 = time.time()
             distill = generate_distill_set(model, train_stream, args.distill_samples, args.distill_prompt,
                                            args.distill_new, gen)
-            log["distill"] = {"samples": int(distill.shape[0]), "length": int(distill.shape[1]),
-                              "generate_seconds": round(time.time() - t0, 1), "from_step": step}
+            log.setdefault("distill", []).append({"samples": int(distill.shape[0]), "length": int(distill.shape[1]),
+                                                  "generate_seconds": round(time.time() - t0, 1), "from_step": step})
             print(f"phase 2: {distill.shape[0]} self-generated sequences in {time.time() - t0:.0f}s", flush=True)
         batch = make_batch(train_stream, args.batch, args.seq, blocks, gen,
                            keep_first_prob=args.keep_first, suffix_prob=args.suffix_prob)
