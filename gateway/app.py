@@ -31,8 +31,8 @@ from .config import GatewayConfig
 from .errors import GatewayError, install_error_handlers
 from .metrics import GatewayMetrics, InflightCounter
 from .middleware import FrontDoor
-from .openai_api import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-                         ErrorResponse, ModelCard, ModelList)
+from .openai_api import (SCHEMA_OVERRIDES, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                         CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from .replica_client import ReplicaClient
 from .service import CompletionService, Plan
 from .sse import ClientGone, SSEResponse, run_until_disconnect
@@ -47,9 +47,10 @@ MODE_HEADERS = {
 
 
 def _completion_doc(model: type) -> dict:
-    return {200: {"model": model, "headers": MODE_HEADERS, "content": {"text/event-stream": {
-        "schema": {"type": "string", "description": "with stream=true: `data: {chunk}` events, then `data: [DONE]`"}}}},
-            **ERRORS}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "a JSON chunk, a final JSON {\"error\": ...}, or the literal [DONE]"}}}
+    return {200: {"model": model, "headers": MODE_HEADERS, "description": "JSON, or with stream=true server-sent events",
+                  "content": {"text/event-stream": {"itemSchema": event}}}, **ERRORS}
 
 
 def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: ModePolicy, *,
@@ -197,6 +198,13 @@ def _openapi(app: FastAPI, config: GatewayConfig) -> dict:
     schemas.pop("ValidationError", None)
     if config.auth_enabled:
         comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for name, overrides in SCHEMA_OVERRIDES.items():
+        targets = ("CompletionRequest", "ChatCompletionRequest") if name == "_common" else (name,)
+        for target in targets:
+            props = schemas[target]["properties"]
+            for key, sub in overrides.items():
+                props[key] = {**sub, **{k: props[key][k] for k in ("description", "title") if k in props[key]}}
+    schemas["ContentPart"]["required"] = ["type", "text"]
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         props = schemas[name]["properties"]
         props["n"]["maximum"] = config.max_n

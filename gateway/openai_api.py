@@ -13,12 +13,25 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Integer bounds stay within 2**53 so that every JSON implementation (and JSON Schema validator)
+# compares them exactly.
+SEED_LIMIT = 2**53 - 1
+TOKEN_ID_MAX = 2**31 - 1
 DecodingMode = Literal["auto", "ar", "diffusion", "self_spec"]
 StopString = Annotated[str, Field(min_length=1)]
-TokenId = Annotated[int, Field(ge=0, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]
+INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n", "block_length", "logprobs", "best_of", "top_logprobs")
+
+
+def _integral(v: Any) -> Any:
+    """JSON Schema counts 1.0 as an integer; strict pydantic would not."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, list):
+        return [_integral(x) for x in v]
+    return v
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 # OpenAI is strict about types ("1" is not an integer); so are we. Unknown fields are ignored.
 REQUEST_CONFIG = ConfigDict(extra="ignore", strict=True)
@@ -38,7 +51,7 @@ class _SamplingRequest(BaseModel):
                                               description="alias of max_tokens; wins when both are set")
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=INT64_MIN, le=INT64_MAX,
+    seed: int | None = Field(default=None, ge=-SEED_LIMIT, le=SEED_LIMIT,
                              description="choice i of a request uses seed + i")
     n: int = Field(default=1, ge=1, le=128, description="choices per prompt")
     stop: StopString | list[StopString] | None = Field(default=None, description="stop strings, excluded from the output")
@@ -55,6 +68,16 @@ class _SamplingRequest(BaseModel):
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0,
                                                description="NLD: diffusion unmasking threshold (default 0.9)")
     draft_lora: bool | None = Field(default=None, description="NLD: self_spec drafts with the LoRA (default: when loaded)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in INT_FIELDS + ("prompt",):
+                if key in data:
+                    data[key] = _integral(data[key])
+        return data
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -232,3 +255,30 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+# ---- the OpenAPI schema: what is actually supported ------------------------------------------
+# The request models accept these OpenAI fields so that a refusal names them (400, `param`);
+# the published schema lists only the values that are accepted.
+_NULL = {"type": "null"}
+SCHEMA_OVERRIDES: dict[str, dict[str, dict]] = {
+    "_common": {
+        "presence_penalty": {"anyOf": [{"const": 0}, _NULL]},
+        "frequency_penalty": {"anyOf": [{"const": 0}, _NULL]},
+        "logit_bias": {"anyOf": [{"type": "object", "maxProperties": 0}, _NULL]},
+    },
+    "CompletionRequest": {
+        "echo": {"anyOf": [{"const": False}, _NULL]},
+        "logprobs": _NULL,
+        "best_of": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1}, _NULL]},  # (any value equal to n)
+        "suffix": {"anyOf": [{"type": "string", "maxLength": 0}, _NULL]},
+    },
+    "ChatCompletionRequest": {
+        "logprobs": {"anyOf": [{"const": False}, _NULL]},
+        "top_logprobs": {"anyOf": [{"const": 0}, _NULL]},
+        "tools": {"anyOf": [{"type": "array", "maxItems": 0}, _NULL]},
+        "tool_choice": {"anyOf": [{"enum": ["none", "auto"]}, _NULL]},
+    },
+    "ResponseFormat": {"type": {"const": "text", "default": "text"}},
+    "ContentPart": {"type": {"const": "text"}, "text": {"type": "string"}},
+}

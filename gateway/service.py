@@ -24,7 +24,7 @@ from replicas.wire import ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
 
 from .config import GatewayConfig
 from .errors import GatewayError
-from .openai_api import INT64_MAX, INT64_MIN, ChatCompletionRequest, CompletionRequest
+from .openai_api import ChatCompletionRequest, CompletionRequest
 from .replica_client import ReplicaClient, ReplicaError, ReplicaStream
 from .sse import DONE, event
 
@@ -55,10 +55,6 @@ class Opened:
     closed: bool = False
     status: int = 200  # what metrics record for a streamed request
     done: list[bool] = field(default_factory=list)
-
-
-def _wrap_int64(v: int) -> int:
-    return (v - INT64_MIN) % (1 << 64) + INT64_MIN
 
 
 def chunk_error(info: ErrorInfo) -> GatewayError:
@@ -97,10 +93,12 @@ class CompletionService:
             raise GatewayError(400, f"at most {cfg.max_stop} stop strings", param="stop", code="invalid_value")
         if any(not s for s in stops):
             raise GatewayError(400, "stop strings must not be empty", param="stop", code="invalid_value")
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(req, name)
+            if value is not None and value > cfg.max_tokens_limit:
+                raise GatewayError(400, f"{name} must be at most {cfg.max_tokens_limit}", param=name,
+                                   code="invalid_value")
         asked = req.requested_max_tokens()
-        if asked is not None and asked > cfg.max_tokens_limit:
-            name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-            raise GatewayError(400, f"{name} must be at most {cfg.max_tokens_limit}", param=name, code="invalid_value")
         max_tokens = asked if asked is not None else cfg.default_max_tokens
 
         temperature = cfg.default_temperature if req.temperature is None else req.temperature
@@ -137,7 +135,7 @@ class CompletionService:
         for i, src in enumerate(sources):
             for j in range(req.n):
                 index = i * req.n + j
-                seed = None if req.seed is None else _wrap_int64(req.seed + index)
+                seed = None if req.seed is None else req.seed + index
                 requests.append(GenerateRequest(request_id=f"{rid}-{index}", seed=seed, **src, **common))
         return Plan(id=rid, created=int(time.time()), chat=chat, model=cfg.model_name, mode=decision.mode,
                     reason=decision.reason, n=req.n, requests=requests, stream=bool(req.stream),

@@ -155,9 +155,11 @@ async def test_top_p_zero_means_greedy(client, fake):
     assert (fake.requests[0].temperature, fake.requests[0].top_p) == (0.0, 1.0)
 
 
-async def test_negative_seed_wraps_in_int64(client, fake):
-    await client.post("/v1/completions", json={"model": "nld", "prompt": "s", "seed": 2**63 - 1, "n": 2})
-    assert sorted(q.seed for q in fake.requests) == [-(2**63), 2**63 - 1]
+async def test_seed_range(client, fake):
+    await client.post("/v1/completions", json={"model": "nld", "prompt": "s", "seed": -(2**53 - 1), "n": 2})
+    assert sorted(q.seed for q in fake.requests) == [-(2**53 - 1), -(2**53 - 2)]
+    r = await client.post("/v1/completions", json={"model": "nld", "prompt": "s", "seed": 2**63 - 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
 
 
 async def test_health_ready_metrics(make_app, fake):
