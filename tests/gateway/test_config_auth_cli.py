@@ -1,0 +1,131 @@
+"""GatewayConfig validation, API keys (constant-time check, file and Secret-mount loading, never
+shown), and the CLI's `serve` configuration (the only place that reads the environment)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from pydantic import ValidationError
+
+from gateway import GatewayConfig
+from gateway.auth import ApiKeyAuth, load_api_keys
+from gateway.cli import build_parser, main, serve_config
+
+
+def test_config_defaults_and_validation():
+    c = GatewayConfig()
+    assert (c.model_name, c.auth_enabled, c.max_body_bytes, c.max_tokens_limit, c.max_n, c.connect_retries) == (
+        "nld", False, 1 << 20, 4096, 4, 1)
+    assert GatewayConfig(replica_url="http://proxy:8000/").replica_url == "http://proxy:8000"
+    for bad in ({"replica_url": "proxy:8000"}, {"auth_enabled": True}, {"max_n": 0}, {"nope": 1},
+                {"default_max_tokens": 10, "max_tokens_limit": 5}, {"api_keys": {" padded "}}):
+        with pytest.raises(ValidationError):
+            GatewayConfig(**bad)
+
+
+def test_keys_never_in_repr():
+    c = GatewayConfig(auth_enabled=True, api_keys={"sk-secret-1"})
+    assert "sk-secret-1" not in repr(c) and "sk-secret-1" not in str(c)
+    assert "sk-secret-1" not in repr(ApiKeyAuth(c.api_keys))
+
+
+def test_api_key_check():
+    auth = ApiKeyAuth({"sk-a", "sk-b"})
+    assert auth.check("Bearer sk-a") and auth.check("bearer sk-b") and auth.check("Bearer  sk-a ")
+    for header in (None, "", "Bearer", "Bearer ", "Bearer sk-c", "sk-a", "Basic sk-a", "Bearer sk-a2", "Bearer sk-"):
+        assert not auth.check(header)
+
+
+def test_load_keys_from_file_and_secret_mount(tmp_path):
+    f = tmp_path / "keys.txt"
+    f.write_text("# comment\nsk-one\n\n  sk-two  \n")
+    assert load_api_keys(f) == {"sk-one", "sk-two"}
+    # a Kubernetes Secret mount: one file per key, plus ..data / timestamped dirs and symlinks
+    mount = tmp_path / "secret"
+    real = mount / "..2026_01_01"
+    real.mkdir(parents=True)
+    (real / "key-a").write_text("sk-a\n")
+    (real / "key-b").write_text("sk-b")
+    (mount / "..data").symlink_to(real.name)
+    (mount / "key-a").symlink_to("..data/key-a")
+    (mount / "key-b").symlink_to("..data/key-b")
+    assert load_api_keys(mount) == {"sk-a", "sk-b"}
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    for bad in (empty, tmp_path / "missing"):
+        with pytest.raises(ValueError):
+            load_api_keys(bad)
+
+
+def args(*argv):
+    return build_parser().parse_args(["serve", "--replica-url", "http://127.0.0.1:8001", *argv])
+
+
+def test_serve_config_from_flags_and_env(tmp_path):
+    keys = tmp_path / "k"
+    keys.write_text("sk-env\n")
+    assert serve_config(args(), {}).auth_enabled is False  # local default: auth off
+    c = serve_config(args(), {"NLD_API_KEY_FILE": str(keys)})
+    assert c.auth_enabled and c.api_keys == {"sk-env"}
+    flag = tmp_path / "k2"
+    flag.write_text("sk-flag\n")
+    assert serve_config(args("--api-key-file", str(flag)), {"NLD_API_KEY_FILE": str(keys)}).api_keys == {"sk-flag"}
+    assert serve_config(args("--no-auth"), {"NLD_API_KEY_FILE": str(keys)}).auth_enabled is False
+    c = serve_config(args("--model-name", "m", "--max-tokens-limit", "100", "--max-inflight", "8",
+                          "--request-timeout", "30"), {})
+    assert (c.model_name, c.max_tokens_limit, c.default_max_tokens, c.max_inflight_requests, c.request_timeout_s) == (
+        "m", 100, 100, 8, 30.0)
+
+
+def test_serve_bad_config_exits_2_without_echoing_keys(tmp_path, capsys, caplog):
+    keys = tmp_path / "k"
+    keys.write_text("sk-very-secret\n")
+    with caplog.at_level(logging.DEBUG):
+        code = main(["serve", "--replica-url", "nope://x", "--api-key-file", str(keys)])
+    err = capsys.readouterr().err
+    assert code == 2 and "replica_url" in err
+    assert "sk-very-secret" not in err and "sk-very-secret" not in caplog.text
+    assert main(["serve", "--replica-url", "http://x", "--api-key-file", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.slow
+def test_serve_runs_the_gateway_process(tmp_path):
+    """`python -m gateway serve` on a loopback port: live, not ready (no replica), auth from the env."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    keys = tmp_path / "keys"
+    keys.write_text("sk-proc\n")
+    env = {**os.environ, "NLD_API_KEY_FILE": str(keys)}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--replica-url", "http://127.0.0.1:9",
+                             "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert httpx.get(f"{base}/health").json() == {"status": "ok"}
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "gateway did not start"
+                time.sleep(0.2)
+        assert httpx.get(f"{base}/ready").status_code == 503
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        assert httpx.get(f"{base}/v1/models", headers={"authorization": "Bearer sk-proc"}).status_code == 200
+        r = httpx.post(f"{base}/v1/completions", json={"model": "nld", "prompt": "x"},
+                       headers={"authorization": "Bearer sk-proc"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_replica"
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode()
+    assert "sk-proc" not in out
