@@ -75,6 +75,7 @@ class GenerateChunk(BaseModel):
     request_id: str
     mode: Mode
     token_ids: list[int] = Field(default_factory=list)
+    forward_passes: int = 0  # forward passes the request has taken part in so far
     text: str = ""  # text delta (stop strings already cut)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None  # on the last chunk
@@ -105,5 +106,7 @@ class EngineSettings(BaseModel):
     """Run-time engine settings a policy may push to every replica without a restart."""
 
     model_config = ConfigDict(extra="forbid")
-    draft_tiers: list[DraftTierModel] | None = None
-    downgrade_running_to: Mode | None = None  # move running self_spec requests to this mode
+    draft_tiers: list[DraftTierModel] | None = None  # replace the load-aware draft tiers
+    # True: running self_spec requests continue in ar (at their next cycle boundary);
+    # False: requests downgraded earlier go back to self_spec; None: no change
+    downgrade_self_spec: bool | None = None

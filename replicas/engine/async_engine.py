@@ -113,6 +113,15 @@ class AsyncEngine:
     def stats(self) -> dict:
         return self.core.stats_snapshot()
 
+    def update_draft_tiers(self, tiers) -> None:
+        self.core.update_draft_tiers(tiers)
+
+    def downgrade_self_spec(self, on: bool) -> list[str]:
+        """See `BatchEngine.downgrade_self_spec`; wakes the loop so switches apply promptly."""
+        moved = self.core.downgrade_self_spec(on)
+        self._notify()
+        return moved
+
     def shutdown(self) -> None:
         with self._wake:
             self._stopping = True

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .engine import Engine
@@ -34,6 +34,8 @@ class StreamChunk:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last chunk
     stats: dict | None = field(default=None)  # on the last chunk: the request's own numbers
     error: str | None = None
+    forward_passes: int = 0  # forward passes the request has taken part in so far
+    mode: str = ""  # the mode the request is in after this step
 
 
 class BatchEngine:
@@ -103,9 +105,33 @@ class BatchEngine:
                 raise KeyError(f"no request {request_id!r} in flight")
             self._switches[request_id] = mode
 
+    def update_draft_tiers(self, tiers) -> None:
+        """Replace the load-aware draft tiers (applied at each request's next cycle)."""
+        with self._lock:
+            self.config = replace(self.config, draft_tiers=tuple(tiers))
+            self.scheduler.config = self.config
+
+    def downgrade_self_spec(self, on: bool) -> list[str]:
+        """on: running self_spec requests continue in ar; off: those requests return to self_spec."""
+        with self._lock:
+            moved = []
+            for run in self.scheduler.running.values():
+                seq = run.seq
+                current = self._switches.get(seq.request_id, seq.params.mode)
+                if on and current == "self_spec":
+                    self._switches[seq.request_id] = "ar"
+                    seq.downgraded = True
+                    moved.append(seq.request_id)
+                elif not on and seq.downgraded:
+                    self._switches[seq.request_id] = "self_spec"
+                    seq.downgraded = False
+                    moved.append(seq.request_id)
+            return moved
+
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.scheduler.waiting or self.scheduler.running or self._aborts or self._abort_notices)
+            return bool(self.scheduler.waiting or self.scheduler.running or self._aborts or self._abort_notices
+                        or self._switches)
 
     def stats_snapshot(self) -> dict:
         """Counters as of the last completed step (computed on demand, under the engine lock)."""
@@ -169,9 +195,10 @@ class BatchEngine:
                 tpf = len(seq.output) / max(seq.forward_passes, 1)
                 self.stats.tokens_per_forward.observe(tpf)
                 out.append(StreamChunk(seq.request_id, new, finish_reason=seq.finish_reason,
-                                       stats=request_stats(seq)))
+                                       stats=request_stats(seq), forward_passes=seq.forward_passes,
+                                       mode=seq.params.mode))
             elif new:
-                out.append(StreamChunk(seq.request_id, new))
+                out.append(StreamChunk(seq.request_id, new, forward_passes=seq.forward_passes, mode=seq.params.mode))
         return out
 
     def _snapshot(self) -> dict:

@@ -80,8 +80,11 @@ class Scheduler:
         self.free_slots = list(range(config.max_batch_size - 1, -1, -1))  # pop() hands out slot 0 first
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
-            raise EngineOverloaded(f"engine overloaded: {len(self.waiting)} requests already waiting")
+        """Queue a request; past `max_waiting` requests beyond the free slots, refuse it."""
+        if len(self.waiting) >= self.config.max_waiting + len(self.free_slots):
+            raise EngineOverloaded(
+                f"engine overloaded: {len(self.running)} requests running and {len(self.waiting)} waiting "
+                f"(max_batch_size {self.config.max_batch_size}, max_waiting {self.config.max_waiting})")
         self.waiting.append(seq)
 
     def admit(self) -> list[Running]:

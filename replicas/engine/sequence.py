@@ -54,6 +54,7 @@ class Sequence:
         self.forward_passes = 0  # after prefill
         self.accepted_lengths: list[int] = []
         self.draft_blocks: list[int] = []  # self-spec block length of each cycle
+        self.downgraded = False  # moved from self_spec to ar by a load policy
         self.denoise_passes: list[int] = []
 
     @property

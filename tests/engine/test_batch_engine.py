@@ -96,17 +96,21 @@ def test_seeded_sampling_is_reproducible_in_a_batch(engine):
 
 def test_full_queue_raises_engine_overloaded_and_admission_waits_for_room(engine):
     be = BatchEngine(engine, EngineConfig(max_batch_size=2, max_seq_len=64, max_waiting=3))
-    for i in range(3):
+    for i in range(5):  # two take the free slots at the next step, three wait
         be.submit([1, 2, i], DecodeParams(max_new_tokens=4))
-    with pytest.raises(EngineOverloaded):
+    with pytest.raises(EngineOverloaded, match="max_waiting 3"):
         be.submit([1, 2, 3], DecodeParams(max_new_tokens=4))
     be.step()
-    assert be.stats_snapshot()["running"] == 2 and be.stats_snapshot()["waiting"] == 1
+    assert be.stats_snapshot()["running"] == 2 and be.stats_snapshot()["waiting"] == 3
+    with pytest.raises(EngineOverloaded):
+        be.submit([1, 2, 3], DecodeParams(max_new_tokens=4))
+    while be.stats_snapshot()["waiting"] == 3:
+        be.step()  # the first two finish and free their slots
     be.submit([1, 2, 3], DecodeParams(max_new_tokens=4))  # room in the queue again
     while be.has_work():
         be.step()
-    assert be.stats_snapshot()["finished_requests"] == 4
-    assert be.stats_snapshot()["rejected_requests"] == 1
+    assert be.stats_snapshot()["finished_requests"] == 6
+    assert be.stats_snapshot()["rejected_requests"] == 2
 
 
 def test_requests_that_cannot_fit_the_cache_are_rejected_precisely(engine):

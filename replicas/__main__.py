@@ -1,0 +1,77 @@
+"""Run the replicas locally: start Ray in this process, deploy `build_app`, serve until Ctrl-C.
+
+    python -m replicas --model DIR [--host 127.0.0.1] [--port 8001] [--config serve.yaml]
+
+Ray's metrics report interval is set to 500 ms so replica metrics are at most ~1 s old on
+Ray's metrics port (--metrics-port). Prints `READY <url>` once the application answers.
+This module and `nld-gateway up` are the entry points that build `ReplicaConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+
+from .config import ReplicaConfig
+
+
+def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
+    """(ReplicaConfig, deployment options) from a Serve config file and/or flags."""
+    options: dict = {}
+    base: dict = {}
+    if args.config:
+        conf = yaml.safe_load(Path(args.config).read_text())
+        app = conf["applications"][0]
+        base = dict(app.get("args") or {})
+        dep = next((d for d in app.get("deployments", []) if d.get("name") == "NLDReplica"), {})
+        options = {k: v for k, v in dep.items() if k != "name"}
+    if args.model:
+        base["model_path"] = args.model
+    if args.model_name:
+        base["model_name"] = args.model_name
+    return ReplicaConfig.model_validate(base), options
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m replicas", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="NLD checkpoint directory (overrides the config file)")
+    p.add_argument("--model-name", default=None)
+    p.add_argument("--config", help="a Serve config file (applications[0] is used)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8080)
+    p.add_argument("--num-cpus", type=int, default=None)
+    args = p.parse_args(argv)
+    config, options = replica_config_from(args)
+
+    import ray
+    from ray import serve
+
+    from .app import build_app
+
+    print(f"starting Ray (metrics on :{args.metrics_port}) ...", flush=True)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, _metrics_export_port=args.metrics_port,
+             _system_config={"metrics_report_interval_ms": 500}, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"loading {config.model_path} into the replicas ...", flush=True)
+    serve.run(build_app(config, options), name="nld", route_prefix="/")
+    print(f"READY http://{args.host}:{args.port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    print("shutting down ...", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

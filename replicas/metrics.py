@@ -1,0 +1,102 @@
+"""Replica metrics through Ray's metrics API (exported on Ray's metrics port, prefixed `ray_`).
+
+Contract: `ReplicaMetrics` owns the metric objects of one replica; `sync(stats)` is called
+every `interval_s` by a background thread with the engine's stats snapshot and sets gauges and
+counter deltas; the request path calls `observe_request(...)` / `observe_first_token` /
+`observe_inter_token`. Ray adds the deployment, replica and node tags, so several replicas on
+one node never clash on a port. Names (after Ray's `ray_` prefix):
+
+  ray_nld_replica_running_requests{mode}        ray_nld_replica_waiting_requests
+  ray_nld_replica_kv_cache_usage_ratio          ray_nld_replica_kv_slots_used
+  ray_nld_replica_generated_tokens_total        ray_nld_replica_forward_passes_total
+  ray_nld_replica_tokens_per_forward_*          ray_nld_replica_accepted_length_*
+  ray_nld_replica_time_to_first_token_seconds_* ray_nld_replica_inter_token_latency_seconds_*
+  ray_nld_replica_requests_total{mode,finish_reason}
+
+The Inference Gateway's `vllm:*` names contain ':' which Ray's metrics API rejects (a warning
+today, an error in future releases); docs/ARCHITECTURE.md lists the endpoint-picker flags
+that point it at these names instead. Non-goals: HTTP serving of metrics (Ray does it).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from ray.util import metrics as ray_metrics
+
+TPF_BUCKETS = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]
+ACCEPT_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 31.5]
+TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+MODES = ("ar", "diffusion", "self_spec", "prefill")
+
+
+class ReplicaMetrics:
+    def __init__(self, model: str) -> None:
+        tags = ("model",)
+        self._tags = {"model": model}
+        self.running = ray_metrics.Gauge("nld_replica_running_requests", "requests holding a KV slot, by mode",
+                                         tag_keys=tags + ("mode",))
+        self.waiting = ray_metrics.Gauge("nld_replica_waiting_requests", "requests queued for a KV slot", tag_keys=tags)
+        self.kv_usage = ray_metrics.Gauge("nld_replica_kv_cache_usage_ratio",
+                                          "cached tokens / KV capacity (0..1)", tag_keys=tags)
+        self.kv_slots = ray_metrics.Gauge("nld_replica_kv_slots_used", "KV slots in use", tag_keys=tags)
+        self.tokens = ray_metrics.Counter("nld_replica_generated_tokens", "tokens generated", tag_keys=tags)
+        self.passes = ray_metrics.Counter("nld_replica_forward_passes", "batched forward passes", tag_keys=tags)
+        self.requests = ray_metrics.Counter("nld_replica_requests", "finished requests",
+                                            tag_keys=tags + ("mode", "finish_reason"))
+        self.tpf = ray_metrics.Histogram("nld_replica_tokens_per_forward", "tokens per forward of a request",
+                                         boundaries=TPF_BUCKETS, tag_keys=tags + ("mode",))
+        self.accepted = ray_metrics.Histogram("nld_replica_accepted_length", "accepted drafts per self-spec cycle",
+                                              boundaries=ACCEPT_BUCKETS, tag_keys=tags)
+        self.ttft = ray_metrics.Histogram("nld_replica_time_to_first_token_seconds", "time to first token",
+                                          boundaries=TTFT_BUCKETS, tag_keys=tags + ("mode",))
+        self.itl = ray_metrics.Histogram("nld_replica_inter_token_latency_seconds", "seconds per token between chunks",
+                                         boundaries=ITL_BUCKETS, tag_keys=tags + ("mode",))
+        self._last_tokens = 0
+        self._last_passes = 0
+        self._stop = threading.Event()
+
+    def _t(self, **extra) -> dict:
+        return dict(self._tags, **extra)
+
+    def sync(self, stats: dict) -> None:
+        for mode in MODES:
+            self.running.set(stats["running_by_mode"].get(mode, 0), tags=self._t(mode=mode))
+        self.waiting.set(stats["waiting"], tags=self._t())
+        self.kv_usage.set(stats["kv_tokens_used"] / max(stats["kv_tokens_total"], 1), tags=self._t())
+        self.kv_slots.set(stats["kv_slots_used"], tags=self._t())
+        if stats["generated_tokens"] > self._last_tokens:
+            self.tokens.inc(stats["generated_tokens"] - self._last_tokens, tags=self._t())
+            self._last_tokens = stats["generated_tokens"]
+        if stats["forward_passes"] > self._last_passes:
+            self.passes.inc(stats["forward_passes"] - self._last_passes, tags=self._t())
+            self._last_passes = stats["forward_passes"]
+
+    def start(self, read_stats: Callable[[], dict], interval_s: float = 0.5) -> threading.Thread:
+        def loop():
+            while not self._stop.wait(interval_s):
+                self.sync(read_stats())
+
+        self.sync(read_stats())
+        thread = threading.Thread(target=loop, name="nld-metrics", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def observe_request(self, mode: str, finish_reason: str, tokens_per_forward: float | None,
+                        accepted_lengths: list[int]) -> None:
+        self.requests.inc(1, tags=self._t(mode=mode, finish_reason=finish_reason))
+        if tokens_per_forward is not None:
+            self.tpf.observe(tokens_per_forward, tags=self._t(mode=mode))
+        for c in accepted_lengths:
+            self.accepted.observe(c, tags=self._t())
+
+    def observe_first_token(self, mode: str, seconds: float) -> None:
+        self.ttft.observe(seconds, tags=self._t(mode=mode))
+
+    def observe_inter_token(self, mode: str, seconds_per_token: float) -> None:
+        self.itl.observe(seconds_per_token, tags=self._t(mode=mode))

@@ -1,0 +1,136 @@
+"""The replicas on real Ray Serve: wire protocol, modes, errors, cancellation, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def generate(stack, body: dict, timeout: float = 60) -> tuple[int, list[dict] | dict]:
+    with httpx.stream("POST", stack.url + "/generate", json=body, timeout=timeout) as r:
+        if r.status_code != 200:
+            r.read()
+            return r.status_code, r.json()
+        return 200, [json.loads(line) for line in r.iter_lines() if line]
+
+
+def test_health_and_info(serve_stack):
+    assert httpx.get(serve_stack.url + "/health").json() == {"status": "ok"}
+    info = httpx.get(serve_stack.url + "/info").json()
+    assert info["model"] == "nld-test" and info["has_draft_lora"] and info["vocab_size"] == 512
+
+
+def test_every_mode_streams_ndjson_with_usage(serve_stack):
+    outputs = {}
+    for mode in ("ar", "self_spec", "diffusion"):
+        status, chunks = generate(serve_stack, {"prompt": "def main():", "mode": mode, "max_tokens": 24})
+        assert status == 200
+        last = chunks[-1]
+        assert last["finish_reason"] in ("stop", "length") and last["mode"] == mode
+        tokens = [t for c in chunks for t in c["token_ids"]]
+        assert last["usage"]["completion_tokens"] == len(tokens)
+        assert last["usage"]["forward_passes"] >= 1
+        assert all(c.get("finish_reason") is None for c in chunks[:-1])
+        outputs[mode] = tokens
+    assert outputs["self_spec"] == outputs["ar"]
+
+
+def test_chat_messages_use_the_template(serve_stack):
+    status, chunks = generate(serve_stack, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    assert status == 200 and chunks[-1]["usage"]["prompt_tokens"] == len("<s><|user|>\nhi\n<|assistant|>\n") - 2
+    # "<s>" is one special token, so the byte-level prompt is 3 characters shorter, plus 1 for it
+
+
+def test_stop_strings_cut_the_text(serve_stack):
+    status, chunks = generate(serve_stack, {"prompt": "x", "max_tokens": 40, "ignore_eos": True})
+    text = "".join(c["text"] for c in chunks)
+    assert len(text) > 6
+    stop = text[3:5]
+    status, chunks = generate(serve_stack, {"prompt": "x", "max_tokens": 40, "ignore_eos": True, "stop": [stop]})
+    cut = "".join(c["text"] for c in chunks)
+    assert chunks[-1]["finish_reason"] == "stop" and cut == text[: text.find(stop)]
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ({"prompt": "x", "block_length": 1}, 400, "block_length"),
+        ({"prompt": "x", "mode": "beam"}, 400, "mode"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt_ids": [1, 99999]}, 400, "prompt_ids"),
+        ({"prompt": "x" * 300}, 400, "prompt"),
+        ({"prompt": "x", "prompt_ids": [1]}, 400, "prompt"),
+        ({"prompt": "x", "max_tokens": 250}, 400, "max_tokens"),
+    ],
+)
+def test_bad_requests_get_error_bodies(serve_stack, body, status, param):
+    got, err = generate(serve_stack, body)
+    assert got == status and err["error"]["param"] == param and err["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def tight_app(serve_stack, serve_model_dir):
+    """A second application with one KV slot and no queue, under /tight."""
+    from ray import serve
+
+    from replicas.app import build_app
+
+    config = {"model_path": str(serve_model_dir), "torch_threads": 1,
+              "engine": {"max_batch_size": 1, "max_seq_len": 4096, "max_waiting": 0}}
+    serve.run(build_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="tight", route_prefix="/tight")
+    yield serve_stack.url + "/tight"
+    serve.delete("tight")
+
+
+def test_overload_is_429_and_a_disconnect_frees_the_kv(tight_app):
+    def stats():
+        return httpx.get(tight_app + "/stats").json()
+
+    client = httpx.Client(timeout=60)
+    with client.stream("POST", tight_app + "/generate",
+                       json={"prompt": "x", "max_tokens": 4000, "ignore_eos": True, "mode": "ar"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # keep the iterator: dropping it closes the response
+        next(lines)  # the request now holds the only KV slot
+        assert stats()["kv_slots_used"] == 1
+        got = httpx.post(tight_app + "/generate", json={"prompt": "x", "max_tokens": 8})
+        assert got.status_code == 429 and got.json()["error"]["type"] == "overloaded_error"
+        client.close()  # disconnect mid-stream
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and stats()["kv_slots_used"]:
+        time.sleep(0.1)
+    s = stats()
+    assert s["kv_slots_used"] == 0 and s["aborted_requests"] == 1
+    assert s["generated_tokens"] < 4000  # it really stopped early
+    ok = httpx.post(tight_app + "/generate", json={"prompt": "x", "max_tokens": 8})
+    assert ok.status_code == 200  # and the replica serves again
+
+
+def test_engine_settings_endpoint(serve_stack):
+    r = httpx.post(serve_stack.url + "/engine", json={"draft_tiers": [{"max_running": 2, "block_length": 4}]})
+    assert r.status_code == 200 and r.json()["draft_tiers"] == [{"max_running": 2, "block_length": 4}]
+    r = httpx.post(serve_stack.url + "/engine", json={"draft_tiers": [{"max_running": 2, "block_length": 1}]})
+    assert r.status_code == 400
+    httpx.post(serve_stack.url + "/engine", json={"draft_tiers": []})
+
+
+def test_metrics_reach_rays_metrics_port_within_two_seconds(serve_stack):
+    generate(serve_stack, {"prompt": "x", "max_tokens": 8, "mode": "self_spec"})
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline:
+        text = httpx.get(serve_stack.metrics_url).text
+        if "ray_nld_replica_generated_tokens" in text and "ray_nld_replica_tokens_per_forward_bucket" in text:
+            break
+        time.sleep(0.5)
+    for name in ("ray_nld_replica_running_requests", "ray_nld_replica_waiting_requests",
+                 "ray_nld_replica_kv_cache_usage_ratio", "ray_nld_replica_generated_tokens",
+                 "ray_nld_replica_forward_passes", "ray_nld_replica_tokens_per_forward_bucket",
+                 "ray_nld_replica_accepted_length_bucket", "ray_nld_replica_time_to_first_token_seconds_bucket",
+                 "ray_nld_replica_inter_token_latency_seconds_bucket"):
+        assert name in text, name
