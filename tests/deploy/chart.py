@@ -125,7 +125,7 @@ def rayservice_schema() -> dict:
     if not RAYSERVICE_CRD.is_file():
         raise FileNotFoundError(f"{RAYSERVICE_CRD} is missing: the tests expect shared/ beside the repository "
                                 "(see shared/schemas/README.md)")
-    crd = yaml.safe_load(RAYSERVICE_CRD.read_text())
+    crd = yaml.load(RAYSERVICE_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
     schema = _strict(version["schema"]["openAPIV3Schema"])
     # metadata is `{type: object}` in CRDs (the API server validates it); check the basics here.

@@ -191,7 +191,7 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
 
 {{/* Volumes of a Ray pod; call with (dict "root" $ "mountModel" bool). */}}
 {{- define "nld.rayVolumes" -}}
-{{- $v := .root.Values }}
+{{- $v := .root.Values -}}
 - name: dshm
   emptyDir:
     medium: Memory
@@ -243,7 +243,7 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
 {{/* The model download init container (model.source: download). */}}
 {{- define "nld.downloadInitContainer" -}}
 {{- $v := .Values }}
-{{- $d := $v.model.download }}
+{{- $d := $v.model.download -}}
 - name: download-model
   image: {{ include "nld.image" (dict "image" $v.replicas.image "root" .) }}
   imagePullPolicy: {{ $v.replicas.image.pullPolicy }}
