@@ -52,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from .app import build_app
+    from .app import bind_app
 
     print(f"starting Ray (metrics on :{args.metrics_port}) ...", flush=True)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, _metrics_export_port=args.metrics_port,
              _system_config={"metrics_report_interval_ms": 500}, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"loading {config.model_path} into the replicas ...", flush=True)
-    serve.run(build_app(config, options), name="nld", route_prefix="/")
+    serve.run(bind_app(config, options), name="nld", route_prefix="/")
     print(f"READY http://{args.host}:{args.port}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

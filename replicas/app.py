@@ -1,7 +1,8 @@
 """The Ray Serve deployment: one `NLDReplica` loads the weights once and serves every mode.
 
 Contract: `build_app(args)` (Serve's application builder: `import_path: replicas.app:build_app`,
-`args` = a `ReplicaConfig` dict) is the only place that calls `serve.deployment`. The replica
+`args` = a `ReplicaConfig` dict) and `bind_app(config, options)` (the same with deployment
+options, for in-process launchers) are the only places that call `serve.deployment`. The replica
 speaks the wire protocol of `replicas.wire` over Ray Serve HTTP (`/generate`, `/health`,
 `/info`, `/stats`, `/engine`): it turns text or chat messages into token ids, runs the
 `AsyncEngine`, and streams NDJSON `GenerateChunk`s with text deltas. Errors before the stream
@@ -199,11 +200,16 @@ def validation_error(e: ValidationError) -> JSONResponse:
     return error(400, f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")), "invalid_request_error", loc)
 
 
-def build_app(args: dict | ReplicaConfig, options: dict | None = None):
-    """Serve application builder: validate the config and bind one `NLDReplica` deployment.
+def build_app(args: dict | ReplicaConfig):
+    """Serve application builder (`import_path: replicas.app:build_app`; Serve passes `args`).
 
-    `options` are `serve.deployment` options (autoscaling_config, ray_actor_options, ...); a
-    Serve config file's `deployments:` entry for NLDReplica overrides them when Serve builds it."""
+    A Serve config file's `deployments:` entry for NLDReplica sets autoscaling_config and
+    ray_actor_options on top of what `bind_app` chooses."""
+    return bind_app(args)
+
+
+def bind_app(args: dict | ReplicaConfig, options: dict | None = None):
+    """Validate the config and bind one `NLDReplica` deployment with `serve.deployment` options."""
     from ray import serve
 
     config = args if isinstance(args, ReplicaConfig) else ReplicaConfig.model_validate(args or {})

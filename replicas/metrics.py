@@ -1,4 +1,4 @@
-"""Replica metrics through Ray's metrics API (exported on Ray's metrics port, prefixed `ray_`).
+"""Replica metrics through `ray.serve.metrics` (exported on Ray's metrics port, prefixed `ray_`).
 
 Contract: `ReplicaMetrics` owns the metric objects of one replica; `sync(stats)` is called
 every `interval_s` by a background thread with the engine's stats snapshot and sets gauges and
@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from ray.util import metrics as ray_metrics
+from ray.serve import metrics as ray_metrics
 
 TPF_BUCKETS = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]
 ACCEPT_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 31.5]

@@ -30,7 +30,7 @@ class ServeStack:
         import ray
         from ray import serve
 
-        from replicas.app import build_app
+        from replicas.app import bind_app
         from replicas.config import ReplicaConfig
 
         port, metrics_port = free_port(), free_port()
@@ -43,7 +43,7 @@ class ServeStack:
             "engine": {"max_batch_size": 4, "max_seq_len": 256, "max_waiting": 4},
             **replica_overrides,
         })
-        serve.run(build_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="nld", route_prefix="/")
+        serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="nld", route_prefix="/")
         stack = cls(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
         stack.wait_ready()
         return stack

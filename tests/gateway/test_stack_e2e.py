@@ -111,11 +111,11 @@ def test_error_statuses_use_the_envelope_and_the_stack_keeps_serving(gw, serve_s
 def tight(serve_stack, serve_model_dir):
     from ray import serve
 
-    from replicas.app import build_app
+    from replicas.app import bind_app
 
     config = {"model_path": str(serve_model_dir), "torch_threads": 1,
               "engine": {"max_batch_size": 1, "max_seq_len": 4096, "max_waiting": 0}}
-    serve.run(build_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="tight-gw", route_prefix="/tight-gw")
+    serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="tight-gw", route_prefix="/tight-gw")
     with gateway(serve_stack.url + "/tight-gw") as url:
         yield serve_stack.url + "/tight-gw", url
     serve.delete("tight-gw")

@@ -78,11 +78,11 @@ def tight_app(serve_stack, serve_model_dir):
     """A second application with one KV slot and no queue, under /tight."""
     from ray import serve
 
-    from replicas.app import build_app
+    from replicas.app import bind_app
 
     config = {"model_path": str(serve_model_dir), "torch_threads": 1,
               "engine": {"max_batch_size": 1, "max_seq_len": 4096, "max_waiting": 0}}
-    serve.run(build_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="tight", route_prefix="/tight")
+    serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="tight", route_prefix="/tight")
     yield serve_stack.url + "/tight"
     serve.delete("tight")
 
