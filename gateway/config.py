@@ -40,7 +40,7 @@ class GatewayConfig(BaseModel):
     retry_after_s: int = Field(default=1, ge=0, description="Retry-After on 429 and 503")
     info_ttl_s: float = Field(default=10.0, ge=0, description="how long GET /info of the replicas is cached")
     ready_timeout_s: float = Field(default=2.0, gt=0, description="/ready waits this long for a replica")
-    max_connections: int = Field(default=1000, ge=1, description="pooled HTTP connections to the proxy")
+    max_idle_connections: int = Field(default=256, ge=0, description="kept-alive idle connections to the proxy")
 
     @field_validator("replica_url")
     @classmethod

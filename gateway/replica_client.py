@@ -10,28 +10,29 @@ response, which makes the replica abort the request and free its KV slot; it mus
 when the consumer stops early (client disconnect, error in a sibling choice).
 
 `HttpReplicaClient` speaks the wire protocol of `replicas.wire` through the Ray Serve HTTP
-proxy with one pooled `httpx.AsyncClient`: a connection failure before the first byte is
-retried `config.connect_retries` times (the proxy may route the retry to another replica),
-then 503; an upstream status is mapped as above; `info()` is cached for `config.info_ttl_s`.
-Non-goals: load balancing (Ray Serve does it), request validation (the app and the replica do).
+proxy over `gateway.upstream.UpstreamPool` (kept-alive HTTP/1.1 connections): a connection
+failure before the first byte is retried `config.connect_retries` times (the proxy may route
+the retry to another replica), then 503; an upstream status is mapped as above; `info()` is
+cached for `config.info_ttl_s`. Non-goals: load balancing (Ray Serve does it), request
+validation (the app and the replica do).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
-import httpx
 from pydantic import ValidationError
 
 from replicas.wire import ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
 
 from .config import GatewayConfig
+from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
-RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-             httpx.WriteError)
+GENERATE_HEADERS = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
 
 
 class ReplicaError(Exception):
@@ -79,9 +80,10 @@ def upstream_status(status: int) -> int:
 class _HttpStream:
     """NDJSON lines of one upstream response as `GenerateChunk`s; see the module contract."""
 
-    def __init__(self, response: httpx.Response, request: GenerateRequest) -> None:
+    def __init__(self, response: UpstreamResponse, request: GenerateRequest, read_timeout_s: float) -> None:
         self._response = response
-        self._lines = response.aiter_lines()
+        self._lines = response.lines()
+        self._timeout = read_timeout_s
         self._request_id = request.request_id or ""
         self._mode = request.mode
         self._first: GenerateChunk | None = None
@@ -102,11 +104,11 @@ class _HttpStream:
         else:
             try:
                 chunk = await self._read()
-            except httpx.TimeoutException:
+            except UpstreamTimeout:
                 chunk = error_chunk(self._request_id, self._mode, "replica stopped sending (read timeout)",
                                     "timeout_error", "upstream_timeout")
-            except httpx.HTTPError as e:
-                chunk = error_chunk(self._request_id, self._mode, f"connection to the replica lost ({type(e).__name__})",
+            except UpstreamConnectionError as e:
+                chunk = error_chunk(self._request_id, self._mode, f"connection to the replica lost: {e}",
                                     "service_unavailable_error", "replica_lost")
         if chunk.finish_reason is not None:
             self._done = True
@@ -114,7 +116,15 @@ class _HttpStream:
         return chunk
 
     async def _read(self) -> GenerateChunk:
-        async for line in self._lines:
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    line = await anext(self._lines, None)
+            except TimeoutError as e:
+                raise UpstreamTimeout("no chunk from the replica in time") from e
+            if line is None:
+                return error_chunk(self._request_id, self._mode, "replica closed the stream before the last chunk",
+                                   "service_unavailable_error", "replica_lost")
             if not line.strip():
                 continue
             try:
@@ -122,15 +132,14 @@ class _HttpStream:
             except ValidationError:
                 return error_chunk(self._request_id, self._mode, "replica sent a malformed chunk",
                                    "server_error", "bad_upstream_chunk")
-        return error_chunk(self._request_id, self._mode, "replica closed the stream before the last chunk",
-                           "service_unavailable_error", "replica_lost")
 
     async def _finish(self) -> None:
-        """After the last chunk: drain to EOF so the connection goes back to the pool."""
+        """After the last chunk: read to the end so the connection goes back to the pool."""
         try:
-            async for _ in self._lines:
-                pass
-        except httpx.HTTPError:
+            async with asyncio.timeout(self._timeout):
+                async for _ in self._lines:
+                    pass
+        except (TimeoutError, UpstreamConnectionError):
             pass
         await self._response.aclose()
 
@@ -140,51 +149,40 @@ class _HttpStream:
 
 
 class HttpReplicaClient:
-    def __init__(self, config: GatewayConfig, http: httpx.AsyncClient | None = None,
+    def __init__(self, config: GatewayConfig, pool: UpstreamPool | None = None,
                  clock: Callable[[], float] = time.monotonic, on_retry: Callable[[], None] | None = None) -> None:
         self._config = config
-        self._base = config.replica_url
-        self._owns_http = http is None
-        self._http = http or httpx.AsyncClient(
-            timeout=httpx.Timeout(config.request_timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=config.max_connections,
-                                max_keepalive_connections=config.max_connections),
-            trust_env=False,
-        )
+        self._pool = pool or UpstreamPool(config.replica_url, connect_timeout_s=config.connect_timeout_s,
+                                          max_idle=config.max_idle_connections)
         self._clock = clock
         self._on_retry = on_retry
         self._info: ReplicaInfo | None = None
         self._info_at = float("-inf")
         self._info_lock = asyncio.Lock()
 
-    def set_retry_hook(self, on_retry: Callable[[], None]) -> None:
-        self._on_retry = on_retry
-
     async def generate(self, request: GenerateRequest) -> _HttpStream:
         body = request.model_dump_json(exclude_none=True).encode()
-        headers = {"content-type": "application/json", "accept": "application/x-ndjson"}
+        timeout = self._config.request_timeout_s
         attempts = 1 + self._config.connect_retries
         for attempt in range(attempts):
-            response: httpx.Response | None = None
+            response: UpstreamResponse | None = None
             try:
-                req = self._http.build_request("POST", f"{self._base}/generate", content=body, headers=headers)
-                response = await self._http.send(req, stream=True)
-                if response.status_code != 200:
+                response = await self._pool.request("POST", "/generate", body, GENERATE_HEADERS, timeout)
+                if response.status != 200:
                     raise await self._error_from(response)
-                stream = _HttpStream(response, request)
+                stream = _HttpStream(response, request, timeout)
                 await stream.read_first()
                 return stream
-            except RETRYABLE as e:
+            except UpstreamConnectionError as e:
                 if response is not None:
                     await response.aclose()
                 if attempt + 1 < attempts:
                     if self._on_retry is not None:
                         self._on_retry()
                     continue
-                raise ReplicaError(503, ErrorInfo(
-                    message=f"no replica reachable through the Ray Serve proxy ({type(e).__name__})",
-                    type="service_unavailable_error", code="no_replica"), retry_after=None) from e
-            except httpx.TimeoutException as e:
+                raise ReplicaError(503, ErrorInfo(message=f"no replica reachable through the Ray Serve proxy: {e}",
+                                                  type="service_unavailable_error", code="no_replica")) from e
+            except UpstreamTimeout as e:
                 if response is not None:
                     await response.aclose()
                 raise ReplicaError(504, ErrorInfo(message="the replica did not answer in time",
@@ -195,25 +193,39 @@ class HttpReplicaClient:
                 raise
         raise AssertionError("unreachable")
 
-    async def _error_from(self, response: httpx.Response) -> ReplicaError:
+    async def _error_from(self, response: UpstreamResponse) -> ReplicaError:
         try:
-            raw = await response.aread()
+            async with asyncio.timeout(self._config.request_timeout_s):
+                raw = await response.read()
+        except (TimeoutError, UpstreamConnectionError):
+            raw = b""
         finally:
             await response.aclose()
-        status = upstream_status(response.status_code)
+        status = upstream_status(response.status)
         try:
             info = ErrorBody.model_validate_json(raw).error
         except ValidationError:
-            info = ErrorInfo(message=f"replica returned HTTP {response.status_code}",
+            info = ErrorInfo(message=f"replica returned HTTP {response.status}",
                              type="service_unavailable_error" if status == 503 else "upstream_error",
                              code="no_replica" if status == 503 else None)
         retry_after = None
-        if "retry-after" in response.headers:
-            try:
-                retry_after = float(response.headers["retry-after"])
-            except ValueError:
-                pass
+        try:
+            retry_after = float(response.headers["retry-after"])
+        except (KeyError, ValueError):
+            pass
         return ReplicaError(status, info, retry_after)
+
+    async def _get(self, path: str, timeout: float) -> tuple[int, bytes]:
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._pool.request("GET", path, timeout=timeout)
+                try:
+                    return response.status, await response.read()
+                finally:
+                    await response.aclose()
+        except (TimeoutError, UpstreamTimeout, UpstreamConnectionError) as e:
+            raise ReplicaError(503, ErrorInfo(message=f"replica {path} unavailable ({type(e).__name__})",
+                                              type="service_unavailable_error", code="no_replica")) from e
 
     async def info(self) -> ReplicaInfo:
         if self._info is not None and self._clock() - self._info_at < self._config.info_ttl_s:
@@ -221,29 +233,31 @@ class HttpReplicaClient:
         async with self._info_lock:  # one fetch for concurrent callers
             if self._info is not None and self._clock() - self._info_at < self._config.info_ttl_s:
                 return self._info
+            status, raw = await self._get("/info", self._config.ready_timeout_s)
+            if status != 200:
+                raise ReplicaError(upstream_status(status), ErrorInfo(
+                    message=f"replica info: HTTP {status}", type="service_unavailable_error", code="no_replica"))
             try:
-                r = await self._http.get(f"{self._base}/info")
-            except httpx.HTTPError as e:
-                raise ReplicaError(503, ErrorInfo(message=f"replica info unavailable ({type(e).__name__})",
-                                                  type="service_unavailable_error", code="no_replica")) from e
-            if r.status_code != 200:
-                raise ReplicaError(upstream_status(r.status_code), ErrorInfo(
-                    message=f"replica info: HTTP {r.status_code}", type="service_unavailable_error", code="no_replica"))
-            self._info, self._info_at = ReplicaInfo.model_validate_json(r.content), self._clock()
+                self._info = ReplicaInfo.model_validate_json(raw)
+            except ValidationError as e:
+                raise ReplicaError(503, ErrorInfo(message="replica info: malformed", type="service_unavailable_error",
+                                                  code="no_replica")) from e
+            self._info_at = self._clock()
             return self._info
 
     async def health(self) -> bool:
         try:
-            r = await self._http.get(f"{self._base}/health")
-        except httpx.HTTPError:
+            status, _ = await self._get("/health", self._config.ready_timeout_s)
+        except ReplicaError:
             return False
-        return r.status_code == 200
+        return status == 200
 
     async def stats(self) -> dict:
-        r = await self._http.get(f"{self._base}/stats")
-        r.raise_for_status()
-        return r.json()
+        status, raw = await self._get("/stats", self._config.ready_timeout_s)
+        if status != 200:
+            raise ReplicaError(upstream_status(status), ErrorInfo(message=f"replica stats: HTTP {status}",
+                                                                  type="service_unavailable_error"))
+        return json.loads(raw)
 
     async def aclose(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
+        await self._pool.aclose()

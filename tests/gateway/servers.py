@@ -8,6 +8,7 @@ import contextlib
 import json
 import threading
 import time
+from dataclasses import dataclass
 
 import httpx
 import uvicorn
@@ -82,3 +83,88 @@ async def call_with_disconnect(app, path: str, body: dict, disconnect_after_bodi
              "client": ("127.0.0.1", 1), "server": ("gateway", 80), "state": {}}
     await asyncio.wait_for(app(scope, receive, send), timeout)
     return sent
+
+
+class ScriptedServer:
+    """An asyncio TCP server on 127.0.0.1 that answers each HTTP request with `respond(request)`,
+    an async function given a `Req` (method, path, headers, body, writer, connection number)."""
+
+    def __init__(self, respond) -> None:
+        self.respond = respond
+        self.requests: list["Req"] = []
+        self.connections = 0
+        self.closed_early: list[int] = []  # connections the client closed while a response was due
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "ScriptedServer":
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = self.connections
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                lines = head[:-4].decode().split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+                body = await reader.readexactly(int(headers.get("content-length", 0)))
+                req = Req(method, path, headers, body, reader, writer, conn)
+                self.requests.append(req)
+                if await self.respond(req) == "close":
+                    writer.close()
+                    return
+        except (ConnectionError, OSError):
+            self.closed_early.append(conn)
+        finally:
+            if not writer.is_closing():
+                writer.close()
+
+
+@dataclass
+class Req:
+    method: str
+    path: str
+    headers: dict
+    body: bytes
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    conn: int
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def json_response(self, status: int, payload: dict | str, extra: str = "") -> None:
+        body = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+        await self.send(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}"
+                        f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    async def start_chunked(self, status: int = 200) -> None:
+        await self.send(f"HTTP/1.1 {status} OK\r\nContent-Type: application/x-ndjson\r\n"
+                        f"Transfer-Encoding: chunked\r\n\r\n".encode())
+
+    async def chunk(self, data: bytes) -> None:
+        await self.send(b"%x\r\n%s\r\n" % (len(data), data))
+
+    async def end_chunked(self) -> None:
+        await self.send(b"0\r\n\r\n")
+
+    async def wait_closed_by_client(self, timeout: float = 3.0) -> bool:
+        """True when the client closed or reset the connection within `timeout`."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(1), timeout)
+        except (ConnectionError, OSError):
+            return True
+        except TimeoutError:
+            return False
+        return data == b""

@@ -1,180 +1,231 @@
-"""`HttpReplicaClient` against scripted HTTP answers (httpx.MockTransport): NDJSON streaming,
-status mapping, one retry of a connection failure before the first byte, timeouts, mid-stream
-failures as error chunks, and the cached /info."""
+"""`HttpReplicaClient` and its HTTP/1.1 pool against scripted loopback servers: NDJSON over
+chunked and Content-Length bodies, status mapping, one retry of a connection failure before
+the first byte, keep-alive reuse and stale connections, timeouts, mid-stream failures as error
+chunks, aborting the upstream on close, and the cached /info."""
 
 from __future__ import annotations
 
-import httpx
+import asyncio
+import socket
+
 import pytest
 
 from gateway import GatewayConfig
 from gateway.replica_client import HttpReplicaClient, ReplicaError
 from gateway.testing import FAKE_INFO, fake_chunks
+from gateway.upstream import UpstreamConnectionError, UpstreamPool
 from replicas.wire import ErrorBody, ErrorInfo, GenerateRequest
+
+from .servers import ScriptedServer
 
 pytestmark = pytest.mark.anyio
 
 REQ = GenerateRequest(request_id="r-0", prompt="hi", mode="self_spec", max_tokens=9)
 
 
-def ndjson(request: GenerateRequest) -> bytes:
-    return b"".join(c.model_dump_json(exclude_none=True).encode() + b"\n" for c in fake_chunks(request))
+def lines_for(request: GenerateRequest) -> list[bytes]:
+    return [c.model_dump_json(exclude_none=True).encode() + b"\n" for c in fake_chunks(request)]
 
 
-def client_for(handler, **config) -> HttpReplicaClient:
-    cfg = GatewayConfig(replica_url="http://replica:8001/nld", **config)
-    return HttpReplicaClient(cfg, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+async def ndjson_chunked(req) -> None:
+    await req.start_chunked()
+    for line in lines_for(GenerateRequest.model_validate_json(req.body)):
+        await req.chunk(line)
+    await req.end_chunked()
+
+
+def client_for(url: str, **config) -> HttpReplicaClient:
+    return HttpReplicaClient(GatewayConfig(replica_url=url, **config))
 
 
 async def collect(stream) -> list:
     return [c async for c in stream]
 
 
-async def test_streams_ndjson_chunks():
-    seen = []
+async def test_streams_ndjson_and_reuses_the_connection():
+    async with ScriptedServer(ndjson_chunked) as srv:
+        client = client_for(srv.url + "/nld")
+        for _ in range(3):
+            chunks = await collect(await client.generate(REQ))
+            assert [c.text for c in chunks] == [c.text for c in fake_chunks(REQ)]
+            assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 9
+        assert srv.connections == 1  # keep-alive
+        first = srv.requests[0]
+        assert (first.method, first.path) == ("POST", "/nld/generate")
+        assert GenerateRequest.model_validate_json(first.body) == REQ
+        await client.aclose()
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, content=ndjson(GenerateRequest.model_validate_json(request.content)))
 
-    client = client_for(handler)
-    chunks = await collect(await client.generate(REQ))
-    assert [c.text for c in chunks] == [c.text for c in fake_chunks(REQ)]
-    assert chunks[-1].finish_reason == "length" and chunks[-1].usage.completion_tokens == 9
-    assert str(seen[0].url) == "http://replica:8001/nld/generate"
-    assert GenerateRequest.model_validate_json(seen[0].content) == REQ
+async def test_content_length_body_and_lines_split_across_writes():
+    async def respond(req):
+        body = b"".join(lines_for(REQ))
+        await req.send(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 7):  # lines cut at arbitrary places
+            await req.send(body[i:i + 7])
+    async with ScriptedServer(respond) as srv:
+        chunks = await collect(await client_for(srv.url).generate(REQ))
+        assert "".join(c.text for c in chunks) == "".join(c.text for c in fake_chunks(REQ))
 
 
 @pytest.mark.parametrize("upstream, expected", [(400, 400), (413, 413), (429, 429), (503, 503), (404, 503),
                                                 (500, 503), (502, 503), (504, 504), (422, 400)])
 async def test_status_mapping(upstream, expected):
     body = ErrorBody(error=ErrorInfo(message="nope", type="x", param="max_tokens")).model_dump_json()
-    client = client_for(lambda r: httpx.Response(upstream, content=body, headers={"retry-after": "3"}))
-    with pytest.raises(ReplicaError) as e:
-        await client.generate(REQ)
-    assert e.value.status == expected and e.value.info.message == "nope" and e.value.retry_after == 3.0
+
+    async def respond(req):
+        await req.json_response(upstream, body, extra="Retry-After: 3\r\n")
+    async with ScriptedServer(respond) as srv:
+        client = client_for(srv.url)
+        with pytest.raises(ReplicaError) as e:
+            await client.generate(REQ)
+        assert e.value.status == expected and e.value.info.message == "nope" and e.value.retry_after == 3.0
+        with pytest.raises(ReplicaError):
+            await client.generate(REQ)
+        assert srv.connections == 1  # an error body read in full keeps the connection
 
 
 async def test_non_json_error_body():
-    client = client_for(lambda r: httpx.Response(500, text="Internal Server Error"))
+    async def respond(req):
+        await req.send(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 5\r\n\r\noops!")
+    async with ScriptedServer(respond) as srv:
+        with pytest.raises(ReplicaError) as e:
+            await client_for(srv.url).generate(REQ)
+        assert e.value.status == 503 and "500" in e.value.info.message
+
+
+async def test_connection_failure_before_the_first_byte_is_retried_once():
+    async def respond(req):
+        if req.conn == 1:
+            return "close"  # drop the connection without a byte
+        await ndjson_chunked(req)
+    async with ScriptedServer(respond) as srv:
+        retries = []
+        client = HttpReplicaClient(GatewayConfig(replica_url=srv.url), on_retry=lambda: retries.append(1))
+        chunks = await collect(await client.generate(REQ))
+        assert chunks[-1].finish_reason == "length" and retries == [1] and srv.connections == 2
+
+
+async def test_no_replica_is_503_after_one_retry():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    retries = []
+    client = HttpReplicaClient(GatewayConfig(replica_url=f"http://127.0.0.1:{port}"), on_retry=lambda: retries.append(1))
     with pytest.raises(ReplicaError) as e:
         await client.generate(REQ)
-    assert e.value.status == 503 and "500" in e.value.info.message
-
-
-async def test_connection_failure_is_retried_once_then_503():
-    calls = []
-
-    def flaky(request):
-        calls.append(1)
-        if len(calls) == 1:
-            raise httpx.ConnectError("refused")
-        return httpx.Response(200, content=ndjson(REQ))
-
-    retries = []
-    client = client_for(flaky)
-    client._on_retry = lambda: retries.append(1)
-    assert (await collect(await client.generate(REQ)))[-1].finish_reason == "length"
-    assert len(calls) == 2 and retries == [1]
-
-    calls.clear()
-    down = client_for(lambda r: (calls.append(1), (_ for _ in ()).throw(httpx.ConnectError("refused")))[1])
-    with pytest.raises(ReplicaError) as e:
-        await down.generate(REQ)
-    assert e.value.status == 503 and len(calls) == 2
-
-    calls.clear()
-    no_retry = client_for(lambda r: (calls.append(1), (_ for _ in ()).throw(httpx.ConnectError("x")))[1],
-                          connect_retries=0)
+    assert e.value.status == 503 and e.value.info.code == "no_replica" and retries == [1]
+    assert await client.health() is False
     with pytest.raises(ReplicaError):
-        await no_retry.generate(REQ)
-    assert len(calls) == 1
+        await client.info()
 
 
-async def test_read_timeout_before_first_byte_is_504():
-    def slow(request):
-        raise httpx.ReadTimeout("slow")
+async def test_without_retries_the_first_failure_is_final():
+    async def respond(req):
+        return "close"
+    async with ScriptedServer(respond) as srv:
+        with pytest.raises(ReplicaError):
+            await client_for(srv.url, connect_retries=0).generate(REQ)
+        assert srv.connections == 1
 
-    with pytest.raises(ReplicaError) as e:
-        await client_for(slow).generate(REQ)
-    assert e.value.status == 504
+
+async def test_stale_keep_alive_connection_is_replaced_transparently():
+    async def respond(req):
+        await ndjson_chunked(req)
+        return "close" if req.conn == 1 else None  # the server drops the idle connection
+    async with ScriptedServer(respond) as srv:
+        retries = []
+        client = HttpReplicaClient(GatewayConfig(replica_url=srv.url), on_retry=lambda: retries.append(1))
+        await collect(await client.generate(REQ))
+        await asyncio.sleep(0.05)
+        await collect(await client.generate(REQ))
+        assert srv.connections == 2 and retries == []
 
 
-class Broken(httpx.AsyncByteStream):
-    """One good line, then the connection dies."""
-
-    def __init__(self, first: bytes, closed: list) -> None:
-        self.first, self.closed = first, closed
-
-    async def __aiter__(self):
-        yield self.first
-        raise httpx.ReadError("connection reset")
-
-    async def aclose(self) -> None:
-        self.closed.append(True)
+async def test_timeout_before_the_first_byte_is_504():
+    async def respond(req):
+        await asyncio.sleep(2)
+    async with ScriptedServer(respond) as srv:
+        with pytest.raises(ReplicaError) as e:
+            await client_for(srv.url, request_timeout_s=0.1).generate(REQ)
+        assert e.value.status == 504
 
 
 async def test_failure_mid_stream_is_an_error_chunk():
-    closed: list = []
-    first = ndjson(REQ).split(b"\n")[0] + b"\n"
-    client = client_for(lambda r: httpx.Response(200, stream=Broken(first, closed)))
-    chunks = await collect(await client.generate(REQ))
-    assert chunks[0].text and chunks[-1].finish_reason == "error"
-    assert chunks[-1].error.type == "service_unavailable_error"
+    async def respond(req):
+        await req.start_chunked()
+        await req.chunk(lines_for(REQ)[0])
+        req.writer.transport.abort()
+    async with ScriptedServer(respond) as srv:
+        chunks = await collect(await client_for(srv.url).generate(REQ))
+        assert chunks[0].text and chunks[-1].finish_reason == "error"
+        assert chunks[-1].error.type == "service_unavailable_error" and chunks[-1].error.code == "replica_lost"
+
+
+async def test_stall_mid_stream_is_a_timeout_error_chunk():
+    async def respond(req):
+        await req.start_chunked()
+        await req.chunk(lines_for(REQ)[0])
+        await asyncio.sleep(2)
+    async with ScriptedServer(respond) as srv:
+        chunks = await collect(await client_for(srv.url, request_timeout_s=0.2).generate(REQ))
+        assert chunks[-1].finish_reason == "error" and chunks[-1].error.code == "upstream_timeout"
 
 
 async def test_stream_ending_without_last_chunk_is_an_error_chunk():
-    first = ndjson(REQ).split(b"\n")[0] + b"\n"
-    chunks = await collect(await client_for(lambda r: httpx.Response(200, content=first)).generate(REQ))
-    assert chunks[-1].finish_reason == "error" and chunks[-1].error.code == "replica_lost"
+    async def respond(req):
+        await req.start_chunked()
+        await req.chunk(lines_for(REQ)[0])
+        await req.end_chunked()
+    async with ScriptedServer(respond) as srv:
+        chunks = await collect(await client_for(srv.url).generate(REQ))
+        assert chunks[-1].finish_reason == "error" and chunks[-1].error.code == "replica_lost"
 
 
-async def test_aclose_closes_the_upstream_response():
-    closed: list = []
+async def test_aclose_mid_stream_closes_the_connection():
+    seen_close = asyncio.Event()
 
-    class Endless(httpx.AsyncByteStream):
-        async def __aiter__(self):
-            for line in ndjson(REQ.model_copy(update={"max_tokens": 1000, "mode": "ar"})).split(b"\n"):
-                yield line + b"\n"
-
-        async def aclose(self):
-            closed.append(True)
-
-    stream = await client_for(lambda r: httpx.Response(200, stream=Endless())).generate(REQ)
-    await stream.__anext__()
-    await stream.aclose()
-    assert closed == [True]
+    async def respond(req):
+        await req.start_chunked()
+        await req.chunk(lines_for(REQ)[0])
+        if await req.wait_closed_by_client():
+            seen_close.set()
+        return "close"
+    async with ScriptedServer(respond) as srv:
+        stream = await client_for(srv.url).generate(REQ)
+        await stream.__anext__()
+        await stream.aclose()
+        await asyncio.wait_for(seen_close.wait(), 3)
 
 
 async def test_info_is_cached_with_a_ttl():
+    async def respond(req):
+        await req.json_response(200, FAKE_INFO.model_dump())
     now = [0.0]
-    calls = []
-
-    def handler(request):
-        calls.append(request.url.path)
-        return httpx.Response(200, content=FAKE_INFO.model_dump_json())
-
-    cfg = GatewayConfig(replica_url="http://replica:8001", info_ttl_s=10)
-    client = HttpReplicaClient(cfg, http=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
-                               clock=lambda: now[0])
-    assert (await client.info()).max_prompt_tokens == FAKE_INFO.max_prompt_tokens
-    await client.info()
-    assert calls == ["/info"]
-    now[0] = 11
-    await client.info()
-    assert calls == ["/info", "/info"]
+    async with ScriptedServer(respond) as srv:
+        client = HttpReplicaClient(GatewayConfig(replica_url=srv.url, info_ttl_s=10), clock=lambda: now[0])
+        assert (await client.info()).max_prompt_tokens == FAKE_INFO.max_prompt_tokens
+        await client.info()
+        assert [r.path for r in srv.requests] == ["/info"]
+        now[0] = 11
+        await client.info()
+        assert [r.path for r in srv.requests] == ["/info", "/info"]
 
 
 async def test_health_and_stats():
-    def handler(request):
-        if request.url.path == "/health":
-            return httpx.Response(200, json={"status": "ok"})
-        return httpx.Response(200, json={"running": 2})
+    async def respond(req):
+        await req.json_response(200, {"status": "ok"} if req.path == "/health" else {"running": 2})
+    async with ScriptedServer(respond) as srv:
+        client = client_for(srv.url)
+        assert await client.health() is True
+        assert await client.stats() == {"running": 2}
 
-    client = client_for(handler)
-    assert await client.health() is True
-    assert await client.stats() == {"running": 2}
 
-    def down(request):
-        raise httpx.ConnectError("refused")
-    assert await client_for(down).health() is False
+async def test_pool_rejects_bad_urls_and_malformed_responses():
+    with pytest.raises(ValueError):
+        UpstreamPool("ftp://x")
+
+    async def respond(req):
+        await req.send(b"garbage\r\n\r\n")
+    async with ScriptedServer(respond) as srv:
+        with pytest.raises(UpstreamConnectionError):
+            await UpstreamPool(srv.url).request("GET", "/x")
