@@ -57,6 +57,7 @@ class NLDReplica:
         core = self.engine.core
         self.max_block = core.engine.max_block_length
         self.max_prompt = cfg.max_prompt_tokens or cfg.engine.max_seq_len - self.max_block - 1
+        self.downgraded = False  # running self_spec requests continue in ar (policy: loaded)
         self.metrics = ReplicaMetrics(cfg.model_name)
         self.metrics.start(self.engine.stats)
         self.routes = {
@@ -99,15 +100,23 @@ class NLDReplica:
             settings = EngineSettings.model_validate_json(await request.body())
         except ValidationError as e:
             return validation_error(e)
+        moved = self.apply_settings(settings)
+        tiers = [vars(t) for t in self.engine.config.draft_tiers]
+        return JSONResponse({"draft_tiers": tiers, "moved": moved, "downgraded": self.downgraded})
+
+    def apply_settings(self, settings: EngineSettings) -> list[str]:
+        """Apply what differs from the current settings; returns the requests moved between modes."""
         from .engine import DraftTier
 
         if settings.draft_tiers is not None:
-            self.engine.update_draft_tiers([DraftTier(t.max_running, t.block_length) for t in settings.draft_tiers])
+            tiers = tuple(DraftTier(t.max_running, t.block_length) for t in settings.draft_tiers)
+            if tiers != self.engine.config.draft_tiers:
+                self.engine.update_draft_tiers(tiers)
         moved: list[str] = []
-        if settings.downgrade_self_spec is not None:
-            moved = self.engine.downgrade_self_spec(settings.downgrade_self_spec)
-        tiers = [vars(t) for t in self.engine.config.draft_tiers]
-        return JSONResponse({"draft_tiers": tiers, "moved": moved})
+        if settings.downgrade_self_spec is not None and settings.downgrade_self_spec != self.downgraded:
+            self.downgraded = settings.downgrade_self_spec
+            moved = self.engine.downgrade_self_spec(self.downgraded)
+        return moved
 
     def prompt_ids(self, req: GenerateRequest) -> list[int]:
         given = [x is not None for x in (req.prompt, req.prompt_ids, req.messages)]
@@ -128,6 +137,8 @@ class NLDReplica:
             req = GenerateRequest.model_validate_json(await request.body())
         except ValidationError as e:
             return validation_error(e)
+        if req.engine is not None:
+            self.apply_settings(req.engine)
         try:
             ids = self.prompt_ids(req)
             if len(ids) > self.max_prompt:

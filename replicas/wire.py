@@ -9,7 +9,11 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
   `param` set), 413 (prompt too long), 429 (engine overloaded) or 503 (not ready). A failure
   after streaming began is one last chunk with `error` set and `finish_reason` "error".
 - `GET /health` -> `{"status": "ok"}`; `GET /info` -> `ReplicaInfo`; `GET /stats` -> the engine's
-  stats dict; `POST /engine` with `EngineSettings` -> the applied settings (policy hooks).
+  stats dict; `POST /engine` with `EngineSettings` -> the applied settings.
+
+Engine settings also ride on every `GenerateRequest.engine`: Ray Serve's proxy reaches one
+replica per request, so the policy cannot broadcast; instead each replica applies the
+settings carried by the requests it receives whenever they differ from its own (idempotent).
 
 Closing the HTTP response aborts the request in the engine (its KV slot is freed).
 """
@@ -28,6 +32,22 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list | None = None
+
+
+class DraftTierModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_running: int = Field(ge=1)
+    block_length: int = Field(ge=2)
+
+
+class EngineSettings(BaseModel):
+    """Run-time engine settings a policy may push to every replica without a restart."""
+
+    model_config = ConfigDict(extra="forbid")
+    draft_tiers: list[DraftTierModel] | None = None  # replace the load-aware draft tiers
+    # True: running self_spec requests continue in ar (at their next cycle boundary);
+    # False: requests downgraded earlier go back to self_spec; None: no change
+    downgrade_self_spec: bool | None = None
 
 
 class GenerateRequest(BaseModel):
@@ -51,6 +71,7 @@ class GenerateRequest(BaseModel):
     block_length: int | None = Field(default=None, ge=2)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # diffusion confidence threshold
     draft_lora: bool | None = None
+    engine: EngineSettings | None = None  # the policy's current engine settings; applied when they differ
 
 
 class Usage(BaseModel):
@@ -96,17 +117,3 @@ class ReplicaInfo(BaseModel):
     dtype: str
 
 
-class DraftTierModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_running: int = Field(ge=1)
-    block_length: int = Field(ge=2)
-
-
-class EngineSettings(BaseModel):
-    """Run-time engine settings a policy may push to every replica without a restart."""
-
-    model_config = ConfigDict(extra="forbid")
-    draft_tiers: list[DraftTierModel] | None = None  # replace the load-aware draft tiers
-    # True: running self_spec requests continue in ar (at their next cycle boundary);
-    # False: requests downgraded earlier go back to self_spec; None: no change
-    downgrade_self_spec: bool | None = None

@@ -278,3 +278,27 @@ def test_async_errors_are_precise_and_the_engine_keeps_serving(async_engine):
         async_engine.set_mode("nope", "ar")
     with pytest.raises(ValueError, match="unknown decoding mode"):
         async_engine.set_mode("nope", "beam")
+
+
+def test_downgrade_and_restore_running_self_spec_requests(engine):
+    be = BatchEngine(engine, EngineConfig(max_batch_size=4, max_seq_len=128))
+    spec = be.submit([1, 2, 3], DecodeParams(mode="self_spec", max_new_tokens=60, ignore_eos=True))
+    plain_ar = be.submit([4, 5, 6], DecodeParams(mode="ar", max_new_tokens=60, ignore_eos=True))
+    tokens, modes = [], []
+    for _ in range(3):
+        tokens += [t for c in be.step() if c.request_id == spec for t in c.token_ids]
+    assert be.downgrade_self_spec(True) == [spec]  # the ar request is not touched
+    for _ in range(6):
+        for c in be.step():
+            if c.request_id == spec:
+                tokens += c.token_ids
+                modes.append(c.mode)
+    assert modes[-1] == "ar"
+    assert be.downgrade_self_spec(False) == [spec]  # only the downgraded request goes back
+    while be.has_work():
+        for c in be.step():
+            if c.request_id == spec:
+                tokens += c.token_ids
+                modes.append(c.mode)
+    assert modes[-1] == "self_spec" and plain_ar
+    assert tokens == engine.generate([1, 2, 3], DecodeParams(mode="ar", max_new_tokens=60, ignore_eos=True)).token_ids

@@ -1,0 +1,206 @@
+"""`AdaptiveModePolicy`: self-speculation while traffic is sparse, AR batching under load.
+
+Each evaluation computes the `mode.signal` expression over the signals, smooths it (EWMA with
+a half-life in seconds), and moves between levels [sparse_mode, (middle band), loaded_mode]
+with hysteresis: up when the value exceeds a level's `enter_above`, down when it falls below
+its `leave_below`, and never sooner than `min_dwell_s` after the previous switch (so a load
+sitting on a threshold causes at most one switch per dwell window). When a signal the
+expression uses is stale, `on_stale: hold` keeps the mode and `fallback` moves to
+`stale_mode`. `decide()` re-evaluates at most every `eval_interval_s` (local counters are
+read instantly) and applies `client_override` to explicit modes: allow, deny, or clamp
+(an explicit mode is honoured only if it is not costlier under load than the current level,
+i.e. no self_spec while loaded). Switches are counted in Prometheus metrics and kept in the
+snapshot that `GET /v1/nld/policy` serves. `engine_settings()` is what replicas should apply
+now (draft tiers; downgrade of running self_spec requests while loaded).
+Non-goals: polling (see `signals.SignalBoard`), HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .base import MODES, ModeDecision, ModeRequest
+from .expr import compile_expression
+from .schema import PolicyFile
+from .signals import SignalBoard
+
+
+@dataclass(frozen=True)
+class Level:
+    mode: str
+    enter_above: float = float("-inf")
+    leave_below: float = float("-inf")
+
+
+@dataclass
+class Switch:
+    at: float  # wall clock (unix seconds)
+    from_mode: str
+    to_mode: str
+    reason: str
+    detail: str
+
+
+class PolicyMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.mode = Gauge("nld_policy_mode", "1 for the mode auto requests get now", ["mode"], registry=registry)
+        self.switches = Counter("nld_policy_switches", "mode switches", ["from", "to", "reason"], registry=registry)
+        self.signal = Gauge("nld_policy_signal", "signal values (and the smoothed decision value)", ["name"],
+                            registry=registry)
+
+
+class AdaptiveModePolicy:
+    def __init__(self, spec: PolicyFile, board: SignalBoard, *, metrics: PolicyMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 eval_interval_s: float = 0.1) -> None:
+        self.spec = spec
+        rule = spec.mode
+        self.board, self.clock, self.wall = board, clock, wall
+        self.expr = compile_expression(rule.signal)
+        self.levels = [Level(rule.sparse_mode)]
+        if rule.middle is not None:
+            self.levels.append(Level(rule.middle.mode, rule.middle.enter_above, rule.middle.leave_below))
+        self.levels.append(Level(rule.loaded_mode, rule.enter_loaded_above, rule.leave_loaded_below))
+        self.level = 0
+        self.smoothed: float | None = None
+        self.raw: float | None = None
+        self.values: dict[str, float] = {}
+        self.stale: set[str] = set()
+        self.last_eval: float | None = None
+        self.last_switch_clock = float("-inf")
+        self.last_switch: Switch | None = None
+        self.switch_count = 0
+        self.eval_interval_s = eval_interval_s
+        self.metrics = metrics or PolicyMetrics(CollectorRegistry())
+        self._publish_mode()
+
+    # ---- state carried across a reload ---------------------------------------------------
+    def adopt(self, old: "AdaptiveModePolicy") -> None:
+        """Keep the previous policy's mode, smoothing and dwell clock (hot reload)."""
+        modes = [lv.mode for lv in self.levels]
+        if old.mode in modes:
+            self.level = modes.index(old.mode)
+        self.smoothed, self.last_switch_clock, self.last_switch = old.smoothed, old.last_switch_clock, old.last_switch
+        self.switch_count = old.switch_count
+        self._publish_mode()
+
+    @property
+    def mode(self) -> str:
+        return self.levels[self.level].mode
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def evaluate(self) -> str:
+        now = self.clock()
+        values, stale = self.board.read(now)
+        values.setdefault("replicas", self.spec.mode.replicas)
+        self.values, self.stale = values, stale & self.expr.names
+        for name, v in values.items():
+            self.metrics.signal.labels(name=name).set(v)
+        rule = self.spec.mode
+        if self.stale:
+            if rule.on_stale == "fallback":
+                target = [lv.mode for lv in self.levels].index(rule.stale_mode) \
+                    if rule.stale_mode in [lv.mode for lv in self.levels] else None
+                self._switch_to(target, now, "stale", f"stale signals: {', '.join(sorted(self.stale))}",
+                                mode=rule.stale_mode)
+            self.last_eval = now
+            return self.mode
+        raw = self.expr.evaluate(values)
+        half = rule.smoothing.ewma_half_life_s
+        if self.smoothed is None or half <= 0 or self.last_eval is None:
+            self.smoothed = raw
+        else:
+            alpha = 1.0 - 0.5 ** (max(now - self.last_eval, 0.0) / half)
+            self.smoothed += alpha * (raw - self.smoothed)
+        self.raw, self.last_eval = raw, now
+        self.metrics.signal.labels(name="smoothed").set(self.smoothed)
+        target = self.level
+        while target + 1 < len(self.levels) and self.smoothed > self.levels[target + 1].enter_above:
+            target += 1
+        while target > 0 and self.smoothed < self.levels[target].leave_below:
+            target -= 1
+        if target != self.level:
+            reason = "rising" if target > self.level else "falling"
+            edge = self.levels[target].enter_above if target > self.level else self.levels[self.level].leave_below
+            detail = f"signal {self.smoothed:.2f} {'>' if target > self.level else '<'} {edge:g}"
+            self._switch_to(target, now, reason, detail)
+        return self.mode
+
+    def _switch_to(self, target: int | None, now: float, reason: str, detail: str, mode: str | None = None) -> None:
+        to_mode = self.levels[target].mode if target is not None else mode
+        if to_mode == self.mode or now - self.last_switch_clock < self.spec.mode.min_dwell_s:
+            return
+        old = self.mode
+        if target is None:  # a fallback mode outside the levels: take the level that runs it, else level 0
+            target = 0
+            self.levels[0] = Level(mode)
+        self.level = target
+        self.last_switch_clock = now
+        self.last_switch = Switch(self.wall(), old, self.mode, reason, detail)
+        self.switch_count += 1
+        self.metrics.switches.labels(**{"from": old, "to": self.mode, "reason": reason}).inc()
+        self._publish_mode()
+
+    def _publish_mode(self) -> None:
+        for m in MODES:
+            self.metrics.mode.labels(mode=m).set(1.0 if m == self.mode else 0.0)
+
+    # ---- ModePolicy ----------------------------------------------------------------------
+    def decide(self, request: ModeRequest) -> ModeDecision:
+        if self.last_eval is None or self.clock() - self.last_eval >= self.eval_interval_s:
+            self.evaluate()
+        mode = self.mode
+        asked = request.requested_mode
+        if asked == "auto":
+            return ModeDecision(mode, f"policy:{'loaded' if self.level == len(self.levels) - 1 else 'sparse'}"
+                                if len(self.levels) == 2 else f"policy:level{self.level}")
+        override = self.spec.mode.client_override
+        if override == "allow":
+            return ModeDecision(asked, "client")
+        if override == "clamp":
+            modes = [lv.mode for lv in self.levels]
+            asked_level = modes.index(asked) if asked in modes else 0
+            if asked_level >= self.level:
+                return ModeDecision(asked, "client")
+            return ModeDecision(mode, "clamped")
+        return ModeDecision(mode, "override:deny")
+
+    def engine_settings(self) -> dict:
+        eng = self.spec.engine
+        settings: dict = {"draft_tiers": [t.model_dump() for t in eng.draft_tiers]}
+        if eng.downgrade_running:
+            settings["downgrade_self_spec"] = self.level == len(self.levels) - 1 and self.mode != "self_spec"
+        return settings
+
+    def snapshot(self) -> dict:
+        now = self.clock()
+        signals = {}
+        for name, st in self.board.states.items():
+            signals[name] = {"value": st.value, "age_s": None if st.updated_at is None else now - st.updated_at,
+                             "stale": name in self.stale, "error": st.error}
+        sw = self.last_switch
+        return {
+            "policy": "adaptive",
+            "mode": self.mode,
+            "levels": [lv.mode for lv in self.levels],
+            "value": self.smoothed,
+            "raw_value": self.raw,
+            "signals": signals,
+            "stale": bool(self.stale),
+            "switches": self.switch_count,
+            "last_switch": None if sw is None else {"at": sw.at, "from": sw.from_mode, "to": sw.to_mode,
+                                                     "reason": sw.reason, "detail": sw.detail},
+            "client_override": self.spec.mode.client_override,
+            "engine": self.engine_settings(),
+        }
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.board.start()
+
+    async def stop(self) -> None:
+        await self.board.stop()

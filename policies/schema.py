@@ -1,0 +1,186 @@
+"""The policy file: a pydantic schema for the YAML that describes how `auto` requests get a mode.
+
+Contract: `PolicyFile.model_validate(dict)` validates everything (unknown keys, types, ranges,
+threshold order, names used by the expression) and raises `ValidationError` with the field
+path; `load_policy_file(path)` reads YAML and raises `PolicyFileError` whose message lists
+each problem as `path.to.field: reason`. Non-goals: running anything (see `build`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .expr import compile_expression
+
+ModeName = Literal["ar", "diffusion", "self_spec"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrometheusSignal(_Strict):
+    """A PromQL instant query over the Prometheus HTTP API (the vector's values are summed)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    source: Literal["prometheus"]
+    url: str = Field(description="Prometheus base URL, e.g. http://prometheus:9090")
+    query: str
+    interval_s: float = Field(default=1.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+    retries: int = Field(default=1, ge=0, le=5)
+    stale_after_s: float = Field(default=10.0, gt=0)
+
+
+class ScrapeSignal(_Strict):
+    """Read Prometheus text from the replicas' metrics endpoints directly (no Prometheus server)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    source: Literal["scrape"]
+    urls: list[str] = Field(min_length=1, description="metrics endpoints, e.g. http://127.0.0.1:8080/metrics")
+    metric: str = Field(description="sample name, e.g. ray_nld_replica_running_requests")
+    labels: dict[str, str] = Field(default_factory=dict, description="keep samples with these label values")
+    per: str | None = Field(default="replica", description="sum samples per value of this label first")
+    aggregate: Literal["mean", "sum", "max"] = "mean"
+    interval_s: float = Field(default=1.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+    stale_after_s: float = Field(default=10.0, gt=0)
+
+
+class LocalSignal(_Strict):
+    """A gateway-local counter, read instantly (never stale)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    source: Literal["local"]
+    counter: Literal["inflight"] = "inflight"
+
+
+Signal = Annotated[Union[PrometheusSignal, ScrapeSignal, LocalSignal], Field(discriminator="source")]
+
+
+class Smoothing(_Strict):
+    ewma_half_life_s: float = Field(default=0.0, ge=0, description="0: no smoothing")
+
+
+class Band(_Strict):
+    """An optional middle mode between the sparse and the loaded mode (e.g. diffusion)."""
+
+    mode: ModeName = "diffusion"
+    enter_above: float
+    leave_below: float
+
+
+class ModeRule(_Strict):
+    signal: str = Field(description="expression over signal names: numbers, + - * /, max(), min(), `replicas`")
+    smoothing: Smoothing = Field(default_factory=Smoothing)
+    sparse_mode: ModeName = "self_spec"
+    loaded_mode: ModeName = "ar"
+    enter_loaded_above: float
+    leave_loaded_below: float
+    middle: Band | None = None
+    min_dwell_s: float = Field(default=10.0, ge=0)
+    on_stale: Literal["hold", "fallback"] = "hold"
+    stale_mode: ModeName | None = Field(default=None, description="the mode on_stale=fallback switches to")
+    client_override: Literal["allow", "deny", "clamp"] = "allow"
+    replicas: float = Field(default=1.0, gt=0, description="value of `replicas` when no signal has that name")
+
+    @model_validator(mode="after")
+    def _order(self) -> "ModeRule":
+        if not self.leave_loaded_below < self.enter_loaded_above:
+            raise ValueError("leave_loaded_below must be below enter_loaded_above (hysteresis)")
+        if self.middle is not None:
+            m = self.middle
+            if not m.leave_below < m.enter_above:
+                raise ValueError("middle.leave_below must be below middle.enter_above (hysteresis)")
+            if not m.enter_above < self.enter_loaded_above or not m.leave_below < self.leave_loaded_below:
+                raise ValueError("the middle band's thresholds must sit below the loaded thresholds")
+        if self.on_stale == "fallback" and self.stale_mode is None:
+            raise ValueError("on_stale: fallback needs stale_mode")
+        compile_expression(self.signal)  # syntax
+        return self
+
+
+class DraftTier(_Strict):
+    max_running: int = Field(ge=1)
+    block_length: int = Field(ge=2)
+
+
+class EngineRule(_Strict):
+    draft_tiers: list[DraftTier] = Field(default_factory=list)
+    downgrade_running: bool = Field(default=False, description="running self_spec requests move to ar while loaded")
+
+
+class Autoscaling(_Strict):
+    """Ray Serve `autoscaling_config` keys (rendered into the Serve config and the Helm values)."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+    upscale_delay_s: float = Field(default=30, ge=0)
+    downscale_delay_s: float = Field(default=600, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "Autoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class PolicyFile(_Strict):
+    signals: list[Signal] = Field(default_factory=list)
+    mode: ModeRule
+    engine: EngineRule = Field(default_factory=EngineRule)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+    @model_validator(mode="after")
+    def _names(self) -> "PolicyFile":
+        names = [s.name for s in self.signals]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"signals: duplicate name {sorted(dup)[0]!r}")
+        unknown = compile_expression(self.mode.signal).names - set(names) - {"replicas"}
+        if unknown:
+            raise ValueError(f"mode.signal uses {sorted(unknown)[0]!r}, which no signal defines")
+        return self
+
+    def serve_autoscaling_config(self) -> dict:
+        return self.autoscaling.model_dump()
+
+
+class PolicyFileError(ValueError):
+    """A policy file is not valid; the message lists `field.path: reason` lines."""
+
+
+def describe(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "").removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return "\n".join(lines)
+
+
+def parse_policy(text: str, origin: str = "<policy>") -> PolicyFile:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise PolicyFileError(f"{origin}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise PolicyFileError(f"{origin}: a policy file is a YAML mapping")
+    try:
+        return PolicyFile.model_validate(data)
+    except ValidationError as e:
+        raise PolicyFileError(f"{origin}:\n{describe(e)}") from None
+
+
+def load_policy_file(path: str | Path) -> PolicyFile:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise PolicyFileError(f"{path}: {e.strerror}") from None
+    return parse_policy(text, str(path))

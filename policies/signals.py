@@ -1,0 +1,167 @@
+"""Signal sources behind one interface, chosen by name in YAML, and the board that polls them.
+
+Contract: a source has `name`, `interval_s` (None: read on demand) and `stale_after_s` (None:
+never stale) and `async read() -> float` (raises on failure). `SOURCES` maps YAML `source:`
+names to builders. `SignalBoard` polls every polled source on its interval in asyncio tasks,
+keeps the last good value with its time, and answers `read(now)` with values and the set of
+stale names. Sources: `prometheus` (PromQL instant query; the vector's values are summed; an
+empty vector is 0), `scrape` (Prometheus text from metrics endpoints: filter by name and
+labels, sum per `per` label, then mean/sum/max across), `local` (a gateway counter).
+Non-goals: deciding modes (see `adaptive`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from .schema import LocalSignal, PrometheusSignal, ScrapeSignal
+
+log = logging.getLogger("policies.signals")
+
+
+class SignalSource(Protocol):
+    name: str
+    interval_s: float | None
+    stale_after_s: float | None
+
+    async def read(self) -> float: ...
+
+
+class PrometheusSource:
+    def __init__(self, spec: PrometheusSignal, http: httpx.AsyncClient) -> None:
+        self.spec, self.http = spec, http
+        self.name, self.interval_s, self.stale_after_s = spec.name, spec.interval_s, spec.stale_after_s
+
+    async def read(self) -> float:
+        last: Exception | None = None
+        for _ in range(self.spec.retries + 1):
+            try:
+                r = await self.http.get(self.spec.url.rstrip("/") + "/api/v1/query",
+                                        params={"query": self.spec.query}, timeout=self.spec.timeout_s)
+                r.raise_for_status()
+                body = r.json()
+                if body.get("status") != "success":
+                    raise ValueError(f"prometheus: {body.get('error', 'query failed')}")
+                data = body["data"]
+                if data["resultType"] == "scalar":
+                    return float(data["result"][1])
+                return sum(float(s["value"][1]) for s in data["result"])
+            except (httpx.HTTPError, ValueError, KeyError) as e:
+                last = e
+        raise RuntimeError(f"{self.name}: {type(last).__name__}: {last}")
+
+
+class ScrapeSource:
+    def __init__(self, spec: ScrapeSignal, http: httpx.AsyncClient) -> None:
+        self.spec, self.http = spec, http
+        self.name, self.interval_s, self.stale_after_s = spec.name, spec.interval_s, spec.stale_after_s
+
+    async def read(self) -> float:
+        groups: dict[tuple, float] = {}
+        for url in self.spec.urls:
+            r = await self.http.get(url, timeout=self.spec.timeout_s)
+            r.raise_for_status()
+            for family in text_string_to_metric_families(r.text):
+                for s in family.samples:
+                    if s.name != self.spec.metric:
+                        continue
+                    if any(s.labels.get(k) != v for k, v in self.spec.labels.items()):
+                        continue
+                    key = (url, s.labels.get(self.spec.per, "")) if self.spec.per else (url,)
+                    groups[key] = groups.get(key, 0.0) + s.value
+        if not groups:
+            return 0.0
+        values = list(groups.values())
+        if self.spec.aggregate == "sum":
+            return sum(values)
+        if self.spec.aggregate == "max":
+            return max(values)
+        return sum(values) / len(values)
+
+
+class LocalSource:
+    def __init__(self, spec: LocalSignal, counter: Callable[[], float]) -> None:
+        self.name, self.counter = spec.name, counter
+        self.interval_s = self.stale_after_s = None
+
+    async def read(self) -> float:
+        return self.read_now()
+
+    def read_now(self) -> float:
+        return float(self.counter())
+
+
+SOURCES = {
+    "prometheus": lambda spec, http, local: PrometheusSource(spec, http),
+    "scrape": lambda spec, http, local: ScrapeSource(spec, http),
+    "local": lambda spec, http, local: LocalSource(spec, local[spec.counter]),
+}
+
+
+@dataclass
+class SignalState:
+    value: float | None = None
+    updated_at: float | None = None
+    error: str | None = None
+
+
+class SignalBoard:
+    def __init__(self, sources: list[SignalSource], clock: Callable[[], float] = time.monotonic) -> None:
+        self.sources = {s.name: s for s in sources}
+        self.states = {s.name: SignalState() for s in sources}
+        self.clock = clock
+        self._tasks: list[asyncio.Task] = []
+
+    async def poll_once(self, name: str) -> None:
+        source, state = self.sources[name], self.states[name]
+        try:
+            value = await source.read()
+        except Exception as e:  # a failing source goes stale; the gateway keeps serving
+            if state.error != str(e):
+                log.warning("signal %s: %s", name, e)
+            state.error = str(e)
+            return
+        state.value, state.updated_at, state.error = value, self.clock(), None
+
+    async def _loop(self, name: str) -> None:
+        interval = self.sources[name].interval_s
+        while True:
+            await self.poll_once(name)
+            await asyncio.sleep(interval)
+
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._loop(n), name=f"signal-{n}")
+                           for n, s in self.sources.items() if s.interval_s is not None]
+
+    def cancel(self) -> list[asyncio.Task]:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        return tasks
+
+    async def stop(self) -> None:
+        await asyncio.gather(*self.cancel(), return_exceptions=True)
+
+    def read(self, now: float) -> tuple[dict[str, float], set[str]]:
+        """(values by name, names that are stale or never read)."""
+        values: dict[str, float] = {}
+        stale: set[str] = set()
+        for name, source in self.sources.items():
+            if isinstance(source, LocalSource):
+                values[name] = source.read_now()
+                self.states[name].value, self.states[name].updated_at = values[name], now
+                continue
+            st = self.states[name]
+            if st.value is None or now - st.updated_at > source.stale_after_s:
+                stale.add(name)
+            if st.value is not None:
+                values[name] = st.value
+        return values, stale
