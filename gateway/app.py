@@ -103,17 +103,19 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
         except ClientGone:
             metrics.finished(plan.mode, 499, time.perf_counter() - t0)
             return Response(status_code=499)
-        except TimeoutError:
-            metrics.finished(plan.mode, 504, time.perf_counter() - t0)
-            raise GatewayError(504, f"no answer from the replicas within {config.request_timeout_s:g} s",
-                               code="upstream_timeout") from None
-        except GatewayError as e:
-            metrics.finished(plan.mode, e.status, time.perf_counter() - t0)
-            raise
-        except Exception:
-            log.exception("completion %s failed", plan.id)  # traceback only: no request data
-            metrics.finished(plan.mode, 500, time.perf_counter() - t0)
-            raise GatewayError(500, "internal gateway error") from None
+        except Exception as e:
+            if isinstance(e, TimeoutError):
+                err = GatewayError(504, f"no answer from the replicas within {config.request_timeout_s:g} s",
+                                   code="upstream_timeout")
+            elif isinstance(e, GatewayError):
+                err = e
+            else:
+                log.exception("completion %s failed", plan.id)  # traceback only: no request data
+                err = GatewayError(500, "internal gateway error")
+            metrics.finished(plan.mode, err.status, time.perf_counter() - t0)
+            # the mode was decided, though nothing ran in it
+            err.extra_headers.update({"x-nld-decoding-mode": plan.mode, "x-request-id": plan.id})
+            raise err from None
         finally:
             if not handed_off:
                 inflight.exit()

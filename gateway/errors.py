@@ -47,14 +47,15 @@ class GatewayError(Exception):
         self.param = param
         self.code = code if code is not None else default_code
         self.retry_after = retry_after
+        self.extra_headers: dict[str, str] = {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
-            return {}
-        return {"retry-after": str(max(0, int(round(self.retry_after))))}
+            return self.extra_headers
+        return {**self.extra_headers, "retry-after": str(max(0, int(round(self.retry_after))))}
 
 
 def error_response(err: GatewayError, headers: dict[str, str] | None = None) -> Response:

@@ -24,6 +24,7 @@ from replicas.wire import ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
 
 from .config import GatewayConfig
 from .errors import GatewayError
+from . import render
 from .openai_api import ChatCompletionRequest, CompletionRequest
 from .replica_client import ReplicaClient, ReplicaError, ReplicaStream
 from .sse import DONE, event
@@ -34,6 +35,7 @@ CHUNK_ERROR_STATUS = {"invalid_request_error": 400, "rate_limit_error": 429, "ti
 
 @dataclass
 class Plan:
+    """One completion request, decided: its mode and the upstream request of every choice."""
     id: str
     created: int
     chat: bool
@@ -205,17 +207,7 @@ class CompletionService:
 
         results = await gather_or_cancel([asyncio.ensure_future(one(i)) for i in range(len(opened.streams))])
         opened.mode = results[0][1].mode
-        choices = []
-        for index, (text, last) in enumerate(results):
-            reason = "length" if last.finish_reason == "length" else "stop"
-            if plan.chat:
-                choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                                "finish_reason": reason, "logprobs": None})
-            else:
-                choices.append({"index": index, "text": text, "finish_reason": reason, "logprobs": None})
-        return {"id": plan.id, "object": "chat.completion" if plan.chat else "text_completion",
-                "created": plan.created, "model": plan.model, "choices": choices,
-                "usage": usage(plan, [last for _, last in results])}
+        return render.completion_body(plan, results)
 
     # ---- streaming ---------------------------------------------------------------------------
 
@@ -233,40 +225,14 @@ class CompletionService:
                     yield event(err.body())
                     yield DONE
                     return
-                payload = self._chunk_payload(plan, base, index, c, lasts, started)
+                payload = render.stream_chunk(plan, base, index, c, lasts, started)
                 if payload is not None:
                     yield event(payload)
         finally:
             await merged.aclose()
         if plan.include_usage:
-            yield event({**base, "choices": [], "usage": usage(plan, lasts)})
+            yield event({**base, "choices": [], "usage": render.usage(plan, lasts)})
         yield DONE
-
-    @staticmethod
-    def _chunk_payload(plan: Plan, base: dict, index: int, c: GenerateChunk, lasts: list, started: set) -> dict | None:
-        """One OpenAI stream chunk for upstream chunk `c` of choice `index` (None: nothing to send)."""
-        reason = None
-        if c.finish_reason is not None:
-            lasts[index] = c
-            reason = "length" if c.finish_reason == "length" else "stop"
-        if plan.chat:
-            delta: dict = {}
-            if index not in started:  # the first chunk of a choice names the role
-                started.add(index)
-                delta["role"] = "assistant"
-            if c.text or "role" in delta:
-                delta["content"] = c.text
-            if not delta and reason is None:
-                return None
-            choice = {"index": index, "delta": delta, "finish_reason": reason, "logprobs": None}
-        else:
-            if not c.text and reason is None:
-                return None
-            choice = {"index": index, "text": c.text, "finish_reason": reason, "logprobs": None}
-        payload = {**base, "choices": [choice]}
-        if plan.include_usage:
-            payload["usage"] = None
-        return payload
 
     async def _merged(self, opened: Opened) -> AsyncIterator[tuple[int, GenerateChunk]]:
         """(choice index, chunk) from every stream, first chunks first, then as they arrive."""
@@ -311,18 +277,3 @@ async def gather_or_cancel(tasks: list[asyncio.Future]) -> list:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-def usage(plan: Plan, lasts: list[GenerateChunk | None]) -> dict:
-    """OpenAI usage plus NLD's: prompt tokens once per prompt, the rest summed over choices."""
-    prompt = completion = passes = 0
-    for index, c in enumerate(lasts):
-        u = c.usage if c is not None else None
-        if u is None:
-            continue
-        if index % plan.n == 0:
-            prompt += u.prompt_tokens
-        completion += u.completion_tokens
-        passes += u.forward_passes
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "forward_passes": passes, "tokens_per_forward": round(completion / passes, 4) if passes else 0.0}

@@ -138,6 +138,7 @@ async def test_replica_errors_pass_through(client, fake, status, retry_after):
     r = await client.post("/v1/completions", json=OK)
     err = assert_envelope(r, status, param="p", code="c")
     assert err["message"] == "from replica"
+    assert r.headers["x-nld-decoding-mode"] == "self_spec"  # decided, though nothing ran
     if status in (429, 503):
         assert r.headers["retry-after"] == str(retry_after or 1)
     fake.generate_error = None
