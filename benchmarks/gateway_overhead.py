@@ -231,7 +231,7 @@ def main() -> None:
             proc.wait(10)
     result = {
         "benchmark": "gateway_overhead", "latency": lat, "throughput": thr,
-        "params": {k: v for k, v in vars(args).items() if k not in ("role", "out")} | {"out": str(args.out)},
+        "params": {k: v for k, v in vars(args).items() if k not in ("role", "out")},
         "machine": {"cpus": ncpu, "gateway_pinned_cpu": gw_cpu, "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_1m": os.getloadavg()[0]},
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
