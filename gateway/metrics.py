@@ -56,7 +56,7 @@ class GatewayMetrics:
         gauge = Gauge("nld_gateway_inflight_requests", "Completion requests being served", registry=self.registry)
         gauge.set_function(lambda: inflight.value)
         # label children cached: .labels() costs a lock and a dict lookup per call
-        self._children: dict[tuple, tuple] = {}
+        self._children: dict = {}  # (mode, status) -> (count, latency); mode -> ttft
 
     def finished(self, mode: str | None, status: int, seconds: float | None = None) -> None:
         m = mode or "none"
@@ -70,7 +70,10 @@ class GatewayMetrics:
             child[1].observe(seconds)
 
     def first_token(self, mode: str, seconds: float) -> None:
-        self.ttft.labels(mode=mode).observe(seconds)
+        child = self._children.get(mode)
+        if child is None:
+            child = self._children[mode] = self.ttft.labels(mode=mode)
+        child.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
