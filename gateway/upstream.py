@@ -186,6 +186,7 @@ class UpstreamPool:
                     status, headers = _parse_head(head)
                     if status >= 200 or status == 101:
                         break  # skip interim 1xx responses
+                response = UpstreamResponse(self, conn, status, headers, method)
         except TimeoutError as e:
             conn.abort()
             raise UpstreamTimeout("no response headers in time") from e
@@ -195,7 +196,7 @@ class UpstreamPool:
         except BaseException:
             conn.abort()
             raise
-        return UpstreamResponse(self, conn, status, headers, method)
+        return response
 
     async def aclose(self) -> None:
         self._closed = True

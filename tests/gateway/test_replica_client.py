@@ -224,8 +224,10 @@ async def test_pool_rejects_bad_urls_and_malformed_responses():
     with pytest.raises(ValueError):
         UpstreamPool("ftp://x")
 
-    async def respond(req):
-        await req.send(b"garbage\r\n\r\n")
-    async with ScriptedServer(respond) as srv:
-        with pytest.raises(UpstreamConnectionError):
-            await UpstreamPool(srv.url).request("GET", "/x")
+    for garbage in (b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+                    b"HTTP/1.1 abc OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n"):
+        async def respond(req, garbage=garbage):
+            await req.send(garbage)
+        async with ScriptedServer(respond) as srv:
+            with pytest.raises(UpstreamConnectionError):
+                await UpstreamPool(srv.url).request("GET", "/x")
