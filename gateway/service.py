@@ -108,11 +108,6 @@ class CompletionService:
         if top_p == 0.0:  # OpenAI allows it; it means "the top token": greedy
             temperature, top_p = 0.0, 1.0
 
-        decision = self.policy.decide(ModeRequest(requested_mode=req.decoding_mode, model=req.model,
-                                                  max_tokens=max_tokens))
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        common = dict(mode=decision.mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops,
-                      block_length=req.block_length, threshold=req.confidence_threshold, draft_lora=req.draft_lora)
         sources: list[dict] = []
         if chat:
             assert isinstance(req, ChatCompletionRequest)
@@ -133,6 +128,12 @@ class CompletionService:
                                        code="invalid_value")
                 else:
                     sources.append({"prompt_ids": p})
+        # every check passed: only now ask the policy (it may count decisions)
+        decision = self.policy.decide(ModeRequest(requested_mode=req.decoding_mode, model=req.model,
+                                                  max_tokens=max_tokens))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        common = dict(mode=decision.mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops,
+                      block_length=req.block_length, threshold=req.confidence_threshold, draft_lora=req.draft_lora)
         requests = []
         for i, src in enumerate(sources):
             for j in range(req.n):
