@@ -22,7 +22,8 @@ TOKEN_ID_MAX = 2**31 - 1
 DecodingMode = Literal["auto", "ar", "diffusion", "self_spec"]
 StopString = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]
-INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n", "block_length", "logprobs", "best_of", "top_logprobs")
+INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n", "block_length", "logprobs", "best_of", "top_logprobs",
+              "top_k")
 
 
 def _integral(v: Any) -> Any:
@@ -68,6 +69,9 @@ class _SamplingRequest(BaseModel):
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0,
                                                description="NLD: diffusion unmasking threshold (default 0.9)")
     draft_lora: bool | None = Field(default=None, description="NLD: self_spec drafts with the LoRA (default: when loaded)")
+    # vLLM-compatible sampling extras
+    top_k: int | None = Field(default=None, ge=0, le=1 << 20, description="sample from the k best tokens (0: all)")
+    ignore_eos: bool | None = Field(default=None, description="keep generating past end-of-sequence tokens")
 
     @model_validator(mode="before")
     @classmethod

@@ -133,7 +133,8 @@ class CompletionService:
                                                   max_tokens=max_tokens))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         common = dict(mode=decision.mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops,
-                      block_length=req.block_length, threshold=req.confidence_threshold, draft_lora=req.draft_lora)
+                      block_length=req.block_length, threshold=req.confidence_threshold, draft_lora=req.draft_lora,
+                      top_k=req.top_k or 0, ignore_eos=bool(req.ignore_eos))
         requests = []
         for i, src in enumerate(sources):
             for j in range(req.n):
