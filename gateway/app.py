@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from contextlib import asynccontextmanager
 from typing import Any
@@ -53,8 +54,15 @@ def _completion_doc(model: type) -> dict:
                   "content": {"text/event-stream": {"itemSchema": event}}}, **ERRORS}
 
 
+async def watch_policy(policy, interval_s: float) -> None:
+    """Re-read a reloadable policy's file when it changes (a bad file keeps the old policy)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        policy.reload()
+
+
 def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: ModePolicy, *,
-               metrics: GatewayMetrics | None = None) -> FastAPI:
+               metrics: GatewayMetrics | None = None, reload_interval_s: float = 1.0) -> FastAPI:
     metrics = metrics or GatewayMetrics(InflightCounter())
     inflight = metrics.inflight
     service = CompletionService(config, replica_client, policy)
@@ -62,7 +70,21 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # a policy with signals polls them in the background; a reloadable one watches its file
+        if hasattr(policy, "start"):
+            policy.start()
+        watcher = None
+        if hasattr(policy, "reload"):
+            watcher = asyncio.create_task(watch_policy(policy, reload_interval_s))
+            try:  # SIGHUP reloads at once (only possible in the main thread)
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: policy.reload(force=True))
+            except (ValueError, RuntimeError, NotImplementedError):
+                pass
         yield
+        if watcher is not None:
+            watcher.cancel()
+        if hasattr(policy, "stop"):
+            await policy.stop()
         await replica_client.aclose()
 
     app = FastAPI(title="nld-gateway", version="0.1.0", lifespan=lifespan,

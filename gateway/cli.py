@@ -19,6 +19,9 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from .policy_cli import add_policy_parser
+from .up import add_up_parser
+
 API_KEY_ENV = "NLD_API_KEY_FILE"
 
 
@@ -31,8 +34,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key-file", default=None,
                    help=f"file (one key per line) or Secret mount directory; default ${API_KEY_ENV}; enables auth")
     p.add_argument("--no-auth", action="store_true", help="disable auth even when a key file is given")
+    p.add_argument("--policy", default=None,
+                   help="mode policy YAML (adaptive; reloaded on change or SIGHUP). Without it: a fixed policy")
     p.add_argument("--mode", default="self_spec", choices=("ar", "diffusion", "self_spec"),
-                   help="decoding mode of `auto` requests (fixed-mode policy)")
+                   help="decoding mode of `auto` requests (fixed-mode policy, without --policy)")
     p.add_argument("--client-override", default="allow", choices=("allow", "deny", "clamp"),
                    help="whether explicit decoding_mode values are honoured")
     p.add_argument("--max-body-bytes", type=int, default=None)
@@ -47,8 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nld-gateway", description="nld-gateway: serving for NLD models")
     sub = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(sub)
-    # `up` (Ray Serve replicas + gateway in one command) registers here.
+    add_up_parser(sub)
+    add_policy_parser(sub)
     return parser
+
+
+def build_policy(args: argparse.Namespace, metrics):
+    """The mode policy: hot-reloadable from --policy, else fixed from --mode/--client-override."""
+    from policies import FixedModePolicy, PolicyHolder
+
+    if getattr(args, "policy", None):
+        return PolicyHolder(args.policy, local_counters={"inflight": lambda: metrics.inflight.value},
+                            registry=metrics.registry)
+    return FixedModePolicy(mode=getattr(args, "mode", "self_spec"),
+                           client_override=getattr(args, "client_override", "allow"))
 
 
 def serve_config(args: argparse.Namespace, environ: dict[str, str]):
@@ -72,19 +89,18 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str]):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from policies import FixedModePolicy
 
     from .app import create_app
     from .metrics import GatewayMetrics, InflightCounter
     from .replica_client import HttpReplicaClient
 
+    metrics = GatewayMetrics(InflightCounter())
     try:
         config = serve_config(args, dict(os.environ))
-        policy = FixedModePolicy(mode=args.mode, client_override=args.client_override)
+        policy = build_policy(args, metrics)
     except (ValidationError, ValueError, OSError) as e:
         print(f"nld-gateway serve: invalid configuration: {_first_line(e)}", file=sys.stderr)
         return 2
-    metrics = GatewayMetrics(InflightCounter())
     client = HttpReplicaClient(config, on_retry=metrics.retries.inc)
     app = create_app(config, client, policy, metrics=metrics)
     logging.getLogger("gateway").info("auth %s; replicas at %s", "on" if config.auth_enabled else "off",

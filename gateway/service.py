@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from policies import ModePolicy, ModeRequest
-from replicas.wire import ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
+from replicas.wire import EngineSettings, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
 
 from .config import GatewayConfig
 from .errors import GatewayError
@@ -134,7 +134,7 @@ class CompletionService:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         common = dict(mode=decision.mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops,
                       block_length=req.block_length, threshold=req.confidence_threshold, draft_lora=req.draft_lora,
-                      top_k=req.top_k or 0, ignore_eos=bool(req.ignore_eos))
+                      top_k=req.top_k or 0, ignore_eos=bool(req.ignore_eos), engine=self.engine_settings())
         requests = []
         for i, src in enumerate(sources):
             for j in range(req.n):
@@ -144,6 +144,11 @@ class CompletionService:
         return Plan(id=rid, created=int(time.time()), chat=chat, model=cfg.model_name, mode=decision.mode,
                     reason=decision.reason, n=req.n, requests=requests, stream=bool(req.stream),
                     include_usage=req.wants_usage_chunk())
+
+    def engine_settings(self) -> EngineSettings | None:
+        """The policy's engine settings, carried by every request so every replica follows them."""
+        settings = getattr(self.policy, "engine_settings", None)
+        return EngineSettings.model_validate(settings()) if settings else None
 
     async def check_prompt_lengths(self, plan: Plan) -> None:
         """413 for token-id prompts longer than the replicas accept (text prompts: the replica checks)."""

@@ -25,7 +25,8 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start Ray Serve replicas and the gateway on this machine")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"NLD checkpoint directory (default {DEFAULT_MODEL})")
     p.add_argument("--model-name", default=None, help="served model id (default: the model directory's name)")
-    p.add_argument("--policy", default=None, help="mode policy YAML (default: fixed self_spec)")
+    p.add_argument("--policy", default=None, help="mode policy YAML, e.g. policies/presets/adaptive.yaml "
+                   "(default: a fixed self_spec policy)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replica-port", type=int, default=8001)
@@ -78,7 +79,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .auth import load_api_keys
     from .config import GatewayConfig
     from .metrics import GatewayMetrics, InflightCounter
-    from .policy_loader import load_policy
+    from .cli import build_policy
     from .replica_client import HttpReplicaClient
 
     model = Path(args.model)
@@ -90,14 +91,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.api_key_file:
         fields.update(api_keys=load_api_keys(args.api_key_file), auth_enabled=True)
     config = GatewayConfig(**fields)
-    policy = load_policy(args.policy)
+    metrics = GatewayMetrics(InflightCounter())
+    try:
+        policy = build_policy(args, metrics)
+    except ValueError as e:
+        print(f"nld-gateway up: {e}", file=sys.stderr)
+        return 2
     print(f"starting the replicas on {model} (Ray, then the weights) ...", flush=True)
     proc = start_replicas(args, model_name)
     try:
         if not wait_ready(proc):
             print("nld-gateway up: the replicas exited before they were ready", file=sys.stderr)
             return 1
-        metrics = GatewayMetrics(InflightCounter())
         app = create_app(config, HttpReplicaClient(config, on_retry=metrics.retries.inc), policy, metrics=metrics)
         url = f"http://{args.host}:{args.port}"
         print(f"\nnld-gateway is up: {url}/v1  (model {model_name!r}; Ctrl-C stops everything)\n"

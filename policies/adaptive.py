@@ -17,6 +17,7 @@ Non-goals: polling (see `signals.SignalBoard`), HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -75,6 +76,7 @@ class AdaptiveModePolicy:
         self.last_switch: Switch | None = None
         self.switch_count = 0
         self.eval_interval_s = eval_interval_s
+        self._ticker: asyncio.Task | None = None
         self.metrics = metrics or PolicyMetrics(CollectorRegistry())
         self._publish_mode()
 
@@ -200,7 +202,26 @@ class AdaptiveModePolicy:
 
     # ---- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
+        """Poll the signals and re-evaluate on a timer, so the mode follows the load even when
+        no request arrives (e.g. back to the sparse mode after a burst ends)."""
         self.board.start()
+        if self._ticker is None:
+            self._ticker = asyncio.create_task(self._tick_loop(), name="policy-eval")
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.eval_interval_s, 0.05))
+            self.evaluate()
+
+    def cancel(self) -> None:
+        self.board.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     async def stop(self) -> None:
+        ticker = self._ticker
+        self.cancel()
         await self.board.stop()
+        if ticker is not None:
+            await asyncio.gather(ticker, return_exceptions=True)

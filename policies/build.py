@@ -86,7 +86,7 @@ class PolicyHolder:
         new = self._build(spec)
         new.adopt(old)
         if self.started:
-            old.board.cancel()
+            old.cancel()
             new.start()
         self.current, self.last_error = new, None
         log.info("policy reloaded from %s", self.path)

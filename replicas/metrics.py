@@ -7,6 +7,7 @@ counter deltas; the request path calls `observe_request(...)` / `observe_first_t
 one node never clash on a port. Names (after Ray's `ray_` prefix):
 
   ray_nld_replica_running_requests{mode}        ray_nld_replica_waiting_requests
+  ray_nld_replica_num_requests_running          (label-free total, for the endpoint picker)
   ray_nld_replica_kv_cache_usage_ratio          ray_nld_replica_kv_slots_used
   ray_nld_replica_generated_tokens_total        ray_nld_replica_forward_passes_total
   ray_nld_replica_tokens_per_forward_*          ray_nld_replica_accepted_length_*
@@ -39,6 +40,9 @@ class ReplicaMetrics:
         self.running = ray_metrics.Gauge("nld_replica_running_requests", "requests holding a KV slot, by mode",
                                          tag_keys=tags + ("mode",))
         self.waiting = ray_metrics.Gauge("nld_replica_waiting_requests", "requests queued for a KV slot", tag_keys=tags)
+        # label-free totals for the Inference Gateway endpoint picker (see docs/ARCHITECTURE.md)
+        self.num_running = ray_metrics.Gauge("nld_replica_num_requests_running", "running requests, all modes",
+                                             tag_keys=tags)
         self.kv_usage = ray_metrics.Gauge("nld_replica_kv_cache_usage_ratio",
                                           "cached tokens / KV capacity (0..1)", tag_keys=tags)
         self.kv_slots = ray_metrics.Gauge("nld_replica_kv_slots_used", "KV slots in use", tag_keys=tags)
@@ -65,6 +69,7 @@ class ReplicaMetrics:
         for mode in MODES:
             self.running.set(stats["running_by_mode"].get(mode, 0), tags=self._t(mode=mode))
         self.waiting.set(stats["waiting"], tags=self._t())
+        self.num_running.set(stats["running"], tags=self._t())
         self.kv_usage.set(stats["kv_tokens_used"] / max(stats["kv_tokens_total"], 1), tags=self._t())
         self.kv_slots.set(stats["kv_slots_used"], tags=self._t())
         if stats["generated_tokens"] > self._last_tokens:

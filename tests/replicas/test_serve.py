@@ -134,6 +134,7 @@ def test_metrics_reach_rays_metrics_port_within_two_seconds(serve_stack):
             break
         time.sleep(0.5)
     for name in ("ray_nld_replica_running_requests", "ray_nld_replica_waiting_requests",
+                 "ray_nld_replica_num_requests_running",
                  "ray_nld_replica_kv_cache_usage_ratio", "ray_nld_replica_generated_tokens",
                  "ray_nld_replica_forward_passes", "ray_nld_replica_tokens_per_forward_bucket",
                  "ray_nld_replica_accepted_length_bucket", "ray_nld_replica_time_to_first_token_seconds_bucket",

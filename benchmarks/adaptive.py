@@ -1,0 +1,173 @@
+"""Adaptive vs fixed modes on the full stack: gateway -> Ray Serve -> engine, on loopback.
+
+For each policy (fixed `ar`, fixed `self_spec`, the adaptive policy file) and each concurrency
+level, C closed-loop clients send `auto` completions (non-streaming, fixed max_tokens) for
+--seconds; it reports total completion tokens/s and p50 latency per level. Then a ramp
+(concurrency up and down) runs under the adaptive policy, recording the policy's mode over
+time. Output: a table, JSON and a PNG plot. The replicas stay up across policies; only the
+gateway (in-process, on a loopback port) is rebuilt per policy.
+
+    python benchmarks/adaptive.py --model DIR --policy benchmarks/adaptive_cpu.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gateway.app import create_app  # noqa: E402
+from gateway.config import GatewayConfig  # noqa: E402
+from gateway.metrics import GatewayMetrics, InflightCounter  # noqa: E402
+from gateway.replica_client import HttpReplicaClient  # noqa: E402
+from policies import FixedModePolicy, PolicyHolder  # noqa: E402
+from tests.gateway.servers import serve_in_thread  # noqa: E402
+from tests.serving import free_port  # noqa: E402
+
+
+async def closed_loop(url: str, clients: int, seconds: float, body: dict) -> dict:
+    latencies: list[float] = []
+    tokens = 0
+    modes: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+
+    async def client(http: httpx.AsyncClient):
+        nonlocal tokens
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            r = await http.post(url + "/v1/completions", json=body)
+            if r.status_code != 200:
+                await asyncio.sleep(0.05)
+                continue
+            latencies.append(time.perf_counter() - t0)
+            tokens += r.json()["usage"]["completion_tokens"]
+            mode = r.headers.get("x-nld-decoding-mode", "?")
+            modes[mode] = modes.get(mode, 0) + 1
+
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients + 4)) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    elapsed = time.monotonic() - t0
+    return {"tokens_per_s": tokens / elapsed, "latency_p50_s": statistics.median(latencies) if latencies else None,
+            "requests": len(latencies), "modes": modes}
+
+
+def gateway_app(replica_url: str, policy_name: str, policy_file: Path | None):
+    cfg = GatewayConfig(replica_url=replica_url, model_name="bench", max_inflight_requests=None)
+    metrics = GatewayMetrics(InflightCounter())
+    if policy_name == "adaptive":
+        policy = PolicyHolder(policy_file, local_counters={"inflight": lambda: metrics.inflight.value},
+                              registry=metrics.registry)
+    else:
+        policy = FixedModePolicy(mode=policy_name)
+    return create_app(cfg, HttpReplicaClient(cfg), policy, metrics=metrics)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--policy", type=Path, default=Path(__file__).parent / "adaptive_cpu.yaml")
+    p.add_argument("--levels", default="1,2,4,8,16,32")
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--ramp", default="1,2,4,8,16,32,16,8,4,2,1")
+    p.add_argument("--ramp-seconds", type=float, default=6.0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive.json"))
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+
+    import ray
+    from ray import serve
+
+    from replicas.app import bind_app
+
+    metrics_port, port = free_port(), free_port()
+    text = args.policy.read_text().replace("{metrics_port}", str(metrics_port))
+    policy_file = args.out.parent / "adaptive_policy.yaml"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    policy_file.write_text(text)
+    ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
+             _system_config={"metrics_report_interval_ms": 500}, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"model_path": args.model, "model_name": "bench", "torch_threads": 1,
+              "engine": {"max_batch_size": max(levels), "max_seq_len": 512, "max_waiting": 4 * max(levels)}}
+    serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="nld", route_prefix="/")
+    replica_url = f"http://127.0.0.1:{port}"
+    body = {"model": "bench", "prompt": "import os\nimport sys\n\n\ndef main():\n", "max_tokens": args.max_tokens,
+            "temperature": 0, "ignore_eos": True}
+    rows = []
+    print(f"{'policy':<10} {'conc':>5} {'tok/s':>9} {'p50 s':>8} {'requests':>8}  modes")
+    for name in ("ar", "self_spec", "adaptive"):
+        with serve_in_thread(gateway_app(replica_url, name, policy_file)) as url:
+            asyncio.run(closed_loop(url, 2, 2.0, body))  # warm-up
+            for c in levels:
+                r = asyncio.run(closed_loop(url, c, args.seconds, body))
+                r.update(policy=name, concurrency=c)
+                rows.append(r)
+                print(f"{name:<10} {c:>5} {r['tokens_per_s']:>9.1f} {r['latency_p50_s'] or 0:>8.3f} "
+                      f"{r['requests']:>8}  {r['modes']}", flush=True)
+    ramp = []
+    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_file)) as url:
+        t_start = time.monotonic()
+        for c in [int(x) for x in args.ramp.split(",")]:
+            r = asyncio.run(closed_loop(url, c, args.ramp_seconds, body))
+            state = httpx.get(url + "/v1/nld/policy").json()
+            ramp.append({"t": time.monotonic() - t_start, "concurrency": c, "tokens_per_s": r["tokens_per_s"],
+                         "mode": state["mode"], "value": state["value"], "modes": r["modes"]})
+            print(f"ramp c={c:>3} tok/s {r['tokens_per_s']:>8.1f} mode {state['mode']} value {state['value']}",
+                  flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    by = {(r["policy"], r["concurrency"]): r for r in rows}
+    summary = []
+    for c in levels:
+        best = max(by["ar", c]["tokens_per_s"], by["self_spec", c]["tokens_per_s"])
+        summary.append({"concurrency": c, "adaptive_over_best_fixed": by["adaptive", c]["tokens_per_s"] / best})
+    fixed_p50 = min(by["ar", 1]["latency_p50_s"], by["self_spec", 1]["latency_p50_s"])
+    c1_latency_ratio = by["adaptive", 1]["latency_p50_s"] / fixed_p50
+    print(json.dumps({"adaptive_over_best_fixed": summary, "c1_p50_latency_over_best_fixed": c1_latency_ratio},
+                     indent=2))
+    args.out.write_text(json.dumps({"model": args.model, "policy": text, "rows": rows, "ramp": ramp,
+                                    "summary": summary, "c1_p50_latency_over_best_fixed": c1_latency_ratio},
+                                   indent=2))
+    plot(rows, ramp, levels, args.out.with_suffix(".png"))
+    print(f"saved {args.out} and {args.out.with_suffix('.png')}")
+
+
+def plot(rows, ramp, levels, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+    for name in ("ar", "self_spec", "adaptive"):
+        rs = [r for r in rows if r["policy"] == name]
+        a.plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=name)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("concurrency (closed loop, auto requests)")
+    a.set_ylabel("completion tokens/s")
+    a.legend()
+    a.grid(alpha=0.3)
+    xs = list(range(len(ramp)))
+    b.bar(xs, [r["tokens_per_s"] for r in ramp], color=["tab:orange" if r["mode"] == "self_spec" else "tab:blue"
+                                                          for r in ramp])
+    b.set_xticks(xs, [str(r["concurrency"]) for r in ramp])
+    b.set_xlabel("ramp step (concurrency); orange = self_spec, blue = ar at the step's end")
+    b.set_ylabel("tokens/s")
+    fig.suptitle("Adaptive policy vs fixed modes on the full stack")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
