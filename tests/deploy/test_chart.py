@@ -188,14 +188,11 @@ def test_policy_configmap_renders_the_policy_values(scenario):
 
 
 def test_policy_configmap_validates_with_the_policy_schema(scenario):
-    try:
-        schema = importlib.import_module("policies.schema")
-    except ModuleNotFoundError as e:
-        if e.name != "policies.schema":
-            raise
-        pytest.skip("policy schema lands with issue 5")
+    from policies.schema import parse_policy
+
     _, objs = C.render_scenario(scenario)
-    schema.PolicyFile.model_validate(yaml.safe_load(_policy_text(objs)))
+    spec = parse_policy(_policy_text(objs))  # raises PolicyFileError with field paths
+    assert spec.mode.enter_loaded_above > spec.mode.leave_loaded_below
 
 
 def test_a_policy_change_rolls_the_gateway():
@@ -347,7 +344,7 @@ def test_defaults_are_secure_and_request_one_gpu_per_replica():
     args = gateway["args"]
     assert args[0] == "serve"
     assert args[args.index("--replica-url") + 1] == f"http://{rayservice['metadata']['name']}-serve-svc.{C.NAMESPACE}.svc:8000"
-    assert args[args.index("--mode") + 1] == "self_spec" and args[args.index("--client-override") + 1] == "allow"
+    assert args[args.index("--policy") + 1] == "/etc/nld/policy/policy.yaml"  # the adaptive YAML policy
     assert args[args.index("--api-key-file") + 1] == "/etc/nld/api-keys"
     assert args[args.index("--model-name") + 1] == "nld"
     assert pod["serviceAccountName"] == C.one(objs, "ServiceAccount", "-gateway")["metadata"]["name"]
@@ -377,6 +374,15 @@ def test_gateway_args_parse_with_the_gateway_cli(scenario):
     if values["gateway"]["policy"]["source"] == "fixed":
         assert ns.mode == values["gateway"]["policy"]["fixedMode"]
         assert ns.client_override == values["policy"]["mode"]["client_override"]
+    else:
+        assert ns.policy == "/etc/nld/policy/policy.yaml"
+
+
+def test_fixed_policy_source_passes_mode_flags():
+    objs = C.objects(C.render({"gateway": {"policy": {"source": "fixed"}}}))
+    args = _container(C.one(objs, "Deployment")["spec"]["template"]["spec"], "gateway")["args"]
+    assert args[args.index("--mode") + 1] == "self_spec" and args[args.index("--client-override") + 1] == "allow"
+    assert "--policy" not in args
 
 
 def test_policy_file_source_passes_the_policy_configmap():
