@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL_DIR ?= .cache/random-nld
+MODEL ?= models/nld-tiny-pystdlib
+POLICY ?= policies/presets/adaptive.yaml
+BENCH_MODEL ?= .cache/bench-nld
 
-.PHONY: venv run test test-fast bench clean
+.PHONY: venv system-deps run test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,17 +19,34 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-run: $(STAMP)
-	$(PY) -m replicas.engine.demo --model $(MODEL_DIR)
+# Prometheus (Debian's package) for the policy integration tests; installed when missing.
+system-deps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing prometheus (apt-get) ..."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: $(STAMP)
+# The whole stack on the embedded model: Ray Serve replicas + the gateway on http://127.0.0.1:8000
+run: $(STAMP)
+	$(PY) -m gateway up --model $(MODEL) --policy $(POLICY)
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-bench: $(STAMP)
-	$(PY) benchmarks/engine_modes.py --model $(MODEL_DIR)
+$(BENCH_MODEL)/config.json: | $(STAMP)
+	$(PY) -c "from replicas.engine.testing import write_random_checkpoint as w; w('$(BENCH_MODEL)', layers=8, hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536, vocab=8192, block_size=32, lora_rank=16)"
+
+# Benchmarks: tables on stdout, JSON and PNG under benchmarks/results/ (see docs/PERFORMANCE.md).
+bench: $(STAMP) $(BENCH_MODEL)/config.json
+	$(PY) benchmarks/engine_modes.py --model $(BENCH_MODEL) --prompts 4 --max-new-tokens 64 --threads 1 \
+	  --out benchmarks/results/engine_modes_bench_random.json
+	$(PY) benchmarks/engine_modes.py --model $(MODEL) --heldout $(MODEL)/split.json --block-lengths 16,32 \
+	  --threads 1 --out benchmarks/results/engine_modes_tiny.json
+	$(PY) benchmarks/concurrency.py --model $(MODEL) --heldout $(MODEL)/split.json --threads 1
+	$(PY) benchmarks/gateway_overhead.py
+	$(PY) benchmarks/adaptive.py --model $(MODEL)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
