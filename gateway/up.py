@@ -11,6 +11,9 @@ Non-goals: multi-node clusters (use the Helm chart).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -36,9 +39,11 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_up)
 
 
-def start_replicas(args, model_name: str) -> subprocess.Popen:
+def start_replicas(args, model_name: str, autoscaling: dict | None) -> subprocess.Popen:
     cmd = [sys.executable, "-u", "-m", "replicas", "--model", args.model, "--model-name", model_name,
            "--host", "127.0.0.1", "--port", str(args.replica_port), "--metrics-port", str(args.metrics_port)]
+    if autoscaling:  # the policy's `autoscaling` block becomes Serve's autoscaling_config
+        cmd += ["--autoscaling-json", json.dumps(autoscaling)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -51,7 +56,7 @@ def wait_ready(proc: subprocess.Popen) -> bool:
             print(f"[replicas] ready at {line.split()[-1]}", flush=True)
             threading.Thread(target=_drain, args=(proc,), daemon=True).start()
             return True
-        ray_chatter = line.startswith(("(", "INFO", "WARNING")) or " INFO " in line
+        ray_chatter = line.startswith(("(", "INFO", "WARNING")) or "\tINFO " in line or "\tWARNING " in line
         if line and not ray_chatter:
             print(f"[replicas] {line}", flush=True)
     return False
@@ -63,13 +68,30 @@ def _drain(proc: subprocess.Popen) -> None:
 
 
 def stop_replicas(proc: subprocess.Popen) -> None:
+    """SIGTERM the launcher alone (it shuts Serve and Ray down in order); kill the group if stuck."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def run_until_signal(server) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (lifespan included) and return.
+
+    uvicorn's own handling re-raises the signal after its shutdown, which would end this
+    process before the replicas are stopped; here the signal only asks the server to exit."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        server.capture_signals = contextlib.nullcontext  # the handlers above replace uvicorn's
+        await server.serve()
+
+    asyncio.run(main())
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -98,7 +120,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"nld-gateway up: {e}", file=sys.stderr)
         return 2
     print(f"starting the replicas on {model} (Ray, then the weights) ...", flush=True)
-    proc = start_replicas(args, model_name)
+    spec = getattr(getattr(policy, "current", None), "spec", None)
+    proc = start_replicas(args, model_name, spec.serve_autoscaling_config() if spec is not None else None)
     try:
         if not wait_ready(proc):
             print("nld-gateway up: the replicas exited before they were ready", file=sys.stderr)
@@ -109,7 +132,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
               f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
               f"\"def fib(n):\"}}], \"max_tokens\": 64, \"decoding_mode\": \"self_spec\"}}'\n", flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+        run_until_signal(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                                       log_level=args.log_level, access_log=False)))
     finally:
         print("stopping the replicas ...", flush=True)
         stop_replicas(proc)

@@ -10,6 +10,7 @@ This module and `nld-gateway up` are the entry points that build `ReplicaConfig`
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
@@ -46,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8080)
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--autoscaling-json", default=None,
+                   help="Ray Serve autoscaling_config as JSON (nld-gateway up passes the policy's `autoscaling`)")
     args = p.parse_args(argv)
     config, options = replica_config_from(args)
+    if args.autoscaling_json:
+        options["autoscaling_config"] = json.loads(args.autoscaling_json)
 
     import ray
     from ray import serve

@@ -1,0 +1,47 @@
+"""`nld-gateway up` (what `make run` runs): the whole stack as one command, stopped by Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.serving import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir):
+    port, replica_port, metrics_port = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "up", "--model", str(serve_model_dir), "--port", str(port),
+         "--replica-port", str(replica_port), "--metrics-port", str(metrics_port),
+         "--policy", "policies/presets/adaptive.yaml"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:
+            lines.append(line)
+            if "nld-gateway is up" in line or time.monotonic() > deadline:
+                break
+        assert any("loading" in x for x in lines), lines  # progress while the model loads
+        assert any(f"http://127.0.0.1:{port}/v1" in x for x in lines), lines
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == serve_model_dir.name
+        r = httpx.post(url + "/v1/completions", json={"model": serve_model_dir.name, "prompt": "x", "max_tokens": 4},
+                       timeout=60)
+        assert r.status_code == 200 and r.headers["x-nld-decoding-mode"] == "self_spec"
+        assert httpx.get(url + "/v1/nld/policy").json()["policy"] == "adaptive"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "stopping the replicas" in out and "Traceback" not in out
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{replica_port}/health", timeout=2)
