@@ -78,7 +78,7 @@ def stop_replicas(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_until_signal(server) -> None:
+def run_until_signal(server, on_started=lambda: None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (lifespan included) and return.
 
     uvicorn's own handling re-raises the signal after its shutdown, which would end this
@@ -89,7 +89,12 @@ def run_until_signal(server) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         server.capture_signals = contextlib.nullcontext  # the handlers above replace uvicorn's
-        await server.serve()
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            on_started()
+        await task
 
     asyncio.run(main())
 
@@ -128,12 +133,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 1
         app = create_app(config, HttpReplicaClient(config, on_retry=metrics.retries.inc), policy, metrics=metrics)
         url = f"http://{args.host}:{args.port}"
-        print(f"\nnld-gateway is up: {url}/v1  (model {model_name!r}; Ctrl-C stops everything)\n"
-              f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-              f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
-              f"\"def fib(n):\"}}], \"max_tokens\": 64, \"decoding_mode\": \"self_spec\"}}'\n", flush=True)
+
+        def banner() -> None:
+            print(f"\nnld-gateway is up: {url}/v1  (model {model_name!r}; Ctrl-C stops everything)\n"
+                  f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+                  f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
+                  f"\"def fib(n):\"}}], \"max_tokens\": 64, \"decoding_mode\": \"self_spec\"}}'\n", flush=True)
+
         run_until_signal(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                                       log_level=args.log_level, access_log=False)))
+                                                       log_level=args.log_level, access_log=False)), banner)
     finally:
         print("stopping the replicas ...", flush=True)
         stop_replicas(proc)
