@@ -23,7 +23,8 @@ split.json, train_log.json and loss_curves.png.
 
 Reproducible from --seed for a given device and thread count. Example (the shipped model):
 
-    .venv/bin/python -m training.train_tiny --out models/nld-tiny-pystdlib --steps 600 --threads 2
+    .venv/bin/python -m training.train_tiny --out models/nld-tiny-pystdlib --steps 600 --distill-steps 300 \
+        --distill-rounds 2 --distill-samples 256 --threads 2
 """
 
 from __future__ import annotations
@@ -328,6 +329,8 @@ def plot_losses(log: dict, path: Path) -> None:
     dist = [(r["step"], r["diff_self"]) for r in log["train"] if "diff_self" in r]
     if dist:
         ax.plot(*zip(*dist), label="train L_diff on own greedy text (phase 2)")
+        for i, rnd in enumerate(log.get("distill", [])):
+            ax.axvline(rnd["from_step"], color="grey", ls=":", lw=1, label="self-generated set (re)made" if i == 0 else None)
     if log["eval"]:
         ax.plot([r["step"] for r in log["eval"]], [r["heldout_ar"] for r in log["eval"]], "o-", label="held-out L_AR")
     ax.set_xlabel("step")
@@ -349,7 +352,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -369,13 +372,13 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--distill-steps", type=int, default=150,
+    p.add_argument("--distill-steps", type=int, default=300,
                    help="phase 2 steps: each adds alpha * L_diff on the model's own greedy continuations")
     p.add_argument("--distill-samples", type=int, default=256, help="self-generated sequences for phase 2")
     p.add_argument("--distill-prompt", type=int, default=64)
     p.add_argument("--distill-new", type=int, default=128)
     p.add_argument("--distill-batch", type=int, default=8)
-    p.add_argument("--distill-rounds", type=int, default=1,
+    p.add_argument("--distill-rounds", type=int, default=2,
                    help="regenerate the self-generated set this many times during phase 2 (evenly spaced)")
     p.add_argument("--lib", type=Path, default=None, help="corpus root (default: the interpreter's Lib/)")
     p.add_argument("--max-files", type=int, default=0, help="use only the first N corpus files (tests)")

@@ -1,0 +1,69 @@
+"""The embedded default model (models/nld-tiny-pystdlib): it loads, generates in all three modes,
+and greedy self-speculation (LoRA on and off) reproduces greedy AR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from replicas.engine import DecodeParams, Engine
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "nld-tiny-pystdlib"
+PROMPTS = [
+    "import os\n\n\ndef read_config(path):\n    \"\"\"Read a configuration file.\"\"\"\n    with open(path) as f:\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    torch.set_num_threads(1)
+    return Engine.from_pretrained(MODEL, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+
+
+def test_directory_is_complete_and_small():
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "split.json",
+                 "loss_curves.png", "README.md"]:
+        assert (MODEL / name).is_file(), name
+    total = sum(p.stat().st_size for p in MODEL.rglob("*") if p.is_file())
+    assert total < 25 * 1024 * 1024
+    cfg = json.loads((MODEL / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16"
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["mask_token_id"]) == (1, 11, 100)
+    split = json.loads((MODEL / "split.json").read_text())
+    assert split["heldout"] and not set(split["heldout"]) & set(split["train"])
+
+
+def test_tokenizer_special_ids_and_round_trip(tokenizer):
+    assert tokenizer.token_to_id("<s>") == 1
+    assert tokenizer.token_to_id("</s>") == 11
+    assert tokenizer.token_to_id("<mask>") == 100
+    for text in PROMPTS:
+        assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_three_modes_generate_and_self_spec_equals_ar(engine, tokenizer, block):
+    for text in PROMPTS:
+        prompt = [1] + tokenizer.encode(text).ids
+        ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=40, ignore_eos=True))
+        assert len(ar.token_ids) == 40 and 100 not in ar.token_ids
+        loras = [False, True] if engine.has_lora else [False]
+        for lora in loras:
+            ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=40, block_length=block,
+                                                      draft_lora=lora, ignore_eos=True))
+            assert ss.token_ids == ar.token_ids, f"self_spec (LoRA {lora}) differs from AR"
+        diff = engine.generate(prompt, DecodeParams(mode="diffusion", max_new_tokens=40, block_length=block,
+                                                    threshold=0.9, ignore_eos=True))
+        assert len(diff.token_ids) == 40 and 100 not in diff.token_ids
+        assert diff.forward_passes <= 40
