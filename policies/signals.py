@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from .schema import LocalSignal, PrometheusSignal, ScrapeSignal
 
@@ -68,14 +68,11 @@ class ScrapeSource:
         for url in self.spec.urls:
             r = await self.http.get(url, timeout=self.spec.timeout_s)
             r.raise_for_status()
-            for family in text_string_to_metric_families(r.text):
-                for s in family.samples:
-                    if s.name != self.spec.metric:
-                        continue
-                    if any(s.labels.get(k) != v for k, v in self.spec.labels.items()):
-                        continue
-                    key = (url, s.labels.get(self.spec.per, "")) if self.spec.per else (url,)
-                    groups[key] = groups.get(key, 0.0) + s.value
+            for labels, value in samples(r.text, self.spec.metric):
+                if any(labels.get(k) != v for k, v in self.spec.labels.items()):
+                    continue
+                key = (url, labels.get(self.spec.per, "")) if self.spec.per else (url,)
+                groups[key] = groups.get(key, 0.0) + value
         if not groups:
             return 0.0
         values = list(groups.values())
@@ -84,6 +81,26 @@ class ScrapeSource:
         if self.spec.aggregate == "max":
             return max(values)
         return sum(values) / len(values)
+
+
+_LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def samples(text: str, metric: str):
+    """(labels, value) of every sample named `metric` in Prometheus text. Only the lines of that
+    metric are parsed (Ray's metrics page is large; a full parse per poll costs a lot of CPU)."""
+    plain, braced = metric + " ", metric + "{"
+    for line in text.splitlines():
+        if line.startswith(braced):
+            end = line.rfind("}")
+            labels = dict(_LABEL.findall(line[len(braced):end]))
+            rest = line[end + 1:].split()
+        elif line.startswith(plain):
+            labels, rest = {}, line[len(plain):].split()
+        else:
+            continue
+        if rest:
+            yield labels, float(rest[0])
 
 
 class LocalSource:

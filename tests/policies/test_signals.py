@@ -1,0 +1,53 @@
+"""Signal sources against real HTTP shapes (httpx MockTransport): Prometheus API and scrape."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from policies.schema import PrometheusSignal, ScrapeSignal
+from policies.signals import PrometheusSource, ScrapeSource, samples
+
+pytestmark = pytest.mark.anyio
+
+METRICS = """# HELP ray_nld_replica_running_requests requests holding a KV slot, by mode
+# TYPE ray_nld_replica_running_requests gauge
+ray_nld_replica_running_requests{application="nld",mode="ar",replica="a"} 3.0
+ray_nld_replica_running_requests{application="nld",mode="self_spec",replica="a"} 1.0
+ray_nld_replica_running_requests{application="nld",mode="ar",replica="b"} 2.0
+ray_nld_replica_running_requests{application="other",mode="ar",replica="c"} 50.0
+ray_nld_replica_running_requests_total 99
+ray_nld_replica_waiting_requests{application="nld",replica="a"} 7.0
+"""
+
+
+def client(handler) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.MockTransport(handler))
+
+
+async def test_scrape_sums_per_replica_then_aggregates():
+    spec = ScrapeSignal(name="s", source="scrape", urls=["http://r/metrics"], metric="ray_nld_replica_running_requests",
+                        labels={"application": "nld"}, per="replica", aggregate="mean")
+    src = ScrapeSource(spec, client(lambda req: httpx.Response(200, text=METRICS)))
+    assert await src.read() == 3.0  # replica a: 3 + 1, replica b: 2 -> mean 3
+    src.spec = spec.model_copy(update={"aggregate": "max"})
+    assert await src.read() == 4.0
+    assert list(samples(METRICS, "ray_nld_replica_running_requests_total")) == [({}, 99.0)]
+
+
+async def test_prometheus_query_sums_the_vector_and_reports_errors():
+    seen = []
+
+    def handler(req):
+        seen.append(req.url.params["query"])
+        if "bad" in req.url.params["query"]:
+            return httpx.Response(400, json={"status": "error", "error": "parse error"})
+        return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": [
+            {"metric": {}, "value": [0, "2.5"]}, {"metric": {}, "value": [0, "1"]}]}})
+
+    spec = PrometheusSignal(name="p", source="prometheus", url="http://prom:9090", query="sum(x)", retries=1)
+    assert await PrometheusSource(spec, client(handler)).read() == 3.5
+    bad = PrometheusSource(spec.model_copy(update={"query": "bad("}), client(handler))
+    with pytest.raises(RuntimeError, match="p: HTTPStatusError"):
+        await bad.read()
+    assert seen.count("bad(") == 2  # one retry
