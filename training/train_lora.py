@@ -9,7 +9,7 @@ to the noisy half only (the clean half never attends to the noisy half, so it is
 prefix the draft reads at inference). The adapter is ON only for draft passes at inference, so
 it changes acceptance, never the verified output.
 
-    .venv/bin/python -m training.train_lora --model models/nld-tiny-pystdlib --steps 120 --threads 2
+    .venv/bin/python -m training.train_lora --model models/nld-tiny-pystdlib --steps 480 --threads 1
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=480)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
