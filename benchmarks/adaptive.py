@@ -2,7 +2,8 @@
 
 For each policy (fixed `ar`, fixed `self_spec`, the adaptive policy file) and each concurrency
 level, C closed-loop clients send `auto` completions (non-streaming, fixed max_tokens) for
---seconds; it reports total completion tokens/s and p50 latency per level. Then a ramp
+--settle-seconds unmeasured (a steady state: the adaptive policy's switch for this level has
+happened) and then --seconds measured; it reports total completion tokens/s and p50 latency per level. Then a ramp
 (concurrency up and down) runs under the adaptive policy, recording the policy's mode over
 time. Output: a table, JSON and a PNG plot. The replicas stay up across policies; only the
 gateway (in-process, on a loopback port) is rebuilt per policy.
@@ -78,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--policy", type=Path, default=Path(__file__).parent / "adaptive_cpu.yaml")
     p.add_argument("--levels", default="1,2,4,8,16,32")
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--settle-seconds", type=float, default=3.0,
+                   help="unmeasured load at each level first (every policy), so a policy's switch settles")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--ramp", default="1,2,4,8,16,32,16,8,4,2,1")
     p.add_argument("--ramp-seconds", type=float, default=6.0)
@@ -110,6 +113,8 @@ def main(argv=None) -> None:
         with serve_in_thread(gateway_app(replica_url, name, policy_file)) as url:
             asyncio.run(closed_loop(url, 2, 2.0, body))  # warm-up
             for c in levels:
+                if args.settle_seconds > 0:
+                    asyncio.run(closed_loop(url, c, args.settle_seconds, body))
                 r = asyncio.run(closed_loop(url, c, args.seconds, body))
                 r.update(policy=name, concurrency=c)
                 rows.append(r)
