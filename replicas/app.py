@@ -152,7 +152,9 @@ class NLDReplica:
                 draft_lora=req.draft_lora,
             )
             rid = req.request_id or uuid.uuid4().hex
-            stream = self.engine.stream(ids, params, request_id=rid)
+            # coalesce: each chunk is one object through Ray Serve's stream, a cost per chunk
+            # that AR (one token per step) would otherwise pay per token
+            stream = self.engine.stream(ids, params, request_id=rid, coalesce=True)
             first = await anext(stream)  # submits: request errors surface here, before any byte
         except ChatTemplateError as e:
             return error(400, str(e), "invalid_request_error", "messages")

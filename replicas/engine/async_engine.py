@@ -24,6 +24,12 @@ from .engine_config import EngineConfig
 from .params import DecodeParams, GenerationOutput
 
 
+def merge(a: StreamChunk, b: StreamChunk) -> StreamChunk:
+    """`a` then `b` as one chunk: b's tokens appended, b's end state (finish, stats, mode)."""
+    return StreamChunk(a.request_id, a.token_ids + b.token_ids, finish_reason=b.finish_reason, stats=b.stats,
+                       error=b.error, forward_passes=b.forward_passes, mode=b.mode)
+
+
 class EngineError(RuntimeError):
     """A request failed inside the engine (its forward raised, or the engine shut down)."""
 
@@ -54,8 +60,11 @@ class AsyncEngine:
 
     # ---- public API ----------------------------------------------------------------------
     async def stream(
-        self, prompt_ids, params: DecodeParams | None = None, request_id: str | None = None
+        self, prompt_ids, params: DecodeParams | None = None, request_id: str | None = None,
+        coalesce: bool = False,
     ) -> AsyncIterator[StreamChunk]:
+        """Chunks of final tokens; with `coalesce`, chunks that queued up while the consumer was
+        busy arrive merged (fewer, larger chunks; the same tokens)."""
         if self._stopping:
             raise EngineError("the engine is shut down")
         rid = request_id or f"{self._prefix}-{next(self._ids)}"
@@ -74,6 +83,8 @@ class AsyncEngine:
         try:
             while True:
                 chunk: StreamChunk = await queue.get()
+                while coalesce and chunk.finish_reason is None and not queue.empty():
+                    chunk = merge(chunk, queue.get_nowait())  # the consumer fell behind: one chunk
                 if chunk.finish_reason == "error":
                     finished = True
                     raise EngineError(chunk.error or "engine error")

@@ -302,3 +302,18 @@ def test_downgrade_and_restore_running_self_spec_requests(engine):
                 modes.append(c.mode)
     assert modes[-1] == "self_spec" and plain_ar
     assert tokens == engine.generate([1, 2, 3], DecodeParams(mode="ar", max_new_tokens=60, ignore_eos=True)).token_ids
+
+
+def test_coalesced_stream_merges_queued_chunks_without_losing_tokens(async_engine, engine):
+    async def main():
+        chunks = []
+        async for c in async_engine.stream([1, 2, 3], DecodeParams(max_new_tokens=40, ignore_eos=True),
+                                           coalesce=True):
+            chunks.append(c)
+            await asyncio.sleep(0.02)  # a slow consumer: steps queue up meanwhile
+        return chunks
+
+    chunks = asyncio.run(main())
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == engine.generate([1, 2, 3], DecodeParams(max_new_tokens=40, ignore_eos=True)).token_ids
+    assert len(chunks) < 40 and chunks[-1].finish_reason == "length" and chunks[-1].stats
