@@ -53,7 +53,8 @@ class DiffusionMode(DecodeMode):
             return out
         self.passes += 1
         mask_id = s.mask_token_id
-        masked = torch.tensor([i for i, t in enumerate(self.canvas) if t == mask_id])  # [M]
+        masked = torch.tensor([i for i, t in enumerate(self.canvas) if t == mask_id],
+                              device=logits.device)  # [M] canvas positions still masked
         cand, conf = self.choose(logits[masked])  # [M], [M]
         reveal = conf >= s.params.threshold
         reveal[conf.argmax()] = True
