@@ -77,6 +77,8 @@ class CompletionService:
         self.config = config
         self.client = client
         self.policy = policy
+        self._settings_raw: dict | None = None
+        self._settings: EngineSettings | None = None
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -146,9 +148,15 @@ class CompletionService:
                     include_usage=req.wants_usage_chunk())
 
     def engine_settings(self) -> EngineSettings | None:
-        """The policy's engine settings, carried by every request so every replica follows them."""
-        settings = getattr(self.policy, "engine_settings", None)
-        return EngineSettings.model_validate(settings()) if settings else None
+        """The policy's engine settings, carried by every request so every replica follows them
+        (validated once per distinct value, not per request)."""
+        read = getattr(self.policy, "engine_settings", None)
+        if read is None:
+            return None
+        raw = read()
+        if raw != self._settings_raw:
+            self._settings_raw, self._settings = raw, EngineSettings.model_validate(raw)
+        return self._settings
 
     async def check_prompt_lengths(self, plan: Plan) -> None:
         """413 for token-id prompts longer than the replicas accept (text prompts: the replica checks)."""
