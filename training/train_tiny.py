@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from replicas.engine.config import ModelConfig
 from replicas.engine.model import AttentionInputs, NLDModel
-from replicas.engine.testing import CHAT_TEMPLATE, N_SPECIAL, SPECIAL_NAMES, random_config
+from replicas.engine.testing import N_SPECIAL, SPECIAL_NAMES, random_config, write_tokenizer_config
 
 BOS_ID, EOS_ID, MASK_ID = 1, 11, 100
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "encodings", "pydoc_data", "__pycache__"}
@@ -120,11 +120,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def save_tokenizer(tok, out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "mask_token": "<mask>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
-        "model_max_length": 4096,
-    }, indent=2))
+    write_tokenizer_config(out)
 
 
 def encode_files(tok, texts: list[str]) -> np.ndarray:

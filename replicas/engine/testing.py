@@ -93,6 +93,11 @@ def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([SPECIAL_NAMES.get(i, f"<special_{i}>") for i in range(N_SPECIAL)])
     tok.save(str(out_dir / "tokenizer.json"))
+    write_tokenizer_config(out_dir)
+
+
+def write_tokenizer_config(out_dir: Path) -> None:
+    """`tokenizer_config.json` with the NLD special tokens and the simple chat template."""
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
         "mask_token": "<mask>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
