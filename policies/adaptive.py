@@ -104,11 +104,9 @@ class AdaptiveModePolicy:
             self.metrics.signal.labels(name=name).set(v)
         rule = self.spec.mode
         if self.stale:
-            if rule.on_stale == "fallback":
-                target = [lv.mode for lv in self.levels].index(rule.stale_mode) \
-                    if rule.stale_mode in [lv.mode for lv in self.levels] else None
-                self._switch_to(target, now, "stale", f"stale signals: {', '.join(sorted(self.stale))}",
-                                mode=rule.stale_mode)
+            if rule.on_stale == "fallback":  # the schema guarantees stale_mode is one of the levels
+                target = [lv.mode for lv in self.levels].index(rule.stale_mode)
+                self._switch_to(target, now, "stale", f"stale signals: {', '.join(sorted(self.stale))}")
             self.last_eval = now
             return self.mode
         raw = self.expr.evaluate(values)
@@ -132,14 +130,10 @@ class AdaptiveModePolicy:
             self._switch_to(target, now, reason, detail)
         return self.mode
 
-    def _switch_to(self, target: int | None, now: float, reason: str, detail: str, mode: str | None = None) -> None:
-        to_mode = self.levels[target].mode if target is not None else mode
-        if to_mode == self.mode or now - self.last_switch_clock < self.spec.mode.min_dwell_s:
+    def _switch_to(self, target: int, now: float, reason: str, detail: str) -> None:
+        if target == self.level or now - self.last_switch_clock < self.spec.mode.min_dwell_s:
             return
         old = self.mode
-        if target is None:  # a fallback mode outside the levels: take the level that runs it, else level 0
-            target = 0
-            self.levels[0] = Level(mode)
         self.level = target
         self.last_switch_clock = now
         self.last_switch = Switch(self.wall(), old, self.mode, reason, detail)

@@ -100,6 +100,9 @@ class ModeRule(_Strict):
                 raise ValueError("the middle band's thresholds must sit below the loaded thresholds")
         if self.on_stale == "fallback" and self.stale_mode is None:
             raise ValueError("on_stale: fallback needs stale_mode")
+        levels = [self.sparse_mode, self.loaded_mode] + ([self.middle.mode] if self.middle else [])
+        if self.stale_mode is not None and self.stale_mode not in levels:
+            raise ValueError(f"stale_mode must be one of the policy's modes ({', '.join(levels)})")
         compile_expression(self.signal)  # syntax
         return self
 

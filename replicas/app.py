@@ -25,7 +25,7 @@ from .config import ReplicaConfig
 from .text import ChatTemplateError, Detokenizer, TextCodec
 from .wire import EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, Usage
 
-WIRE_TO_FIELD = {"max_new_tokens": "max_tokens", "threshold": "threshold", "prompt_ids": "prompt_ids"}
+WIRE_TO_FIELD = {"max_new_tokens": "max_tokens"}  # engine field names that differ on the wire
 
 
 def error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:

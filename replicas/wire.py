@@ -6,7 +6,8 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
 - `POST /generate` with a `GenerateRequest` JSON body. On success: HTTP 200 and a stream of
   NDJSON lines, one `GenerateChunk` each; the last chunk has `finish_reason` and `usage`. On
   a request error before streaming: an `ErrorBody` JSON with status 400 (bad parameters,
-  `param` set), 413 (prompt too long), 429 (engine overloaded) or 503 (not ready). A failure
+  `param` set; code `context_length_exceeded` for a prompt that is too long), 404 (no such
+  route), 429 (engine overloaded) or 503 (engine error). A failure
   after streaming began is one last chunk with `error` set and `finish_reason` "error".
 - `GET /health` -> `{"status": "ok"}`; `GET /info` -> `ReplicaInfo`; `GET /stats` -> the engine's
   stats dict; `POST /engine` with `EngineSettings` -> the applied settings.

@@ -13,7 +13,7 @@ Non-goals: running the model, sampling, thread safety (the engine serialises cal
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,6 @@ class Running:
     mode: DecodeMode | None = None  # None while the prompt is being prefilled
     switch_to: str | None = None
     seen_accepts: int = 0  # accepted_lengths already reported to the stats
-    meta: dict = field(default_factory=dict)
 
     @property
     def prefilling(self) -> bool:

@@ -65,3 +65,10 @@ def test_policy_validate_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "gateway", "policy", "validate", str(bad)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "mode: leave_loaded_below must be below enter_loaded_above" in out.stderr
+
+
+def test_stale_mode_must_be_one_of_the_policy_modes():
+    doc = yaml.safe_load(yaml.safe_dump(BASE))
+    doc["mode"].update(on_stale="fallback", stale_mode="diffusion")  # no middle band: not a level
+    with pytest.raises(PolicyFileError, match="stale_mode must be one of the policy's modes"):
+        parse_policy(yaml.safe_dump(doc))
