@@ -1,9 +1,14 @@
-"""GPU check: a random-weight NLD model with the 8B shapes, bfloat16, batch 1.
+"""GPU check: a random-weight NLD model with the 8B shapes, bfloat16, on one GPU.
 
-Measures AR decode tokens/s against the memory-bandwidth bound (weight bytes read per token),
-the bare forward time of one AR step, and the cost of one self-speculation cycle (a 32-token
-bidirectional draft pass + a 32-token causal verify pass, with and without an r=128 draft
-LoRA) against one AR step. Weights are generated on the device (no checkpoint on disk).
+For the eager runner and for the CUDA-graph runner it measures: AR decode at batch 1 through
+`Engine.generate` (tokens/s against the memory-bandwidth bound: weight bytes read per token), the
+bare forward of one AR step (queued back to back, and synchronised each step as a decode loop
+is), one 32-token self-speculation cycle (a bidirectional draft pass, with and without an r=128
+draft LoRA, plus a 32-token causal verify pass) against one AR step, and one AR step at batch 32.
+It also compares the two runners' logits and greedy tokens, profiles an eager step (GPU
+kernel time, host operators), and, on a 4-layer float32 model with the 8B widths, checks that
+the graph runner's tokens equal the eager runner's and that greedy self-spec equals AR. Weights are generated on the device (no checkpoint on disk);
+each section is recorded even when a later one fails.
 
     python benchmarks/gpu_check.py [--out FILE]          # on a CUDA machine
     python benchmarks/gpu_check.py --small --device cpu  # a smoke run of the script itself
@@ -14,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 
 import torch
 
 from replicas.engine import DecodeParams, Engine
 from replicas.engine.config import ModelConfig
+from replicas.engine.graph_runner import CudaGraphRunner
 from replicas.engine.kv_cache import KVCache
 from replicas.engine.model import NLDModel
 from replicas.engine.rope import compute_inv_freq
@@ -27,6 +34,10 @@ from replicas.engine.sequence import ForwardPass
 from replicas.engine.testing import random_config
 
 PEAK_BANDWIDTH_TBS = {"H200": 4.8, "H100": 3.35}  # HBM spec sheets (SXM)
+SHAPES = {
+    "8b": dict(layers=34, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=131072),
+    "small": dict(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=1024),
+}
 
 
 def build_model(cfg: ModelConfig, device: str, dtype: torch.dtype, lora_rank: int) -> NLDModel:
@@ -49,18 +60,129 @@ def build_model(cfg: ModelConfig, device: str, dtype: torch.dtype, lora_rank: in
     return model.eval().requires_grad_(False)
 
 
-def timed(fn, device: str, iters: int) -> float:
-    """Mean seconds per call after warm-up."""
-    for _ in range(3):
-        fn()
+def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(fn, device: str, iters: int, *, sync_each: bool = False) -> float:
+    """Mean seconds per call after warm-up; `sync_each` waits for the device after every call."""
+    for _ in range(3):
+        fn()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
+        if sync_each:
+            sync(device)
+    sync(device)
     return (time.perf_counter() - t0) / iters
+
+
+def measure_runner(name: str, runner_cls, model: NLDModel, prompt: list[int], args, dev: str) -> dict:
+    """Bare passes through one runner: AR step, self-spec cycle, batch-32 AR step."""
+    cfg = model.config
+    n, mask_id, iters = len(prompt), cfg.mask_token_id, (20 if dev == "cuda" else 3)
+    cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=args.batch, num_kv_heads=cfg.num_key_value_heads,
+                    max_len=n + 64, head_dim=cfg.head_dim, device=dev, dtype=model.encoder.norm.weight.dtype)
+    runner = runner_cls(model, cache)
+    t0 = time.perf_counter()
+    runner.run([(s, ForwardPass(prompt, 0, True, all_logits=False)) for s in range(args.batch)])
+    sync(dev)
+    prefill_s = time.perf_counter() - t0
+    step = [(0, ForwardPass([5], n, True, all_logits=False))]
+    draft = [(0, ForwardPass([5] + [mask_id] * 31, n, False, lora=False))]
+    draft_lora = [(0, ForwardPass([5] + [mask_id] * 31, n, False, lora=True))]
+    verify = [(0, ForwardPass(list(range(300, 332)), n, True))]
+    batch_step = [(s, ForwardPass([5 + s], n, True, all_logits=False)) for s in range(args.batch)]
+    r = {
+        "runner": name,
+        "prefill_batch_ms": prefill_s * 1e3,
+        "ar_step_ms": timed(lambda: runner.run(step), dev, iters) * 1e3,
+        "ar_step_synced_ms": timed(lambda: runner.run(step), dev, iters, sync_each=True) * 1e3,
+        "draft_pass_ms": timed(lambda: runner.run(draft), dev, iters) * 1e3,
+        "draft_pass_lora_ms": timed(lambda: runner.run(draft_lora), dev, iters) * 1e3,
+        "verify_pass_ms": timed(lambda: runner.run(verify), dev, iters) * 1e3,
+        f"ar_step_batch{args.batch}_ms": timed(lambda: runner.run(batch_step), dev, iters) * 1e3,
+    }
+    r["self_spec_cycle_ms"] = r["draft_pass_ms"] + r["verify_pass_ms"]
+    r["self_spec_cycle_lora_ms"] = r["draft_pass_lora_ms"] + r["verify_pass_ms"]
+    r["self_spec_cycle_over_ar_step"] = r["self_spec_cycle_ms"] / r["ar_step_synced_ms"]
+    r["self_spec_cycle_lora_over_ar_step"] = r["self_spec_cycle_lora_ms"] / r["ar_step_synced_ms"]
+    r[f"ar_batch{args.batch}_tokens_per_s"] = args.batch / r[f"ar_step_batch{args.batch}_ms"] * 1e3
+    r["logits_step"] = runner.run(step)[0]  # compared across runners, dropped before saving
+    return r
+
+
+def measure_engine(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
+    ar = DecodeParams(mode="ar", max_new_tokens=new_tokens + 1, ignore_eos=True, draft_lora=False)
+    engine.generate(prompt, ar.with_(max_new_tokens=8))  # warm-up (and graph capture)
+    prefill_only = engine.generate(prompt, ar.with_(max_new_tokens=1)).seconds
+    full = engine.generate(prompt, ar)
+    decode_s = (full.seconds - prefill_only) / full.forward_passes
+    return {"ar_decode_tokens_per_s": 1.0 / decode_s, "ar_step_ms_engine": decode_s * 1e3,
+            "tokens": full.token_ids}
+
+
+def profile_eager(model: NLDModel, prompt: list[int], dev: str) -> dict:
+    """Where an eager step's time goes: GPU kernel time per AR step (top kernels) and the host's
+    top operators over a short eager `Engine.generate`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def self_time(e, kind: str) -> float:
+        return getattr(e, f"self_{kind}_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)
+
+    cfg = model.config
+    cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
+                    max_len=len(prompt) + 64, head_dim=cfg.head_dim, device=dev, dtype=model.encoder.norm.weight.dtype)
+    runner = ModelRunner(model, cache)
+    runner.run([(0, ForwardPass(prompt, 0, True, all_logits=False))])
+    step = [(0, ForwardPass([5], len(prompt), True, all_logits=False))]
+    runner.run(step)
+    sync(dev)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            runner.run(step)
+        sync(dev)
+    ev = prof.key_averages()
+    kernels = sorted(ev, key=lambda e: self_time(e, "device"), reverse=True)
+    out = {"gpu_kernel_ms_per_ar_step": sum(self_time(e, "device") for e in ev) / 5 / 1e3,
+           "kernel_launches_per_ar_step": sum(e.count for e in ev if self_time(e, "device") > 0) / 5,
+           "top_kernels_ms_per_step": {e.key[:80]: self_time(e, "device") / 5 / 1e3 for e in kernels[:8]}}
+    engine = Engine(model, runner_cls=ModelRunner)
+    params = DecodeParams(mode="ar", max_new_tokens=9, ignore_eos=True)
+    engine.generate(prompt, params)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        engine.generate(prompt, params)
+        out["engine_generate_8_steps_ms"] = (time.perf_counter() - t0) * 1e3
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    out["engine_top_host_ops_ms"] = {e.key[:80]: e.self_cpu_time_total / 1e3 for e in host[:10]}
+    return out
+
+
+def check_identity_fp32(dev: str, small: bool) -> dict:
+    """8B widths, 4 layers, float32: graph vs eager tokens, and greedy self-spec == AR under
+    graphs (bfloat16 near-ties of random weights make those comparisons uninformative)."""
+    shape = dict(SHAPES["small" if small else "8b"], layers=2 if small else 4)
+    cfg = ModelConfig.from_dict(random_config(**shape, block_size=32, dtype="float32",
+                                              max_position_embeddings=262144, rope_factor=16.0))
+    model = build_model(cfg, dev, torch.float32, lora_rank=8 if small else 128)
+    prompt = torch.randint(200, cfg.vocab_size, (256,), generator=torch.Generator().manual_seed(2)).tolist()
+    graph_cls = CudaGraphRunner if dev == "cuda" else (lambda m, c: CudaGraphRunner(m, c, capture=False))
+    eager, graphs = Engine(model, runner_cls=ModelRunner), Engine(model, runner_cls=graph_cls)
+    out = {}
+    for mode in ("ar", "self_spec", "diffusion"):
+        params = DecodeParams(mode=mode, max_new_tokens=96, ignore_eos=True)
+        a, b = eager.generate(prompt, params), graphs.generate(prompt, params)
+        out[f"{mode}_graph_equals_eager"] = a.token_ids == b.token_ids
+        out.setdefault("tokens", {})[mode] = b.token_ids
+    out["self_spec_equals_ar_under_graphs"] = out["tokens"]["self_spec"] == out["tokens"]["ar"]
+    out["self_spec_equals_ar_eager"] = eager.generate(prompt, DecodeParams(
+        mode="self_spec", max_new_tokens=96, ignore_eos=True)).token_ids == out["tokens"]["ar"]
+    del out["tokens"]
+    return out
 
 
 def main(argv=None) -> None:
@@ -69,74 +191,88 @@ def main(argv=None) -> None:
     p.add_argument("--small", action="store_true", help="tiny shapes, to smoke-test the script")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32, help="rows of the batched AR step")
     p.add_argument("--out", default="gpu_check.json")
     args = p.parse_args(argv)
     dev = args.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    shape = dict(layers=34, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=131072)
-    if args.small:
-        shape = dict(layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=1024)
-    cfg = ModelConfig.from_dict(random_config(**shape, block_size=32, dtype="bfloat16",
-                                              max_position_embeddings=262144, rope_factor=16.0))
-    model = build_model(cfg, dev, dtype, lora_rank=128 if not args.small else 8)
+    cfg = ModelConfig.from_dict(random_config(**SHAPES["small" if args.small else "8b"], block_size=32,
+                                              dtype="bfloat16", max_position_embeddings=262144, rope_factor=16.0))
+    model = build_model(cfg, dev, dtype, lora_rank=8 if args.small else 128)
     n_params = sum(t.numel() for t in model.parameters())
-    embed = cfg.vocab_size * cfg.hidden_size
     lora_params = sum(a.numel() + b.numel() for a, b in
                       ((l.self_attn.lora_a, l.self_attn.lora_b) for l in model.encoder.layers))
-    bytes_per_token = (n_params - embed + cfg.hidden_size) * torch.finfo(dtype).bits // 8  # one embedding row
-    engine = Engine(model)
+    bytes_per_token = (n_params - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * torch.finfo(dtype).bits // 8
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     peak = next((bw for key, bw in PEAK_BANDWIDTH_TBS.items() if key in name), None)
+    result = {
+        "device": name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."), "params": n_params, "lora_params": lora_params,
+        "weight_bytes_per_token": bytes_per_token, "context": args.context, "peak_bandwidth_tb_s": peak,
+        "bandwidth_bound_tokens_per_s": peak * 1e12 / bytes_per_token if peak else None,
+        "runners": {}, "errors": [],
+    }
+
+    def save() -> None:
+        print(json.dumps(result, indent=2), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
 
     prompt = torch.randint(200, cfg.vocab_size, (args.context,), generator=torch.Generator().manual_seed(1)).tolist()
-    ar = DecodeParams(mode="ar", max_new_tokens=args.new_tokens + 1, ignore_eos=True, draft_lora=False)
-    engine.generate(prompt, ar.with_(max_new_tokens=8))  # warm-up
-    prefill_only = engine.generate(prompt, ar.with_(max_new_tokens=1)).seconds
-    full = engine.generate(prompt, ar)
-    decode_s = (full.seconds - prefill_only) / full.forward_passes
-    ar_tps = 1.0 / decode_s
-
-    cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
-                    max_len=args.context + 64, head_dim=cfg.head_dim, device=dev, dtype=dtype)
-    runner = ModelRunner(model, cache)
-    runner.run([(0, ForwardPass(prompt, 0, True, all_logits=False))])
-    n = args.context
-    mask_id = cfg.mask_token_id
-    step = [(0, ForwardPass([5], n, True, all_logits=False))]
-    draft = [(0, ForwardPass([5] + [mask_id] * 31, n, False, lora=False))]
-    draft_lora = [(0, ForwardPass([5] + [mask_id] * 31, n, False, lora=True))]
-    verify = [(0, ForwardPass(list(range(300, 332)), n, True))]
-    iters = 20 if dev == "cuda" else 3
-    t_step = timed(lambda: runner.run(step), dev, iters)
-    t_draft = timed(lambda: runner.run(draft), dev, iters)
-    t_draft_lora = timed(lambda: runner.run(draft_lora), dev, iters)
-    t_verify = timed(lambda: runner.run(verify), dev, iters)
-    cycle = t_draft + t_verify
-    result = {
-        "device": name,
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "dtype": str(dtype).removeprefix("torch."),
-        "params": n_params,
-        "lora_params": lora_params,
-        "weight_bytes_per_token": bytes_per_token,
-        "context": args.context,
-        "ar_decode_tokens_per_s": ar_tps,
-        "ar_step_ms_engine": decode_s * 1e3,
-        "ar_step_ms_runner": t_step * 1e3,
-        "peak_bandwidth_tb_s": peak,
-        "bandwidth_bound_tokens_per_s": peak * 1e12 / bytes_per_token if peak else None,
-        "achieved_bandwidth_tb_s": bytes_per_token * ar_tps / 1e12,
-        "draft_pass_ms": t_draft * 1e3,
-        "draft_pass_lora_ms": t_draft_lora * 1e3,
-        "verify_pass_ms": t_verify * 1e3,
-        "self_spec_cycle_ms": cycle * 1e3,
-        "self_spec_cycle_over_ar_step": cycle / t_step,
-        "break_even_tokens_per_cycle": cycle / t_step,
-    }
-    print(json.dumps(result, indent=2))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    graph_cls = (lambda m, c: CudaGraphRunner(m, c, capture=False)) if dev != "cuda" else CudaGraphRunner
+    logits, tokens = {}, {}
+    for label, runner_cls in (("eager", ModelRunner), ("cuda_graphs", graph_cls)):
+        try:
+            r = measure_runner(label, runner_cls, model, prompt, args, dev)
+            logits[label] = r.pop("logits_step")
+            e = measure_engine(Engine(model, runner_cls=runner_cls), prompt, args.new_tokens)
+            tokens[label] = e.pop("tokens")
+            r.update(e)
+            r["achieved_bandwidth_tb_s"] = bytes_per_token * r["ar_decode_tokens_per_s"] / 1e12
+            if peak:
+                r["fraction_of_bandwidth_bound"] = r["achieved_bandwidth_tb_s"] / peak
+            result["runners"][label] = r
+        except Exception:  # keep what was measured; record why the rest is missing
+            result["errors"].append({label: traceback.format_exc()})
+        save()
+    try:
+        if len(logits) == 2:
+            a, b = logits["eager"], logits["cuda_graphs"]
+            result["graph_vs_eager"] = {
+                "step_logits_max_abs_diff": float((a - b).abs().max()),
+                "step_argmax_equal": bool(a.argmax() == b.argmax()),
+                "greedy_tokens_equal_prefix": next((i for i, (x, y) in enumerate(zip(tokens["eager"], tokens["cuda_graphs"]))
+                                                    if x != y), len(tokens["eager"])),
+            }
+        engine = Engine(model, runner_cls=graph_cls)
+        spec = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=64, ignore_eos=True))
+        ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=64, ignore_eos=True))
+        diff = engine.generate(prompt, DecodeParams(mode="diffusion", max_new_tokens=64, ignore_eos=True))
+        result["modes_under_graphs"] = {
+            "self_spec_equals_ar_prefix": next((i for i, (x, y) in enumerate(zip(spec.token_ids, ar.token_ids))
+                                                if x != y), len(ar.token_ids)),
+            "self_spec_forward_passes": spec.forward_passes, "diffusion_forward_passes": diff.forward_passes,
+            "diffusion_tokens": len(diff.token_ids),
+            "graph_buckets": sorted(map(list, engine._runner.buckets)),
+        }
+    except Exception:
+        result["errors"].append({"comparison": traceback.format_exc()})
+    save()
+    for key, fn in (("eager_profile", lambda: profile_eager(model, prompt, dev)),
+                    ("fp32_identity", lambda: check_identity_fp32(dev, args.small))):
+        try:
+            if key == "fp32_identity":
+                del engine
+                model.to("meta")  # free the bfloat16 8B before the float32 model
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+            result[key] = fn()
+        except Exception:
+            result["errors"].append({key: traceback.format_exc()})
+        save()
+    if dev == "cuda":
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    save()
 
 
 if __name__ == "__main__":

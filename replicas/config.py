@@ -22,6 +22,7 @@ class EngineLimits(BaseModel):
     max_block_length: int | None = Field(default=None, ge=2, description="None: the model's block_size")
     prefill_chunk: int = Field(default=512, ge=1)
     draft_tiers: list[DraftTierModel] = Field(default_factory=list)
+    cuda_graphs: bool = Field(default=True, description="on CUDA: replay decode-sized passes from CUDA graphs")
 
 
 class ReplicaConfig(BaseModel):
@@ -50,5 +51,5 @@ class ReplicaConfig(BaseModel):
             max_batch_size=e.max_batch_size, max_seq_len=e.max_seq_len, max_waiting=e.max_waiting,
             max_block_length=e.max_block_length, prefill_chunk=e.prefill_chunk,
             draft_tiers=tuple(DraftTier(t.max_running, t.block_length) for t in e.draft_tiers),
-            device=self.device, dtype=self.dtype,
+            device=self.device, dtype=self.dtype, cuda_graphs=e.cuda_graphs,
         )

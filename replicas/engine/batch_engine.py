@@ -59,6 +59,7 @@ class BatchEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **load_kw) -> "BatchEngine":
         config = config or EngineConfig()
+        load_kw.setdefault("cuda_graphs", config.cuda_graphs)
         engine = Engine.from_pretrained(path, device=config.device, dtype=config.dtype,
                                         max_block_length=config.max_block_length, **load_kw)
         return cls(engine, config)

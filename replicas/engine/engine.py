@@ -22,19 +22,31 @@ from .loader import LORA_SUBDIR, load_lora, load_model, resolve_dtype
 from .model import NLDModel
 from .modes import MODE_CLASSES, finish_prefill, prefill_pass
 from .params import DecodeParams, GenerationOutput
+from .graph_runner import CudaGraphRunner
 from .runner import ModelRunner
 from .sequence import Sequence
 
 
 class Engine:
     def __init__(
-        self, model: NLDModel, *, max_block_length: int | None = None, runner_cls: type[ModelRunner] = ModelRunner
+        self,
+        model: NLDModel,
+        *,
+        max_block_length: int | None = None,
+        runner_cls: type[ModelRunner] | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
+        """`runner_cls` None: CUDA-graph replay of small passes on a CUDA device (unless
+        `cuda_graphs` is False), the eager runner elsewhere."""
         self.model = model
-        self.runner_cls = runner_cls
         self.config: ModelConfig = model.config
         self.device = model.encoder.embed_tokens.weight.device
         self.dtype = model.encoder.embed_tokens.weight.dtype
+        if runner_cls is None:
+            runner_cls = CudaGraphRunner if self.device.type == "cuda" and cuda_graphs else ModelRunner
+        self.runner_cls = runner_cls
+        self._runner: ModelRunner | None = None  # reused by `generate` while its cache is big enough
+        self._runner_made_by = None
         self.max_block_length = max_block_length or self.config.block_size
         self._ids = itertools.count()
 
@@ -47,7 +59,8 @@ class Engine:
         *,
         lora: str | Path | bool | None = None,
         max_block_length: int | None = None,
-        runner_cls: type[ModelRunner] = ModelRunner,
+        runner_cls: type[ModelRunner] | None = None,
+        cuda_graphs: bool = True,
     ) -> "Engine":
         """Load `path`. `lora`: None = `linear_spec_lora/` when present, False = none, or a directory."""
         model = load_model(path, device, dtype)
@@ -56,7 +69,7 @@ class Engine:
             raise FileNotFoundError(f"no LoRA adapter at {adapter}")
         if adapter and Path(adapter).is_dir():
             model.set_lora(load_lora(adapter, model.config, device, resolve_dtype(dtype)))
-        return cls(model, max_block_length=max_block_length, runner_cls=runner_cls)
+        return cls(model, max_block_length=max_block_length, runner_cls=runner_cls, cuda_graphs=cuda_graphs)
 
     @property
     def has_lora(self) -> bool:
@@ -107,20 +120,26 @@ class Engine:
             generator=generator,
         )
 
+    def runner_for(self, max_len: int) -> ModelRunner:
+        """A one-slot runner whose cache holds `max_len` columns: the last one when it is big
+        enough (its CUDA graphs stay captured), else a new one. Stale columns are never read:
+        masks only reach below a sequence's own length."""
+        old = self._runner
+        if old is None or self._runner_made_by is not self.runner_cls or old.cache.max_len < max_len:
+            cfg = self.config
+            cache = KVCache(
+                num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
+                max_len=max_len, head_dim=cfg.head_dim, device=self.device, dtype=self.dtype,
+            )
+            self._runner = None  # free the old cache first
+            self._runner = self.runner_cls(self.model, cache)
+            self._runner_made_by = self.runner_cls  # a class or a factory; swapping it starts afresh
+        return self._runner
+
     def generate(self, prompt_ids, params: DecodeParams | None = None) -> GenerationOutput:
         params = self.check_request(list(prompt_ids), params or DecodeParams())
         t0 = time.perf_counter()
-        cfg = self.config
-        cache = KVCache(
-            num_layers=cfg.num_hidden_layers,
-            num_slots=1,
-            num_kv_heads=cfg.num_key_value_heads,
-            max_len=self.positions_needed(len(prompt_ids), params.max_new_tokens, params.block_length),
-            head_dim=cfg.head_dim,
-            device=self.device,
-            dtype=self.dtype,
-        )
-        runner = self.runner_cls(self.model, cache)
+        runner = self.runner_for(self.positions_needed(len(prompt_ids), params.max_new_tokens, params.block_length))
         seq = self.new_sequence(prompt_ids, params, slot=0)
         finish_prefill(seq, runner.run([(0, prefill_pass(seq))])[0])
         mode = MODE_CLASSES[params.mode](seq)

@@ -33,6 +33,7 @@ class EngineConfig:
     draft_tiers: tuple[DraftTier, ...] = field(default_factory=tuple)
     device: str = "cpu"
     dtype: str = "float32"
+    cuda_graphs: bool = True  # on CUDA: replay decode-sized passes from CUDA graphs
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk"):

@@ -31,7 +31,7 @@ class AttentionInputs:
     slots: torch.Tensor  # [B] cache slot per row
     write_index: torch.Tensor  # [B, T] cache column each token's K/V goes to
     mask: torch.Tensor  # [B, 1, T, S] bool, True = may attend; S = columns read
-    lora_rows: torch.Tensor | None = None  # [B] bool rows that take the o_proj LoRA delta
+    lora_rows: torch.Tensor | None = None  # [B] 1.0 for rows that take the o_proj LoRA delta, else 0.0
     slot_start: int | None = None  # set when slots == slot_start + arange(B): reads become views
 
 
@@ -87,10 +87,11 @@ class Attention(nn.Module):
         )  # [B, H, T, D]
         out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         y = self.o_proj(out)
-        if self.lora_a is not None and attn.lora_rows is not None and bool(attn.lora_rows.any()):
-            rows = attn.lora_rows.nonzero().squeeze(1)  # [R]
-            delta = (out.index_select(0, rows) @ self.lora_a.T) @ self.lora_b.T  # [R, T, hidden]
-            y = y.index_add(0, rows, delta)
+        if self.lora_a is not None and attn.lora_rows is not None:
+            # every row computes the rank-r delta and the row weight keeps or zeroes it: no
+            # data-dependent indexing, so no host sync (and the pass can be a CUDA graph)
+            delta = (out @ self.lora_a.T) @ self.lora_b.T  # [B, T, hidden]
+            y = y + delta * attn.lora_rows.to(y.dtype)[:, None, None]
         return y
 
 
