@@ -108,6 +108,8 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=128)
+    p.add_argument("--file-start-frac", type=float, default=0.75,
+                   help="share of prompts that are the first tokens of a train file (the rest: random windows)")
     p.add_argument("--lib", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -120,9 +122,12 @@ def main(argv=None) -> dict:
 
     tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
     lib = args.lib or tt.stdlib_dir()
-    stream = tt.encode_files(tok, [tt.read_text(lib, f) for f in split["train"]])
+    texts = [tt.read_text(lib, f) for f in split["train"]]
+    stream = tt.encode_files(tok, texts)
     gen = torch.Generator().manual_seed(args.seed + 7)
-    seqs = tt.generate_distill_set(model, stream, args.samples, args.prompt, args.new, gen)
+    prompts = tt.sample_prompts(stream, args.samples, args.prompt, gen, file_starts=tt.file_start_prompts(
+        tok, texts, args.prompt), file_start_frac=args.file_start_frac)
+    seqs = tt.generate_distill_set(model, stream, args.samples, args.prompt, args.new, gen, prompts=prompts)
     t_gen = time.time() - t_start
     print(f"{seqs.shape[0]} self-generated sequences of {seqs.shape[1]} tokens in {t_gen:.0f}s", flush=True)
 

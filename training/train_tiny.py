@@ -210,10 +210,31 @@ def make_batch(stream: np.ndarray, batch: int, seq: int, blocks: list[int], gen:
     return noise_rows(clean, blocks, gen, keep_first_prob=keep_first_prob, suffix_prob=suffix_prob)
 
 
+def file_start_prompts(tok, texts: list[str], length: int) -> list[list[int]]:
+    """The first `length` tokens of every text that has that many (no bos): the prompts
+    `benchmarks/engine_modes.py --heldout` uses, taken here from the train split."""
+    return [enc.ids[:length] for enc in tok.encode_batch(texts) if len(enc.ids) >= length]
+
+
+def sample_prompts(stream: np.ndarray, n: int, length: int, gen: torch.Generator, *,
+                   file_starts: list[list[int]] | None = None, file_start_frac: float = 0.0) -> list[list[int]]:
+    """n prompts of `length` tokens: a `file_start_frac` share drawn from `file_starts`, the
+    rest from random positions of the stream."""
+    prompts = []
+    for _ in range(n):
+        if file_starts and file_start_frac > 0 and float(torch.rand((), generator=gen)) < file_start_frac:
+            prompts.append(list(file_starts[int(torch.randint(0, len(file_starts), (), generator=gen))]))
+        else:
+            s = int(torch.randint(0, len(stream) - length, (), generator=gen))
+            prompts.append(stream[s:s + length].astype(np.int64).tolist())
+    return prompts
+
+
 @torch.no_grad()
 def generate_distill_set(model: NLDModel, stream: np.ndarray, n: int, prompt_tokens: int, new_tokens: int,
-                         gen: torch.Generator) -> torch.Tensor:
-    """Greedy AR continuations of n random train-split prompts by the model itself: [n, P + N] long.
+                         gen: torch.Generator, prompts: list[list[int]] | None = None) -> torch.Tensor:
+    """Greedy AR continuations by the model itself of n prompts (default: random train-stream
+    windows): [n, P + N] long.
 
     The self-speculation draft must predict the model's OWN greedy continuation, and diffusion
     unmasks confidently only where the model is self-consistent: these sequences teach both."""
@@ -223,10 +244,9 @@ def generate_distill_set(model: NLDModel, stream: np.ndarray, n: int, prompt_tok
     model.eval()
     engine = Engine(model, max_block_length=64)
     params = DecodeParams(mode="ar", max_new_tokens=new_tokens, ignore_eos=True)
+    prompts = prompts or sample_prompts(stream, n, prompt_tokens, gen)
     rows = []
-    for _ in range(n):
-        s = int(torch.randint(0, len(stream) - prompt_tokens, (), generator=gen))
-        prompt = stream[s:s + prompt_tokens].astype(np.int64).tolist()
+    for prompt in prompts:
         out = engine.generate(prompt, params).token_ids
         rows.append(torch.tensor(prompt + out[:new_tokens]))
     model.train(was_training)
@@ -285,6 +305,28 @@ def joint_loss(model: NLDModel, batch: dict, alpha: float, device, ar: bool = Tr
     return l_ar + alpha * l_diff, float(l_ar.detach()), float(l_diff.detach())
 
 
+def take_step(model: NLDModel, opt: torch.optim.Optimizer, loss: torch.Tensor, where: str) -> None:
+    """One optimiser step (gradients clipped to norm 1); a non-finite loss stops training."""
+    if not math.isfinite(float(loss.detach())):
+        raise FloatingPointError(f"{where}: loss is {float(loss.detach())}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
+def self_distill_loss(model: NLDModel, distill: torch.Tensor, rows: int, prompt_len: int, blocks: list[int],
+                      gen: torch.Generator, args, device) -> tuple[torch.Tensor, float]:
+    """(alpha * L_diff, L_diff) on `rows` random self-generated sequences of `distill` [n, P + N]:
+    the usual noising, the loss only on the generated part (positions >= prompt_len)."""
+    picked = torch.randint(0, distill.shape[0], (rows,), generator=gen)
+    batch = noise_rows(distill[picked], blocks, gen, keep_first_prob=args.keep_first,
+                       suffix_prob=args.suffix_prob, loss_from=prompt_len)
+    batch["loss_tokens"] = rows * (distill.shape[1] - prompt_len)
+    loss, _, l_diff = joint_loss(model, batch, args.alpha, device, ar=False)
+    return loss, l_diff
+
+
 @torch.no_grad()
 def heldout_ar_loss(model: NLDModel, stream: np.ndarray, seq: int, n_windows: int, device) -> float:
     """Mean next-token loss over n_windows evenly spaced held-out windows (causal attention)."""
@@ -324,7 +366,7 @@ def plot_losses(log: dict, path: Path) -> None:
     ax.plot(steps, [r["diff"] for r in log["train"]], label="train L_diff (1/t weighted)")
     dist = [(r["step"], r["diff_self"]) for r in log["train"] if "diff_self" in r]
     if dist:
-        ax.plot(*zip(*dist), label="train L_diff on own greedy text (phase 2)")
+        ax.plot(*zip(*dist), label="train L_diff on own greedy text (phases 2-3)")
         for i, rnd in enumerate(log.get("distill", [])):
             ax.axvline(rnd["from_step"], color="grey", ls=":", lw=1, label="self-generated set (re)made" if i == 0 else None)
     if log["eval"]:
@@ -451,18 +493,10 @@ def main(argv=None) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             loss, l_ar, l_diff = joint_loss(model, batch, args.alpha, device)
             if distill is not None:
-                rows = torch.randint(0, distill.shape[0], (args.distill_batch,), generator=gen)
-                dbatch = noise_rows(distill[rows], blocks, gen, keep_first_prob=args.keep_first,
-                                    suffix_prob=args.suffix_prob, loss_from=args.distill_prompt)
-                dbatch["loss_tokens"] = args.distill_batch * args.distill_new
-                dloss, _, l_dist = joint_loss(model, dbatch, args.alpha, device, ar=False)
+                dloss, l_dist = self_distill_loss(model, distill, args.distill_batch, args.distill_prompt, blocks, gen,
+                                                  args, device)
                 loss = loss + dloss
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"step {step}: loss is {float(loss.detach())}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        take_step(model, opt, loss, f"step {step}")
         acc_ar, acc_diff, acc_dist, acc_n = acc_ar + l_ar, acc_diff + l_diff, acc_dist + l_dist, acc_n + 1
         if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
             rec = {"step": step + 1, "ar": acc_ar / acc_n, "diff": acc_diff / acc_n, "lr": lr_at(step),

@@ -66,4 +66,8 @@ def test_three_modes_generate_and_self_spec_equals_ar(engine, tokenizer, block):
         diff = engine.generate(prompt, DecodeParams(mode="diffusion", max_new_tokens=40, block_length=block,
                                                     threshold=0.9, ignore_eos=True))
         assert len(diff.token_ids) == 40 and 100 not in diff.token_ids
-        assert diff.forward_passes <= 40
+        # NFE accounting: each committed block took 1..block denoise passes plus its commit pass;
+        # the final block (not committed) took 0..block denoise passes
+        committed = len(diff.denoise_passes)
+        in_last = diff.forward_passes - sum(diff.denoise_passes) - committed
+        assert all(1 <= p <= block for p in diff.denoise_passes) and 0 <= in_last <= block

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
 
 from replicas.engine import DecodeParams, Engine
 from replicas.engine.loader import load_lora, load_model
-from training import train_lora, train_tiny as tt
+from training import distill_tiny, train_lora, train_tiny as tt
 
 
 def brute_blocks(t: int, block: int, offset: int) -> list[int]:
@@ -180,6 +183,47 @@ def test_one_lora_step_writes_a_peft_adapter_the_engine_loads(tiny_run):
     assert len(deltas) == model.config.num_hidden_layers and deltas[0][0].shape[0] == 4
     engine = Engine.from_pretrained(out)
     assert engine.has_lora
+    prompt = [1, 200, 201, 202, 203]
+    ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
+    ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
+    assert ss.token_ids == ar.token_ids
+
+
+def test_sample_prompts_mixes_file_starts_and_windows():
+    stream = np.arange(1000, dtype=np.int32)
+    starts = [[7, 8, 9, 10], [20, 21, 22, 23]]
+    gen = torch.Generator().manual_seed(0)
+    prompts = tt.sample_prompts(stream, 200, 4, gen, file_starts=starts, file_start_frac=0.75)
+    from_starts = sum(p in starts for p in prompts)
+    assert 120 <= from_starts <= 180  # about 75%
+    assert all(p in starts or p == list(range(p[0], p[0] + 4)) for p in prompts)
+    assert tt.sample_prompts(stream, 5, 4, torch.Generator().manual_seed(1)) == \
+        tt.sample_prompts(stream, 5, 4, torch.Generator().manual_seed(1), file_starts=starts)  # frac 0: windows
+
+
+def test_file_start_prompts_are_the_first_tokens_of_each_long_enough_file(tiny_run):
+    from tokenizers import Tokenizer
+
+    _, out, _ = tiny_run
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    got = tt.file_start_prompts(tok, [SOURCE, "x = 1\n"], 8)
+    assert got == [tok.encode(SOURCE).ids[:8]]  # the short file is skipped; no bos is added
+
+
+def test_phase3_distillation_continues_the_checkpoint_and_its_log(tiny_run, tmp_path):
+    lib, out, _ = tiny_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(out, ckpt)
+    before = load_model(ckpt).state_dict()
+    log = distill_tiny.main(["--model", str(ckpt), "--lib", str(lib), "--steps", "2", "--rounds", "1",
+                             "--samples", "2", "--prompt", "8", "--new", "8", "--batch", "2", "--distill-batch", "2",
+                             "--seq", "32", "--eval-windows", "2", "--threads", "1"])
+    assert log["phase3"]["from_step"] == 3 and log["train"][-1]["step"] == 5 and log["train"][-1]["phase"] == 3
+    assert math.isfinite(log["train"][-1]["diff_self"]) and math.isfinite(log["heldout_ar_final"])
+    assert json.loads((ckpt / "train_log.json").read_text())["phase3"]["rounds"][0]["samples"] == 2
+    after = load_model(ckpt).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    engine = Engine.from_pretrained(ckpt)
     prompt = [1, 200, 201, 202, 203]
     ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
     ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))

@@ -1,0 +1,128 @@
+"""Phase 3 of the tiny model's training: more self-distillation, from file starts too.
+
+Continues a checkpoint written by `train_tiny` (in place): each round the model writes greedy AR
+continuations of train-split prompts, a `--file-start-frac` share of them the first tokens of a
+file (the prompt shape `benchmarks/engine_modes.py --heldout` measures), the rest random stream
+windows; then it trains `L_AR` on the corpus plus the diffusion loss on its own continuations,
+exactly as phase 2 of `train_tiny`. Held-out files are never read except for the held-out loss.
+The log is appended to `train_log.json` (steps continue) and `loss_curves.png` is redrawn.
+The draft LoRA must be retrained afterwards (`training.train_lora`): it fits the backbone.
+
+    .venv/bin/python -m training.distill_tiny --model models/nld-tiny-pystdlib --steps 400 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from replicas.engine.loader import load_model
+
+from . import train_tiny as tt
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, required=True, help="a train_tiny checkpoint; updated in place")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--rounds", type=int, default=2, help="self-generated sets, remade from the current model")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--file-start-frac", type=float, default=0.75)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8, help="corpus rows per step (L_AR + 0.3 L_diff)")
+    p.add_argument("--distill-batch", type=int, default=8, help="self-generated rows per step (L_diff)")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--blocks", default="16,32")
+    p.add_argument("--keep-first", type=float, default=0.75)
+    p.add_argument("--suffix-prob", type=float, default=0.5)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--lib", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    t_start = time.time()
+    from tokenizers import Tokenizer
+
+    model = load_model(args.model, device, "float32").train().requires_grad_(True)
+    raw_cfg = json.loads((args.model / "config.json").read_text())
+    split = json.loads((args.model / "split.json").read_text())
+    tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
+    lib = args.lib or tt.stdlib_dir()
+    train_texts = [tt.read_text(lib, f) for f in split["train"]]
+    train_stream = tt.encode_files(tok, train_texts)
+    held_stream = tt.encode_files(tok, [tt.read_text(lib, f) for f in split["heldout"]])
+    starts = tt.file_start_prompts(tok, train_texts, args.prompt)
+    log_path = args.model / "train_log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {"train": [], "eval": []}
+    first_step = log["train"][-1]["step"] if log["train"] else 0
+    print(f"phase 3 from step {first_step}: {len(starts)} file-start prompts, {len(train_stream)} train tokens",
+          flush=True)
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    gen = torch.Generator().manual_seed(args.seed + 11)
+    blocks = [int(x) for x in args.blocks.split(",")]
+    round_len = max(1, math.ceil(args.steps / max(1, args.rounds)))
+    phase = {"args": {k: str(v) for k, v in vars(args).items()}, "from_step": first_step, "rounds": []}
+    acc = [0.0, 0.0, 0.0, 0]
+    distill = None
+    for step in range(args.steps):
+        if step % round_len == 0:
+            t0 = time.time()
+            prompts = tt.sample_prompts(train_stream, args.samples, args.prompt, gen, file_starts=starts,
+                                        file_start_frac=args.file_start_frac)
+            distill = tt.generate_distill_set(model, train_stream, args.samples, args.prompt, args.new, gen,
+                                              prompts=prompts)
+            rnd = {"samples": int(distill.shape[0]), "length": int(distill.shape[1]),
+                   "generate_seconds": round(time.time() - t0, 1), "from_step": first_step + step}
+            phase["rounds"].append(rnd)
+            log.setdefault("distill", []).append(rnd)
+            print(f"phase 3: {distill.shape[0]} self-generated sequences in {rnd['generate_seconds']:.0f}s", flush=True)
+        for g in opt.param_groups:  # short warm-up, cosine to a tenth
+            g["lr"] = args.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        batch = tt.make_batch(train_stream, args.batch, args.seq, blocks, gen,
+                              keep_first_prob=args.keep_first, suffix_prob=args.suffix_prob)
+        loss, l_ar, l_diff = tt.joint_loss(model, batch, args.alpha, device)
+        dloss, l_dist = tt.self_distill_loss(model, distill, args.distill_batch, args.prompt, blocks, gen, args, device)
+        loss = loss + dloss
+        tt.take_step(model, opt, loss, f"phase 3 step {step}")
+        acc = [acc[0] + l_ar, acc[1] + l_diff, acc[2] + l_dist, acc[3] + 1]
+        if (step + 1) % 10 == 0 or step + 1 == args.steps:
+            n = acc[3]
+            rec = {"step": first_step + step + 1, "ar": acc[0] / n, "diff": acc[1] / n, "diff_self": acc[2] / n,
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t_start, 1), "phase": 3}
+            log["train"].append(rec)
+            acc = [0.0, 0.0, 0.0, 0]
+            print(f"step {rec['step']:5d}  L_AR {rec['ar']:.3f}  L_diff {rec['diff']:.3f}  "
+                  f"L_diff(self) {rec['diff_self']:.3f}  {rec['seconds']:.0f}s", flush=True)
+    ev = tt.heldout_ar_loss(model, held_stream, args.seq, args.eval_windows, device)
+    log["eval"].append({"step": first_step + args.steps, "heldout_ar": ev})
+    log["heldout_ar_final"] = ev
+    phase["seconds"] = round(time.time() - t_start, 1)
+    log["phase3"] = phase
+    tt.save_checkpoint(model, raw_cfg, args.model)
+    log_path.write_text(json.dumps(log, indent=1))
+    tt.plot_losses(log, args.model / "loss_curves.png")
+    print(f"phase 3 done in {phase['seconds']:.0f}s; held-out L_AR {ev:.3f}", flush=True)
+    return log
+
+
+if __name__ == "__main__":
+    main()
