@@ -1,12 +1,18 @@
 """Adaptive vs fixed modes on the full stack: gateway -> Ray Serve -> engine, on loopback.
 
-For each policy (fixed `ar`, fixed `self_spec`, the adaptive policy file) and each concurrency
-level, C closed-loop clients send `auto` completions (non-streaming, fixed max_tokens) for
---settle-seconds unmeasured (a steady state: the adaptive policy's switch for this level has
-happened) and then --seconds measured; it reports total completion tokens/s and p50 latency per level. Then a ramp
-(concurrency up and down) runs under the adaptive policy, recording the policy's mode over
-time. Output: a table, JSON and a PNG plot. The replicas stay up across policies; only the
-gateway (in-process, on a loopback port) is rebuilt per policy.
+For each concurrency level and each policy (fixed `ar`, fixed `self_spec`, the adaptive policy
+file), a fresh gateway is started and C closed-loop clients send `auto` completions
+(non-streaming, fixed max_tokens): --settle-seconds unmeasured (a steady state: the adaptive
+policy's switch for this level has happened), then --seconds measured, then --tail-seconds
+unmeasured. It reports completion tokens/s, each request credited with the share of its
+lifetime inside the measured window (so a wave of requests ending just inside or outside the
+window does not swing the rate), and the p50 latency of the requests that ended in the window.
+The policies run interleaved level by level, in a rotating order, for --rounds rounds, and each
+(policy, level) reports the median over rounds: on a shared machine, drift over the minutes of
+a run then hits every policy alike. Then a ramp (concurrency up and down) runs under the
+adaptive policy, recording the policy's mode over time. Output: a table, JSON and a PNG plot.
+The replicas stay up throughout; only the gateway (in-process, on a loopback port) is rebuilt
+per run.
 
     python benchmarks/adaptive.py --model DIR --policy benchmarks/adaptive_cpu.yaml
 """
@@ -32,33 +38,48 @@ from gateway.metrics import GatewayMetrics, InflightCounter  # noqa: E402
 from gateway.replica_client import HttpReplicaClient  # noqa: E402
 from policies import FixedModePolicy, PolicyHolder  # noqa: E402
 from tests.gateway.servers import serve_in_thread  # noqa: E402
+from benchmarks.engine_modes import heldout_prompts  # noqa: E402
 from tests.serving import free_port  # noqa: E402
 
 
-async def closed_loop(url: str, clients: int, seconds: float, body: dict) -> dict:
-    latencies: list[float] = []
-    tokens = 0
-    modes: dict[str, int] = {}
-    deadline = time.monotonic() + seconds
+async def closed_loop(url: str, clients: int, seconds: float, bodies: list[dict], *, window: tuple[float, float] | None = None,
+                      tail: float = 0.0) -> dict:
+    """C clients send requests back to back for `seconds` (then `tail` more, so the window's end
+    stays under load). Measured over `window` (offsets from the start; default the whole run):
+    each request counts the share of its tokens that its lifetime overlaps the window, so a
+    wave of requests finishing just inside or outside the window does not swing the rate; the
+    p50 latency is over the requests that ended inside the window."""
+    records: list[tuple[float, float, int, str]] = []  # (start, end, completion tokens, mode)
+    t_start = time.monotonic()
+    deadline = t_start + seconds + tail
 
-    async def client(http: httpx.AsyncClient):
-        nonlocal tokens
+    async def client(http: httpx.AsyncClient, k: int):
         while time.monotonic() < deadline:
-            t0 = time.perf_counter()
+            body = bodies[k % len(bodies)]  # client k cycles through the prompts from its own offset
+            k += 1
+            t0 = time.monotonic()
             r = await http.post(url + "/v1/completions", json=body)
             if r.status_code != 200:
                 await asyncio.sleep(0.05)
                 continue
-            latencies.append(time.perf_counter() - t0)
-            tokens += r.json()["usage"]["completion_tokens"]
-            mode = r.headers.get("x-nld-decoding-mode", "?")
-            modes[mode] = modes.get(mode, 0) + 1
+            records.append((t0 - t_start, time.monotonic() - t_start, r.json()["usage"]["completion_tokens"],
+                            r.headers.get("x-nld-decoding-mode", "?")))
 
-    t0 = time.monotonic()
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients + 4)) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-    elapsed = time.monotonic() - t0
-    return {"tokens_per_s": tokens / elapsed, "latency_p50_s": statistics.median(latencies) if latencies else None,
+        await asyncio.gather(*(client(http, k) for k in range(clients)))
+    w0, w1 = window or (0.0, seconds)
+    tokens = 0.0
+    latencies: list[float] = []
+    modes: dict[str, int] = {}
+    for start, end, n, mode in records:
+        overlap = min(end, w1) - max(start, w0)
+        if overlap <= 0:
+            continue
+        tokens += n * overlap / max(end - start, 1e-9)
+        modes[mode] = modes.get(mode, 0) + 1
+        if w0 <= end <= w1:
+            latencies.append(end - start)
+    return {"tokens_per_s": tokens / (w1 - w0), "latency_p50_s": statistics.median(latencies) if latencies else None,
             "requests": len(latencies), "modes": modes}
 
 
@@ -78,12 +99,23 @@ def main(argv=None) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--policy", type=Path, default=Path(__file__).parent / "adaptive_cpu.yaml")
     p.add_argument("--levels", default="1,2,4,8,16,32")
-    p.add_argument("--seconds", type=float, default=8.0)
-    p.add_argument("--settle-seconds", type=float, default=3.0,
-                   help="unmeasured load at each level first (every policy), so a policy's switch settles")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--settle-seconds", type=float, default=8.0,
+                   help="unmeasured load at each level first (every policy), so a policy's switch settles: a "
+                        "fresh adaptive gateway starts sparse, and its first wave of requests runs as self_spec")
+    p.add_argument("--tail-seconds", type=float, default=3.0,
+                   help="load kept on after the window, so requests that straddle its end finish under load")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat every (level, policy) run; the table takes the median over rounds")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--heldout", type=Path, default=None,
+                   help="split JSON whose held-out file starts are the prompts (default: <model>/split.json if any)")
+    p.add_argument("--prompt-count", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--policies", default="ar,self_spec,adaptive",
+                   help="comma-separated; the summary needs all three (a fixed-only sweep prints its table)")
     p.add_argument("--ramp", default="1,2,4,8,16,32,16,8,4,2,1")
-    p.add_argument("--ramp-seconds", type=float, default=6.0)
+    p.add_argument("--ramp-seconds", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive.json"))
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -105,26 +137,36 @@ def main(argv=None) -> None:
               "engine": {"max_batch_size": max(levels), "max_seq_len": 512, "max_waiting": 4 * max(levels)}}
     serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="nld", route_prefix="/")
     replica_url = f"http://127.0.0.1:{port}"
-    body = {"model": "bench", "prompt": "import os\nimport sys\n\n\ndef main():\n", "max_tokens": args.max_tokens,
-            "temperature": 0, "ignore_eos": True}
+    heldout = args.heldout or (Path(args.model) / "split.json")
+    if heldout.is_file():  # the prompts of `engine_modes.py --heldout`: held-out file starts, as token ids
+        prompts = heldout_prompts(heldout, Path(args.model), args.prompt_count, args.prompt_len)
+    else:
+        prompts = ["import os\nimport sys\n\n\ndef main():\n"]
+    bodies = [{"model": "bench", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
+            for p in prompts]
     rows = []
-    print(f"{'policy':<10} {'conc':>5} {'tok/s':>9} {'p50 s':>8} {'requests':>8}  modes")
-    for name in ("ar", "self_spec", "adaptive"):
+    policies = tuple(args.policies.split(","))
+    print(f"{'round':>5} {'policy':<10} {'conc':>5} {'tok/s':>9} {'p50 s':>8} {'requests':>8}  modes")
+    for name in policies:  # first use of each gateway path (imports, first scrapes), unmeasured
         with serve_in_thread(gateway_app(replica_url, name, policy_file)) as url:
-            asyncio.run(closed_loop(url, 2, 2.0, body))  # warm-up
-            for c in levels:
-                if args.settle_seconds > 0:
-                    asyncio.run(closed_loop(url, c, args.settle_seconds, body))
-                r = asyncio.run(closed_loop(url, c, args.seconds, body))
-                r.update(policy=name, concurrency=c)
+            asyncio.run(closed_loop(url, 4, 3.0, bodies))
+    for rnd in range(args.rounds):
+        for i, c in enumerate(levels):
+            k = (i + rnd) % len(policies)  # rotate the order, so drift over time hits every policy alike
+            for name in policies[k:] + policies[:k]:
+                with serve_in_thread(gateway_app(replica_url, name, policy_file)) as url:  # a fresh gateway
+                    settle = args.settle_seconds
+                    r = asyncio.run(closed_loop(url, c, settle + args.seconds, bodies,
+                                                window=(settle, settle + args.seconds), tail=args.tail_seconds))
+                r.update(policy=name, concurrency=c, round=rnd)
                 rows.append(r)
-                print(f"{name:<10} {c:>5} {r['tokens_per_s']:>9.1f} {r['latency_p50_s'] or 0:>8.3f} "
+                print(f"{rnd:>5} {name:<10} {c:>5} {r['tokens_per_s']:>9.1f} {r['latency_p50_s'] or 0:>8.3f} "
                       f"{r['requests']:>8}  {r['modes']}", flush=True)
     ramp = []
     with serve_in_thread(gateway_app(replica_url, "adaptive", policy_file)) as url:
         t_start = time.monotonic()
-        for c in [int(x) for x in args.ramp.split(",")]:
-            r = asyncio.run(closed_loop(url, c, args.ramp_seconds, body))
+        for c in [int(x) for x in args.ramp.split(",")] if "adaptive" in policies else []:
+            r = asyncio.run(closed_loop(url, c, args.ramp_seconds, bodies))
             state = httpx.get(url + "/v1/nld/policy").json()
             ramp.append({"t": time.monotonic() - t_start, "concurrency": c, "tokens_per_s": r["tokens_per_s"],
                          "mode": state["mode"], "value": state["value"], "modes": r["modes"]})
@@ -132,7 +174,15 @@ def main(argv=None) -> None:
                   flush=True)
     serve.shutdown()
     ray.shutdown()
-    by = {(r["policy"], r["concurrency"]): r for r in rows}
+    merged = merge_rounds(rows, policies, levels)
+    by = {(r["policy"], r["concurrency"]): r for r in merged}
+    print(f"median over {args.rounds} round(s):")
+    for r in merged:
+        print(f"      {r['policy']:<10} {r['concurrency']:>5} {r['tokens_per_s']:>9.1f} "
+              f"{r['latency_p50_s'] or 0:>8.3f} {r['requests']:>8}  {r['modes']}")
+    if set(policies) != {"ar", "self_spec", "adaptive"}:
+        print("(a partial sweep: no summary, nothing saved)")
+        return
     summary = []
     for c in levels:
         best = max(by["ar", c]["tokens_per_s"], by["self_spec", c]["tokens_per_s"])
@@ -141,11 +191,29 @@ def main(argv=None) -> None:
     c1_latency_ratio = by["adaptive", 1]["latency_p50_s"] / fixed_p50
     print(json.dumps({"adaptive_over_best_fixed": summary, "c1_p50_latency_over_best_fixed": c1_latency_ratio},
                      indent=2))
-    args.out.write_text(json.dumps({"model": args.model, "policy": text, "rows": rows, "ramp": ramp,
+    args.out.write_text(json.dumps({"model": args.model, "policy": text, "rows": merged, "round_rows": rows, "ramp": ramp,
                                     "summary": summary, "c1_p50_latency_over_best_fixed": c1_latency_ratio},
                                    indent=2))
-    plot(rows, ramp, levels, args.out.with_suffix(".png"))
+    plot(merged, ramp, levels, args.out.with_suffix(".png"))
     print(f"saved {args.out} and {args.out.with_suffix('.png')}")
+
+
+def merge_rounds(rows: list[dict], policies, levels) -> list[dict]:
+    """One row per (policy, level): the median over rounds of tokens/s and of p50 latency."""
+    merged = []
+    for name in policies:
+        for c in levels:
+            rs = [r for r in rows if r["policy"] == name and r["concurrency"] == c]
+            modes: dict[str, int] = {}
+            for r in rs:
+                for m, n in r["modes"].items():
+                    modes[m] = modes.get(m, 0) + n
+            p50s = [r["latency_p50_s"] for r in rs if r["latency_p50_s"] is not None]
+            merged.append({"policy": name, "concurrency": c, "rounds": len(rs),
+                           "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                           "latency_p50_s": statistics.median(p50s) if p50s else None,
+                           "requests": sum(r["requests"] for r in rs), "modes": modes})
+    return merged
 
 
 def plot(rows, ramp, levels, path: Path) -> None:
