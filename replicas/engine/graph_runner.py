@@ -14,8 +14,13 @@ runner's scheme: padded rows and tokens write the scratch column and read column
 beyond S are masked. Larger passes (prefills) run eagerly. With `capture=False` (the default off
 CUDA) the bucketed static buffers are used without a graph, so the padding is testable on a CPU.
 A bucket's graph computes the LoRA delta only when the pass asks for it (part of the key).
-Non-goals: the LM head and sampling (eager: one matmul), evicting graphs (buckets are few:
-log2(B) x log2(T) x S / column_step, times two with a LoRA), CUDA graphs for prefill.
+Cost: a bucket is captured the first time a pass needs it (on the 8B, a fraction of a second,
+during which that step waits). Decoding uses few token counts (1, the block lengths, the
+prefill chunk) and few batch buckets, but the column buckets grow with context: a replica
+with max_seq_len 4096 meets up to 16 of them. Capturing the common buckets at start-up is
+open work.
+Non-goals: the LM head and sampling (eager: one matmul), evicting graphs, CUDA graphs for
+prefill chunks longer than `max_tokens`.
 """
 
 from __future__ import annotations
