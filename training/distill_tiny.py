@@ -88,8 +88,7 @@ def main(argv=None) -> dict:
             t0 = time.time()
             prompts = tt.sample_prompts(train_stream, args.samples, args.prompt, gen, file_starts=starts,
                                         file_start_frac=args.file_start_frac)
-            distill = tt.generate_distill_set(model, train_stream, args.samples, args.prompt, args.new, gen,
-                                              prompts=prompts)
+            distill = tt.generate_distill_set(model, prompts, args.new)
             rnd = {"samples": int(distill.shape[0]), "length": int(distill.shape[1]),
                    "generate_seconds": round(time.time() - t0, 1), "from_step": first_step + step}
             phase["rounds"].append(rnd)

@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 7)
     prompts = tt.sample_prompts(stream, args.samples, args.prompt, gen, file_starts=tt.file_start_prompts(
         tok, texts, args.prompt), file_start_frac=args.file_start_frac)
-    seqs = tt.generate_distill_set(model, stream, args.samples, args.prompt, args.new, gen, prompts=prompts)
+    seqs = tt.generate_distill_set(model, prompts, args.new)
     t_gen = time.time() - t_start
     print(f"{seqs.shape[0]} self-generated sequences of {seqs.shape[1]} tokens in {t_gen:.0f}s", flush=True)
 

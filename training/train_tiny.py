@@ -212,7 +212,8 @@ def make_batch(stream: np.ndarray, batch: int, seq: int, blocks: list[int], gen:
 
 def file_start_prompts(tok, texts: list[str], length: int) -> list[list[int]]:
     """The first `length` tokens of every text that has that many (no bos): the prompts
-    `benchmarks/engine_modes.py --heldout` uses, taken here from the train split."""
+    `benchmarks/engine_modes.py --heldout` uses, taken here from the train split. (Encoded from
+    the texts, not cut from an `encode_files` stream: a file can contain a literal `<s>`.)"""
     return [enc.ids[:length] for enc in tok.encode_batch(texts) if len(enc.ids) >= length]
 
 
@@ -231,10 +232,9 @@ def sample_prompts(stream: np.ndarray, n: int, length: int, gen: torch.Generator
 
 
 @torch.no_grad()
-def generate_distill_set(model: NLDModel, stream: np.ndarray, n: int, prompt_tokens: int, new_tokens: int,
-                         gen: torch.Generator, prompts: list[list[int]] | None = None) -> torch.Tensor:
-    """Greedy AR continuations by the model itself of n prompts (default: random train-stream
-    windows): [n, P + N] long.
+def generate_distill_set(model: NLDModel, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
+    """Greedy AR continuations of `prompts` (all of one length P) by the model itself:
+    [len(prompts), P + new_tokens] long.
 
     The self-speculation draft must predict the model's OWN greedy continuation, and diffusion
     unmasks confidently only where the model is self-consistent: these sequences teach both."""
@@ -244,7 +244,6 @@ def generate_distill_set(model: NLDModel, stream: np.ndarray, n: int, prompt_tok
     model.eval()
     engine = Engine(model, max_block_length=64)
     params = DecodeParams(mode="ar", max_new_tokens=new_tokens, ignore_eos=True)
-    prompts = prompts or sample_prompts(stream, n, prompt_tokens, gen)
     rows = []
     for prompt in prompts:
         out = engine.generate(prompt, params).token_ids
@@ -480,8 +479,8 @@ def main(argv=None) -> dict:
         if args.distill_steps and step >= args.steps and (step - args.steps) % round_len == 0 \
                 and (step - args.steps) // round_len < args.distill_rounds:
             t0 = time.time()
-            distill = generate_distill_set(model, train_stream, args.distill_samples, args.distill_prompt,
-                                           args.distill_new, gen)
+            prompts = sample_prompts(train_stream, args.distill_samples, args.distill_prompt, gen)
+            distill = generate_distill_set(model, prompts, args.distill_new)
             log.setdefault("distill", []).append({"samples": int(distill.shape[0]), "length": int(distill.shape[1]),
                                                   "generate_seconds": round(time.time() - t0, 1), "from_step": step})
             print(f"phase 2: {distill.shape[0]} self-generated sequences in {time.time() - t0:.0f}s", flush=True)
