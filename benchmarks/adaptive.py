@@ -162,16 +162,8 @@ def main(argv=None) -> None:
                 rows.append(r)
                 print(f"{rnd:>5} {name:<10} {c:>5} {r['tokens_per_s']:>9.1f} {r['latency_p50_s'] or 0:>8.3f} "
                       f"{r['requests']:>8}  {r['modes']}", flush=True)
-    ramp = []
-    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_file)) as url:
-        t_start = time.monotonic()
-        for c in [int(x) for x in args.ramp.split(",")] if "adaptive" in policies else []:
-            r = asyncio.run(closed_loop(url, c, args.ramp_seconds, bodies))
-            state = httpx.get(url + "/v1/nld/policy").json()
-            ramp.append({"t": time.monotonic() - t_start, "concurrency": c, "tokens_per_s": r["tokens_per_s"],
-                         "mode": state["mode"], "value": state["value"], "modes": r["modes"]})
-            print(f"ramp c={c:>3} tok/s {r['tokens_per_s']:>8.1f} mode {state['mode']} value {state['value']}",
-                  flush=True)
+    ramp = run_ramp(replica_url, policy_file, [int(x) for x in args.ramp.split(",")], args.ramp_seconds, bodies) \
+        if "adaptive" in policies else []
     serve.shutdown()
     ray.shutdown()
     merged = merge_rounds(rows, policies, levels)
@@ -196,6 +188,21 @@ def main(argv=None) -> None:
                                    indent=2))
     plot(merged, ramp, levels, args.out.with_suffix(".png"))
     print(f"saved {args.out} and {args.out.with_suffix('.png')}")
+
+
+def run_ramp(replica_url: str, policy_file: Path, levels: list[int], seconds: float, bodies: list[dict]) -> list[dict]:
+    """One adaptive gateway through the concurrency `levels`; the policy's mode after each."""
+    ramp = []
+    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_file)) as url:
+        t_start = time.monotonic()
+        for c in levels:
+            r = asyncio.run(closed_loop(url, c, seconds, bodies))
+            state = httpx.get(url + "/v1/nld/policy").json()
+            ramp.append({"t": time.monotonic() - t_start, "concurrency": c, "tokens_per_s": r["tokens_per_s"],
+                         "mode": state["mode"], "value": state["value"], "modes": r["modes"]})
+            print(f"ramp c={c:>3} tok/s {r['tokens_per_s']:>8.1f} mode {state['mode']} value {state['value']}",
+                  flush=True)
+    return ramp
 
 
 def merge_rounds(rows: list[dict], policies, levels) -> list[dict]:

@@ -60,6 +60,16 @@ def build_model(cfg: ModelConfig, device: str, dtype: torch.dtype, lora_rank: in
     return model.eval().requires_grad_(False)
 
 
+def graph_runner_cls(dev: str):
+    """The CUDA-graph runner; off CUDA its static-buffer path without capture (a smoke run)."""
+    return CudaGraphRunner if dev == "cuda" else (lambda m, c: CudaGraphRunner(m, c, capture=False))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two outputs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -170,8 +180,7 @@ def check_identity_fp32(dev: str, small: bool) -> dict:
                                               max_position_embeddings=262144, rope_factor=16.0))
     model = build_model(cfg, dev, torch.float32, lora_rank=8 if small else 128)
     prompt = torch.randint(200, cfg.vocab_size, (256,), generator=torch.Generator().manual_seed(2)).tolist()
-    graph_cls = CudaGraphRunner if dev == "cuda" else (lambda m, c: CudaGraphRunner(m, c, capture=False))
-    eager, graphs = Engine(model, runner_cls=ModelRunner), Engine(model, runner_cls=graph_cls)
+    eager, graphs = Engine(model, runner_cls=ModelRunner), Engine(model, runner_cls=graph_runner_cls(dev))
     out = {}
     for mode in ("ar", "self_spec", "diffusion"):
         params = DecodeParams(mode=mode, max_new_tokens=96, ignore_eos=True)
@@ -179,7 +188,7 @@ def check_identity_fp32(dev: str, small: bool) -> dict:
         out[f"{mode}_graph_equals_eager"] = a.token_ids == b.token_ids
         out.setdefault("tokens", {})[mode] = b.token_ids
     out["self_spec_equals_ar_under_graphs"] = out["tokens"]["self_spec"] == out["tokens"]["ar"]
-    out["batch_engine"] = check_batch_engine(model, graph_cls)
+    out["batch_engine"] = check_batch_engine(model, graph_runner_cls(dev))
     out["self_spec_equals_ar_eager"] = eager.generate(prompt, DecodeParams(
         mode="self_spec", max_new_tokens=96, ignore_eos=True)).token_ids == out["tokens"]["ar"]
     del out["tokens"]
@@ -260,58 +269,53 @@ def main(argv=None) -> None:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
 
-    prompt = torch.randint(200, cfg.vocab_size, (args.context,), generator=torch.Generator().manual_seed(1)).tolist()
-    graph_cls = (lambda m, c: CudaGraphRunner(m, c, capture=False)) if dev != "cuda" else CudaGraphRunner
-    logits, tokens = {}, {}
-    for label, runner_cls in (("eager", ModelRunner), ("cuda_graphs", graph_cls)):
+    def section(key: str, fn, into: dict = result) -> None:
+        """Record fn()'s result under `key` of `into`, or why it failed; later sections still run."""
         try:
-            r = measure_runner(label, runner_cls, model, prompt, args, dev)
-            logits[label] = r.pop("logits_step")
-            e = measure_engine(Engine(model, runner_cls=runner_cls), prompt, args.new_tokens)
-            tokens[label] = e.pop("tokens")
-            r.update(e)
-            r["achieved_bandwidth_tb_s"] = bytes_per_token * r["ar_decode_tokens_per_s"] / 1e12
-            if peak:
-                r["fraction_of_bandwidth_bound"] = r["achieved_bandwidth_tb_s"] / peak
-            result["runners"][label] = r
-        except Exception:  # keep what was measured; record why the rest is missing
-            result["errors"].append({label: traceback.format_exc()})
+            into[key] = fn()
+        except Exception:
+            result["errors"].append({key: traceback.format_exc()})
         save()
-    try:
-        if len(logits) == 2:
-            a, b = logits["eager"], logits["cuda_graphs"]
-            result["graph_vs_eager"] = {
-                "step_logits_max_abs_diff": float((a - b).abs().max()),
-                "step_argmax_equal": bool(a.argmax() == b.argmax()),
-                "greedy_tokens_equal_prefix": next((i for i, (x, y) in enumerate(zip(tokens["eager"], tokens["cuda_graphs"]))
-                                                    if x != y), len(tokens["eager"])),
-            }
+
+    prompt = torch.randint(200, cfg.vocab_size, (args.context,), generator=torch.Generator().manual_seed(1)).tolist()
+    graph_cls = graph_runner_cls(dev)
+    logits, tokens = {}, {}
+
+    def measure(label: str, runner_cls) -> dict:
+        r = measure_runner(label, runner_cls, model, prompt, args, dev)
+        logits[label] = r.pop("logits_step")
+        e = measure_engine(Engine(model, runner_cls=runner_cls), prompt, args.new_tokens)
+        tokens[label] = e.pop("tokens")
+        r.update(e)
+        r["achieved_bandwidth_tb_s"] = bytes_per_token * r["ar_decode_tokens_per_s"] / 1e12
+        if peak:
+            r["fraction_of_bandwidth_bound"] = r["achieved_bandwidth_tb_s"] / peak
+        return r
+
+    section("eager", lambda: measure("eager", ModelRunner), into=result["runners"])
+    section("cuda_graphs", lambda: measure("cuda_graphs", graph_cls), into=result["runners"])
+
+    def compare() -> dict:
+        a, b = logits["eager"], logits["cuda_graphs"]
+        return {"step_logits_max_abs_diff": float((a - b).abs().max()), "step_argmax_equal": bool(a.argmax() == b.argmax()),
+                "greedy_tokens_equal_prefix": common_prefix(tokens["eager"], tokens["cuda_graphs"])}
+
+    def modes_under_graphs() -> dict:
         engine = Engine(model, runner_cls=graph_cls)
         spec = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=64, ignore_eos=True))
         ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=64, ignore_eos=True))
         diff = engine.generate(prompt, DecodeParams(mode="diffusion", max_new_tokens=64, ignore_eos=True))
-        result["modes_under_graphs"] = {
-            "self_spec_equals_ar_prefix": next((i for i, (x, y) in enumerate(zip(spec.token_ids, ar.token_ids))
-                                                if x != y), len(ar.token_ids)),
-            "self_spec_forward_passes": spec.forward_passes, "diffusion_forward_passes": diff.forward_passes,
-            "diffusion_tokens": len(diff.token_ids),
-            "graph_buckets": sorted(map(list, engine._runner.buckets)),
-        }
-    except Exception:
-        result["errors"].append({"comparison": traceback.format_exc()})
-    save()
-    for key, fn in (("eager_profile", lambda: profile_eager(model, prompt, dev)),
-                    ("fp32_identity", lambda: check_identity_fp32(dev, args.small))):
-        try:
-            if key == "fp32_identity":
-                del engine
-                model.to("meta")  # free the bfloat16 8B before the float32 model
-                if dev == "cuda":
-                    torch.cuda.empty_cache()
-            result[key] = fn()
-        except Exception:
-            result["errors"].append({key: traceback.format_exc()})
-        save()
+        return {"self_spec_equals_ar_prefix": common_prefix(spec.token_ids, ar.token_ids),
+                "self_spec_forward_passes": spec.forward_passes, "diffusion_forward_passes": diff.forward_passes,
+                "diffusion_tokens": len(diff.token_ids), "graph_buckets": sorted(map(list, engine._runner.buckets))}
+
+    section("graph_vs_eager", compare)
+    section("modes_under_graphs", modes_under_graphs)
+    section("eager_profile", lambda: profile_eager(model, prompt, dev))
+    model.to("meta")  # free the bfloat16 8B (its engines are gone) before the float32 model
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    section("fp32_identity", lambda: check_identity_fp32(dev, args.small))
     if dev == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     save()

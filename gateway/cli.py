@@ -89,7 +89,6 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str]):
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-
     from .app import create_app
     from .metrics import GatewayMetrics, InflightCounter
     from .replica_client import HttpReplicaClient

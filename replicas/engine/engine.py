@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .graph_runner import CudaGraphRunner
 from .kv_cache import KVCache, SequenceKV
 from .loader import LORA_SUBDIR, load_lora, load_model, resolve_dtype
 from .model import NLDModel
 from .modes import MODE_CLASSES, finish_prefill, prefill_pass
 from .params import DecodeParams, GenerationOutput
-from .graph_runner import CudaGraphRunner
 from .runner import ModelRunner
 from .sequence import Sequence
 
