@@ -109,9 +109,9 @@ class CudaGraphRunner(ModelRunner):
     @torch.inference_mode()
     def make_bucket(self, key: tuple[int, int, int, bool]) -> GraphBucket:
         rows, tokens, columns, lora = key
-        # an all-padding pass: every token writes the scratch column and reads column 0
+        # a pass of token 0 at position 0 that writes only the scratch column: the warm-up
+        # forwards below run for real and must not touch any sequence's cached columns
         host = self.build_host_inputs([(0, ForwardPass([0], 0, True))], shape=(rows, tokens, columns))
-        host["tokens"].zero_()
         host["write_index"].fill_(self.cache.scratch_column)
         bucket = GraphBucket(inputs={k: v.to(self.device) for k, v in host.items()})
         if self.capture:
