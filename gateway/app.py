@@ -29,6 +29,7 @@ from policies import ModePolicy
 
 from .auth import ApiKeyAuth
 from .config import GatewayConfig
+from .engine_push import EngineSettingsPusher
 from .errors import GatewayError, install_error_handlers
 from .metrics import GatewayMetrics, InflightCounter
 from .middleware import FrontDoor
@@ -62,11 +63,16 @@ async def watch_policy(policy, interval_s: float) -> None:
 
 
 def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: ModePolicy, *,
-               metrics: GatewayMetrics | None = None, reload_interval_s: float = 1.0) -> FastAPI:
+               metrics: GatewayMetrics | None = None, reload_interval_s: float = 1.0,
+               engine_push_interval_s: float = 0.1) -> FastAPI:
     metrics = metrics or GatewayMetrics(InflightCounter())
     inflight = metrics.inflight
     service = CompletionService(config, replica_client, policy)
     started = int(time.time())
+    pusher = None  # a policy with engine settings has them pushed to the replicas when they change
+    if hasattr(policy, "engine_settings"):
+        pusher = EngineSettingsPusher(service.engine_settings, replica_client, interval_s=engine_push_interval_s,
+                                      on_push=metrics.engine_pushed)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -80,9 +86,13 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: policy.reload(force=True))
             except (ValueError, RuntimeError, NotImplementedError):
                 pass
+        if pusher is not None:
+            pusher.start()
         yield
         if watcher is not None:
             watcher.cancel()
+        if pusher is not None:
+            await pusher.stop()
         if hasattr(policy, "stop"):
             await policy.stop()
         await replica_client.aclose()

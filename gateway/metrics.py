@@ -10,6 +10,8 @@ apps (tests) never share series. Series:
 - `nld_gateway_time_to_first_token_seconds{mode}`: to the first upstream chunk (histogram).
 - `nld_gateway_inflight_requests`: completion requests being served now.
 - `nld_gateway_upstream_retries_total`: connection failures retried.
+- `nld_gateway_engine_pushes_total{result}`: the policy's engine settings pushed to the
+  replicas when they changed (`ok`, `error`).
 `InflightCounter` is the gateway-local concurrency signal: `value` is read lock-free by a
 policy's `decide` on the event loop. Non-goals: replica or engine metrics (the replicas export
 those).
@@ -53,6 +55,8 @@ class GatewayMetrics:
                               ["mode"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.retries = Counter("nld_gateway_upstream_retries", "Connection failures to the replicas retried",
                                registry=self.registry)
+        self.engine_pushes = Counter("nld_gateway_engine_pushes", "Engine settings pushed to the replicas",
+                                     ["result"], registry=self.registry)
         gauge = Gauge("nld_gateway_inflight_requests", "Completion requests being served", registry=self.registry)
         gauge.set_function(lambda: inflight.value)
         # label children cached: .labels() costs a lock and a dict lookup per call
@@ -74,6 +78,9 @@ class GatewayMetrics:
         if child is None:
             child = self._children[mode] = self.ttft.labels(mode=mode)
         child.observe(seconds)
+
+    def engine_pushed(self, result: str) -> None:
+        self.engine_pushes.labels(result=result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

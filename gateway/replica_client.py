@@ -13,7 +13,8 @@ when the consumer stops early (client disconnect, error in a sibling choice).
 proxy over `gateway.upstream.UpstreamPool` (kept-alive HTTP/1.1 connections): a connection
 failure before the first byte is retried `config.connect_retries` times (the proxy may route
 the retry to another replica), then 503; an upstream status is mapped as above; `info()` is
-cached for `config.info_ttl_s`. Non-goals: load balancing (Ray Serve does it), request
+cached for `config.info_ttl_s`; `update_engine(EngineSettings)` POSTs /engine (the replica the
+proxy picks applies them; see `gateway.engine_push`). Non-goals: load balancing (Ray Serve does it), request
 validation (the app and the replica do).
 """
 
@@ -27,12 +28,13 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from replicas.wire import ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
+from replicas.wire import EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
 
 from .config import GatewayConfig
 from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 GENERATE_HEADERS = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class ReplicaError(Exception):
@@ -57,6 +59,8 @@ class ReplicaClient(Protocol):
     async def health(self) -> bool: ...
 
     async def stats(self) -> dict: ...
+
+    async def update_engine(self, settings: EngineSettings) -> dict: ...
 
     async def aclose(self) -> None: ...
 
@@ -258,6 +262,23 @@ class HttpReplicaClient:
             raise ReplicaError(upstream_status(status), ErrorInfo(message=f"replica stats: HTTP {status}",
                                                                   type="service_unavailable_error"))
         return json.loads(raw)
+
+    async def update_engine(self, settings: EngineSettings) -> dict:
+        """POST /engine: the replica that the proxy picks applies the settings at once."""
+        timeout = self._config.ready_timeout_s
+        body = settings.model_dump_json(exclude_none=True).encode()
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._pool.request("POST", "/engine", body, JSON_HEADERS, timeout)
+                if response.status != 200:
+                    raise await self._error_from(response)
+                try:
+                    return json.loads(await response.read())
+                finally:
+                    await response.aclose()
+        except (TimeoutError, UpstreamTimeout, UpstreamConnectionError) as e:
+            raise ReplicaError(503, ErrorInfo(message=f"replica /engine unavailable ({type(e).__name__})",
+                                              type="service_unavailable_error", code="no_replica")) from e
 
     async def aclose(self) -> None:
         await self._pool.aclose()

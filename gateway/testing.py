@@ -6,8 +6,9 @@ per mode (ar 1 token per chunk, diffusion 2, self_spec 4; one chunk = one forwar
 last chunk with `finish_reason` and `usage`. `FakeReplicaClient` records every request and
 every stream (`aborted` when closed before its last chunk) and has knobs for failures:
 `generate_error`, `hang_s`, `chunk_delay_s`, `error_after_chunks`, `first_chunk_error`,
-`healthy`. `fake_replica_app(state)` is a small ASGI app speaking the HTTP wire protocol of
-`replicas.wire` (NDJSON `/generate`, `/health`, `/info`, `/stats`) with the same knobs on a
+`healthy`, `engine_error`; it keeps the pushed engine settings in `engine_updates`.
+`fake_replica_app(state)` is a small ASGI app speaking the HTTP wire protocol of
+`replicas.wire` (NDJSON `/generate`, `/health`, `/info`, `/stats`, `POST /engine`) with the same knobs on a
 `FakeReplicaState`; `instant=True` sends the whole answer in one chunk (benchmarks). Non-goals:
 realistic text or timing; tokenization (a "token" is a word).
 """
@@ -19,7 +20,7 @@ import json
 import zlib
 from dataclasses import dataclass, field
 
-from replicas.wire import ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, Usage
+from replicas.wire import EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, Usage
 
 from .replica_client import ReplicaError
 
@@ -119,6 +120,8 @@ class FakeReplicaClient:
         self.first_chunk_error: ErrorInfo | None = None
         self.healthy = True
         self.closed = False
+        self.engine_updates: list[EngineSettings] = []
+        self.engine_error: ReplicaError | None = None
 
     async def generate(self, request: GenerateRequest) -> FakeStream:
         self.requests.append(request)
@@ -141,6 +144,12 @@ class FakeReplicaClient:
     async def stats(self) -> dict:
         return {"running": sum(1 for s in self.streams if not (s.closed or s.finished))}
 
+    async def update_engine(self, settings: EngineSettings) -> dict:
+        if self.engine_error is not None:
+            raise self.engine_error
+        self.engine_updates.append(settings)
+        return {"moved": []}
+
     async def aclose(self) -> None:
         self.closed = True
 
@@ -157,6 +166,7 @@ class FakeReplicaState:
     requests: list[GenerateRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)  # request ids whose client went away mid-stream
     completed: list[str] = field(default_factory=list)
+    engine_updates: list[EngineSettings] = field(default_factory=list)  # bodies of POST /engine
 
 
 def fake_replica_app(state: FakeReplicaState):
@@ -178,7 +188,7 @@ def fake_replica_app(state: FakeReplicaState):
                     "/stats": {"requests": len(state.requests)}}[path]
             await respond(send, 200, json.dumps(body).encode())
             return
-        if not (method == "POST" and path == "/generate"):
+        if not (method == "POST" and path in ("/generate", "/engine")):
             await respond(send, 404, b'{"detail": "not found"}')
             return
         raw = b""
@@ -187,6 +197,10 @@ def fake_replica_app(state: FakeReplicaState):
             raw += msg.get("body", b"")
             if not msg.get("more_body"):
                 break
+        if path == "/engine":
+            state.engine_updates.append(EngineSettings.model_validate_json(raw))
+            await respond(send, 200, b'{"moved": []}')
+            return
         request = GenerateRequest.model_validate_json(raw)
         state.requests.append(request)
         if state.error_status is not None:

@@ -93,7 +93,7 @@ class NLDReplica:
         ).model_dump())
 
     async def stats(self, request: Request) -> Response:
-        return JSONResponse(self.engine.stats())
+        return JSONResponse({**self.engine.stats(), "downgraded": self.downgraded})
 
     async def update_engine(self, request: Request) -> Response:
         try:

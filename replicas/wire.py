@@ -10,11 +10,12 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
   route), 429 (engine overloaded) or 503 (engine error). A failure
   after streaming began is one last chunk with `error` set and `finish_reason` "error".
 - `GET /health` -> `{"status": "ok"}`; `GET /info` -> `ReplicaInfo`; `GET /stats` -> the engine's
-  stats dict; `POST /engine` with `EngineSettings` -> the applied settings.
+  stats dict and `downgraded`; `POST /engine` with `EngineSettings` -> the applied settings.
 
-Engine settings also ride on every `GenerateRequest.engine`: Ray Serve's proxy reaches one
-replica per request, so the policy cannot broadcast; instead each replica applies the
-settings carried by the requests it receives whenever they differ from its own (idempotent).
+The gateway POSTs `/engine` when the policy's settings change. Engine settings also ride on
+every `GenerateRequest.engine`: Ray Serve's proxy reaches one replica per call, so the policy
+cannot broadcast; each replica applies the settings carried by the requests it receives
+whenever they differ from its own (idempotent).
 
 Closing the HTTP response aborts the request in the engine (its KV slot is freed).
 """

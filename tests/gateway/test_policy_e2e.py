@@ -76,16 +76,32 @@ def wait_for(url: str, mode: str, timeout: float = 40) -> dict:
     raise AssertionError(f"the policy never reached {mode}: {policy_state(url)}")
 
 
+def wait_until(predicate, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
 def auto_mode(url: str) -> str:
     r = httpx.post(url + "/v1/completions", json={"model": "nld-test", "prompt": "x", "max_tokens": 2}, timeout=30)
     assert r.status_code == 200, r.text
     return r.headers["x-nld-decoding-mode"]
 
 
-def test_load_step_moves_auto_requests_to_ar_and_back(stack):
+def replica_stats(replica_url: str) -> dict:
+    return httpx.get(replica_url + "/stats", timeout=5).json()
+
+
+def test_load_step_moves_auto_requests_to_ar_and_back(stack, serve_stack):
+    """Also: the replica hears of each switch at once, by the gateway's push of the engine
+    settings: the load-step streams were all sent before the switch, and no request is sent
+    after it until the replica's state has been checked."""
     url, prom, _ = stack
+    replica_url = serve_stack.url + "/policy"
     assert wait_for(url, "self_spec")["mode"] == "self_spec"
     assert auto_mode(url) == "self_spec"
+    assert replica_stats(replica_url)["downgraded"] is False
     stop = threading.Event()
 
     def stream():  # one long-running client; several of them make the load step
@@ -102,6 +118,7 @@ def test_load_step_moves_auto_requests_to_ar_and_back(stack):
     try:
         loaded = wait_for(url, "ar")
         assert loaded["last_switch"]["reason"] == "rising" and loaded["last_switch"]["to"] == "ar"
+        wait_until(lambda: replica_stats(replica_url)["downgraded"] is True)  # pushed, no request carried it
         assert auto_mode(url) == "ar"
     finally:
         stop.set()
@@ -109,10 +126,13 @@ def test_load_step_moves_auto_requests_to_ar_and_back(stack):
             t.join(60)
     back = wait_for(url, "self_spec")
     assert back["last_switch"]["reason"] == "falling" and back["switches"] >= 2
+    wait_until(lambda: replica_stats(replica_url)["downgraded"] is False)
     metrics = httpx.get(url + "/metrics").text
     assert 'nld_policy_switches_total{from="self_spec",reason="rising",to="ar"}' in metrics
     assert 'nld_policy_switches_total{from="ar",reason="falling",to="self_spec"}' in metrics
     assert 'nld_policy_mode{mode="self_spec"} 1.0' in metrics
+    pushes = [line for line in metrics.splitlines() if line.startswith('nld_gateway_engine_pushes_total{result="ok"}')]
+    assert pushes and float(pushes[0].split()[-1]) >= 3  # start, loaded, sparse again
 
 
 def test_prometheus_stopped_mid_run_holds_the_mode_and_keeps_serving(stack):

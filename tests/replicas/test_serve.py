@@ -118,10 +118,12 @@ def test_engine_settings_endpoint(serve_stack):
     assert r.status_code == 400
     r = httpx.post(serve_stack.url + "/engine", json={"draft_tiers": [], "downgrade_self_spec": True})
     assert r.json()["downgraded"] is True
+    assert httpx.get(serve_stack.url + "/stats").json()["downgraded"] is True
     # settings also ride on generate requests (the policy's way to reach every replica)
     status, _ = generate(serve_stack, {"prompt": "x", "max_tokens": 2, "engine": {"downgrade_self_spec": False}})
     assert status == 200
     assert httpx.post(serve_stack.url + "/engine", json={}).json()["downgraded"] is False
+    assert httpx.get(serve_stack.url + "/stats").json()["downgraded"] is False
 
 
 def test_metrics_reach_rays_metrics_port_within_two_seconds(serve_stack):
