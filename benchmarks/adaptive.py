@@ -48,30 +48,32 @@ async def closed_loop(url: str, clients: int, seconds: float, bodies: list[dict]
     stays under load). Measured over `window` (offsets from the start; default the whole run):
     each request counts the share of its tokens that its lifetime overlaps the window, so a
     wave of requests finishing just inside or outside the window does not swing the rate; the
-    p50 latency is over the requests that ended inside the window."""
-    records: list[tuple[float, float, int, str]] = []  # (start, end, completion tokens, mode)
+    p50 latency is over the requests that ended inside the window, and `latency_by_prompt` keeps
+    those latencies per prompt (see `balanced_p50`)."""
+    records: list[tuple[float, float, int, str, int]] = []  # (start, end, completion tokens, mode, prompt)
     t_start = time.monotonic()
     deadline = t_start + seconds + tail
 
     async def client(http: httpx.AsyncClient, k: int):
         while time.monotonic() < deadline:
-            body = bodies[k % len(bodies)]  # client k cycles through the prompts from its own offset
+            prompt = k % len(bodies)  # client k cycles through the prompts from its own offset
             k += 1
             t0 = time.monotonic()
-            r = await http.post(url + "/v1/completions", json=body)
+            r = await http.post(url + "/v1/completions", json=bodies[prompt])
             if r.status_code != 200:
                 await asyncio.sleep(0.05)
                 continue
             records.append((t0 - t_start, time.monotonic() - t_start, r.json()["usage"]["completion_tokens"],
-                            r.headers.get("x-nld-decoding-mode", "?")))
+                            r.headers.get("x-nld-decoding-mode", "?"), prompt))
 
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients + 4)) as http:
         await asyncio.gather(*(client(http, k) for k in range(clients)))
     w0, w1 = window or (0.0, seconds)
     tokens = 0.0
     latencies: list[float] = []
+    by_prompt: dict[int, list[float]] = {}
     modes: dict[str, int] = {}
-    for start, end, n, mode in records:
+    for start, end, n, mode, prompt in records:
         overlap = min(end, w1) - max(start, w0)
         if overlap <= 0:
             continue
@@ -79,15 +81,28 @@ async def closed_loop(url: str, clients: int, seconds: float, bodies: list[dict]
         modes[mode] = modes.get(mode, 0) + 1
         if w0 <= end <= w1:
             latencies.append(end - start)
+            by_prompt.setdefault(prompt, []).append(end - start)
     return {"tokens_per_s": tokens / (w1 - w0), "latency_p50_s": statistics.median(latencies) if latencies else None,
+            "latency_p50_balanced_s": balanced_p50(by_prompt), "latency_by_prompt": by_prompt,
             "requests": len(latencies), "modes": modes}
 
 
-def gateway_app(replica_url: str, policy_name: str, policy_file: Path | None):
+def balanced_p50(by_prompt: dict[int, list[float]]) -> float | None:
+    """The median over prompts of each prompt's median latency: the p50 of a workload in which
+    every prompt is equally frequent. The prompts' latencies form separate clusters (the draft
+    is accepted more for some texts than for others), so the plain p50 of one window falls
+    between two clusters and jumps from one to the other when one prompt gets one request more
+    or less in the window; this estimate does not depend on those counts."""
+    medians = [statistics.median(v) for v in by_prompt.values() if v]
+    return statistics.median(medians) if medians else None
+
+
+def gateway_app(replica_url: str, policy_name: str, policy_files: dict[str, Path]):
+    """A gateway with fixed mode `policy_name`, or with the policy file `policy_files[policy_name]`."""
     cfg = GatewayConfig(replica_url=replica_url, model_name="bench", max_inflight_requests=None)
     metrics = GatewayMetrics(InflightCounter())
-    if policy_name == "adaptive":
-        policy = PolicyHolder(policy_file, local_counters={"inflight": lambda: metrics.inflight.value},
+    if policy_name in policy_files:
+        policy = PolicyHolder(policy_files[policy_name], local_counters={"inflight": lambda: metrics.inflight.value},
                               registry=metrics.registry)
     else:
         policy = FixedModePolicy(mode=policy_name)
@@ -113,12 +128,14 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-count", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--policies", default="ar,self_spec,adaptive",
-                   help="comma-separated; the summary needs all three (a fixed-only sweep prints its table)")
-    p.add_argument("--ramp", default="1,2,4,8,16,32,16,8,4,2,1")
+                   help="comma-separated: ar, self_spec, adaptive (the --policy file) or LABEL=FILE (another policy "
+                        "file, e.g. a variant to compare); the summary needs ar, self_spec and adaptive")
+    p.add_argument("--ramp", default="1,2,4,8,16,32,16,8,4,2,1", help="concurrency steps; empty: no ramp")
     p.add_argument("--ramp-seconds", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive.json"))
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
+    ramp_levels = [int(x) for x in args.ramp.split(",")] if args.ramp else []
 
     import ray
     from ray import serve
@@ -126,15 +143,26 @@ def main(argv=None) -> None:
     from replicas.app import bind_app
 
     metrics_port, port = free_port(), free_port()
-    text = args.policy.read_text().replace("{metrics_port}", str(metrics_port))
-    policy_file = args.out.parent / "adaptive_policy.yaml"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    policy_file.write_text(text)
+    policies, sources = [], {"adaptive": args.policy}
+    for item in args.policies.split(","):
+        label, _, path = item.partition("=")
+        policies.append(label)
+        if path:
+            sources[label] = Path(path)
+    policy_files, texts = {}, {}
+    for label, path in sources.items():  # {metrics_port} filled in, written beside the results
+        texts[label] = path.read_text().replace("{metrics_port}", str(metrics_port))
+        policy_files[label] = args.out.parent / f"{label}_policy.yaml"
+        policy_files[label].write_text(texts[label])
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 500}, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    if "adaptive" not in policies:
+        ramp_levels = []
+    most = max(levels + ramp_levels)  # the replica admits every client at once (no 429 and retry)
     config = {"model_path": args.model, "model_name": "bench", "torch_threads": 1,
-              "engine": {"max_batch_size": max(levels), "max_seq_len": 512, "max_waiting": 4 * max(levels)}}
+              "engine": {"max_batch_size": most, "max_seq_len": 512, "max_waiting": 4 * most}}
     serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="nld", route_prefix="/")
     replica_url = f"http://127.0.0.1:{port}"
     heldout = args.heldout or (Path(args.model) / "split.json")
@@ -145,25 +173,24 @@ def main(argv=None) -> None:
     bodies = [{"model": "bench", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
             for p in prompts]
     rows = []
-    policies = tuple(args.policies.split(","))
-    print(f"{'round':>5} {'policy':<10} {'conc':>5} {'tok/s':>9} {'p50 s':>8} {'requests':>8}  modes")
+    print(f"{'round':>5} {'policy':<10} {'conc':>5} {'tok/s':>9} {'p50 s':>8} {'bal p50':>8} {'requests':>8}  modes")
     for name in policies:  # first use of each gateway path (imports, first scrapes), unmeasured
-        with serve_in_thread(gateway_app(replica_url, name, policy_file)) as url:
+        with serve_in_thread(gateway_app(replica_url, name, policy_files)) as url:
             asyncio.run(closed_loop(url, 4, 3.0, bodies))
     for rnd in range(args.rounds):
         for i, c in enumerate(levels):
             k = (i + rnd) % len(policies)  # rotate the order, so drift over time hits every policy alike
             for name in policies[k:] + policies[:k]:
-                with serve_in_thread(gateway_app(replica_url, name, policy_file)) as url:  # a fresh gateway
+                with serve_in_thread(gateway_app(replica_url, name, policy_files)) as url:  # a fresh gateway
                     settle = args.settle_seconds
                     r = asyncio.run(closed_loop(url, c, settle + args.seconds, bodies,
                                                 window=(settle, settle + args.seconds), tail=args.tail_seconds))
                 r.update(policy=name, concurrency=c, round=rnd)
                 rows.append(r)
                 print(f"{rnd:>5} {name:<10} {c:>5} {r['tokens_per_s']:>9.1f} {r['latency_p50_s'] or 0:>8.3f} "
+                      f"{r['latency_p50_balanced_s'] or 0:>8.3f} "
                       f"{r['requests']:>8}  {r['modes']}", flush=True)
-    ramp = run_ramp(replica_url, policy_file, [int(x) for x in args.ramp.split(",")], args.ramp_seconds, bodies) \
-        if "adaptive" in policies else []
+    ramp = run_ramp(replica_url, policy_files, ramp_levels, args.ramp_seconds, bodies) if ramp_levels else []
     serve.shutdown()
     ray.shutdown()
     merged = merge_rounds(rows, policies, levels)
@@ -171,29 +198,32 @@ def main(argv=None) -> None:
     print(f"median over {args.rounds} round(s):")
     for r in merged:
         print(f"      {r['policy']:<10} {r['concurrency']:>5} {r['tokens_per_s']:>9.1f} "
-              f"{r['latency_p50_s'] or 0:>8.3f} {r['requests']:>8}  {r['modes']}")
-    if set(policies) != {"ar", "self_spec", "adaptive"}:
-        print("(a partial sweep: no summary, nothing saved)")
+              f"{r['latency_p50_s'] or 0:>8.3f} {r['latency_p50_balanced_s'] or 0:>8.3f} {r['requests']:>8}  "
+              f"{r['modes']}")
+    if not {"ar", "self_spec", "adaptive"} <= set(policies):
+        args.out.write_text(json.dumps({"model": args.model, "policies": texts, "rows": merged, "round_rows": rows},
+                                       indent=2))
+        print(f"(a partial sweep: no summary) saved {args.out}")
         return
     summary = []
     for c in levels:
         best = max(by["ar", c]["tokens_per_s"], by["self_spec", c]["tokens_per_s"])
         summary.append({"concurrency": c, "adaptive_over_best_fixed": by["adaptive", c]["tokens_per_s"] / best})
-    fixed_p50 = min(by["ar", 1]["latency_p50_s"], by["self_spec", 1]["latency_p50_s"])
-    c1_latency_ratio = by["adaptive", 1]["latency_p50_s"] / fixed_p50
-    print(json.dumps({"adaptive_over_best_fixed": summary, "c1_p50_latency_over_best_fixed": c1_latency_ratio},
-                     indent=2))
-    args.out.write_text(json.dumps({"model": args.model, "policy": text, "rows": merged, "round_rows": rows, "ramp": ramp,
-                                    "summary": summary, "c1_p50_latency_over_best_fixed": c1_latency_ratio},
-                                   indent=2))
+    c1 = {key: by["adaptive", 1][key] / min(by["ar", 1][key], by["self_spec", 1][key])
+          for key in ("latency_p50_s", "latency_p50_balanced_s")}
+    result = {"adaptive_over_best_fixed": summary, "c1_p50_latency_over_best_fixed": c1["latency_p50_s"],
+              "c1_balanced_p50_latency_over_best_fixed": c1["latency_p50_balanced_s"]}
+    print(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps({"model": args.model, "policy": texts["adaptive"], "policies": texts,
+                                    "rows": merged, "round_rows": rows, "ramp": ramp, **result}, indent=2))
     plot(merged, ramp, levels, args.out.with_suffix(".png"))
     print(f"saved {args.out} and {args.out.with_suffix('.png')}")
 
 
-def run_ramp(replica_url: str, policy_file: Path, levels: list[int], seconds: float, bodies: list[dict]) -> list[dict]:
+def run_ramp(replica_url: str, policy_files: dict[str, Path], levels: list[int], seconds: float, bodies: list[dict]) -> list[dict]:
     """One adaptive gateway through the concurrency `levels`; the policy's mode after each."""
     ramp = []
-    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_file)) as url:
+    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_files)) as url:
         t_start = time.monotonic()
         for c in levels:
             r = asyncio.run(closed_loop(url, c, seconds, bodies))
@@ -206,19 +236,24 @@ def run_ramp(replica_url: str, policy_file: Path, levels: list[int], seconds: fl
 
 
 def merge_rounds(rows: list[dict], policies, levels) -> list[dict]:
-    """One row per (policy, level): the median over rounds of tokens/s and of p50 latency."""
+    """One row per (policy, level): the median over rounds of tokens/s and of p50 latency, and the
+    balanced p50 over the latencies of all rounds pooled per prompt."""
     merged = []
     for name in policies:
         for c in levels:
             rs = [r for r in rows if r["policy"] == name and r["concurrency"] == c]
             modes: dict[str, int] = {}
+            pooled: dict[int, list[float]] = {}
             for r in rs:
                 for m, n in r["modes"].items():
                     modes[m] = modes.get(m, 0) + n
+                for prompt, values in r["latency_by_prompt"].items():
+                    pooled.setdefault(int(prompt), []).extend(values)
             p50s = [r["latency_p50_s"] for r in rs if r["latency_p50_s"] is not None]
             merged.append({"policy": name, "concurrency": c, "rounds": len(rs),
                            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                            "latency_p50_s": statistics.median(p50s) if p50s else None,
+                           "latency_p50_balanced_s": balanced_p50(pooled),
                            "requests": sum(r["requests"] for r in rs), "modes": modes})
     return merged
 
