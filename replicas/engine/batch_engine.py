@@ -113,11 +113,13 @@ class BatchEngine:
             self.scheduler.config = self.config
 
     def downgrade_self_spec(self, on: bool) -> list[str]:
-        """on: running self_spec requests continue in ar; off: those requests return to self_spec."""
+        """on: admitted self_spec requests (running, or waiting for a slot) continue in ar; off:
+        those requests return to self_spec. Waiting ones count: a burst that arrived just before
+        the policy's switch queues for prefill, and would otherwise run as self_spec to the end."""
         with self._lock:
             moved = []
-            for run in self.scheduler.running.values():
-                seq = run.seq
+            seqs = [run.seq for run in self.scheduler.running.values()] + list(self.scheduler.waiting)
+            for seq in seqs:
                 current = self._switches.get(seq.request_id, seq.params.mode)
                 if on and current == "self_spec":
                     self._switches[seq.request_id] = "ar"

@@ -304,6 +304,25 @@ def test_downgrade_and_restore_running_self_spec_requests(engine):
     assert tokens == engine.generate([1, 2, 3], DecodeParams(mode="ar", max_new_tokens=60, ignore_eos=True)).token_ids
 
 
+def test_downgrade_reaches_self_spec_requests_still_waiting_for_a_slot(engine):
+    be = BatchEngine(engine, EngineConfig(max_batch_size=1, max_seq_len=128, max_waiting=4))
+    params = DecodeParams(mode="self_spec", max_new_tokens=20, ignore_eos=True)
+    first = be.submit([1, 2, 3], params)
+    be.step()  # `first` takes the only slot
+    queued = be.submit([4, 5, 6], params)
+    assert set(be.downgrade_self_spec(True)) == {first, queued}
+    modes: dict[str, set] = {first: set(), queued: set()}
+    tokens: dict[str, list] = {first: [], queued: []}
+    while be.has_work():
+        for c in be.step():
+            if c.token_ids:
+                modes[c.request_id].add(c.mode)
+                tokens[c.request_id] += c.token_ids
+    assert modes[queued] == {"ar"}  # admitted after the downgrade: never ran a self_spec cycle
+    expected = engine.generate([4, 5, 6], DecodeParams(mode="ar", max_new_tokens=20, ignore_eos=True)).token_ids
+    assert tokens[queued] == expected
+
+
 def test_coalesced_stream_merges_queued_chunks_without_losing_tokens(async_engine, engine):
     async def main():
         chunks = []
