@@ -11,7 +11,8 @@ read instantly) and applies `client_override` to explicit modes: allow, deny, or
 (an explicit mode is honoured only if it is not costlier under load than the current level,
 i.e. no self_spec while loaded). Switches are counted in Prometheus metrics and kept in the
 snapshot that `GET /v1/nld/policy` serves. `engine_settings()` is what replicas should apply
-now (draft tiers; downgrade of running self_spec requests while loaded).
+now (draft tiers; downgrade of running self_spec requests while loaded) and `since` when the
+policy adopted them, so a replica can ignore settings older than the ones it applied.
 Non-goals: polling (see `signals.SignalBoard`), HTTP.
 """
 
@@ -67,6 +68,7 @@ class AdaptiveModePolicy:
             self.levels.append(Level(rule.middle.mode, rule.middle.enter_above, rule.middle.leave_below))
         self.levels.append(Level(rule.loaded_mode, rule.enter_loaded_above, rule.leave_loaded_below))
         self.level = 0
+        self.settings_since = wall()
         self.smoothed: float | None = None
         self.raw: float | None = None
         self.values: dict[str, float] = {}
@@ -137,6 +139,7 @@ class AdaptiveModePolicy:
         self.level = target
         self.last_switch_clock = now
         self.last_switch = Switch(self.wall(), old, self.mode, reason, detail)
+        self.settings_since = self.last_switch.at
         self.switch_count += 1
         self.metrics.switches.labels(**{"from": old, "to": self.mode, "reason": reason}).inc()
         self._publish_mode()
@@ -166,8 +169,10 @@ class AdaptiveModePolicy:
         return ModeDecision(mode, "override:deny")
 
     def engine_settings(self) -> dict:
+        """What replicas should apply now; `since` (wall clock) is when the policy adopted them:
+        at its construction or load, then at each switch."""
         eng = self.spec.engine
-        settings: dict = {"draft_tiers": [t.model_dump() for t in eng.draft_tiers]}
+        settings: dict = {"draft_tiers": [t.model_dump() for t in eng.draft_tiers], "since": self.settings_since}
         if eng.downgrade_running:
             settings["downgrade_self_spec"] = self.level == len(self.levels) - 1 and self.mode != "self_spec"
         return settings

@@ -58,6 +58,7 @@ class NLDReplica:
         self.max_block = core.engine.max_block_length
         self.max_prompt = cfg.max_prompt_tokens or cfg.engine.max_seq_len - self.max_block - 1
         self.downgraded = False  # running self_spec requests continue in ar (policy: loaded)
+        self.settings_since: float | None = None  # `since` of the engine settings applied last
         self.metrics = ReplicaMetrics(cfg.model_name)
         self.metrics.start(self.engine.stats)
         self.routes = {
@@ -102,12 +103,18 @@ class NLDReplica:
             return validation_error(e)
         moved = self.apply_settings(settings)
         tiers = [vars(t) for t in self.engine.config.draft_tiers]
-        return JSONResponse({"draft_tiers": tiers, "moved": moved, "downgraded": self.downgraded})
+        return JSONResponse({"draft_tiers": tiers, "moved": moved, "downgraded": self.downgraded,
+                             "since": self.settings_since})
 
     def apply_settings(self, settings: EngineSettings) -> list[str]:
-        """Apply what differs from the current settings; returns the requests moved between modes."""
+        """Apply what differs from the current settings, unless they are older than the settings
+        applied last (`since`); returns the requests moved between modes."""
         from .engine import DraftTier
 
+        if settings.since is not None:
+            if self.settings_since is not None and settings.since < self.settings_since:
+                return []  # decided before a newer switch (e.g. a request overtaken by a push)
+            self.settings_since = settings.since
         if settings.draft_tiers is not None:
             tiers = tuple(DraftTier(t.max_running, t.block_length) for t in settings.draft_tiers)
             if tiers != self.engine.config.draft_tiers:

@@ -15,7 +15,8 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
 The gateway POSTs `/engine` when the policy's settings change. Engine settings also ride on
 every `GenerateRequest.engine`: Ray Serve's proxy reaches one replica per call, so the policy
 cannot broadcast; each replica applies the settings carried by the requests it receives
-whenever they differ from its own (idempotent).
+whenever they differ from its own (idempotent) and are not older (`since`) than the ones it
+applied last.
 
 Closing the HTTP response aborts the request in the engine (its KV slot is freed).
 """
@@ -50,6 +51,10 @@ class EngineSettings(BaseModel):
     # True: running self_spec requests continue in ar (at their next cycle boundary);
     # False: requests downgraded earlier go back to self_spec; None: no change
     downgrade_self_spec: bool | None = None
+    # when the policy adopted these settings (unix seconds): a replica ignores settings older than
+    # the ones it applied last, since a request decided before a switch can arrive after the
+    # switch's push; None: apply regardless (manual calls)
+    since: float | None = None
 
 
 class GenerateRequest(BaseModel):

@@ -173,15 +173,21 @@ async def test_switches_and_signals_are_exported():
     assert 'nld_policy_signal{name="fleet"} 9.0' in text
 
 
-def test_engine_settings_follow_the_mode():
+async def test_engine_settings_follow_the_mode_and_date_each_switch():
     spec = parse_policy(POLICY.replace("{extra}", "") + "engine: {downgrade_running: true, draft_tiers: "
                         "[{max_running: 4, block_length: 16}]}\n")
-    clock = Clock()
-    policy = AdaptiveModePolicy(spec, SignalBoard([FakeSource("fleet")], clock=clock), clock=clock)
+    clock, src = Clock(), FakeSource("fleet")
+    board = SignalBoard([src], clock=clock)
+    policy = AdaptiveModePolicy(spec, board, clock=clock, wall=clock)
     assert policy.engine_settings() == {"draft_tiers": [{"max_running": 4, "block_length": 16}],
-                                        "downgrade_self_spec": False}
-    policy.level = 1
+                                        "downgrade_self_spec": False, "since": 1000.0}  # adopted at construction
+    await feed(board, src, clock, 3)
+    policy.evaluate()
+    assert policy.engine_settings()["since"] == 1000.0  # no switch: same settings, same date
+    await feed(board, src, clock, 9)
+    policy.evaluate()
     assert policy.engine_settings()["downgrade_self_spec"] is True
+    assert policy.engine_settings()["since"] == clock.t == 1002.0  # the switch's time: newer than any before
 
 
 @pytest.mark.parametrize("text, values, expect", [

@@ -124,6 +124,16 @@ def test_engine_settings_endpoint(serve_stack):
     assert status == 200
     assert httpx.post(serve_stack.url + "/engine", json={}).json()["downgraded"] is False
     assert httpx.get(serve_stack.url + "/stats").json()["downgraded"] is False
+    # dated settings: one older than the last applied is ignored (a request overtaken by a newer push)
+    assert httpx.post(serve_stack.url + "/engine", json={"downgrade_self_spec": True, "since": 200.0}).json()[
+        "downgraded"] is True
+    stale = httpx.post(serve_stack.url + "/engine", json={"downgrade_self_spec": False, "since": 100.0}).json()
+    assert stale["downgraded"] is True and stale["since"] == 200.0
+    status, _ = generate(serve_stack, {"prompt": "x", "max_tokens": 2,
+                                       "engine": {"downgrade_self_spec": False, "since": 150.0}})
+    assert status == 200 and httpx.get(serve_stack.url + "/stats").json()["downgraded"] is True
+    newer = httpx.post(serve_stack.url + "/engine", json={"downgrade_self_spec": False, "since": 300.0}).json()
+    assert newer["downgraded"] is False and newer["since"] == 300.0
 
 
 def test_metrics_reach_rays_metrics_port_within_two_seconds(serve_stack):
