@@ -116,8 +116,8 @@ def main(argv=None) -> None:
     p.add_argument("--levels", default="1,2,4,8,16,32")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--settle-seconds", type=float, default=8.0,
-                   help="unmeasured load at each level first (every policy), so a policy's switch settles: a "
-                        "fresh adaptive gateway starts sparse, and its first wave of requests runs as self_spec")
+                   help="unmeasured load at each level first (every policy): a fresh adaptive gateway starts "
+                        "sparse and its smoothed signal takes a moment to rise; the window sees the steady state")
     p.add_argument("--tail-seconds", type=float, default=3.0,
                    help="load kept on after the window, so requests that straddle its end finish under load")
     p.add_argument("--rounds", type=int, default=3,
@@ -144,17 +144,7 @@ def main(argv=None) -> None:
 
     metrics_port, port = free_port(), free_port()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    policies, sources = [], {"adaptive": args.policy}
-    for item in args.policies.split(","):
-        label, _, path = item.partition("=")
-        policies.append(label)
-        if path:
-            sources[label] = Path(path)
-    policy_files, texts = {}, {}
-    for label, path in sources.items():  # {metrics_port} filled in, written beside the results
-        texts[label] = path.read_text().replace("{metrics_port}", str(metrics_port))
-        policy_files[label] = args.out.parent / f"{label}_policy.yaml"
-        policy_files[label].write_text(texts[label])
+    policies, policy_files, texts = write_policy_files(args.policies, args.policy, metrics_port, args.out.parent)
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 500}, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -218,6 +208,23 @@ def main(argv=None) -> None:
                                     "rows": merged, "round_rows": rows, "ramp": ramp, **result}, indent=2))
     plot(merged, ramp, levels, args.out.with_suffix(".png"))
     print(f"saved {args.out} and {args.out.with_suffix('.png')}")
+
+
+def write_policy_files(spec: str, adaptive: Path, metrics_port: int, out_dir: Path):
+    """`--policies` -> (labels in order, {label: policy file} for the non-fixed ones, {label: text}).
+    Each policy file is written beside the results with {metrics_port} filled in."""
+    labels, sources = [], {"adaptive": adaptive}
+    for item in spec.split(","):
+        label, _, path = item.partition("=")
+        labels.append(label)
+        if path:
+            sources[label] = Path(path)
+    files, texts = {}, {}
+    for label, path in sources.items():
+        texts[label] = path.read_text().replace("{metrics_port}", str(metrics_port))
+        files[label] = out_dir / f"{label}_policy.yaml"
+        files[label].write_text(texts[label])
+    return labels, files, texts
 
 
 def run_ramp(replica_url: str, policy_files: dict[str, Path], levels: list[int], seconds: float, bodies: list[dict]) -> list[dict]:
