@@ -81,6 +81,18 @@ def upstream_status(status: int) -> int:
     return 400
 
 
+def error_of(upstream: int, raw: bytes, retry_after: float | None = None) -> ReplicaError:
+    """The `ReplicaError` for an upstream error status and its body (an `ErrorBody`, or anything)."""
+    status = upstream_status(upstream)
+    try:
+        info = ErrorBody.model_validate_json(raw).error
+    except ValidationError:
+        info = ErrorInfo(message=f"replica returned HTTP {upstream}",
+                         type="service_unavailable_error" if status == 503 else "upstream_error",
+                         code="no_replica" if status == 503 else None)
+    return ReplicaError(status, info, retry_after)
+
+
 class _HttpStream:
     """NDJSON lines of one upstream response as `GenerateChunk`s; see the module contract."""
 
@@ -205,24 +217,19 @@ class HttpReplicaClient:
             raw = b""
         finally:
             await response.aclose()
-        status = upstream_status(response.status)
-        try:
-            info = ErrorBody.model_validate_json(raw).error
-        except ValidationError:
-            info = ErrorInfo(message=f"replica returned HTTP {response.status}",
-                             type="service_unavailable_error" if status == 503 else "upstream_error",
-                             code="no_replica" if status == 503 else None)
         retry_after = None
         try:
             retry_after = float(response.headers["retry-after"])
         except (KeyError, ValueError):
             pass
-        return ReplicaError(status, info, retry_after)
+        return error_of(response.status, raw, retry_after)
 
-    async def _get(self, path: str, timeout: float) -> tuple[int, bytes]:
+    async def _call(self, method: str, path: str, timeout: float, body: bytes = b"",
+                    headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        """A short request (not /generate): (upstream status, body); unreachable or slow: 503."""
         try:
             async with asyncio.timeout(timeout):
-                response = await self._pool.request("GET", path, timeout=timeout)
+                response = await self._pool.request(method, path, body, headers, timeout)
                 try:
                     return response.status, await response.read()
                 finally:
@@ -237,7 +244,7 @@ class HttpReplicaClient:
         async with self._info_lock:  # one fetch for concurrent callers
             if self._info is not None and self._clock() - self._info_at < self._config.info_ttl_s:
                 return self._info
-            status, raw = await self._get("/info", self._config.ready_timeout_s)
+            status, raw = await self._call("GET", "/info", self._config.ready_timeout_s)
             if status != 200:
                 raise ReplicaError(upstream_status(status), ErrorInfo(
                     message=f"replica info: HTTP {status}", type="service_unavailable_error", code="no_replica"))
@@ -251,13 +258,13 @@ class HttpReplicaClient:
 
     async def health(self) -> bool:
         try:
-            status, _ = await self._get("/health", self._config.ready_timeout_s)
+            status, _ = await self._call("GET", "/health", self._config.ready_timeout_s)
         except ReplicaError:
             return False
         return status == 200
 
     async def stats(self) -> dict:
-        status, raw = await self._get("/stats", self._config.ready_timeout_s)
+        status, raw = await self._call("GET", "/stats", self._config.ready_timeout_s)
         if status != 200:
             raise ReplicaError(upstream_status(status), ErrorInfo(message=f"replica stats: HTTP {status}",
                                                                   type="service_unavailable_error"))
@@ -265,20 +272,11 @@ class HttpReplicaClient:
 
     async def update_engine(self, settings: EngineSettings) -> dict:
         """POST /engine: the replica that the proxy picks applies the settings at once."""
-        timeout = self._config.ready_timeout_s
         body = settings.model_dump_json(exclude_none=True).encode()
-        try:
-            async with asyncio.timeout(timeout):
-                response = await self._pool.request("POST", "/engine", body, JSON_HEADERS, timeout)
-                if response.status != 200:
-                    raise await self._error_from(response)
-                try:
-                    return json.loads(await response.read())
-                finally:
-                    await response.aclose()
-        except (TimeoutError, UpstreamTimeout, UpstreamConnectionError) as e:
-            raise ReplicaError(503, ErrorInfo(message=f"replica /engine unavailable ({type(e).__name__})",
-                                              type="service_unavailable_error", code="no_replica")) from e
+        status, raw = await self._call("POST", "/engine", self._config.ready_timeout_s, body, JSON_HEADERS)
+        if status != 200:
+            raise error_of(status, raw)
+        return json.loads(raw)
 
     async def aclose(self) -> None:
         await self._pool.aclose()
