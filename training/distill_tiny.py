@@ -73,10 +73,7 @@ def main(argv=None) -> dict:
     print(f"phase 3 from step {first_step}: {len(starts)} file-start prompts, {len(train_stream)} train tokens",
           flush=True)
 
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = tt.make_optimizer(model, args.lr)
     gen = torch.Generator().manual_seed(args.seed + 11)
     blocks = [int(x) for x in args.blocks.split(",")]
     round_len = max(1, math.ceil(args.steps / max(1, args.rounds)))

@@ -304,6 +304,15 @@ def joint_loss(model: NLDModel, batch: dict, alpha: float, device, ar: bool = Tr
     return l_ar + alpha * l_diff, float(l_ar.detach()), float(l_diff.detach())
 
 
+def make_optimizer(model: NLDModel, lr: float, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW, betas (0.9, 0.95): weight decay 0.1 on tensors of 2+ dims (matrices, embeddings),
+    none on vectors (norm weights)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
 def take_step(model: NLDModel, opt: torch.optim.Optimizer, loss: torch.Tensor, where: str) -> None:
     """One optimiser step (gradients clipped to norm 1); a non-finite loss stops training."""
     if not math.isfinite(float(loss.detach())):
@@ -453,10 +462,7 @@ def main(argv=None) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    opt = make_optimizer(model, args.lr, fused=True)
 
     total_steps = args.steps + args.distill_steps
 
