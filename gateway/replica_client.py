@@ -2,6 +2,8 @@
 
 Contract of `ReplicaClient.generate(GenerateRequest) -> ReplicaStream`: it returns once the
 replica accepted the request AND its first chunk arrived (the stream yields that chunk first);
+a non-streaming request (`stream: false`) is answered by the replica in ONE message, so its
+stream holds exactly one chunk: the last, with every token, the whole text and usage;
 every failure before that raises `ReplicaError(status, ErrorInfo, retry_after)` with the
 status the client should see (400, 413, 429, 503 no replica, 504 timeout). Iterating the
 stream never raises: a failure after the first chunk is yielded as one last chunk with `error`
@@ -164,6 +166,25 @@ class _HttpStream:
         await self._response.aclose()
 
 
+class _WholeAnswer:
+    """A non-streaming answer: ONE `GenerateChunk` (every token, the text, usage) as a stream."""
+
+    def __init__(self, chunk: GenerateChunk) -> None:
+        self._chunk: GenerateChunk | None = chunk
+
+    def __aiter__(self) -> "_WholeAnswer":
+        return self
+
+    async def __anext__(self) -> GenerateChunk:
+        if self._chunk is None:
+            raise StopAsyncIteration
+        chunk, self._chunk = self._chunk, None
+        return chunk
+
+    async def aclose(self) -> None:
+        self._chunk = None
+
+
 class HttpReplicaClient:
     def __init__(self, config: GatewayConfig, pool: UpstreamPool | None = None,
                  clock: Callable[[], float] = time.monotonic, on_retry: Callable[[], None] | None = None) -> None:
@@ -186,6 +207,8 @@ class HttpReplicaClient:
                 response = await self._pool.request("POST", "/generate", body, GENERATE_HEADERS, timeout)
                 if response.status != 200:
                     raise await self._error_from(response)
+                if not request.stream:
+                    return await self._whole(response, request)
                 stream = _HttpStream(response, request, timeout)
                 await stream.read_first()
                 return stream
@@ -208,6 +231,21 @@ class HttpReplicaClient:
                     await response.aclose()
                 raise
         raise AssertionError("unreachable")
+
+    async def _whole(self, response: UpstreamResponse, request: GenerateRequest) -> _WholeAnswer:
+        """Read a non-streaming answer (transport errors propagate: the caller may retry)."""
+        try:
+            async with asyncio.timeout(self._config.request_timeout_s):
+                raw = await response.read()
+        except TimeoutError as e:
+            raise UpstreamTimeout("the replica's answer did not arrive in time") from e
+        finally:
+            await response.aclose()
+        try:
+            return _WholeAnswer(GenerateChunk.model_validate_json(raw))
+        except ValidationError:
+            return _WholeAnswer(error_chunk(request.request_id or "", request.mode, "replica sent a malformed answer",
+                                            "server_error", "bad_upstream_chunk"))
 
     async def _error_from(self, response: UpstreamResponse) -> ReplicaError:
         try:

@@ -136,7 +136,8 @@ class CompletionService:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         common = dict(mode=decision.mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops,
                       block_length=req.block_length, threshold=req.confidence_threshold, draft_lora=req.draft_lora,
-                      top_k=req.top_k or 0, ignore_eos=bool(req.ignore_eos), engine=self.engine_settings())
+                      top_k=req.top_k or 0, ignore_eos=bool(req.ignore_eos), engine=self.engine_settings(),
+                      stream=bool(req.stream))
         requests = []
         for i, src in enumerate(sources):
             for j in range(req.n):

@@ -3,7 +3,8 @@
 Contract: both fakes produce the same deterministic output from `fake_chunks(request)`: words
 from a fixed list (chosen by seed, prompt and position), cut at the first stop string, chunked
 per mode (ar 1 token per chunk, diffusion 2, self_spec 4; one chunk = one forward pass), the
-last chunk with `finish_reason` and `usage`. `FakeReplicaClient` records every request and
+last chunk with `finish_reason` and `usage`; a non-streaming request (`stream: false`) gets
+ONE chunk, as from a real replica. `FakeReplicaClient` records every request and
 every stream (`aborted` when closed before its last chunk) and has knobs for failures:
 `generate_error`, `hang_s`, `chunk_delay_s`, `error_after_chunks`, `first_chunk_error`,
 `healthy`, `engine_error`; it keeps the pushed engine settings in `engine_updates`.
@@ -64,7 +65,15 @@ def fake_chunks(r: GenerateRequest, instant: bool = False) -> list[GenerateChunk
     chunks[-1].finish_reason = "stop" if visible_end is not None else "length"
     chunks[-1].usage = Usage(prompt_tokens=_prompt_tokens(r), completion_tokens=n_tokens, forward_passes=len(chunks),
                              tokens_per_forward=round(n_tokens / len(chunks), 4))
+    if not r.stream:  # the whole answer in one message
+        last = chunks[-1]
+        return [last.model_copy(update={"token_ids": list(range(n_tokens)), "text": full})]
     return chunks
+
+
+def engine_failed(like: GenerateChunk) -> GenerateChunk:
+    return GenerateChunk(request_id=like.request_id, mode=like.mode, finish_reason="error",
+                         error=ErrorInfo(message="engine failed", type="server_error", code="engine_error"))
 
 
 class FakeStream:
@@ -91,11 +100,9 @@ class FakeStream:
             self.finished = True
             return GenerateChunk(request_id=self.request.request_id or "", mode=self.request.mode,
                                  finish_reason="error", error=o.first_chunk_error)
-        if o.error_after_chunks is not None and self.sent >= o.error_after_chunks:
+        if o.error_after_chunks is not None and self.sent >= o.error_after_chunks and self.request.stream:
             self.finished = True
-            return GenerateChunk(request_id=self.request.request_id or "", mode=self.request.mode,
-                                 finish_reason="error", error=ErrorInfo(message="engine failed", type="server_error",
-                                                                        code="engine_error"))
+            return engine_failed(self.chunks[0])
         chunk = self.chunks[self.sent]
         self.sent += 1
         if chunk.finish_reason is not None:
@@ -129,8 +136,18 @@ class FakeReplicaClient:
             await asyncio.sleep(self.hang_s)
         if self.generate_error is not None:
             raise self.generate_error
-        stream = FakeStream(self, request, fake_chunks(request))
+        chunks = fake_chunks(request)
+        passes = chunks[-1].usage.forward_passes
+        if not request.stream and self.error_after_chunks is not None and self.error_after_chunks < passes:
+            chunks = [engine_failed(chunks[0])]  # the engine failed before the answer was complete
+        stream = FakeStream(self, request, chunks)
         self.streams.append(stream)
+        if not request.stream and self.chunk_delay_s:  # the replica answers once it has everything
+            try:
+                await asyncio.sleep(self.chunk_delay_s * (passes - 1))
+            except asyncio.CancelledError:
+                await stream.aclose()  # the connection closes: the replica aborts
+                raise
         return stream
 
     async def info(self) -> ReplicaInfo:
@@ -208,6 +225,10 @@ def fake_replica_app(state: FakeReplicaState):
             await respond(send, state.error_status, err.model_dump_json().encode())
             return
         chunks = fake_chunks(request, instant=state.instant)
+        if not request.stream:  # one message, as a real replica answers it
+            await respond(send, 200, chunks[0].model_dump_json(exclude_none=True).encode())
+            state.completed.append(request.request_id or "")
+            return
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/x-ndjson")]})
         disconnected = asyncio.Event()

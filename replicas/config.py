@@ -36,6 +36,13 @@ class ReplicaConfig(BaseModel):
     engine: EngineLimits = Field(default_factory=EngineLimits)
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="None: max_seq_len minus one block")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch in the replica")
+    engine_process: bool = Field(default=True, description="run the engine loop in its own process (off the "
+                                 "serving process's GIL); false: on a thread of the replica process")
+    stall_timeout_s: float = Field(default=120.0, gt=0, description="the replica reports unhealthy when its engine "
+                                   "made no progress this long with requests in flight")
+    stream_interval_ms: float = Field(default=0.0, ge=0, description="streamed chunks at most this often; tokens "
+                                      "made meanwhile join the next chunk (0: a chunk per engine step, merged "
+                                      "only while the handler is behind)")
 
     @model_validator(mode="after")
     def _check(self) -> "ReplicaConfig":

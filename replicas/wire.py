@@ -3,8 +3,10 @@
 Contract: pydantic models only, importable without torch or ray, so the gateway can depend on
 them. The replica exposes, behind the Ray Serve HTTP proxy:
 
-- `POST /generate` with a `GenerateRequest` JSON body. On success: HTTP 200 and a stream of
-  NDJSON lines, one `GenerateChunk` each; the last chunk has `finish_reason` and `usage`. On
+- `POST /generate` with a `GenerateRequest` JSON body. On success: HTTP 200 and, with
+  `stream: false`, ONE `GenerateChunk` JSON (every token id, the whole text, `finish_reason`,
+  `usage`); with `stream: true` (the default), NDJSON lines, one `GenerateChunk` (a text delta)
+  each, the last with `finish_reason` and `usage`. On
   a request error before streaming: an `ErrorBody` JSON with status 400 (bad parameters,
   `param` set; code `context_length_exceeded` for a prompt that is too long), 404 (no such
   route), 429 (engine overloaded) or 503 (engine error). A failure
@@ -79,6 +81,7 @@ class GenerateRequest(BaseModel):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # diffusion confidence threshold
     draft_lora: bool | None = None
     engine: EngineSettings | None = None  # the policy's current engine settings; applied when they differ
+    stream: bool = True  # False: the answer is ONE GenerateChunk JSON with every token, the text and usage
 
 
 class Usage(BaseModel):

@@ -1,49 +1,40 @@
-"""`AsyncEngine`: the batched engine on its own thread, streamed to asyncio consumers.
+"""`AsyncEngine`: the batched engine on a thread of this process, streamed to asyncio consumers.
 
 Contract: one daemon thread runs `BatchEngine.step()` whenever there is work, so the event
-loop that serves HTTP never blocks on a forward. `stream(prompt_ids, params)` is an async
-iterator of `StreamChunk`s (tokens made final at each step; the last one carries
-`finish_reason` and the request's stats). Cancelling the consuming task, or closing the
-iterator early, aborts the request: its KV slot is freed at the start of the next step.
-Submission errors raise at once (`ValueError`, `EngineOverloaded`); a failed forward raises
-`EngineError` in the affected streams only. `shutdown()` stops the thread and fails open
-streams. Non-goals: HTTP, tokenisation, Ray.
+loop never blocks on a forward; each step's chunks reach the loop in ONE hop
+(`call_soon_threadsafe` per step, not per chunk). `stream` / `generate` are
+`outputs.StreamingFrontend`'s. Submission errors raise at once (`ValueError`,
+`EngineOverloaded`); a failed step ends its requests with `EngineError`. If the loop thread
+itself dies, every open stream raises `EngineError` at once and `health()` says why.
+`shutdown()` stops the thread and fails open streams. For serving, `EngineProcess` runs the
+same loop in its own process (off the serving process's GIL); this class is for embedding
+the engine in a Python program. Non-goals: HTTP, tokenisation, Ray.
 """
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 import threading
-import uuid
+import time
+import traceback
 from pathlib import Path
-from typing import AsyncIterator
 
-from .batch_engine import BatchEngine, StreamChunk
+from .batch_engine import BatchEngine
 from .engine_config import EngineConfig
-from .params import DecodeParams, GenerationOutput
+from .errors import EngineError
+from .outputs import StreamingFrontend
+from .params import DecodeParams
 
 
-def merge(a: StreamChunk, b: StreamChunk) -> StreamChunk:
-    """`a` then `b` as one chunk: b's tokens appended, b's end state (finish, stats, mode)."""
-    return StreamChunk(a.request_id, a.token_ids + b.token_ids, finish_reason=b.finish_reason, stats=b.stats,
-                       error=b.error, forward_passes=b.forward_passes, mode=b.mode)
-
-
-class EngineError(RuntimeError):
-    """A request failed inside the engine (its forward raised, or the engine shut down)."""
-
-
-class AsyncEngine:
-    def __init__(self, core: BatchEngine) -> None:
+class AsyncEngine(StreamingFrontend):
+    def __init__(self, core: BatchEngine, *, stall_timeout_s: float = 120.0) -> None:
+        super().__init__()
         self.core = core
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._streams_lock = threading.Lock()
+        self.stall_timeout_s = stall_timeout_s
         self._wake = threading.Condition()
         self._stopping = False
-        self._prefix = uuid.uuid4().hex[:8]
-        self._ids = itertools.count()
-        self._thread = threading.Thread(target=self._loop, name="nld-engine-loop", daemon=True)
+        self._dead: str | None = None
+        self._last_progress = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="nld-engine-loop", daemon=True)
         self._thread.start()
 
     @classmethod
@@ -58,60 +49,24 @@ class AsyncEngine:
     def model_config(self):
         return self.core.engine.config
 
+    @property
+    def max_block_length(self) -> int:
+        return self.core.engine.max_block_length
+
+    @property
+    def has_lora(self) -> bool:
+        return self.core.engine.has_lora
+
     # ---- public API ----------------------------------------------------------------------
-    async def stream(
-        self, prompt_ids, params: DecodeParams | None = None, request_id: str | None = None,
-        coalesce: bool = False,
-    ) -> AsyncIterator[StreamChunk]:
-        """Chunks of final tokens; with `coalesce`, chunks that queued up while the consumer was
-        busy arrive merged (fewer, larger chunks; the same tokens)."""
+    def _submit(self, request_id: str, prompt_ids: list[int], params: DecodeParams) -> None:
+        self.core.submit(prompt_ids, params, request_id=request_id)
+        self._notify()
+
+    def _check_alive(self) -> None:
         if self._stopping:
             raise EngineError("the engine is shut down")
-        rid = request_id or f"{self._prefix}-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._streams_lock:
-            if rid in self._streams:
-                raise ValueError(f"request_id: {rid!r} is already in flight")
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
-        try:
-            self.core.submit(prompt_ids, params, request_id=rid)
-        except BaseException:
-            self._forget(rid)
-            raise
-        self._notify()
-        finished = False
-        try:
-            while True:
-                chunk: StreamChunk = await queue.get()
-                while coalesce and chunk.finish_reason is None and not queue.empty():
-                    chunk = merge(chunk, queue.get_nowait())  # the consumer fell behind: one chunk
-                if chunk.finish_reason == "error":
-                    finished = True
-                    raise EngineError(chunk.error or "engine error")
-                if chunk.finish_reason == "abort":
-                    finished = True
-                    raise EngineError("request aborted")
-                finished = chunk.finish_reason is not None
-                yield chunk
-                if finished:
-                    return
-        finally:
-            self._forget(rid)
-            if not finished:
-                self.abort(rid)
-
-    async def generate(self, prompt_ids, params: DecodeParams | None = None,
-                       request_id: str | None = None) -> GenerationOutput:
-        tokens: list[int] = []
-        last: StreamChunk | None = None
-        async for chunk in self.stream(prompt_ids, params, request_id):
-            tokens.extend(chunk.token_ids)
-            last = chunk
-        st = last.stats
-        return GenerationOutput(token_ids=tokens, finish_reason=last.finish_reason,
-                                forward_passes=st["forward_passes"], mode=st["mode"],
-                                prompt_tokens=st["prompt_tokens"], accepted_lengths=st["accepted_lengths"],
-                                denoise_passes=st["denoise_passes"])
+        if self._dead is not None:
+            raise EngineError(self._dead)
 
     def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
@@ -124,51 +79,70 @@ class AsyncEngine:
     def stats(self) -> dict:
         return self.core.stats_snapshot()
 
+    async def fresh_stats(self) -> dict:
+        return self.core.stats_snapshot()
+
     def update_draft_tiers(self, tiers) -> None:
         self.core.update_draft_tiers(tiers)
 
-    def downgrade_self_spec(self, on: bool) -> list[str]:
+    async def downgrade_self_spec(self, on: bool) -> list[str]:
         """See `BatchEngine.downgrade_self_spec`; wakes the loop so switches apply promptly."""
         moved = self.core.downgrade_self_spec(on)
         self._notify()
         return moved
+
+    def health(self) -> str | None:
+        """None when serving; else why not (the loop died, or made no progress for
+        `stall_timeout_s` while requests were in flight)."""
+        if self._dead is not None:
+            return self._dead
+        idle = time.monotonic() - self._last_progress
+        if len(self._router) and self.core.has_work() and idle > self.stall_timeout_s:
+            return f"the engine loop made no progress for {idle:.0f} s with {len(self._router)} requests in flight"
+        return None
 
     def shutdown(self) -> None:
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
         self._thread.join(timeout=30)
-        with self._streams_lock:
-            streams = list(self._streams.items())
-        for rid, _ in streams:
-            self._deliver(StreamChunk(rid, [], finish_reason="error", error="the engine shut down"))
+        self._fail_all("the engine shut down")
 
     # ---- loop thread ---------------------------------------------------------------------
     def _notify(self) -> None:
         with self._wake:
             self._wake.notify_all()
 
-    def _forget(self, rid: str) -> None:
-        with self._streams_lock:
-            self._streams.pop(rid, None)
+    def _run(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException as e:  # noqa: BLE001 - the step's own boundary failed: fail everyone now
+            traceback.print_exc()
+            self._dead = f"the engine loop failed: {type(e).__name__}: {e}"
+            self._fail_all(self._dead)
 
-    def _loop(self) -> None:
+    def _loop_forever(self) -> None:
         while True:
             with self._wake:
                 while not self._stopping and not self.core.has_work():
                     self._wake.wait(timeout=1.0)
                 if self._stopping:
                     return
-            for chunk in self.core.step():
-                self._deliver(chunk)
+            chunks = self.core.step()
+            self._last_progress = time.monotonic()
+            if chunks:
+                self._hand_over(self._deliver, chunks)
 
-    def _deliver(self, chunk: StreamChunk) -> None:
-        with self._streams_lock:
-            entry = self._streams.get(chunk.request_id)
-        if entry is None:
-            return
-        loop, queue = entry
+    def _hand_over(self, fn, *args) -> None:
+        """Run `fn(*args)` on the consumers' loop (one hop per step)."""
+        loop = self._loop
+        if loop is None:
+            return  # nobody has streamed yet: nobody to deliver to
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, chunk)
-        except RuntimeError:  # the consumer's loop is closed: nobody will read this stream
-            self.core.abort(chunk.request_id)
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the consumers' loop is closed: nobody will read these streams
+            for rid in self._router.request_ids():
+                self.core.abort(rid)
+
+    def _fail_all(self, reason: str) -> None:
+        self._hand_over(self._router.fail_all, EngineError(reason))

@@ -16,26 +16,16 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from .engine import Engine
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
+from .outputs import StreamChunk
 from .params import MODES, DecodeParams
 from .scheduler import Running, Scheduler
 from .stats import EngineStats
-
-
-@dataclass
-class StreamChunk:
-    request_id: str
-    token_ids: list[int]  # tokens this step made final
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last chunk
-    stats: dict | None = field(default=None)  # on the last chunk: the request's own numbers
-    error: str | None = None
-    forward_passes: int = 0  # forward passes the request has taken part in so far
-    mode: str = ""  # the mode the request is in after this step
 
 
 class BatchEngine:

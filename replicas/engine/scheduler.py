@@ -18,14 +18,11 @@ from dataclasses import dataclass
 import torch
 
 from .engine_config import EngineConfig
+from .errors import EngineOverloaded
 from .kv_cache import SequenceKV
 from .modes import MODE_CLASSES, DecodeMode, finish_prefill
 from .modes.self_spec import SelfSpecMode
 from .sequence import ForwardPass, Sequence
-
-
-class EngineOverloaded(RuntimeError):
-    """The waiting queue is full; retry later."""
 
 
 @dataclass

@@ -323,11 +323,10 @@ def test_downgrade_reaches_self_spec_requests_still_waiting_for_a_slot(engine):
     assert tokens[queued] == expected
 
 
-def test_coalesced_stream_merges_queued_chunks_without_losing_tokens(async_engine, engine):
+def test_a_slow_consumer_gets_merged_chunks_without_losing_tokens(async_engine, engine):
     async def main():
         chunks = []
-        async for c in async_engine.stream([1, 2, 3], DecodeParams(max_new_tokens=40, ignore_eos=True),
-                                           coalesce=True):
+        async for c in async_engine.stream([1, 2, 3], DecodeParams(max_new_tokens=40, ignore_eos=True)):
             chunks.append(c)
             await asyncio.sleep(0.02)  # a slow consumer: steps queue up meanwhile
         return chunks
