@@ -34,6 +34,10 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replica-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's metrics export port")
+    p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
+                   help="how HTTP reaches the replicas: Ray Serve's HAProxy (default) or its Python proxy")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="CPU threads of the replica's engine process (default: torch's, one per core)")
     p.add_argument("--api-key-file", default=None, help="enable auth with these keys (default: auth off)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_up)
@@ -42,6 +46,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
 def start_replicas(args, model_name: str, autoscaling: dict | None) -> subprocess.Popen:
     cmd = [sys.executable, "-u", "-m", "replicas", "--model", args.model, "--model-name", model_name,
            "--host", "127.0.0.1", "--port", str(args.replica_port), "--metrics-port", str(args.metrics_port)]
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
+    cmd += ["--ingress", args.ingress]
     if autoscaling:  # the policy's `autoscaling` block becomes Serve's autoscaling_config
         cmd += ["--autoscaling-json", json.dumps(autoscaling)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -3,7 +3,10 @@
     python -m replicas --model DIR [--host 127.0.0.1] [--port 8001] [--config serve.yaml]
 
 Ray's metrics report interval is set to 500 ms so replica metrics are at most ~1 s old on
-Ray's metrics port (--metrics-port). Prints `READY <url>` once the application answers.
+Ray's metrics port (--metrics-port). The ingress (--ingress, `replicas/ingress.py`) is HAProxy
+in front of replicas that serve HTTP themselves, unless `proxy` asks for Serve's Python proxy;
+the environment Ray Serve reads is set here, before Ray starts. Prints `READY <url>` once the
+application answers.
 This module and `nld-gateway up` are the entry points that build `ReplicaConfig`.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -35,6 +39,8 @@ def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
         base["model_path"] = args.model
     if args.model_name:
         base["model_name"] = args.model_name
+    if getattr(args, "torch_threads", None):
+        base["torch_threads"] = args.torch_threads
     return ReplicaConfig.model_validate(base), options
 
 
@@ -47,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8080)
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--torch-threads", type=int, default=None, help="CPU threads of the engine (overrides the config)")
+    p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
+                   help="haproxy (default): replicas serve HTTP themselves behind Ray Serve's HAProxy; "
+                        "proxy: Ray Serve's Python proxy actor (see replicas/ingress.py)")
     p.add_argument("--autoscaling-json", default=None,
                    help="Ray Serve autoscaling_config as JSON (nld-gateway up passes the policy's `autoscaling`)")
     args = p.parse_args(argv)
@@ -54,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.autoscaling_json:
         options["autoscaling_config"] = json.loads(args.autoscaling_json)
 
+    from .ingress import local_ingress, serve_env
+
+    os.environ.update(serve_env(local_ingress(args.ingress)))  # Ray Serve reads these at import, in every process
+
     import ray
     from ray import serve
 
     from .app import bind_app
 
-    print(f"starting Ray (metrics on :{args.metrics_port}) ...", flush=True)
+    print(f"starting Ray (metrics on :{args.metrics_port}, ingress {args.ingress}) ...", flush=True)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, _metrics_export_port=args.metrics_port,
              _system_config={"metrics_report_interval_ms": 500}, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})

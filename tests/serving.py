@@ -1,38 +1,40 @@
 """A real local Ray Serve deployment of the replicas, for integration tests (no mocks).
 
 `ServeStack.start(model_dir)` runs Ray in this process (metrics every 500 ms on a free
-loopback port), starts Serve's HTTP proxy on a free loopback port and deploys
+loopback port), starts Serve's ingress (HAProxy in front of the replicas' own HTTP servers, as
+in production; `ingress="proxy"` for Serve's Python proxy) on a free loopback port and deploys
 `replicas.app:build_app`. `stop()` shuts everything down.
 """
 
 from __future__ import annotations
 
-import socket
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from replicas.ingress import free_port, local_ingress, serve_env
 
 
 @dataclass
 class ServeStack:
     url: str
     metrics_url: str
+    saved_env: dict = field(default_factory=dict)
 
     @classmethod
-    def start(cls, model_dir, **replica_overrides) -> "ServeStack":
+    def start(cls, model_dir, ingress: str = "haproxy", **replica_overrides) -> "ServeStack":
         import ray
         from ray import serve
 
         from replicas.app import bind_app
         from replicas.config import ReplicaConfig
 
+        env = serve_env(local_ingress(ingress))
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # Ray Serve's ingress settings, read by every Ray process it starts
         port, metrics_port = free_port(), free_port()
         ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
                  _system_config={"metrics_report_interval_ms": 500}, log_to_driver=False,
@@ -44,7 +46,7 @@ class ServeStack:
             **replica_overrides,
         })
         serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="nld", route_prefix="/")
-        stack = cls(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics")
+        stack = cls(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", saved)
         stack.wait_ready()
         return stack
 
@@ -65,3 +67,8 @@ class ServeStack:
 
         serve.shutdown()
         ray.shutdown()
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
