@@ -5,7 +5,9 @@ Contract: every collaborator is injected: the typed `GatewayConfig`, a `ReplicaC
 `policies.ModePolicy`, and optionally the `GatewayMetrics` (whose `InflightCounter` a policy
 may read; `app.state.inflight`). Endpoints: `GET /v1/models[/{id}]`, `POST /v1/completions`,
 `POST /v1/chat/completions` (JSON or SSE), `GET /v1/nld/policy`, `GET /health` (liveness),
-`GET /ready` (a replica answers), `GET /metrics` (Prometheus). Every completion response
+`GET /ready` (a replica answers), `GET /metrics` (Prometheus; left out with
+`metrics_route=False` when `gateway.listeners` serves it on its own port). `app.state.auth` is
+the `ApiKeyAuth` the front door checks (None with auth off), for key rotation. Every completion response
 carries `x-nld-decoding-mode` (the mode used), `x-nld-mode-reason` and `x-request-id`; every
 error is an OpenAI envelope. A completion request's deadline is `config.request_timeout_s`
 (504 before the first byte); a client disconnect at any point aborts its upstream requests.
@@ -64,7 +66,7 @@ async def watch_policy(policy, interval_s: float) -> None:
 
 def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: ModePolicy, *,
                metrics: GatewayMetrics | None = None, reload_interval_s: float = 1.0,
-               engine_push_interval_s: float = 0.1) -> FastAPI:
+               engine_push_interval_s: float = 0.1, metrics_route: bool = True) -> FastAPI:
     metrics = metrics or GatewayMetrics(InflightCounter())
     inflight = metrics.inflight
     service = CompletionService(config, replica_client, policy)
@@ -102,6 +104,7 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
     app.state.config, app.state.metrics, app.state.inflight, app.state.policy = config, metrics, inflight, policy
     install_error_handlers(app)
     auth = ApiKeyAuth(config.api_keys) if config.auth_enabled else None
+    app.state.auth = auth
     app.add_middleware(FrontDoor, config=config, auth=auth, metrics=metrics)
 
     async def complete(request: Request, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Response:
@@ -207,10 +210,11 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
             raise GatewayError(503, "no replica answers", retry_after=config.retry_after_s)
         return {"status": "ready"}
 
-    @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+    if metrics_route:
+        @app.get("/metrics", response_class=Response, summary="Prometheus metrics",
+                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+        async def prometheus() -> Response:
+            return Response(metrics.render(), media_type=metrics.content_type)
 
     app.openapi = lambda: _openapi(app, config)  # type: ignore[method-assign]
     return app

@@ -6,7 +6,9 @@ depends neither on where a key differs nor on its length nor on which key matche
 never logged or put in error messages. `load_api_keys(path)` reads either a file (one key
 per line; blank lines and `#` comments skipped) or a directory (a Kubernetes Secret mount:
 each regular file holds one key; `..data`-style entries and dot files are skipped); only the
-CLI calls it. Non-goals: key rotation while running (restart, or remount and restart), scopes.
+CLI calls it. `replace(keys)` swaps the accepted keys in place (a running app's middleware holds
+this object); `gateway.key_reload.KeyFileWatcher` calls it when the mounted key file changes.
+Non-goals: scopes, per-key limits.
 """
 
 from __future__ import annotations
@@ -23,6 +25,17 @@ def _digest(key: str) -> bytes:
 class ApiKeyAuth:
     def __init__(self, keys: frozenset[str] | set[str]) -> None:
         self._digests = tuple(_digest(k) for k in sorted(keys))
+
+    def replace(self, keys: frozenset[str] | set[str]) -> bool:
+        """Accept exactly `keys` from now on; True when the set changed. Raises ValueError on an
+        empty set or a key with surrounding whitespace (the previous keys then stay)."""
+        if not keys or any(not k or k != k.strip() for k in keys):
+            raise ValueError("api keys must be non-empty and carry no surrounding whitespace")
+        digests = tuple(_digest(k) for k in sorted(keys))
+        if sorted(digests) == sorted(self._digests):
+            return False
+        self._digests = digests  # one assignment: a concurrent check sees the old or the new tuple
+        return True
 
     def __repr__(self) -> str:  # never show keys
         return f"ApiKeyAuth({len(self._digests)} keys)"

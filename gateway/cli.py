@@ -4,7 +4,10 @@ Contract: `main(argv)` parses subcommands and returns an exit code. `serve` buil
 `GatewayConfig` from flags (the API-key path falls back to `$NLD_API_KEY_FILE`; a key path
 turns auth on), loads the keys (`gateway.auth.load_api_keys`: a file with one key per line or
 a Kubernetes Secret mount directory), builds `HttpReplicaClient`, the mode policy and the
-app, and runs uvicorn. Configuration errors exit with status 2 and a one-line message that
+app, and runs it (`gateway.listeners.serve`): `/metrics` on the API port, or only on
+`--metrics-port` when given; with a key path, the keys are re-read every
+`--key-reload-interval` seconds (`gateway.key_reload`), so a rotated Secret needs no restart.
+Configuration errors exit with status 2 and a one-line message that
 never contains a key. Other subcommands (`up`) register themselves in `build_parser`.
 Non-goals: starting replicas or Ray (that is `up`'s job).
 """
@@ -44,6 +47,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens-limit", type=int, default=None)
     p.add_argument("--max-inflight", type=int, default=None, help="429 beyond this many in-flight requests")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds (504 before the first byte)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve /metrics on this port only (default: on --port, beside the API)")
+    p.add_argument("--metrics-host", default=None, help="address of the metrics port (default: --host)")
+    p.add_argument("--key-reload-interval", type=float, default=10.0,
+                   help="seconds between re-reads of the API key file (rotation without a restart)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=cmd_serve)
 
@@ -87,24 +95,33 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str]):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .auth import load_api_keys
+    from .key_reload import KeyFileWatcher
+    from .listeners import serve
     from .metrics import GatewayMetrics, InflightCounter
     from .replica_client import HttpReplicaClient
 
     metrics = GatewayMetrics(InflightCounter())
     try:
+        if args.key_reload_interval <= 0:
+            raise ValueError("--key-reload-interval must be positive")
         config = serve_config(args, dict(os.environ))
         policy = build_policy(args, metrics)
     except (ValidationError, ValueError, OSError) as e:
         print(f"nld-gateway serve: invalid configuration: {_first_line(e)}", file=sys.stderr)
         return 2
     client = HttpReplicaClient(config, on_retry=metrics.retries.inc)
-    app = create_app(config, client, policy, metrics=metrics)
+    app = create_app(config, client, policy, metrics=metrics, metrics_route=args.metrics_port is None)
+    background = []
+    key_path = args.api_key_file or os.environ.get(API_KEY_ENV)
+    if config.auth_enabled and key_path:
+        watcher = KeyFileWatcher(app.state.auth, lambda: load_api_keys(key_path), args.key_reload_interval)
+        background.append(watcher.run)
     logging.getLogger("gateway").info("auth %s; replicas at %s", "on" if config.auth_enabled else "off",
                                       config.replica_url)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    serve(app, args.host, args.port, metrics=metrics, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+          background=background, log_level=args.log_level)
     return 0
 
 

@@ -2,7 +2,10 @@
 
 The Helm v4 engine comes from `helm-python-sdk` (a bundled libhelm, called through ctypes).
 Scenarios are the chart's `ci/*-values.yaml` files (the chart-testing convention), so `ct lint`
-and these tests exercise the same value sets.
+and these tests exercise the same value sets. `render(values, api_versions=...)` also renders
+the way `helm install` does against a cluster that serves those API versions (Helm's
+`.Capabilities.APIVersions`), through a client-only dry-run install of the same engine; the
+scenarios render as on a cluster with the prometheus-operator CRDs (`CLUSTER_API_VERSIONS`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -23,9 +27,14 @@ RELEASE = "nld"
 NAMESPACE = "serving"
 
 SCENARIOS = sorted(p.name[: -len("-values.yaml")] for p in (CHART_DIR / "ci").glob("*-values.yaml"))
-CORE_KINDS = {"ConfigMap", "Secret", "Service", "ServiceAccount", "Deployment", "Ingress",
-              "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
-CUSTOM_KINDS = {"RayService", "ServiceMonitor", "PodMonitor"}
+CORE_KINDS = {"ConfigMap", "Secret", "Service", "ServiceAccount", "Deployment", "Ingress", "Job", "Pod",
+              "PersistentVolumeClaim", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"}
+CUSTOM_KINDS = {"RayService", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+# What `helm install` finds on a cluster with the prometheus-operator: Helm lists every
+# group/version and group/version/Kind the API server serves.
+MONITORING_API_VERSIONS = ("monitoring.coreos.com/v1", "monitoring.coreos.com/v1/ServiceMonitor",
+                           "monitoring.coreos.com/v1/PodMonitor", "monitoring.coreos.com/v1/PrometheusRule")
+CLUSTER_API_VERSIONS = MONITORING_API_VERSIONS
 
 
 def helm():
@@ -50,9 +59,53 @@ def _chart():
     return helm().Chart.load(str(CHART_DIR))
 
 
-def render(values: dict | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:
-    """Template path -> rendered text (what `helm template` prints), NOTES.txt included."""
-    return _chart().render(values or {}, name=name, namespace=namespace)
+def load_chart(path: Path):
+    return helm().Chart.load(str(path))
+
+
+def _dry_run_install(chart, values: dict, name: str, namespace: str, api_versions) -> dict:
+    """A client-only `helm install --dry-run=client --api-versions ... --kube-version ...`: the
+    release (manifest without hooks, notes). helm-python-sdk 0.2.2 wraps `helm_install` without
+    the `api_versions` option, which the bundled library accepts, so it is called directly."""
+    from helm_python import _native
+    from helm_python.config import Config
+
+    opts = {"namespace": namespace, "dry_run": "client", "api_versions": list(api_versions),
+            "kube_version": f"v{KUBE_VERSION}"}
+    config = Config(namespace=namespace)
+    try:
+        payload = _native.call_string("helm_install", config._raw(), Config._context_arg(None), chart._raw(), None,
+                                      name, json.dumps(values), json.dumps(opts))
+    finally:
+        config.close()
+    return json.loads(payload)
+
+
+def render(values: dict | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE,
+           api_versions=None, chart=None) -> dict[str, str]:
+    """Template path -> rendered text (what `helm template` prints), NOTES.txt and hooks included.
+
+    `api_versions`: the API versions the cluster serves (Helm's `.Capabilities.APIVersions`);
+    None renders with the engine's defaults, which include no CustomResourceDefinition."""
+    chart = chart or _chart()
+    rendered = chart.render(values or {}, name=name, namespace=namespace)
+    if api_versions is None:
+        return rendered
+    release = _dry_run_install(chart, values or {}, name, namespace, api_versions)
+    by_path: dict[str, list[str]] = {}
+    for doc in release["manifest"].split("\n---\n"):
+        m = re.match(r"\s*(?:---\s*)?# Source: (\S+)\n", doc)
+        if m:
+            by_path.setdefault(m.group(1), []).append(doc[m.end():])
+    out = {}
+    for path, text in rendered.items():
+        if path.endswith("NOTES.txt"):
+            out[path] = release.get("notes", "")
+        elif "helm.sh/hook:" in text:  # hooks are not in the release manifest; they need no CRD
+            out[path] = text
+        else:
+            out[path] = "\n---\n".join(by_path.get(path, []))
+    return out
 
 
 def objects(rendered: dict[str, str]) -> list[dict]:
@@ -69,8 +122,9 @@ def objects(rendered: dict[str, str]) -> list[dict]:
 
 @functools.cache
 def render_scenario(name: str) -> tuple[dict[str, str], tuple]:
-    """Cached (rendered text, objects) of a ci/ scenario. Callers must not mutate the objects."""
-    rendered = render(scenario_values(name))
+    """Cached (rendered text, objects) of a ci/ scenario, on a cluster with the prometheus-operator
+    CRDs. Callers must not mutate the objects."""
+    rendered = render(scenario_values(name), api_versions=CLUSTER_API_VERSIONS)
     return rendered, tuple(objects(rendered))
 
 

@@ -27,7 +27,8 @@ def scenario(request):
 
 
 def test_scenarios_cover_the_issue():
-    assert {"defaults", "gpu-autoscaling", "auth-existing-secret", "monitoring", "ingress", "download"} <= set(C.SCENARIOS)
+    assert {"defaults", "gpu-autoscaling", "auth-existing-secret", "monitoring", "ingress", "download", "production",
+            "incremental-upgrade"} <= set(C.SCENARIOS)
 
 
 def test_chart_metadata_matches_the_project():
@@ -174,17 +175,26 @@ def _policy_text(objs) -> str:
     return C.one(objs, "ConfigMap", "-policy")["data"]["policy.yaml"]
 
 
+RAY_SELECTOR = f'{{namespace="{C.NAMESPACE}",app_kubernetes_io_instance="{C.RELEASE}"}}'
+SELECTOR_TEMPLATE = '{{ include "nld.raySelector" . }}'
+
+
 def test_policy_configmap_renders_the_policy_values(scenario):
+    """The policy file is `policy` from the values, less `autoscaling` (Serve's, in the
+    RayService), with Prometheus urls defaulted and queries rendered (the release's selector)."""
     _, objs = C.render_scenario(scenario)
     values = C.merged_values(scenario)
     policy = yaml.safe_load(_policy_text(objs))
     expected = copy.deepcopy(values["policy"])
+    autoscaling = expected.pop("autoscaling", None)
     for signal in expected["signals"]:
         if signal["source"] == "prometheus":
             signal.setdefault("url", values["monitoring"]["prometheus"]["url"])
+            signal["query"] = signal["query"].replace(SELECTOR_TEMPLATE, RAY_SELECTOR)
     assert policy == expected
+    assert "{{" not in _policy_text(objs)
     (dep,) = C.serve_config(objs)["applications"][0]["deployments"]
-    assert dep.get("autoscaling_config") == policy.get("autoscaling")
+    assert dep.get("autoscaling_config") == autoscaling
 
 
 def test_policy_configmap_validates_with_the_policy_schema(scenario):
@@ -235,6 +245,20 @@ BAD_VALUES = [
     ({"policy": {"autoscaling": {"min_replica": 1}}}, "additional properties 'min_replica' not allowed"),
     ({"policy": {"rules": []}}, "at '/policy': additional properties 'rules' not allowed"),
     ({"monitoring": {"podMonitor": {"interval": "5 seconds"}}}, "at '/monitoring/podMonitor/interval'"),
+    ({"replicas": {"workers": {"runtimeClassName": "NVIDIA runtime"}}}, "at '/replicas/workers/runtimeClassName'"),
+    ({"replicas": {"workers": {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Always"}}}},
+     "at '/replicas/workers/podDisruptionBudget/unhealthyPodEvictionPolicy'"),
+    ({"gateway": {"podDisruptionBudget": {"unhealthyPodEvictionPolicy": "Never"}}},
+     "at '/gateway/podDisruptionBudget/unhealthyPodEvictionPolicy'"),
+    ({"replicas": {"upgradeStrategy": {"type": "Rolling"}}}, "at '/replicas/upgradeStrategy/type'"),
+    ({"replicas": {"workers": {"terminationGracePeriodSeconds": "1m"}}}, "at '/replicas/workers/terminationGracePeriodSeconds'"),
+    ({"replicas": {"workers": {"extraVolumeMounts": [{"name": "x"}]}}}, "at '/replicas/workers/extraVolumeMounts/0'"),
+    ({"replicas": {"head": {"extraContainers": [{"name": "sidecar"}]}}}, "at '/replicas/head/extraContainers/0'"),
+    ({"replicas": {"gcsFaultTolerance": {"redisAddress": "redis"}}}, "at '/replicas/gcsFaultTolerance/redisAddress'"),
+    ({"model": {"download": {"storage": "s3"}}}, "at '/model/download/storage'"),
+    ({"model": {"download": {"pvc": {"accessModes": ["ReadWriteAll"]}}}}, "at '/model/download/pvc/accessModes/0'"),
+    ({"gateway": {"image": {"registry": "https://ghcr.io"}}}, "at '/gateway/image/registry'"),
+    ({"monitoring": {"prometheusRule": {"errorRateThreshold": 5}}}, "at '/monitoring/prometheusRule/errorRateThreshold'"),
     ({"networkPolicy": {"metricsFrom": [{"namespace": "monitoring"}]}}, "additional properties 'namespace' not allowed"),
 ]
 
@@ -261,6 +285,22 @@ BAD_COMBINATIONS = [
      "gateway.autoscaling: minReplicas (5) must not exceed maxReplicas (2)"),
     ({"monitoring": {"prometheus": {"url": ""}}},
      "policy.signals[0] (fleet_concurrency) reads Prometheus but has no url and monitoring.prometheus.url is empty"),
+    ({"replicas": {"serve": {"numReplicas": 2}, "workers": {"replicas": 2}}, "policy": {"autoscaling": {"max_replicas": 2}}},
+     "replicas.serve.numReplicas and policy.autoscaling are both set: the Serve replica count has one source"),
+    ({"replicas": {"workers": {"terminationGracePeriodSeconds": 30}}},
+     "replicas.workers.terminationGracePeriodSeconds (30) is shorter than replicas.serve.gracefulShutdownTimeoutS (60)"),
+    ({"replicas": {"head": {"terminationGracePeriodSeconds": 10}}},
+     "replicas.head.terminationGracePeriodSeconds (10) is shorter than replicas.serve.gracefulShutdownTimeoutS (60)"),
+    ({"replicas": {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}}},
+     "replicas.upgradeStrategy NewClusterWithIncrementalUpgrade needs replicas.autoscaler.enabled"),
+    ({"replicas": {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}, "autoscaler": {"enabled": True}}},
+     "replicas.upgradeStrategy.clusterUpgradeOptions.gatewayClassName is required"),
+    ({"replicas": {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade",
+                                       "clusterUpgradeOptions": {"gatewayClassName": "istio"}},
+                   "autoscaler": {"enabled": True}}},
+     "set gateway.replicaUrl to that Gateway's address"),
+    ({"replicas": {"gcsFaultTolerance": {"enabled": True}}},
+     "replicas.gcsFaultTolerance.enabled needs replicas.gcsFaultTolerance.redisAddress"),
 ]
 
 
@@ -354,7 +394,8 @@ def test_defaults_are_secure_and_request_one_gpu_per_replica():
     assert next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]["secretName"] == secret["metadata"]["name"]
     assert not C.find(objs, "Ingress") and not C.find(objs, "HorizontalPodAutoscaler")
     assert not C.find(objs, "ServiceMonitor") and not C.find(objs, "PodMonitor")
-    assert C.one(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    pdb = C.one(objs, "PodDisruptionBudget", "-gateway")["spec"]
+    assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     notes = rendered[f"{C.CHART_DIR.name}/templates/NOTES.txt"]
     assert "port-forward svc/" in notes and "/v1/nld/policy" in notes and "jsonpath='{.data.generated}'" in notes
 
@@ -368,9 +409,13 @@ def test_gateway_args_parse_with_the_gateway_cli(scenario):
     pod = C.one(objs, "Deployment")["spec"]["template"]["spec"]
     ns = build_parser().parse_args(_container(pod, "gateway")["args"])
     assert ns.command == "serve" and ns.host == "0.0.0.0" and ns.port == values["gateway"]["port"]
-    assert ns.replica_url == f"http://{C.one(objs, 'RayService')['metadata']['name']}-serve-svc.{C.NAMESPACE}.svc:8000"
+    assert ns.metrics_port == values["gateway"]["metricsPort"] != ns.port
+    serve_svc = f"http://{C.one(objs, 'RayService')['metadata']['name']}-serve-svc.{C.NAMESPACE}.svc:8000"
+    assert ns.replica_url == (values["gateway"]["replicaUrl"] or serve_svc)
     assert ns.model_name == values["model"]["name"]
     assert (ns.api_key_file is not None) == values["auth"]["enabled"]
+    if values["auth"]["enabled"]:
+        assert ns.key_reload_interval == values["gateway"]["keyReloadIntervalSeconds"]
     if values["gateway"]["policy"]["source"] == "fixed":
         assert ns.mode == values["gateway"]["policy"]["fixedMode"]
         assert ns.client_override == values["policy"]["mode"]["client_override"]
@@ -409,9 +454,12 @@ def test_network_policy_lets_only_the_gateway_reach_the_serve_port(scenario):
         ports = [p["port"] for p in rule.get("ports", [])]
         if not ports or serve_port in ports:
             reaching.append(rule["from"])
-    # Ray's own pods (all ports, Ray's internal traffic) and the gateway pods, nothing else.
-    assert sorted(json.dumps(r, sort_keys=True) for r in reaching) == sorted(
-        json.dumps([{"podSelector": {"matchLabels": labels}}], sort_keys=True) for labels in (ray_labels, gateway_labels))
+    # Ray's own pods (all ports, Ray's internal traffic), the gateway pods and the peers named in
+    # networkPolicy.serveFrom (an incremental upgrade's Gateway data plane), nothing else.
+    expected = [[{"podSelector": {"matchLabels": labels}}] for labels in (ray_labels, gateway_labels)]
+    if C.merged_values(scenario)["networkPolicy"]["serveFrom"]:
+        expected.append(C.merged_values(scenario)["networkPolicy"]["serveFrom"])
+    assert sorted(json.dumps(r, sort_keys=True) for r in reaching) == sorted(json.dumps(e, sort_keys=True) for e in expected)
 
 
 def test_gpu_workers_with_two_replicas_and_autoscaling():
@@ -453,24 +501,40 @@ def test_auth_with_an_existing_secret():
         C.one(objs, "Deployment")["spec"]["template"]["spec"], "gateway")["args"]
 
 
-def test_chart_created_api_keys():
+def test_chart_created_api_keys_rotate_without_a_restart():
     _, objs = C.render_scenario("download")
     secret = C.one(objs, "Secret")
     assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == C.merged_values("download")["auth"]["apiKeys"]
-    annotations = C.one(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert "checksum/api-keys" in annotations
+    # a key change updates the mounted Secret, which the gateway re-reads: the pod template
+    # (hence the pods) stays the same
+    rotated = C.deep_merge(C.scenario_values("download"), {"auth": {"apiKeys": {"team-a": "nld-team-a-key-rotated"}}})
+    template = C.one(objs, "Deployment")["spec"]["template"]
+    assert C.one(C.objects(C.render(rotated)), "Deployment")["spec"]["template"] == template
+    assert not any(k.startswith("checksum/api-keys") for k in template["metadata"]["annotations"])
+    args = _container(template["spec"], "gateway")["args"]
+    assert args[args.index("--key-reload-interval") + 1] == "10"
 
 
 def test_service_monitor_pod_monitor_and_dashboard():
     _, objs = C.render_scenario("monitoring")
-    service = C.one(objs, "Service")
+    service = C.one(objs, "Service", "-gateway-metrics")
+    api_service = C.one(objs, "Service", "-gateway")
     sm = C.one(objs, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    # the ServiceMonitor scrapes the metrics Service's port, never the API Service
     assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
-    assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
-    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert not sm["spec"]["selector"]["matchLabels"].items() <= api_service["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics" == service["spec"]["ports"][0]["name"]
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics" and service["spec"]["type"] == "ClusterIP"
+    gateway = _container(C.one(objs, "Deployment")["spec"]["template"]["spec"], "gateway")
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in gateway["ports"]
+    assert [p["name"] for p in api_service["spec"]["ports"]] == ["http"]
     pm = C.one(objs, "PodMonitor")
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    relabel = {r["targetLabel"]: r["sourceLabels"] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+    # the labels the policy's queries and the alerts select on
+    assert relabel["ray_io_cluster"] == ["__meta_kubernetes_pod_label_ray_io_cluster"]
+    assert relabel["app_kubernetes_io_instance"] == ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"]
     for template in C.ray_pod_templates(C.one(objs, "RayService")).values():
         assert pm["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
         assert "metrics" in {p["name"] for p in template["spec"]["containers"][0]["ports"]}
@@ -485,7 +549,7 @@ def test_service_monitor_pod_monitor_and_dashboard():
 def test_ingress_on():
     rendered, objs = C.render_scenario("ingress")
     ingress = C.one(objs, "Ingress")
-    service = C.one(objs, "Service")
+    service = C.one(objs, "Service", "-gateway")
     assert ingress["spec"]["ingressClassName"] == "nginx"
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "nld.example.com"
@@ -495,29 +559,89 @@ def test_ingress_on():
     gateway_policy = C.one(objs, "NetworkPolicy", "-gateway")
     froms = [r.get("from") for r in gateway_policy["spec"]["ingress"]]
     assert all(froms), "with gatewayIngressFrom set, no rule may admit everyone"
+    # the metrics port only from the scrapers; the API port from the ingress controller and the helm test pod
+    by_port = {r["ports"][0]["port"]: r["from"] for r in gateway_policy["spec"]["ingress"]}
+    assert by_port[9090] == C.merged_values("ingress")["networkPolicy"]["metricsFrom"]
+    assert any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "helm-test"
+               for p in by_port[8000])
+    test_pod = C.one(objs, "Pod")
+    assert test_pod["metadata"]["labels"]["app.kubernetes.io/component"] == "helm-test"
     assert "export NLD_URL=https://nld.example.com" in rendered[f"{C.CHART_DIR.name}/templates/NOTES.txt"]
 
 
-def test_model_download_init_container():
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_model_downloaded_once_by_a_hook_job_into_a_shared_claim():
     _, objs = C.render_scenario("download")
+    claim = C.one(objs, "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == "nld-nld-gateway-model"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["resources"]["requests"]["storage"] == "64Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    job = C.one(objs, "Job")
+    annotations = job["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "post-install,post-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and job["spec"]["activeDeadlineSeconds"] == 3600
+    (download,) = pod["containers"]
+    env = _env(download)
+    assert env["NLD_MODEL_REPO"] == "nvidia/Nemotron-Labs-Diffusion-8B" and env["NLD_MODEL_REVISION"] == "main"
+    assert env["NLD_MODEL_DIR"] == "/models/nemotron-labs-diffusion-8b"
+    assert env["NLD_MODEL_ID"] == "nvidia/Nemotron-Labs-Diffusion-8B@main"
+    assert env["HF_TOKEN_PATH"] == "/var/run/secrets/nld/hf-token/token"
+    assert not any("valueFrom" in e for e in download["env"]), "the token is a mounted file, not an env var"
+    token = next(v for v in pod["volumes"] if v["name"] == "hf-token")
+    assert token["secret"]["secretName"] == "hf-token" and token["secret"]["items"] == [{"key": "token", "path": "token"}]
+    assert next(v for v in pod["volumes"] if v["name"] == "model")["persistentVolumeClaim"] == {
+        "claimName": claim["metadata"]["name"]}
+    assert {"name": "model", "mountPath": "/models"} in download["volumeMounts"]  # read-write: the only writer
+    assert download["securityContext"]["readOnlyRootFilesystem"] is True
+    compile(download["command"][2], "download-model", "exec")
+    # every worker mounts the claim read-only and waits for the marker; nobody else downloads
     cluster = C.one(objs, "RayService")["spec"]["rayClusterConfig"]
     spec = cluster["workerGroupSpecs"][0]["template"]["spec"]
-    (init,) = spec["initContainers"]
-    env = {e["name"]: e.get("value") for e in init["env"]}
-    assert env["NLD_MODEL_REPO"] == "nvidia/Nemotron-Labs-Diffusion-8B"
-    assert env["NLD_MODEL_DIR"] == "/models/nemotron-labs-diffusion-8b"
-    assert env["HF_TOKEN_PATH"] == "/var/run/secrets/nld/hf-token/token"
-    assert not any("valueFrom" in e for e in init["env"]), "the token is a mounted file, not an env var"
-    token = next(v for v in spec["volumes"] if v["name"] == "hf-token")
-    assert token["secret"]["secretName"] == "hf-token" and token["secret"]["items"] == [{"key": "token", "path": "token"}]
-    cache = next(v for v in spec["volumes"] if v["name"] == "model")
-    assert cache["emptyDir"]["sizeLimit"] == "40Gi"
-    assert {"name": "model", "mountPath": "/models"} in init["volumeMounts"]
-    assert init["securityContext"]["readOnlyRootFilesystem"] is True
-    compile(init["command"][2], "download-model", "exec")  # the inline script is valid Python
+    (wait,) = spec["initContainers"]
+    assert wait["name"] == "wait-for-model" and wait["command"][:2] == ["sh", "-c"]
+    assert _env(wait)["NLD_MODEL_ID"] == env["NLD_MODEL_ID"] and _env(wait)["NLD_MODEL_DIR"] == env["NLD_MODEL_DIR"]
+    assert all(m.get("readOnly") for m in wait["volumeMounts"])
+    assert next(v for v in spec["volumes"] if v["name"] == "model")["persistentVolumeClaim"] == {
+        "claimName": claim["metadata"]["name"], "readOnly": True}
+    assert not any(v["name"] == "hf-token" for v in spec["volumes"]), "workers never see the Hub token"
     worker = _container(spec, "ray-worker")
     assert {"name": "model", "mountPath": "/models", "readOnly": True} in worker["volumeMounts"]
+    assert _env(worker)["HF_HUB_OFFLINE"] == "1"  # the replicas never reach the Hub
     assert "initContainers" not in cluster["headGroupSpec"]["template"]["spec"]
+    # an existing claim: no chart-created claim, the Job and the workers use it
+    objs = C.objects(C.render(C.deep_merge(C.scenario_values("download"),
+                                           {"model": {"download": {"pvc": {"existingClaim": "weights-rwx"}}}})))
+    assert not C.find(objs, "PersistentVolumeClaim")
+    assert C.one(objs, "Job")["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] == "weights-rwx"
+
+
+def test_download_job_env_has_proxy_endpoint_and_extra_env():
+    _, objs = C.render_scenario("production")
+    (download,) = C.one(objs, "Job")["spec"]["template"]["spec"]["containers"]
+    env = _env(download)
+    assert env["HF_ENDPOINT"] == "https://hf-mirror.internal.example"
+    assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://proxy.internal.example:3128"
+    assert env["NO_PROXY"] == env["no_proxy"] == ".svc,.cluster.local,10.0.0.0/8"
+    assert "HTTP_PROXY" not in env  # not set in the values
+    assert json.loads(env["NLD_ALLOW_PATTERNS"]) == ["*.json", "*.safetensors", "tokenizer*", "linear_spec_lora/*"]
+    claim = C.one(objs, "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "filestore-rwx" and claim["spec"]["resources"]["requests"]["storage"] == "80Gi"
+
+
+def test_per_pod_download_stays_an_explicit_choice():
+    rendered, objs = C.render_scenario("incremental-upgrade")
+    assert not C.find(objs, "Job") and not C.find(objs, "PersistentVolumeClaim")
+    spec = C.one(objs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["name"] == "download-model"
+    assert {"name": "model", "mountPath": "/models"} in init["volumeMounts"]
+    assert next(v for v in spec["volumes"] if v["name"] == "model")["emptyDir"] == {"sizeLimit": "40Gi"}
+    assert "storage=perPod: every worker pod downloads the checkpoint again" in rendered[f"{C.CHART_DIR.name}/templates/NOTES.txt"]
 
 
 # --- the values documentation and the dashboard --------------------------------------------------

@@ -42,7 +42,26 @@ Full name. KubeRay derives longer names from the RayService name (`<name>-rayclu
 {{- if .Values.replicas.serviceAccount.create }}{{ default (printf "%s-ray" (include "nld.fullname" .)) .Values.replicas.serviceAccount.name }}{{ else }}{{ default "default" .Values.replicas.serviceAccount.name }}{{ end }}
 {{- end }}
 
-{{/* The Serve Service KubeRay creates for a RayService: `<rayservice>-serve-svc`. */}}
+{{- define "nld.gatewayMetricsServiceName" -}}{{ include "nld.gatewayName" . }}-metrics{{- end }}
+
+{{/* The claim holding the weights (model.source pvc, or download with storage shared). */}}
+{{- define "nld.modelClaimName" -}}
+{{- $m := .Values.model }}
+{{- if eq $m.source "pvc" }}{{ $m.pvc.claimName }}
+{{- else if $m.download.pvc.existingClaim }}{{ $m.download.pvc.existingClaim }}
+{{- else }}{{ include "nld.fullname" . }}-model{{ end }}
+{{- end }}
+
+{{/* True ("true") when the weights come from the chart's shared download (Job + claim). */}}
+{{- define "nld.sharedDownload" -}}
+{{- if and (eq .Values.model.source "download") (eq .Values.model.download.storage "shared") }}true{{ end }}
+{{- end }}
+
+{{/*
+The Serve Service KubeRay creates for a RayService: `<rayservice>-serve-svc`. With a
+`NewClusterWithIncrementalUpgrade` strategy the traffic split lives in a Gateway API Gateway,
+so `gateway.replicaUrl` must name it (checked in nld.checkValues).
+*/}}
 {{- define "nld.replicaUrl" -}}
 {{- if .Values.gateway.replicaUrl }}{{ .Values.gateway.replicaUrl }}{{ else }}http://{{ include "nld.rayServiceName" . }}-serve-svc.{{ .Release.Namespace }}.svc:{{ .Values.replicas.serve.port }}{{ end }}
 {{- end }}
@@ -54,15 +73,24 @@ app.kubernetes.io/name: {{ include "nld.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
-{{- define "nld.labels" -}}
-helm.sh/chart: {{ include "nld.chart" . }}
+{{/*
+Labels that never change with the chart or app version. The Ray pod templates carry only these:
+KubeRay hashes `rayClusterConfig`, and a label that changed with every chart release would
+start a whole new RayCluster (twice the GPUs) on each upgrade.
+*/}}
+{{- define "nld.stableLabels" -}}
 {{ include "nld.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: nld-gateway
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{- define "nld.labels" -}}
+helm.sh/chart: {{ include "nld.chart" . }}
+{{ include "nld.stableLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "nld.gatewaySelectorLabels" -}}
@@ -75,11 +103,42 @@ app.kubernetes.io/component: gateway
 app.kubernetes.io/component: ray
 {{- end }}
 
+{{- define "nld.workerSelectorLabels" -}}
+{{ include "nld.raySelectorLabels" . }}
+nld-gateway/ray-node: worker
+{{- end }}
+
+{{/*
+PromQL selector of this release's Ray series, from the labels the chart's PodMonitor attaches
+(`namespace`, and `app_kubernetes_io_instance` from the pod label). Usable in `policy.signals`
+queries as `{{ include "nld.raySelector" . }}` (they are rendered with `tpl`).
+*/}}
+{{- define "nld.raySelector" -}}
+{namespace="{{ .Release.Namespace }}",app_kubernetes_io_instance="{{ .Release.Name }}"}
+{{- end }}
+
+{{/* PromQL selector of this release's gateway series (the ServiceMonitor's `service` label). */}}
+{{- define "nld.gatewaySelector" -}}
+{namespace="{{ .Release.Namespace }}",service="{{ include "nld.gatewayMetricsServiceName" . }}"}
+{{- end }}
+
+{{/*
+"true" when the cluster serves a prometheus-operator kind; call with (list $ "ServiceMonitor").
+Either the kind (`monitoring.coreos.com/v1/ServiceMonitor`, as Helm reads it from the API
+server) or the group version (`--api-versions monitoring.coreos.com/v1`) counts.
+*/}}
+{{- define "nld.hasMonitoringAPI" -}}
+{{- $root := index . 0 }}
+{{- if or ($root.Capabilities.APIVersions.Has (printf "monitoring.coreos.com/v1/%s" (index . 1))) ($root.Capabilities.APIVersions.Has "monitoring.coreos.com/v1") }}true{{ end }}
+{{- end }}
+
 {{/* Images ---------------------------------------------------------------------------- */}}
 
-{{/* Call with (dict "image" .Values.x.image "root" $). */}}
+{{/* `registry/repository:tag` (or `@digest`); call with (dict "image" .Values.x.image "root" $). */}}
 {{- define "nld.image" -}}
-{{- if .image.digest }}{{ .image.repository }}@{{ .image.digest }}{{ else }}{{ .image.repository }}:{{ default .root.Chart.AppVersion .image.tag }}{{ end }}
+{{- $repo := .image.repository }}
+{{- if .image.registry }}{{ $repo = printf "%s/%s" (trimSuffix "/" .image.registry) .image.repository }}{{ end }}
+{{- if .image.digest }}{{ $repo }}@{{ .image.digest }}{{ else }}{{ $repo }}:{{ default .root.Chart.AppVersion .image.tag }}{{ end }}
 {{- end }}
 
 {{/* Model ----------------------------------------------------------------------------- */}}
@@ -89,7 +148,36 @@ app.kubernetes.io/component: ray
 {{- if $sub }}{{ printf "%s/%s" (trimSuffix "/" .Values.model.mountPath) $sub }}{{ else }}{{ .Values.model.mountPath }}{{ end }}
 {{- end }}
 
+{{/* What the ready marker holds once the weights are complete: `<repo>@<revision>`. */}}
+{{- define "nld.modelId" -}}
+{{ .Values.model.download.repo }}@{{ .Values.model.download.revision }}
+{{- end }}
+
 {{/* Serve ----------------------------------------------------------------------------- */}}
+
+{{/*
+The fixed Serve replica count: `replicas.serve.numReplicas`, or (null) one replica per
+`numGpus` GPUs of the worker pods, so that fixed workers never hold idle GPUs by default.
+*/}}
+{{- define "nld.serveReplicas" -}}
+{{- $s := .Values.replicas.serve }}
+{{- $w := .Values.replicas.workers }}
+{{- if not (kindIs "invalid" $s.numReplicas) }}{{ int $s.numReplicas }}
+{{- else if gt (float64 $s.numGpus) 0.0 }}{{ max 1 (int (floor (divf (mul $w.replicas $w.gpusPerWorker) $s.numGpus))) }}
+{{- else }}{{ max 1 (int $w.replicas) }}{{ end }}
+{{- end }}
+
+{{/* The fewest Serve replicas: autoscaling's min_replicas (1 when unset), else the fixed count. */}}
+{{- define "nld.serveMinReplicas" -}}
+{{- $a := .Values.policy.autoscaling }}
+{{- if $a }}{{ if hasKey $a "min_replicas" }}{{ int $a.min_replicas }}{{ else }}1{{ end }}{{ else }}{{ include "nld.serveReplicas" . }}{{ end }}
+{{- end }}
+
+{{/* The most Serve replicas: autoscaling's max_replicas (1 when unset), else the fixed count. */}}
+{{- define "nld.serveMaxReplicas" -}}
+{{- $a := .Values.policy.autoscaling }}
+{{- if $a }}{{ if hasKey $a "max_replicas" }}{{ int $a.max_replicas }}{{ else }}1{{ end }}{{ else }}{{ include "nld.serveReplicas" . }}{{ end }}
+{{- end }}
 
 {{/* `args` of the Serve application: a replicas.config.ReplicaConfig. */}}
 {{- define "nld.replicaArgs" -}}
@@ -115,54 +203,93 @@ app.kubernetes.io/component: ray
 {{- if $v.policy.autoscaling }}
 {{- $_ := set $dep "autoscaling_config" $v.policy.autoscaling }}
 {{- else }}
-{{- $_ := set $dep "num_replicas" $s.numReplicas }}
+{{- $_ := set $dep "num_replicas" (include "nld.serveReplicas" . | int) }}
 {{- end }}
 {{- $app := dict "name" $s.applicationName "route_prefix" "/" "import_path" $s.importPath "args" (include "nld.replicaArgs" . | fromYaml) "deployments" (list $dep) }}
 {{- $cfg := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" $s.port) "applications" (list $app) }}
 {{- toYaml $cfg }}
 {{- end }}
 
-{{/*
-Capacity check: the replicas Serve must start (num_replicas, or autoscaling min_replicas) need
-GPUs on the worker pods that can exist; otherwise the RayService never becomes ready.
-*/}}
-{{- define "nld.checkCapacity" -}}
-{{- $v := .Values }}
-{{- $w := $v.replicas.workers }}
-{{- $minReplicas := $v.replicas.serve.numReplicas }}
-{{- if $v.policy.autoscaling }}{{ $minReplicas = $v.policy.autoscaling.min_replicas | default 1 }}{{ end }}
-{{- $pods := $w.replicas }}
-{{- if $v.replicas.autoscaler.enabled }}{{ $pods = $w.maxReplicas }}{{ end }}
-{{- $gpus := mul $pods $w.gpusPerWorker }}
-{{- if and (gt (float64 $v.replicas.serve.numGpus) 0.0) (gt (mulf (float64 $minReplicas) (float64 $v.replicas.serve.numGpus)) (float64 $gpus)) }}
-{{- fail (printf "replicas: %v replicas x %v GPUs (replicas.serve.numGpus) need more GPUs than the %d worker pods x %d GPUs (replicas.workers) provide; add workers or enable replicas.autoscaler" $minReplicas $v.replicas.serve.numGpus (int $pods) (int $w.gpusPerWorker)) }}
+{{/* Seconds a Ray pod gets to stop; call with (dict "root" $ "group" <head or workers values>). */}}
+{{- define "nld.rayGrace" -}}
+{{- $shutdown := int .root.Values.replicas.serve.gracefulShutdownTimeoutS }}
+{{- if kindIs "invalid" .group.terminationGracePeriodSeconds }}{{ add $shutdown 30 }}{{ else }}{{ int .group.terminationGracePeriodSeconds }}{{ end }}
 {{- end }}
-{{- if $v.replicas.autoscaler.enabled }}
+
+{{/*
+Consistency checks that the values schema cannot express; each fails the render with a
+message naming the keys.
+*/}}
+{{- define "nld.checkValues" -}}
+{{- $v := .Values }}
+{{- $r := $v.replicas }}
+{{- $w := $r.workers }}
+{{- if and (not (kindIs "invalid" $r.serve.numReplicas)) $v.policy.autoscaling }}
+{{- fail "replicas.serve.numReplicas and policy.autoscaling are both set: the Serve replica count has one source; set numReplicas for a fixed count or policy.autoscaling for Serve autoscaling, not both" }}
+{{- end }}
+{{- $minReplicas := include "nld.serveMinReplicas" . | int }}
+{{- $pods := $w.replicas }}
+{{- if $r.autoscaler.enabled }}{{ $pods = $w.maxReplicas }}{{ end }}
+{{- $gpus := mul $pods $w.gpusPerWorker }}
+{{- if and (gt (float64 $r.serve.numGpus) 0.0) (gt (mulf (float64 $minReplicas) (float64 $r.serve.numGpus)) (float64 $gpus)) }}
+{{- fail (printf "replicas: %d replicas x %v GPUs (replicas.serve.numGpus) need more GPUs than the %d worker pods x %d GPUs (replicas.workers) provide; add workers or enable replicas.autoscaler" $minReplicas $r.serve.numGpus (int $pods) (int $w.gpusPerWorker)) }}
+{{- end }}
+{{- if $r.autoscaler.enabled }}
 {{- if or (gt (int $w.minReplicas) (int $w.replicas)) (gt (int $w.replicas) (int $w.maxReplicas)) }}
 {{- fail (printf "replicas.workers: need minReplicas (%d) <= replicas (%d) <= maxReplicas (%d)" (int $w.minReplicas) (int $w.replicas) (int $w.maxReplicas)) }}
 {{- end }}
 {{- end }}
 {{- if $v.policy.autoscaling }}
-{{- if gt (int ($v.policy.autoscaling.min_replicas | default 1)) (int ($v.policy.autoscaling.max_replicas | default 1)) }}
+{{- if gt (include "nld.serveMinReplicas" . | int) (include "nld.serveMaxReplicas" . | int) }}
 {{- fail (printf "policy.autoscaling: min_replicas (%v) must not exceed max_replicas (%v)" $v.policy.autoscaling.min_replicas $v.policy.autoscaling.max_replicas) }}
 {{- end }}
+{{- end }}
+{{- range $group := list "head" "workers" }}
+{{- $g := index $r $group }}
+{{- if and (not (kindIs "invalid" $g.terminationGracePeriodSeconds)) (lt (int $g.terminationGracePeriodSeconds) (int $r.serve.gracefulShutdownTimeoutS)) }}
+{{- fail (printf "replicas.%s.terminationGracePeriodSeconds (%d) is shorter than replicas.serve.gracefulShutdownTimeoutS (%d): stopping pods would cut requests that Serve still drains" $group (int $g.terminationGracePeriodSeconds) (int $r.serve.gracefulShutdownTimeoutS)) }}
+{{- end }}
+{{- end }}
+{{- $u := $r.upgradeStrategy }}
+{{- if eq $u.type "NewClusterWithIncrementalUpgrade" }}
+{{- if not $r.autoscaler.enabled }}
+{{- fail "replicas.upgradeStrategy NewClusterWithIncrementalUpgrade needs replicas.autoscaler.enabled: KubeRay moves capacity through Serve's target_capacity and Ray's autoscaler" }}
+{{- end }}
+{{- if not $u.clusterUpgradeOptions.gatewayClassName }}
+{{- fail "replicas.upgradeStrategy.clusterUpgradeOptions.gatewayClassName is required for NewClusterWithIncrementalUpgrade" }}
+{{- end }}
+{{- if not $v.gateway.replicaUrl }}
+{{- fail "replicas.upgradeStrategy NewClusterWithIncrementalUpgrade splits traffic in a Gateway API Gateway: set gateway.replicaUrl to that Gateway's address (the -serve-svc Service only reaches the active cluster)" }}
+{{- end }}
+{{- if gt (int $u.clusterUpgradeOptions.stepSizePercent) (int $u.clusterUpgradeOptions.maxSurgePercent) }}
+{{- fail "replicas.upgradeStrategy.clusterUpgradeOptions: stepSizePercent must not exceed maxSurgePercent" }}
+{{- end }}
+{{- end }}
+{{- if and $r.gcsFaultTolerance.enabled (not $r.gcsFaultTolerance.redisAddress) }}
+{{- fail "replicas.gcsFaultTolerance.enabled needs replicas.gcsFaultTolerance.redisAddress (an external Redis, host:port)" }}
 {{- end }}
 {{- end }}
 
 {{/* Policy ---------------------------------------------------------------------------- */}}
 
-{{/* The policy YAML: `.Values.policy` verbatim, Prometheus signals defaulting their `url`. */}}
+{{/*
+The policy YAML: `.Values.policy` without `autoscaling` (Serve reads that from the RayService),
+Prometheus signals defaulting their `url` and with their `query` rendered by `tpl`.
+*/}}
 {{- define "nld.policyYaml" -}}
-{{- $policy := deepCopy .Values.policy }}
+{{- $policy := omit (deepCopy .Values.policy) "autoscaling" }}
 {{- if hasKey $policy "signals" }}
 {{- $signals := list }}
 {{- range $i, $sig := $policy.signals }}
 {{- $sig = deepCopy $sig }}
-{{- if and (eq (toString $sig.source) "prometheus") (not $sig.url) }}
+{{- if eq (toString $sig.source) "prometheus" }}
+{{- if not $sig.url }}
 {{- if not $.Values.monitoring.prometheus.url }}
 {{- fail (printf "policy.signals[%d] (%s) reads Prometheus but has no url and monitoring.prometheus.url is empty" $i (toString $sig.name)) }}
 {{- end }}
 {{- $_ := set $sig "url" $.Values.monitoring.prometheus.url }}
+{{- end }}
+{{- if $sig.query }}{{ $_ := set $sig "query" (tpl (toString $sig.query) $) }}{{ end }}
 {{- end }}
 {{- $signals = append $signals $sig }}
 {{- end }}
@@ -180,6 +307,8 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
   value: /tmp/cache
 - name: HF_HOME
   value: /tmp/hf
+- name: HF_HUB_OFFLINE
+  value: "1"
 - name: TRITON_CACHE_DIR
   value: /tmp/triton
 - name: TORCHINDUCTOR_CACHE_DIR
@@ -189,7 +318,9 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
 {{- end }}
 {{- end }}
 
-{{/* Volumes of a Ray pod; call with (dict "root" $ "mountModel" bool). */}}
+{{/*
+Volumes of a Ray pod; call with (dict "root" $ "mountModel" bool "group" <head or workers values>).
+*/}}
 {{- define "nld.rayVolumes" -}}
 {{- $v := .root.Values -}}
 - name: dshm
@@ -200,34 +331,26 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
   emptyDir:
     sizeLimit: {{ $v.replicas.tmpSize }}
 {{- if .mountModel }}
-{{- if eq $v.model.source "pvc" }}
+{{- if and (eq $v.model.source "download") (eq $v.model.download.storage "perPod") }}
 - name: model
-  persistentVolumeClaim:
-    claimName: {{ $v.model.pvc.claimName }}
-    readOnly: true
-{{- else }}
-- name: model
-{{- if $v.model.download.cache.claimName }}
-  persistentVolumeClaim:
-    claimName: {{ $v.model.download.cache.claimName }}
-{{- else }}
   emptyDir:
-    sizeLimit: {{ $v.model.download.cache.sizeLimit }}
-{{- end }}
+    sizeLimit: {{ $v.model.download.perPod.sizeLimit }}
 {{- if $v.model.download.tokenSecret.name }}
-- name: hf-token
-  secret:
-    secretName: {{ $v.model.download.tokenSecret.name }}
-    defaultMode: 0400
-    items:
-      - key: {{ $v.model.download.tokenSecret.key }}
-        path: token
+{{ include "nld.hfTokenVolume" .root }}
+{{- end }}
+{{- else }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ include "nld.modelClaimName" .root }}
+    readOnly: true
 {{- end }}
 {{- end }}
+{{- with .group.extraVolumes }}
+{{ toYaml . }}
 {{- end }}
 {{- end }}
 
-{{/* Volume mounts of a Ray container; call with (dict "root" $ "mountModel" bool). */}}
+{{/* Volume mounts of a Ray container; call with (dict "root" $ "mountModel" bool "group" ...). */}}
 {{- define "nld.rayVolumeMounts" -}}
 - name: dshm
   mountPath: /dev/shm
@@ -238,10 +361,28 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
   mountPath: {{ .root.Values.model.mountPath }}
   readOnly: true
 {{- end }}
+{{- with .group.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
-{{/* The model download init container (model.source: download). */}}
-{{- define "nld.downloadInitContainer" -}}
+{{- define "nld.hfTokenVolume" -}}
+- name: hf-token
+  secret:
+    secretName: {{ .Values.model.download.tokenSecret.name }}
+    defaultMode: 0400
+    items:
+      - key: {{ .Values.model.download.tokenSecret.key }}
+        path: token
+{{- end }}
+
+{{/*
+The downloader container, shared by the Job (storage: shared) and the per-pod init container
+(storage: perPod): `huggingface_hub.snapshot_download` into `<mountPath>/<subPath>`, then an
+atomic ready marker `.nld-ready` holding `<repo>@<revision>`. A revision pinned to a commit
+whose marker is already there is not fetched again (upgrades then need no Hub access).
+*/}}
+{{- define "nld.downloadContainer" -}}
 {{- $v := .Values }}
 {{- $d := $v.model.download -}}
 - name: download-model
@@ -251,17 +392,31 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
     - python
     - -c
     - |
-      import json, os
-      from huggingface_hub import snapshot_download
-      patterns = json.loads(os.environ["NLD_ALLOW_PATTERNS"]) or None
-      path = snapshot_download(repo_id=os.environ["NLD_MODEL_REPO"], revision=os.environ["NLD_MODEL_REVISION"],
-                               local_dir=os.environ["NLD_MODEL_DIR"], allow_patterns=patterns)
-      print("model ready in", path, flush=True)
+      import json, os, pathlib, re
+      target = pathlib.Path(os.environ["NLD_MODEL_DIR"])
+      marker = target / ".nld-ready"
+      expected = os.environ["NLD_MODEL_ID"]
+      revision = os.environ["NLD_MODEL_REVISION"]
+      current = marker.read_text().strip() if marker.is_file() else None
+      if current == expected and re.fullmatch(r"[0-9a-f]{40}", revision):
+          print("model already complete in", target, "as", expected, flush=True)
+      else:
+          from huggingface_hub import snapshot_download
+          target.mkdir(parents=True, exist_ok=True)
+          patterns = json.loads(os.environ["NLD_ALLOW_PATTERNS"]) or None
+          snapshot_download(repo_id=os.environ["NLD_MODEL_REPO"], revision=revision, local_dir=str(target),
+                            allow_patterns=patterns)
+          tmp = marker.with_name(".nld-ready.tmp")
+          tmp.write_text(expected + "\n")
+          os.replace(tmp, marker)
+          print("model ready in", target, "as", expected, flush=True)
   env:
     - name: NLD_MODEL_REPO
       value: {{ $d.repo | quote }}
     - name: NLD_MODEL_REVISION
       value: {{ $d.revision | quote }}
+    - name: NLD_MODEL_ID
+      value: {{ include "nld.modelId" . | quote }}
     - name: NLD_MODEL_DIR
       value: {{ include "nld.modelPath" . | quote }}
     - name: NLD_ALLOW_PATTERNS
@@ -270,9 +425,34 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
       value: /tmp/hf
     - name: HF_HUB_DISABLE_TELEMETRY
       value: "1"
+    {{- with $d.endpoint }}
+    - name: HF_ENDPOINT
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $d.proxy.http }}
+    - name: HTTP_PROXY
+      value: {{ . | quote }}
+    - name: http_proxy
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $d.proxy.https }}
+    - name: HTTPS_PROXY
+      value: {{ . | quote }}
+    - name: https_proxy
+      value: {{ . | quote }}
+    {{- end }}
+    {{- with $d.proxy.noProxy }}
+    - name: NO_PROXY
+      value: {{ . | quote }}
+    - name: no_proxy
+      value: {{ . | quote }}
+    {{- end }}
     {{- if $d.tokenSecret.name }}
     - name: HF_TOKEN_PATH
       value: /var/run/secrets/nld/hf-token/token
+    {{- end }}
+    {{- with $d.env }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
   resources:
     {{- toYaml $d.resources | nindent 4 }}
@@ -288,6 +468,71 @@ GPUs on the worker pods that can exist; otherwise the RayService never becomes r
       mountPath: /var/run/secrets/nld/hf-token
       readOnly: true
     {{- end }}
+{{- end }}
+
+{{/*
+Init container of the Ray pods with storage: shared: waits until the download Job's ready
+marker names this revision, so Serve never starts on a partial checkpoint.
+*/}}
+{{- define "nld.waitForModelContainer" -}}
+{{- $v := .Values -}}
+- name: wait-for-model
+  image: {{ include "nld.image" (dict "image" $v.replicas.image "root" .) }}
+  imagePullPolicy: {{ $v.replicas.image.pullPolicy }}
+  command:
+    - sh
+    - -c
+    - |
+      until [ "$(cat "$NLD_MODEL_DIR/.nld-ready" 2>/dev/null)" = "$NLD_MODEL_ID" ]; do
+        echo "waiting for $NLD_MODEL_ID in $NLD_MODEL_DIR (written by the model download Job)"
+        sleep "$NLD_POLL_SECONDS"
+      done
+      echo "model $NLD_MODEL_ID is ready"
+  env:
+    - name: NLD_MODEL_DIR
+      value: {{ include "nld.modelPath" . | quote }}
+    - name: NLD_MODEL_ID
+      value: {{ include "nld.modelId" . | quote }}
+    - name: NLD_POLL_SECONDS
+      value: {{ $v.model.download.job.waitPollSeconds | int | quote }}
+  resources:
+    requests:
+      cpu: 10m
+      memory: 16Mi
+    limits:
+      cpu: 100m
+      memory: 64Mi
+  securityContext:
+    {{- toYaml $v.replicas.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: model
+      mountPath: {{ $v.model.mountPath }}
+      readOnly: true
+{{- end }}
+
+{{/* initContainers of a Ray pod that mounts the model (empty when none is needed). */}}
+{{- define "nld.rayInitContainers" -}}
+{{- if eq .Values.model.source "download" }}
+{{- if eq .Values.model.download.storage "perPod" }}
+{{- include "nld.downloadContainer" . }}
+{{- else }}
+{{- include "nld.waitForModelContainer" . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Topology spread constraints with the chart's labels as the default selector; call with
+(dict "constraints" <list> "labels" <map>).
+*/}}
+{{- define "nld.topologySpread" -}}
+{{- range .constraints }}
+{{- $c := deepCopy . }}
+{{- if not (hasKey $c "labelSelector") }}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" $.labels) }}
+{{- end }}
+- {{- toYaml $c | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/*

@@ -1,0 +1,74 @@
+"""How `nld-gateway serve` listens: the API port and, optionally, a separate metrics port.
+
+Contract: `metrics_asgi(metrics)` is a minimal ASGI app answering `GET`/`HEAD /metrics` with
+the gateway's Prometheus text and 404 to anything else; it has no lifespan, no auth and no
+other route, so a port serving it exposes nothing but metrics. `serve(app, host, port, ...)`
+runs uvicorn for `app` and, when `metrics_port` is given, a second uvicorn for
+`metrics_asgi` on `metrics_host:metrics_port`, in one event loop, together with `background`
+coroutine functions (e.g. `KeyFileWatcher.run`), which are cancelled at shutdown. SIGINT and
+SIGTERM stop every server gracefully (the app's lifespan shutdown included); when one server
+stops, the others are asked to stop too. Blocks until all have stopped.
+Non-goals: TLS, several API ports; `nld-gateway up` keeps its own single listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+
+import uvicorn
+
+from .metrics import GatewayMetrics
+
+
+def metrics_asgi(metrics: GatewayMetrics):
+    """An ASGI app that serves only `/metrics`."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["type"] != "http":  # lifespan and websockets: nothing to do
+            return
+        ok = scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD")
+        body = metrics.render() if ok else b"not found\n"
+        ctype = metrics.content_type if ok else "text/plain; charset=utf-8"
+        await send({"type": "http.response.start", "status": 200 if ok else 404,
+                    "headers": [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+    return app
+
+
+def serve(app, host: str, port: int, *, metrics: GatewayMetrics | None = None, metrics_host: str | None = None,
+          metrics_port: int | None = None, background: Sequence[Callable[[], Awaitable[None]]] = (),
+          log_level: str = "info") -> None:
+    configs = [uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)]
+    if metrics_port is not None:
+        if metrics is None:
+            raise ValueError("a metrics port needs the gateway's metrics")
+        configs.append(uvicorn.Config(metrics_asgi(metrics), host=metrics_host or host, port=metrics_port,
+                                      log_level=log_level, access_log=False, lifespan="off"))
+    asyncio.run(_run([uvicorn.Server(c) for c in configs], background))
+
+
+async def _run(servers: list[uvicorn.Server], background) -> None:
+    def stop() -> None:
+        for s in servers:
+            s.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):  # not the main thread
+            loop.add_signal_handler(sig, stop)
+    for s in servers:
+        s.capture_signals = contextlib.nullcontext  # the handlers above replace uvicorn's, for all servers
+    extra = [asyncio.create_task(fn()) for fn in background]
+    running = [asyncio.create_task(s.serve()) for s in servers]
+    try:
+        await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        await asyncio.gather(*running)
+    finally:
+        for t in extra:
+            t.cancel()
+        await asyncio.gather(*extra, return_exceptions=True)
