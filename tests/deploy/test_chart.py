@@ -233,6 +233,8 @@ BAD_VALUES = [
     ({"model": {"mountPath": "models"}}, "at '/model/mountPath'"),
     ({"replicas": {"serve": {"device": "tpu"}}}, "at '/replicas/serve/device': value must be one of 'cpu', 'cuda'"),
     ({"replicas": {"serve": {"numGpus": -1}}}, "at '/replicas/serve/numGpus'"),
+    ({"replicas": {"serve": {"ingress": "nginx"}}}, "at '/replicas/serve/ingress': value must be one of 'haproxy', 'proxy'"),
+    ({"replicas": {"serve": {"haproxy": {"threads": 0}}}}, "at '/replicas/serve/haproxy/threads'"),
     ({"replicas": {"serve": {"importPath": "replicas app"}}}, "at '/replicas/serve/importPath'"),
     ({"replicas": {"engine": {"max_batch_size": 0}}}, "at '/replicas/engine/max_batch_size'"),
     ({"replicas": {"engine": {"max_batch": 8}}}, "at '/replicas/engine': additional properties 'max_batch' not allowed"),
@@ -291,6 +293,8 @@ BAD_COMBINATIONS = [
      "replicas.workers.terminationGracePeriodSeconds (30) is shorter than replicas.serve.gracefulShutdownTimeoutS (60)"),
     ({"replicas": {"head": {"terminationGracePeriodSeconds": 10}}},
      "replicas.head.terminationGracePeriodSeconds (10) is shorter than replicas.serve.gracefulShutdownTimeoutS (60)"),
+    ({"replicas": {"serve": {"gracefulShutdownTimeoutS": 30}}},
+     "replicas.serve.gracefulShutdownTimeoutS (30) must be at least replicas.serve.haproxy.drainSeconds + 5 (35)"),
     ({"replicas": {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}}},
      "replicas.upgradeStrategy NewClusterWithIncrementalUpgrade needs replicas.autoscaler.enabled"),
     ({"replicas": {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade"}, "autoscaler": {"enabled": True}}},
@@ -693,3 +697,20 @@ def test_dashboard_metrics_exist_in_the_code():
     for metric in GATEWAY_METRICS:
         base = metric.removesuffix("_total")
         assert f'"{base}"' in gateway_src, f"{metric}: gateway/metrics.py declares no {base!r}"
+
+
+@pytest.mark.parametrize("ingress", ["haproxy", "proxy"])
+def test_ray_pods_get_exactly_the_ingress_settings_of_replicas_ingress(ingress):
+    """The chart's Ray Serve switches are those `replicas.ingress.serve_env` gives the local stack
+    (one reference), with the chart's ports; `proxy` sets none (Serve's defaults)."""
+    from replicas.ingress import IngressConfig, serve_env
+
+    values = {"replicas": {"serve": {"ingress": ingress, "haproxy": {"statsPort": 18404, "metricsPort": 19101,
+                                                                      "drainSeconds": 20, "threads": 3}}}}
+    rayservice = C.one(C.objects(C.render(values)), "RayService")
+    expected = serve_env(IngressConfig(kind=ingress, stats_port=18404, metrics_port=19101, drain_s=20,
+                                       haproxy_threads=3))
+    for template in C.ray_pod_templates(rayservice).values():
+        (ray,) = template["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in ray["env"] if e["name"].startswith("RAY_SERVE_")}
+        assert env == (expected if ingress == "haproxy" else {})

@@ -244,6 +244,9 @@ message naming the keys.
 {{- fail (printf "policy.autoscaling: min_replicas (%v) must not exceed max_replicas (%v)" $v.policy.autoscaling.min_replicas $v.policy.autoscaling.max_replicas) }}
 {{- end }}
 {{- end }}
+{{- if and (eq $r.serve.ingress "haproxy") (lt (float64 $r.serve.gracefulShutdownTimeoutS) (addf $r.serve.haproxy.drainSeconds 5)) }}
+{{- fail (printf "replicas.serve.gracefulShutdownTimeoutS (%v) must be at least replicas.serve.haproxy.drainSeconds + 5 (%v): Ray Serve raises it to that for direct ingress, past the pods' termination grace" $r.serve.gracefulShutdownTimeoutS (addf $r.serve.haproxy.drainSeconds 5)) }}
+{{- end }}
 {{- range $group := list "head" "workers" }}
 {{- $g := index $r $group }}
 {{- if and (not (kindIs "invalid" $g.terminationGracePeriodSeconds)) (lt (int $g.terminationGracePeriodSeconds) (int $r.serve.gracefulShutdownTimeoutS)) }}
@@ -313,6 +316,26 @@ Prometheus signals defaulting their `url` and with their `query` rendered by `tp
   value: /tmp/triton
 - name: TORCHINDUCTOR_CACHE_DIR
   value: /tmp/torchinductor
+{{- $serve := .Values.replicas.serve }}
+{{- if eq $serve.ingress "haproxy" }}
+{{- /* Ray Serve's ingress switches (replicas/ingress.py `serve_env` is the reference; a test compares) */}}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+- name: RAY_SERVE_HAPROXY_STATS_PORT
+  value: {{ $serve.haproxy.statsPort | int | quote }}
+- name: RAY_SERVE_HAPROXY_METRICS_PORT
+  value: {{ $serve.haproxy.metricsPort | int | quote }}
+- name: RAY_SERVE_FALLBACK_PROXY_HTTP_PORT
+  value: "8500"
+- name: RAY_SERVE_FALLBACK_PROXY_GRPC_PORT
+  value: "9500"
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+  value: {{ $serve.haproxy.drainSeconds | toString | quote }}
+- name: RAY_SERVE_HAPROXY_NBTHREAD
+  value: {{ $serve.haproxy.threads | int | quote }}
+{{- end }}
 {{- with .Values.replicas.env }}
 {{ toYaml . }}
 {{- end }}
