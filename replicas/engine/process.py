@@ -124,7 +124,8 @@ class EngineProcess(StreamingFrontend):
         return self._stats
 
     async def fresh_stats(self) -> dict:
-        self._stats = await self._call("stats_snapshot")
+        """A snapshot taken now (after the child's current step), with the engine's `engine_pid`."""
+        self._stats = {**await self._call("stats_snapshot"), "engine_pid": self._proc.pid}
         return self._stats
 
     def health(self) -> str | None:

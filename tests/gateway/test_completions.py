@@ -39,6 +39,8 @@ async def test_completion_non_streaming(client, fake):
     assert u["tokens_per_forward"] == 3.0 and u["total_tokens"] == u["prompt_tokens"] + 6
     sent = fake.requests[0]
     assert (sent.prompt, sent.max_tokens, sent.temperature, sent.seed, sent.mode) == ("hello", 6, 0.0, 7, "self_spec")
+    assert sent.stream is False  # the replica answers in one message
+    assert len(fake.streams[0].chunks) == 1
 
 
 async def test_chat_non_streaming_sends_messages_for_the_template(client, fake):

@@ -231,3 +231,32 @@ async def test_pool_rejects_bad_urls_and_malformed_responses():
         async with ScriptedServer(respond) as srv:
             with pytest.raises(UpstreamConnectionError):
                 await UpstreamPool(srv.url).request("GET", "/x")
+
+
+async def test_a_non_streaming_answer_is_one_json_message_read_as_one_chunk():
+    whole = REQ.model_copy(update={"stream": False})
+
+    async def respond(req):
+        sent = GenerateRequest.model_validate_json(req.body)
+        assert sent.stream is False
+        [chunk] = fake_chunks(sent)
+        await req.json_response(200, chunk.model_dump_json(exclude_none=True))
+
+    async with ScriptedServer(respond) as srv:
+        client = client_for(srv.url)
+        chunks = await collect(await client.generate(whole))
+        assert len(chunks) == 1 and chunks[0].finish_reason == "length"
+        assert chunks[0].text == "".join(c.text for c in fake_chunks(REQ)) and chunks[0].usage.completion_tokens == 9
+        assert len(chunks[0].token_ids) == 9
+        await collect(await client.generate(whole))
+        assert srv.connections == 1  # the connection went back to the pool
+        await client.aclose()
+
+
+async def test_a_malformed_non_streaming_answer_is_an_error_chunk():
+    async def respond(req):
+        await req.json_response(200, {"not": "a chunk"})
+
+    async with ScriptedServer(respond) as srv:
+        chunks = await collect(await client_for(srv.url).generate(REQ.model_copy(update={"stream": False})))
+        assert chunks[-1].finish_reason == "error" and chunks[-1].error.code == "bad_upstream_chunk"

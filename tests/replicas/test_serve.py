@@ -152,3 +152,67 @@ def test_metrics_reach_rays_metrics_port_within_two_seconds(serve_stack):
                  "ray_nld_replica_accepted_length_bucket", "ray_nld_replica_time_to_first_token_seconds_bucket",
                  "ray_nld_replica_inter_token_latency_seconds_bucket"):
         assert name in text, name
+
+
+def test_a_non_streaming_request_is_answered_in_one_message(serve_stack):
+    body = {"prompt": "def main():", "mode": "self_spec", "max_tokens": 24, "ignore_eos": True}
+    status, chunks = generate(serve_stack, body)
+    assert status == 200 and len(chunks) > 1
+    r = httpx.post(serve_stack.url + "/generate", json={**body, "stream": False}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+    one = json.loads(r.text)  # ONE GenerateChunk: every token, the whole text, usage
+    assert one["token_ids"] == [t for c in chunks for t in c["token_ids"]]
+    assert one["text"] == "".join(c["text"] for c in chunks)
+    assert one["finish_reason"] == "length" and one["usage"] == chunks[-1]["usage"]
+    # stop strings are watched as the text grows: the same cut as a stream's
+    stop = one["text"][4:6]
+    status, cut = generate(serve_stack, {**body, "stop": [stop]})
+    r = httpx.post(serve_stack.url + "/generate", json={**body, "stop": [stop], "stream": False}, timeout=60)
+    assert r.json()["text"] == "".join(c["text"] for c in cut) == one["text"][: one["text"].find(stop)]
+    assert r.json()["finish_reason"] == "stop"
+
+
+@pytest.fixture
+def fragile_app(serve_stack, serve_model_dir):
+    """An application of its own under /fragile, health-checked every second."""
+    from ray import serve
+
+    from replicas.app import bind_app
+
+    config = {"model_path": str(serve_model_dir), "torch_threads": 1,
+              "engine": {"max_batch_size": 2, "max_seq_len": 4096, "max_waiting": 2}}
+    options = {"ray_actor_options": {"num_cpus": 1}, "health_check_period_s": 1, "health_check_timeout_s": 5}
+    serve.run(bind_app(config, options), name="fragile", route_prefix="/fragile")
+    yield serve_stack.url + "/fragile"
+    serve.delete("fragile")
+
+
+def test_a_dead_engine_fails_its_stream_and_serve_replaces_the_replica(fragile_app):
+    import os
+    import signal
+
+    pid = httpx.get(fragile_app + "/stats").json()["engine_pid"]
+    client = httpx.Client(timeout=60)
+    t0 = time.monotonic()
+    with client.stream("POST", fragile_app + "/generate",
+                       json={"prompt": "x", "max_tokens": 4000, "ignore_eos": True, "mode": "ar"}) as r:
+        lines = r.iter_lines()
+        next(lines)
+        os.kill(pid, signal.SIGKILL)  # the engine process dies mid-request
+        rest = [json.loads(line) for line in lines if line]
+    failed_after = time.monotonic() - t0
+    assert rest[-1]["finish_reason"] == "error" and rest[-1]["error"]["code"] == "engine_error"
+    assert failed_after < 10  # an error at once, not the 300 s read timeout
+    deadline = time.monotonic() + 60  # Serve's health check replaces the replica
+    replaced = False
+    while time.monotonic() < deadline:
+        try:
+            ok = httpx.post(fragile_app + "/generate", json={"prompt": "x", "max_tokens": 4, "stream": False},
+                            timeout=10)
+            if ok.status_code == 200 and httpx.get(fragile_app + "/stats").json()["engine_pid"] != pid:
+                replaced = True
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    assert replaced, "no new replica served within 60 s"
