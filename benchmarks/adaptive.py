@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -141,7 +142,9 @@ def main(argv=None) -> None:
     from ray import serve
 
     from replicas.app import bind_app
+    from replicas.ingress import local_ingress, serve_env
 
+    os.environ.update(serve_env(local_ingress()))  # the stack's ingress, as `nld-gateway up` runs it
     metrics_port, port = free_port(), free_port()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     policies, policy_files, texts = write_policy_files(args.policies, args.policy, metrics_port, args.out.parent)

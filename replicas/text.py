@@ -91,29 +91,37 @@ def _raise(message: str):
 
 @dataclass
 class Detokenizer:
-    """Incremental text for one request's output ids."""
+    """Incremental text for one request's output ids.
+
+    Each push decodes a short window (the ids of the previous push as context, then the new
+    ones) and appends the difference, so a push costs the same at token 4,000 as at token 4;
+    ids whose bytes do not yet form whole characters wait for the next push."""
 
     codec: TextCodec
     stop: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
+    text: str = ""  # the decoded text so far (before any stop-string cut)
     sent: int = 0  # characters of the text already returned
     stopped: bool = False
+    _prefix: int = 0  # ids[_prefix:_read] are the context decoded with the next ids
+    _read: int = 0  # ids before this are in `text`
 
     def push(self, new_ids: list[int], final: bool = False) -> str:
         """Add ids; return the text that became safe to send. Sets `stopped` on a stop string."""
         self.ids.extend(new_ids)
-        text = self.codec.decode(self.ids)
+        context = self.codec.decode(self.ids[self._prefix:self._read])
+        window = self.codec.decode(self.ids[self._prefix:])
+        if len(window) > len(context) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(context):]
+            self._prefix, self._read = self._read, len(self.ids)
+        text = self.text
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s) + 1))
             if at != -1:
                 self.stopped = True
                 text = text[:at]
-        if self.stopped or final:
-            safe = len(text)
-        else:
-            safe = len(text)
-            while safe > self.sent and text[safe - 1] == "\ufffd":  # incomplete UTF-8 sequence
-                safe -= 1
+        safe = len(text)
+        if not (self.stopped or final):
             for s in self.stop:  # hold back a tail that may begin a stop string
                 for k in range(min(len(s) - 1, safe - self.sent), 0, -1):
                     if text[safe - k : safe] == s[:k]:
