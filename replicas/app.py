@@ -19,6 +19,8 @@ fail when the engine died or stalls with requests in flight, so Serve replaces t
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Callable
 
 from pydantic import ValidationError
@@ -29,6 +31,8 @@ from .config import ReplicaConfig
 from .generation import Generations, Rejected
 from .text import TextCodec
 from .wire import EngineSettings, ErrorBody, ErrorInfo, GenerateRequest, ReplicaInfo
+
+log = logging.getLogger("nld.replica")
 
 
 def error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
@@ -56,8 +60,19 @@ def build_engine(cfg: ReplicaConfig):
     return engine
 
 
+def serve_identity() -> tuple[str | None, str | None]:
+    """(application, replica id) of this Serve replica; (None, None) outside Ray Serve."""
+    try:
+        from ray import serve
+
+        context = serve.get_replica_context()
+        return context.app_name, context.replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not running as a Serve replica
+        return None, None
+
+
 class NLDReplica:
-    def __init__(self, config: dict, engine_factory: Callable | None = None, metrics=None) -> None:
+    def __init__(self, config: dict, engine_factory: Callable | None = None, metrics=None, board=None) -> None:
         self.config = ReplicaConfig.model_validate(config)
         cfg = self.config
         self.engine = (engine_factory or build_engine)(cfg)
@@ -74,6 +89,18 @@ class NLDReplica:
         self.metrics = metrics
         self.generations = Generations(self.engine, self.codec, metrics, self.max_prompt,
                                        cfg.stream_interval_ms / 1000)
+        self._board_version = 0
+        self._watcher: asyncio.Task | None = None
+        self.board = board  # engine settings shared by the application's replicas (settings_board)
+        app, self.replica_id = serve_identity()
+        if self.board is None and app is not None:
+            from .settings_board import board_for
+
+            self.board = board_for(app)
+        try:  # Serve builds replicas on their event loop
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_settings(app))
+        except RuntimeError:
+            pass
         self.routes = {
             ("GET", "/health"): self.health,
             ("GET", "/info"): self.info,
@@ -119,7 +146,7 @@ class NLDReplica:
             stats = await self.engine.fresh_stats()
         except Exception as e:  # noqa: BLE001 - a dead engine: say so
             return error(503, str(e), "service_unavailable_error", code="engine_dead")
-        return JSONResponse({**stats, "downgraded": self.downgraded})
+        return JSONResponse({**stats, "downgraded": self.downgraded, "replica_id": self.replica_id})
 
     async def update_engine(self, request: Request) -> Response:
         try:
@@ -131,15 +158,39 @@ class NLDReplica:
         return JSONResponse({"draft_tiers": tiers, "moved": moved, "downgraded": self.downgraded,
                              "since": self.settings_since})
 
-    async def apply_settings(self, settings: EngineSettings) -> list[str]:
+    async def _watch_settings(self, app: str | None) -> None:
+        """Apply whatever another replica published (long poll; see `settings_board`)."""
+        while self.board is not None:
+            try:
+                version, settings = await self.board.wait_newer.remote(self._board_version, 30.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the board's actor died: get a new one
+                log.warning("engine settings board unavailable (%s); retrying", type(e).__name__)
+                await asyncio.sleep(1.0)
+                if app is not None:
+                    from .settings_board import board_for
+
+                    self.board = board_for(app)
+                continue
+            if version > self._board_version:
+                self._board_version = version
+                if settings:
+                    await self.apply_settings(EngineSettings.model_validate(settings), publish=False)
+
+    async def apply_settings(self, settings: EngineSettings, publish: bool = True) -> list[str]:
         """Apply what differs from the current settings, unless they are older than the settings
-        applied last (`since`); returns the requests moved between modes."""
+        applied last (`since`); returns the requests moved between modes. Settings that are
+        newer than what this replica had are published to the application's other replicas."""
         from .engine import DraftTier
 
+        newer = settings.since is None or self.settings_since is None or settings.since > self.settings_since
         if settings.since is not None:
             if self.settings_since is not None and settings.since < self.settings_since:
                 return []  # decided before a newer switch (e.g. a request overtaken by a push)
             self.settings_since = settings.since
+        if publish and newer and self.board is not None:
+            self.board.publish.remote(settings.model_dump(exclude_none=True))  # fire and forget
         if settings.draft_tiers is not None:
             tiers = tuple(DraftTier(t.max_running, t.block_length) for t in settings.draft_tiers)
             if tiers != self.engine.config.draft_tiers:

@@ -216,3 +216,42 @@ def test_a_dead_engine_fails_its_stream_and_serve_replaces_the_replica(fragile_a
             pass
         time.sleep(0.5)
     assert replaced, "no new replica served within 60 s"
+
+
+def test_engine_settings_pushed_to_one_replica_reach_every_replica(serve_stack, serve_model_dir):
+    """The ingress routes a push to one replica; the application's settings board carries it to
+    the others, and a replica started later applies it before serving."""
+    from ray import serve
+
+    from replicas.app import bind_app
+
+    config = {"model_path": str(serve_model_dir), "torch_threads": 1,
+              "engine": {"max_batch_size": 2, "max_seq_len": 256, "max_waiting": 2}}
+    serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 2}), name="pair",
+              route_prefix="/pair")
+    url = serve_stack.url + "/pair"
+    try:
+        def states() -> dict[str, bool]:
+            seen: dict[str, bool] = {}
+            for _ in range(40):  # least-connections spreads these over both replicas
+                s = httpx.get(url + "/stats", timeout=10).json()
+                seen[s["replica_id"]] = s["downgraded"]
+            return seen
+
+        assert len(states()) == 2
+        r = httpx.post(url + "/engine", json={"downgrade_self_spec": True, "since": 5000.0}, timeout=10)
+        assert r.status_code == 200
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and set(states().values()) != {True}:
+            time.sleep(0.2)
+        assert set(states().values()) == {True}
+        # a replica that starts now (a scale-up) applies the fleet's settings before serving
+        serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 0.5}, "num_replicas": 3}), name="pair",
+                  route_prefix="/pair")
+        seen = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(seen) < 3:
+            seen.update(states())
+        assert len(seen) == 3 and set(seen.values()) == {True}
+    finally:
+        serve.delete("pair")
