@@ -88,7 +88,7 @@ class NLDReplica:
             metrics.start(self.engine.stats)
         self.metrics = metrics
         self.generations = Generations(self.engine, self.codec, metrics, self.max_prompt,
-                                       cfg.stream_interval_ms / 1000)
+                                       cfg.stream_interval_ms / 1000, cfg.stream_flush_tokens)
         self._board_version = 0
         self._watcher: asyncio.Task | None = None
         self.board = board  # engine settings shared by the application's replicas (settings_board)

@@ -43,6 +43,8 @@ class ReplicaConfig(BaseModel):
     stream_interval_ms: float = Field(default=0.0, ge=0, description="streamed chunks at most this often; tokens "
                                       "made meanwhile join the next chunk (0: a chunk per engine step, merged "
                                       "only while the handler is behind)")
+    stream_flush_tokens: int = Field(default=0, ge=0, description="with stream_interval_ms: send a chunk at once when "
+                                     "this many tokens wait (0: only the interval)")
 
     @model_validator(mode="after")
     def _check(self) -> "ReplicaConfig":

@@ -10,8 +10,9 @@ byte is sent for a request that will not run. Then:
   this handler once, at the end; with stop strings, once per step, to cut the text and stop
   the engine at the first match.
 - `req.stream` true: `ndjson(started)` yields NDJSON lines of `GenerateChunk` text deltas, at
-  most one per `stream_interval_s` (tokens that arrive meanwhile join the next line); a
-  failure after the first line is one last chunk with `error`.
+  most one per `stream_interval_s` unless `stream_flush_tokens` tokens are waiting (tokens
+  that arrive meanwhile join the next line); tokens made while the handler is busy are merged
+  anyway. A failure after the first line is one last chunk with `error`.
 Metrics are recorded once per request (first token, inter-token, tokens per forward), not per
 chunk. Closing the stream, or cancelling the handler, aborts the engine request.
 Non-goals: HTTP routing (see `app`), OpenAI field names (the gateway).
@@ -56,12 +57,14 @@ class Started:
 
 
 class Generations:
-    def __init__(self, engine, codec: TextCodec, metrics, max_prompt: int, stream_interval_s: float = 0.0) -> None:
+    def __init__(self, engine, codec: TextCodec, metrics, max_prompt: int, stream_interval_s: float = 0.0,
+                 stream_flush_tokens: int = 0) -> None:
         self.engine = engine
         self.codec = codec
         self.metrics = metrics
         self.max_prompt = max_prompt
         self.stream_interval_s = stream_interval_s
+        self.stream_flush_tokens = stream_flush_tokens
 
     def prompt_ids(self, req: GenerateRequest) -> list[int]:
         given = [x is not None for x in (req.prompt, req.prompt_ids, req.messages)]
@@ -93,7 +96,8 @@ class Generations:
             # one wake-up per request unless text must be watched as it grows
             wake = "each" if req.stream or req.stop else "final"
             interval = self.stream_interval_s if req.stream else 0.0
-            stream = self.engine.stream(ids, params, request_id=rid, wake=wake, min_interval_s=interval)
+            stream = self.engine.stream(ids, params, request_id=rid, wake=wake, min_interval_s=interval,
+                                        flush_tokens=self.stream_flush_tokens)
             first = await anext(stream)  # submits: request errors surface here, before any byte
         except Rejected:
             raise

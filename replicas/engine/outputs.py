@@ -90,6 +90,22 @@ class Inbox:
         await self._event.wait()
         return self.take_now()
 
+    async def take_within(self, timeout_s: float, tokens: int) -> StreamChunk:
+        """What arrives within `timeout_s`, returned early once `tokens` unread tokens (or the
+        last chunk, or a failure) are here."""
+        deadline = time.monotonic() + timeout_s
+        while len(self._tokens) < tokens and self._error is None and (
+                self._last is None or self._last.finish_reason is None):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._event.clear()
+            try:
+                await asyncio.wait_for(self._event.wait(), left)
+            except TimeoutError:
+                break
+        return self.take_now()
+
     def take_now(self) -> StreamChunk:
         """Everything unread as one chunk (an empty one if nothing arrived); raises the error
         set by `fail`."""
@@ -179,12 +195,14 @@ class StreamingFrontend:
             self.abort(rid)
 
     async def stream(self, prompt_ids, params: DecodeParams | None = None, request_id: str | None = None, *,
-                     wake: Wake = "each", min_interval_s: float = 0.0) -> AsyncIterator[StreamChunk]:
+                     wake: Wake = "each", min_interval_s: float = 0.0,
+                     flush_tokens: int = 0) -> AsyncIterator[StreamChunk]:
         """Chunks of final tokens, merged while the consumer was busy; the last one has
         `finish_reason` and the request's stats (with `seconds` and `first_token_seconds`
         since the call, as seen here). `wake="final"`: one wake-up for the whole
         request (nobody streams, no stop strings to check); `min_interval_s`: at most one chunk
-        per interval (tokens that arrive meanwhile join it). Submission errors raise at the
+        per interval (tokens that arrive meanwhile join it), unless `flush_tokens` (> 0) tokens
+        are waiting, which go at once. Submission errors raise at the
         first `anext`; closing the iterator early aborts the request."""
         self._bind_loop()
         self._check_alive()
@@ -199,9 +217,9 @@ class StreamingFrontend:
                 chunk = await inbox.take()
                 if min_interval_s and chunk.finish_reason is None:
                     delay = last_yield + min_interval_s - time.monotonic()
-                    if delay > 0:  # gather what arrives until the interval is up: one chunk
-                        await asyncio.sleep(delay)
-                        chunk = merge(chunk, inbox.take_now())
+                    short = flush_tokens - len(chunk.token_ids) if flush_tokens else 1 << 30
+                    if delay > 0 and short > 0:  # gather what arrives until the interval is up: one chunk
+                        chunk = merge(chunk, await inbox.take_within(delay, short))
                 finished = chunk.finish_reason is not None
                 if chunk.finish_reason in ("error", "abort"):
                     raise EngineError(chunk.error or "request aborted")

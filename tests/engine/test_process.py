@@ -237,3 +237,14 @@ def test_a_stuck_loop_is_reported_while_requests_wait(ckpt_dir):
     assert problem is not None and "no progress" in problem
     assert len(out.token_ids) == 3 and eng.health() is None  # it recovered: healthy again
     eng.shutdown()
+
+
+def test_flush_tokens_sends_a_chunk_before_the_interval_is_up(proc_engine, lora_engine):
+    async def main():
+        return [c async for c in proc_engine.stream([1, 2, 3], DecodeParams(max_new_tokens=60, ignore_eos=True),
+                                                    min_interval_s=10.0, flush_tokens=8)]
+
+    chunks = run(main())
+    expected = lora_engine.generate([1, 2, 3], DecodeParams(max_new_tokens=60, ignore_eos=True)).token_ids
+    assert [t for c in chunks for t in c.token_ids] == expected
+    assert len(chunks) >= 60 // 16 and all(len(c.token_ids) >= 8 for c in chunks[1:-1])  # a 10 s interval alone: 2 chunks
