@@ -139,7 +139,8 @@ class FakeReplicaClient:
         chunks = fake_chunks(request)
         passes = chunks[-1].usage.forward_passes
         if not request.stream and self.error_after_chunks is not None and self.error_after_chunks < passes:
-            chunks = [engine_failed(chunks[0])]  # the engine failed before the answer was complete
+            # the engine failed before the answer was complete: a real replica answers 503
+            raise ReplicaError(503, engine_failed(chunks[0]).error)
         stream = FakeStream(self, request, chunks)
         self.streams.append(stream)
         if not request.stream and self.chunk_delay_s:  # the replica answers once it has everything

@@ -6,7 +6,7 @@ its first output; every failure up to there raises `Rejected(status, ErrorInfo)`
 field with `param`, 400 `context_length_exceeded`, 429 overloaded, 503 engine error), so no
 byte is sent for a request that will not run. Then:
 - `req.stream` false: `result(started)` is the whole request as ONE `GenerateChunk` (all
-  token ids, the full text, `finish_reason`, `usage`). Without stop strings the engine wakes
+  token ids, the full text, `finish_reason`, `usage`); an engine failure is `Rejected` (503). Without stop strings the engine wakes
   this handler once, at the end; with stop strings, once per step, to cut the text and stop
   the engine at the first match.
 - `req.stream` true: `ndjson(started)` yields NDJSON lines of `GenerateChunk` text deltas, at
@@ -108,14 +108,15 @@ class Generations:
         except EngineOverloaded as e:
             raise Rejected(429, ErrorInfo(message=str(e), type="overloaded_error", code="engine_overloaded")) from e
         except EngineError as e:
+            self.metrics.observe_request(req.mode, "error", None, [])
             raise Rejected(503, ErrorInfo(message=str(e), type="server_error", code="engine_error")) from e
         if req.stream:
             self.metrics.observe_first_token(req.mode, time.perf_counter() - t0)
         return Started(req, rid, len(ids), stream, first, t0)
 
     async def result(self, s: Started) -> GenerateChunk:
-        """Non-streaming: the whole request as one chunk; an engine failure during the run is that
-        chunk with `error` and finish_reason "error" (as the last line of a stream would be)."""
+        """Non-streaming: the whole request as one chunk; an engine failure raises `Rejected`
+        (503 `engine_error`: nothing was sent yet, so the status says it)."""
         detok = Detokenizer(self.codec, stop=list(s.req.stop))
         tokens: list[int] = []
         parts: list[str] = []  # text deltas, when stop strings are watched
@@ -130,7 +131,8 @@ class Generations:
                     break
                 chunk = await anext(s.stream)
         except EngineError as e:
-            return self._failed(s, e)
+            self._failed(s, e)
+            raise Rejected(503, ErrorInfo(message=str(e), type="server_error", code="engine_error")) from e
         finally:
             await s.stream.aclose()  # aborts the engine request if a stop string ended it early
         text = "".join(parts) if s.req.stop else self.codec.decode(tokens)

@@ -207,10 +207,11 @@ async def test_failure_after_streaming_began_is_an_error_event(client, fake):
     await still_serves(client)
 
 
-async def test_failure_after_first_chunk_without_streaming_is_an_envelope(client, fake):
-    fake.error_after_chunks = 1
+async def test_an_engine_failure_without_streaming_is_a_503_envelope(client, fake):
+    fake.error_after_chunks = 1  # the engine fails after a step: the replica answers 503
     r = await client.post("/v1/completions", json={**OK, "max_tokens": 10, "n": 2, "decoding_mode": "ar"})
-    assert_envelope(r, 500, code="engine_error")
+    assert_envelope(r, 503, code="engine_error")
+    assert r.headers["retry-after"]
     assert all(s.closed for s in fake.streams)
     fake.error_after_chunks = None
     await still_serves(client)

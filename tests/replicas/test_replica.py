@@ -1,0 +1,139 @@
+"""`NLDReplica`'s wire, error, cancel, health and settings logic in-process: a fake engine, no
+Ray, no weights (the real stack is in test_serve.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from replicas.app import NLDReplica
+from replicas.engine.errors import EngineOverloaded
+from replicas.wire import GenerateChunk
+
+from .fakes import FakeEngine, RecordingMetrics, asgi
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "nld-tiny-pystdlib"
+
+
+def make(engine_kw=None, **config):
+    engines: list[FakeEngine] = []
+
+    def factory(cfg):
+        engines.append(FakeEngine(cfg.model_path, **(engine_kw or {})))
+        return engines[0]
+
+    metrics = RecordingMetrics()
+    replica = NLDReplica({"model_path": str(MODEL), "model_name": "m", **config}, engine_factory=factory,
+                         metrics=metrics)
+    return replica, engines[0], metrics
+
+
+async def post(replica, body: dict) -> httpx.Response:
+    transport = httpx.ASGITransport(app=asgi(replica))
+    async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+        return await client.post("/generate", json=body)
+
+
+def test_a_non_streaming_request_is_one_message_with_metrics_recorded_once():
+    replica, engine, metrics = make({"tokens_per_step": 1})
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 12, "stream": False}))
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    one = GenerateChunk.model_validate_json(r.text)
+    assert one.token_ids == engine.script[:12] and one.finish_reason == "length"
+    assert one.text == replica.codec.decode(one.token_ids)
+    assert (one.usage.completion_tokens, one.usage.forward_passes) == (12, 12)
+    # one record per request, none per token (12 steps ran)
+    assert sorted(metrics.kinds()) == ["first_token", "inter_token", "request"]
+
+
+def test_a_streaming_request_is_ndjson_whose_tokens_and_text_add_up():
+    replica, engine, metrics = make({"tokens_per_step": 2})
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 10}))
+    chunks = [GenerateChunk.model_validate_json(line) for line in r.text.splitlines()]
+    assert r.headers["content-type"].startswith("application/x-ndjson") and len(chunks) > 1
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == engine.script[:10] and "".join(c.text for c in chunks) == replica.codec.decode(tokens)
+    assert chunks[-1].usage.completion_tokens == 10 and all(c.finish_reason is None for c in chunks[:-1])
+    assert metrics.kinds().count("request") == 1 and metrics.kinds().count("inter_token") == 1
+
+
+@pytest.mark.parametrize("error, status, type_, param, code", [
+    (ValueError("max_new_tokens: too many for the context"), 400, "invalid_request_error", "max_tokens", None),
+    (ValueError("block_length: must be >= 2"), 400, "invalid_request_error", "block_length", None),
+    (EngineOverloaded("the waiting queue is full"), 429, "overloaded_error", None, "engine_overloaded"),
+])
+def test_submission_errors_become_error_bodies(error, status, type_, param, code):
+    replica, engine, _ = make()
+    engine.reject = error
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 4}))
+    err = r.json()["error"]
+    assert r.status_code == status and (err["type"], err["param"], err["code"]) == (type_, param, code)
+
+
+def test_bad_bodies_and_too_long_prompts_are_400s():
+    replica, engine, _ = make()
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "mode": "beam"}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "mode"
+    r = asyncio.run(post(replica, {"prompt_ids": [5] * 5000}))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert engine.submitted == []
+
+
+def test_an_engine_that_dies_mid_request_fails_it_with_a_status_or_a_last_line():
+    replica, engine, metrics = make()
+    engine.die_after_steps = 3
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 50, "stream": False}))
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_error"  # nothing was sent yet
+    assert ("request", "ar", "error", None, []) in metrics.calls
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 50}))
+    assert r.status_code == 200  # the stream began: the failure is its last line
+    last = json.loads(r.text.splitlines()[-1])
+    assert last["finish_reason"] == "error" and "exited" in last["error"]["message"]
+
+
+def test_health_and_check_health_follow_the_engine():
+    replica, engine, _ = make()
+
+    async def health() -> httpx.Response:
+        transport = httpx.ASGITransport(app=asgi(replica))
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
+            return await client.get("/health")
+
+    assert asyncio.run(health()).status_code == 200
+    replica.check_health()
+    engine.problem = "the engine loop made no progress for 130 s with 2 requests in flight"
+    r = asyncio.run(health())
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    with pytest.raises(RuntimeError, match="no progress"):
+        replica.check_health()
+
+
+def test_stop_strings_end_a_request_early_and_abort_it_in_the_engine():
+    replica, engine, _ = make()
+    full = asyncio.run(post(replica, {"prompt_ids": [300], "max_tokens": 30, "stream": False}))
+    text = GenerateChunk.model_validate_json(full.text).text
+    assert len(text) > 20
+    stop = text[12:15]
+    r = asyncio.run(post(replica, {"prompt_ids": [300], "max_tokens": 30, "stream": False, "stop": [stop]}))
+    one = GenerateChunk.model_validate_json(r.text)
+    assert one.finish_reason == "stop" and one.text == text[: text.find(stop)]
+    assert set(engine.aborted) == {engine.submitted[-1][0]}  # the engine stopped working on it
+
+
+def test_dated_settings_apply_once_and_never_go_back():
+    from replicas.wire import EngineSettings
+
+    replica, engine, _ = make()
+
+    async def main():
+        await replica.apply_settings(EngineSettings(downgrade_self_spec=True, since=200.0))
+        await replica.apply_settings(EngineSettings(downgrade_self_spec=False, since=100.0))  # older: ignored
+        await replica.apply_settings(EngineSettings(downgrade_self_spec=True, since=250.0))  # same state
+        await replica.apply_settings(EngineSettings(downgrade_self_spec=False, since=300.0))
+
+    asyncio.run(main())
+    assert engine.downgrades == [True, False] and replica.settings_since == 300.0 and not replica.downgraded
