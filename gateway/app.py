@@ -49,10 +49,11 @@ MODE_HEADERS = {
 
 
 def _completion_doc(model: type) -> dict:
-    event = {"type": "object", "required": ["data"], "properties": {"data": {
-        "type": "string", "description": "a JSON chunk, a final JSON {\"error\": ...}, or the literal [DONE]"}}}
+    # OpenAPI 3.1 describes an event stream as one string (3.2's per-event `itemSchema` is not valid 3.1)
+    stream = {"type": "string", "description": "server-sent events: `data: <JSON chunk>` lines, on a failure a last "
+              "`data: {\"error\": ...}`, then `data: [DONE]`"}
     return {200: {"model": model, "headers": MODE_HEADERS, "description": "JSON, or with stream=true server-sent events",
-                  "content": {"text/event-stream": {"itemSchema": event}}}, **ERRORS}
+                  "content": {"text/event-stream": {"schema": stream}}}, **ERRORS}
 
 
 async def watch_policy(policy, interval_s: float) -> None:
@@ -100,7 +101,7 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
     app = FastAPI(title="nld-gateway", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible front door of nld-gateway (see docs/GATEWAY.md)")
     app.state.config, app.state.metrics, app.state.inflight, app.state.policy = config, metrics, inflight, policy
-    install_error_handlers(app)
+    install_error_handlers(app, metrics)
     auth = ApiKeyAuth(config.api_keys) if config.auth_enabled else None
     app.add_middleware(FrontDoor, config=config, auth=auth, metrics=metrics)
 
@@ -155,7 +156,7 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
     async def _run(plan: Plan, t0: float) -> tuple[Any, dict | None]:
         """Open the upstream generations (and, not streaming, collect them) within the deadline."""
         async with asyncio.timeout(config.request_timeout_s):
-            await service.check_prompt_lengths(plan)
+            await service.check_context(plan)
             opened = await service.open(plan)
             metrics.first_token(opened.mode, time.perf_counter() - t0)
             if plan.stream:
