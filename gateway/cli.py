@@ -108,6 +108,7 @@ def cmd_serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
     import uvicorn
 
     from .app import create_app
+    from .http_protocol import HTTP_PROTOCOL
     from .metrics import GatewayMetrics, InflightCounter
     from .replica_client import HttpReplicaClient
 
@@ -121,7 +122,7 @@ def cmd_serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
     app = create_app(config, client, policy, metrics=metrics)
     logging.getLogger("gateway").info("auth %s; replicas at %s", "on" if config.auth_enabled else "off",
                                       config.replica_url)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False, http=HTTP_PROTOCOL)
     return 0
 
 

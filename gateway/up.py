@@ -122,6 +122,7 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
 
     from .app import create_app
     from .cli import CONFIG_ERRORS, build_policy, config_error
+    from .http_protocol import HTTP_PROTOCOL
     from .metrics import GatewayMetrics, InflightCounter
     from .replica_client import HttpReplicaClient
     from policies import StackPorts
@@ -154,7 +155,7 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
                   f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
                   f"\"def fib(n):\"}}], \"max_tokens\": 64, \"decoding_mode\": \"self_spec\"}}'\n", flush=True)
 
-        run_until_signal(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+        run_until_signal(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, http=HTTP_PROTOCOL,
                                                        log_level=args.log_level, access_log=False)), banner)
     finally:
         print("stopping the replicas ...", flush=True)
