@@ -49,11 +49,12 @@ MODE_HEADERS = {
 
 
 def _completion_doc(model: type) -> dict:
-    # OpenAPI 3.1 describes an event stream as one string (3.2's per-event `itemSchema` is not valid 3.1)
-    stream = {"type": "string", "description": "server-sent events: `data: <JSON chunk>` lines, on a failure a last "
-              "`data: {\"error\": ...}`, then `data: [DONE]`"}
+    # One server-sent event. OpenAPI 3.2 would put it under `itemSchema`, which a 3.1 document may
+    # not use; under 3.1's `schema`, event-stream tools (schemathesis among them) read it per event.
+    event = {"type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "a JSON chunk, a final JSON {\"error\": ...}, or the literal [DONE]"}}}
     return {200: {"model": model, "headers": MODE_HEADERS, "description": "JSON, or with stream=true server-sent events",
-                  "content": {"text/event-stream": {"schema": stream}}}, **ERRORS}
+                  "content": {"text/event-stream": {"schema": event}}}, **ERRORS}
 
 
 async def watch_policy(policy, interval_s: float) -> None:

@@ -7,7 +7,8 @@ injected `ModePolicy` for the mode (for `auto` and explicit modes alike) and bui
 `check_context(plan)` answers 400 `context_length_exceeded` for what cannot fit the replicas'
 context (from their cached `/info`): a token-id prompt over `max_prompt_tokens`, or a prompt
 plus `max_tokens` plus one decoding block over `max_seq_len` (a text prompt counts as at least
-one token: the replica checks its real length and answers the same error).
+one token: the replica checks its real length and answers the same error); and 400 for a
+`block_length` over the replicas' `max_block_length`.
 Errors relayed from the replicas (`replica_error`, `chunk_error`) speak the API's language: the
 engine's field names become the API's (`prompt_ids` -> `prompt`, `max_new_tokens` ->
 `max_tokens`, ...), a context-length failure is 400 `context_length_exceeded`, and every error
@@ -211,6 +212,9 @@ class CompletionService:
             if r.prompt_ids is not None and len(r.prompt_ids) > info.max_prompt_tokens:
                 raise GatewayError(400, f"the prompt has {len(r.prompt_ids)} tokens; this model accepts at most "
                                    f"{info.max_prompt_tokens}", param="prompt", code=CONTEXT_LENGTH)
+            if r.block_length is not None and r.block_length > info.max_block_length:
+                raise GatewayError(400, f"block_length {r.block_length} is above this model's limit of "
+                                   f"{info.max_block_length}", param="block_length", code="invalid_value")
             prompt = len(r.prompt_ids) if r.prompt_ids is not None else 1
             block = r.block_length or min(info.block_size, info.max_block_length)
             if prompt + r.max_tokens + block > info.max_seq_len:

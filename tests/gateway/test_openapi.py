@@ -27,7 +27,7 @@ async def test_the_served_document_validates(config):
     validate(doc)  # raises OpenAPIValidationError, naming the offending node, when invalid
     assert doc["openapi"].startswith("3.1")
     post = doc["paths"]["/v1/completions"]["post"]
-    assert post["responses"]["200"]["content"]["text/event-stream"]["schema"]["type"] == "string"
+    assert post["responses"]["200"]["content"]["text/event-stream"]["schema"]["required"] == ["data"]
     props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
     limits = [b.get("maximum") for b in props["max_tokens"]["anyOf"] if b.get("type") == "integer"]
     assert limits == [config.max_tokens_limit]
