@@ -50,6 +50,7 @@ async def still_serves(c) -> None:
     ({"model": "nld", "prompt": "x", "decoding_mode": "fast"}, "decoding_mode"),
     ({"model": "nld", "prompt": "x", "block_length": 1}, "block_length"),
     ({"model": "nld", "prompt": "x", "confidence_threshold": 1.5}, "confidence_threshold"),
+    ({"model": "nld", "prompt": "x", "block_length": 64}, "block_length"),  # over the replicas' limit (32)
     ({"model": "nld", "prompt": "x", "seed": "1"}, "seed"),
     ({"model": "nld", "prompt": "x", "echo": True}, "echo"),
     ({"model": "nld", "prompt": "x", "logprobs": 2}, "logprobs"),
