@@ -46,6 +46,7 @@ bench: $(STAMP) $(BENCH_MODEL)/config.json
 	  --threads 1 --out benchmarks/results/engine_modes_tiny.json
 	$(PY) benchmarks/concurrency.py --model $(MODEL) --heldout $(MODEL)/split.json --threads 1
 	$(PY) benchmarks/gateway_overhead.py
+	$(PY) benchmarks/bf16_agreement.py --model $(MODEL)
 	$(PY) benchmarks/adaptive.py --model $(MODEL)
 
 clean:

@@ -6,13 +6,23 @@ file), a fresh gateway is started and C closed-loop clients send `auto` completi
 policy's switch for this level has happened), then --seconds measured, then --tail-seconds
 unmeasured. It reports completion tokens/s, each request credited with the share of its
 lifetime inside the measured window (so a wave of requests ending just inside or outside the
-window does not swing the rate), and the p50 latency of the requests that ended in the window.
-The policies run interleaved level by level, in a rotating order, for --rounds rounds, and each
-(policy, level) reports the median over rounds: on a shared machine, drift over the minutes of
-a run then hits every policy alike. Then a ramp (concurrency up and down) runs under the
-adaptive policy, recording the policy's mode over time. Output: a table, JSON and a PNG plot.
-The replicas stay up throughout; only the gateway (in-process, on a loopback port) is rebuilt
-per run.
+window does not swing the rate), the p50 latency of the requests that ended in the window, and
+every request that failed (non-200 statuses by status, transport failures by kind), in the table
+and the JSON: none is dropped. The policies run interleaved level by level, in a rotating
+order, for --rounds rounds, and each (policy, level) reports the median over rounds: on a shared
+machine, drift over the minutes of a run then hits every policy alike. Then a ramp (concurrency
+up and down) runs under the adaptive policy, recording the policy's mode over time. Output: a
+table, JSON and a PNG plot. The replicas stay up throughout; only the gateway (in-process, on a
+loopback port) is rebuilt per run.
+
+Tuning and measuring use different prompts. The prompts are the starts of the model's held-out
+files (`split.json`, as `engine_modes.py --heldout`): the first --prompt-count of them TUNE, the
+next --prompt-count MEASURE (`split_prompts`). With --tune (the default), a sweep of the fixed
+modes on the tuning prompts finds where AR overtakes self-spec and sets the adaptive policy's
+thresholds from it (`tune_thresholds`: loaded above the midpoint between the last level
+self-spec wins and the first AR keeps winning from, back below the midpoint of that and the
+self-spec level); the measured sweep then runs on the other prompts. --no-tune keeps the
+policy file's thresholds.
 
     python benchmarks/adaptive.py --model DIR --policy benchmarks/adaptive_cpu.yaml
 """
@@ -29,6 +39,7 @@ import time
 from pathlib import Path
 
 import httpx
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,37 +48,55 @@ from gateway.app import create_app  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
 from gateway.metrics import GatewayMetrics, InflightCounter  # noqa: E402
 from gateway.replica_client import HttpReplicaClient  # noqa: E402
-from policies import FixedModePolicy, PolicyHolder  # noqa: E402
+from policies import FixedModePolicy, PolicyHolder, parse_policy  # noqa: E402
 from tests.gateway.servers import serve_in_thread  # noqa: E402
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
 from tests.serving import free_port  # noqa: E402
 
 
 async def closed_loop(url: str, clients: int, seconds: float, bodies: list[dict], *, window: tuple[float, float] | None = None,
-                      tail: float = 0.0) -> dict:
+                      tail: float = 0.0, transport: httpx.AsyncBaseTransport | None = None) -> dict:
     """C clients send requests back to back for `seconds` (then `tail` more, so the window's end
     stays under load). Measured over `window` (offsets from the start; default the whole run):
     each request counts the share of its tokens that its lifetime overlaps the window, so a
     wave of requests finishing just inside or outside the window does not swing the rate; the
     p50 latency is over the requests that ended inside the window, and `latency_by_prompt` keeps
-    those latencies per prompt (see `balanced_p50`)."""
+    those latencies per prompt (see `balanced_p50`). Every request is accounted for: a 200 with
+    its usage, or an error (a non-200 status, by status; a transport failure or an unreadable
+    body, by kind) in `errors` (those that ended inside the window) and `errors_total` (the whole
+    run); `sent` counts them all. A client waits 50 ms after an error before its next request."""
     records: list[tuple[float, float, int, str, int]] = []  # (start, end, completion tokens, mode, prompt)
+    failures: list[tuple[float, str]] = []  # (end, kind)
+    sent = 0
     t_start = time.monotonic()
     deadline = t_start + seconds + tail
 
     async def client(http: httpx.AsyncClient, k: int):
+        nonlocal sent
         while time.monotonic() < deadline:
             prompt = k % len(bodies)  # client k cycles through the prompts from its own offset
             k += 1
             t0 = time.monotonic()
-            r = await http.post(url + "/v1/completions", json=bodies[prompt])
-            if r.status_code != 200:
+            sent += 1
+            kind = outcome = None
+            try:
+                r = await http.post(url + "/v1/completions", json=bodies[prompt])
+                if r.status_code != 200:
+                    kind = str(r.status_code)
+                else:
+                    outcome = (r.json()["usage"]["completion_tokens"], r.headers.get("x-nld-decoding-mode", "?"))
+            except httpx.HTTPError as e:  # timeouts, refused or reset connections, protocol errors
+                kind = type(e).__name__
+            except (ValueError, KeyError, TypeError):  # a 200 whose body is not a completion
+                kind = "bad_body"
+            if kind is not None:
+                failures.append((time.monotonic() - t_start, kind))
                 await asyncio.sleep(0.05)
                 continue
-            records.append((t0 - t_start, time.monotonic() - t_start, r.json()["usage"]["completion_tokens"],
-                            r.headers.get("x-nld-decoding-mode", "?"), prompt))
+            records.append((t0 - t_start, time.monotonic() - t_start, outcome[0], outcome[1], prompt))
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients + 4)) as http:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients + 4),
+                                 transport=transport) as http:
         await asyncio.gather(*(client(http, k) for k in range(clients)))
     w0, w1 = window or (0.0, seconds)
     tokens = 0.0
@@ -85,7 +114,20 @@ async def closed_loop(url: str, clients: int, seconds: float, bodies: list[dict]
             by_prompt.setdefault(prompt, []).append(end - start)
     return {"tokens_per_s": tokens / (w1 - w0), "latency_p50_s": statistics.median(latencies) if latencies else None,
             "latency_p50_balanced_s": balanced_p50(by_prompt), "latency_by_prompt": by_prompt,
-            "requests": len(latencies), "modes": modes}
+            "requests": len(latencies), "modes": modes, "sent": sent, "ok_total": len(records),
+            "errors": count_kinds(kind for end, kind in failures if w0 <= end <= w1),
+            "errors_total": count_kinds(kind for _, kind in failures)}
+
+
+def count_kinds(kinds) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in kinds:
+        out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def errors_text(errors: dict[str, int]) -> str:
+    return ",".join(f"{k}:{v}" for k, v in errors.items()) or "0"
 
 
 def balanced_p50(by_prompt: dict[int, list[float]]) -> float | None:
@@ -126,8 +168,12 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--heldout", type=Path, default=None,
                    help="split JSON whose held-out file starts are the prompts (default: <model>/split.json if any)")
-    p.add_argument("--prompt-count", type=int, default=8)
+    p.add_argument("--prompt-count", type=int, default=8,
+                   help="prompts measured (and as many others for tuning): held-out file starts")
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=True,
+                   help="set the adaptive policy's thresholds from a fixed-mode sweep on the tuning prompts")
+    p.add_argument("--tune-rounds", type=int, default=1)
     p.add_argument("--policies", default="ar,self_spec,adaptive",
                    help="comma-separated: ar, self_spec, adaptive (the --policy file) or LABEL=FILE (another policy "
                         "file, e.g. a variant to compare); the summary needs ar, self_spec and adaptive")
@@ -160,29 +206,31 @@ def main(argv=None) -> None:
     replica_url = f"http://127.0.0.1:{port}"
     heldout = args.heldout or (Path(args.model) / "split.json")
     if heldout.is_file():  # the prompts of `engine_modes.py --heldout`: held-out file starts, as token ids
-        prompts = heldout_prompts(heldout, Path(args.model), args.prompt_count, args.prompt_len)
+        prompts = heldout_prompts(heldout, Path(args.model), 2 * args.prompt_count, args.prompt_len)
     else:
-        prompts = ["import os\nimport sys\n\n\ndef main():\n"]
+        prompts = ["import os\nimport sys\n\n\ndef main():\n", "class Config:\n    def __init__(self):\n"]
+    tune_prompts, measure_prompts = split_prompts(prompts)
     bodies = [{"model": "bench", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-            for p in prompts]
-    rows = []
-    print(f"{'round':>5} {'policy':<10} {'conc':>5} {'tok/s':>9} {'p50 s':>8} {'bal p50':>8} {'requests':>8}  modes")
+              for p in measure_prompts]
+    tune_bodies = [{**bodies[0], "prompt": p} for p in tune_prompts]
+    print(f"prompts: {len(tune_prompts)} tune, {len(measure_prompts)} measure (disjoint held-out file starts)")
+    header = (f"{'round':>5} {'policy':<10} {'conc':>5} {'tok/s':>9} {'p50 s':>8} {'bal p50':>8} {'requests':>8} "
+              f"{'errors':>8}  modes")
     for name in policies:  # first use of each gateway path (imports, first scrapes), unmeasured
         with serve_in_thread(gateway_app(replica_url, name, policy_files)) as url:
-            asyncio.run(closed_loop(url, 4, 3.0, bodies))
-    for rnd in range(args.rounds):
-        for i, c in enumerate(levels):
-            k = (i + rnd) % len(policies)  # rotate the order, so drift over time hits every policy alike
-            for name in policies[k:] + policies[:k]:
-                with serve_in_thread(gateway_app(replica_url, name, policy_files)) as url:  # a fresh gateway
-                    settle = args.settle_seconds
-                    r = asyncio.run(closed_loop(url, c, settle + args.seconds, bodies,
-                                                window=(settle, settle + args.seconds), tail=args.tail_seconds))
-                r.update(policy=name, concurrency=c, round=rnd)
-                rows.append(r)
-                print(f"{rnd:>5} {name:<10} {c:>5} {r['tokens_per_s']:>9.1f} {r['latency_p50_s'] or 0:>8.3f} "
-                      f"{r['latency_p50_balanced_s'] or 0:>8.3f} "
-                      f"{r['requests']:>8}  {r['modes']}", flush=True)
+            asyncio.run(closed_loop(url, 4, 3.0, tune_bodies))
+    tuning = None
+    if args.tune and "adaptive" in policies:
+        print("tuning sweep (fixed modes, tuning prompts):\n" + header)
+        tune_rows = sweep(replica_url, ["ar", "self_spec"], policy_files, levels, args.tune_rounds, tune_bodies, args)
+        thresholds = tune_thresholds(merge_rounds(tune_rows, ["ar", "self_spec"], levels), levels)
+        texts["adaptive"] = tuned_policy_text(texts["adaptive"], thresholds)
+        policy_files["adaptive"].write_text(texts["adaptive"])
+        tuning = {"thresholds": thresholds, "rows": merge_rounds(tune_rows, ["ar", "self_spec"], levels),
+                  "round_rows": tune_rows}
+        print(f"tuned: {thresholds}")
+    print("measured sweep (measuring prompts):\n" + header)
+    rows = sweep(replica_url, policies, policy_files, levels, args.rounds, bodies, args)
     ramp = run_ramp(replica_url, policy_files, ramp_levels, args.ramp_seconds, bodies) if ramp_levels else []
     serve.shutdown()
     ray.shutdown()
@@ -190,12 +238,14 @@ def main(argv=None) -> None:
     by = {(r["policy"], r["concurrency"]): r for r in merged}
     print(f"median over {args.rounds} round(s):")
     for r in merged:
-        print(f"      {r['policy']:<10} {r['concurrency']:>5} {r['tokens_per_s']:>9.1f} "
-              f"{r['latency_p50_s'] or 0:>8.3f} {r['latency_p50_balanced_s'] or 0:>8.3f} {r['requests']:>8}  "
-              f"{r['modes']}")
+        print(row_line("", r))
+    errors = {"sent": sum(r["sent"] for r in rows), "ok": sum(r["ok_total"] for r in rows),
+              "failed": _sum_counts(r["errors_total"] for r in rows)}
+    print(f"requests sent {errors['sent']}, ok {errors['ok']}, failed {errors['failed'] or 0}")
+    common = {"model": args.model, "policies": texts, "prompts": prompt_split_record(tune_prompts, measure_prompts),
+              "tuning": tuning, "requests": errors, "rows": merged, "round_rows": rows}
     if not {"ar", "self_spec", "adaptive"} <= set(policies):
-        args.out.write_text(json.dumps({"model": args.model, "policies": texts, "rows": merged, "round_rows": rows},
-                                       indent=2))
+        args.out.write_text(json.dumps(common, indent=2))
         print(f"(a partial sweep: no summary) saved {args.out}")
         return
     summary = []
@@ -207,8 +257,7 @@ def main(argv=None) -> None:
     result = {"adaptive_over_best_fixed": summary, "c1_p50_latency_over_best_fixed": c1["latency_p50_s"],
               "c1_balanced_p50_latency_over_best_fixed": c1["latency_p50_balanced_s"]}
     print(json.dumps(result, indent=2))
-    args.out.write_text(json.dumps({"model": args.model, "policy": texts["adaptive"], "policies": texts,
-                                    "rows": merged, "round_rows": rows, "ramp": ramp, **result}, indent=2))
+    args.out.write_text(json.dumps({**common, "policy": texts["adaptive"], "ramp": ramp, **result}, indent=2))
     plot(merged, ramp, levels, args.out.with_suffix(".png"))
     print(f"saved {args.out} and {args.out.with_suffix('.png')}")
 
@@ -230,6 +279,75 @@ def write_policy_files(spec: str, adaptive: Path, metrics_port: int, out_dir: Pa
     return labels, files, texts
 
 
+def sweep(replica_url: str, policies: list[str], policy_files: dict[str, Path], levels: list[int], rounds: int,
+          bodies: list[dict], args) -> list[dict]:
+    """Every (policy, level) `rounds` times, policies interleaved per level in a rotating order."""
+    rows = []
+    for rnd in range(rounds):
+        for i, c in enumerate(levels):
+            k = (i + rnd) % len(policies)  # rotate the order, so drift over time hits every policy alike
+            for name in policies[k:] + policies[:k]:
+                with serve_in_thread(gateway_app(replica_url, name, policy_files)) as url:  # a fresh gateway
+                    settle = args.settle_seconds
+                    r = asyncio.run(closed_loop(url, c, settle + args.seconds, bodies,
+                                                window=(settle, settle + args.seconds), tail=args.tail_seconds))
+                r.update(policy=name, concurrency=c, round=rnd)
+                rows.append(r)
+                print(row_line(rnd, r), flush=True)
+    return rows
+
+
+def row_line(rnd, r: dict) -> str:
+    return (f"{rnd:>5} {r['policy']:<10} {r['concurrency']:>5} {r['tokens_per_s']:>9.1f} "
+            f"{r['latency_p50_s'] or 0:>8.3f} {r['latency_p50_balanced_s'] or 0:>8.3f} {r['requests']:>8} "
+            f"{errors_text(r['errors']):>8}  {r['modes']}")
+
+
+def split_prompts(prompts: list) -> tuple[list, list]:
+    """(tuning prompts, measuring prompts): the first half and the rest, disjoint (the same list
+    twice only when there is a single prompt)."""
+    if len(prompts) < 2:
+        return list(prompts), list(prompts)
+    half = len(prompts) // 2
+    return list(prompts[:half]), list(prompts[half:])
+
+
+def prompt_split_record(tune: list, measure: list) -> dict:
+    disjoint = not any(p in measure for p in tune)
+    return {"tune": len(tune), "measure": len(measure), "disjoint": disjoint,
+            "rule": "held-out file starts in split.json order: the first half tunes, the second half measures"}
+
+
+def tune_thresholds(merged: list[dict], levels: list[int]) -> dict:
+    """The adaptive thresholds from fixed-mode rows (tokens/s of `ar` and `self_spec` per level):
+    the crossover is the lowest level from which AR is at least as fast at every higher level;
+    loaded above the midpoint between the level below it and it, back below the midpoint of that
+    level and the threshold. AR never ahead: never loaded within the levels swept; AR ahead
+    from the first level: loaded from half of it."""
+    rate = {(r["policy"], r["concurrency"]): r["tokens_per_s"] for r in merged}
+    levels = sorted(levels)
+    ar_wins = [rate["ar", c] >= rate["self_spec", c] for c in levels]
+    crossover = next((c for i, c in enumerate(levels) if all(ar_wins[i:])), None)
+    if crossover is None:
+        enter, below = 2.0 * levels[-1], float(levels[-1])
+    elif crossover == levels[0]:
+        enter, below = levels[0] / 2, 0.0
+    else:
+        below = float(levels[levels.index(crossover) - 1])
+        enter = (below + crossover) / 2
+    return {"crossover": crossover, "enter_loaded_above": enter, "leave_loaded_below": (below + enter) / 2}
+
+
+def tuned_policy_text(text: str, thresholds: dict) -> str:
+    """The policy file with its loaded thresholds replaced (validated; a middle band must still fit)."""
+    doc = yaml.safe_load(text)
+    doc["mode"]["enter_loaded_above"] = thresholds["enter_loaded_above"]
+    doc["mode"]["leave_loaded_below"] = thresholds["leave_loaded_below"]
+    out = "# thresholds tuned by benchmarks/adaptive.py on the tuning prompts\n" + yaml.safe_dump(doc, sort_keys=False)
+    parse_policy(out, "tuned policy")  # raises PolicyFileError when the result is not a valid policy
+    return out
+
+
 def run_ramp(replica_url: str, policy_files: dict[str, Path], levels: list[int], seconds: float, bodies: list[dict]) -> list[dict]:
     """One adaptive gateway through the concurrency `levels`; the policy's mode after each."""
     ramp = []
@@ -239,15 +357,25 @@ def run_ramp(replica_url: str, policy_files: dict[str, Path], levels: list[int],
             r = asyncio.run(closed_loop(url, c, seconds, bodies))
             state = httpx.get(url + "/v1/nld/policy").json()
             ramp.append({"t": time.monotonic() - t_start, "concurrency": c, "tokens_per_s": r["tokens_per_s"],
-                         "mode": state["mode"], "value": state["value"], "modes": r["modes"]})
-            print(f"ramp c={c:>3} tok/s {r['tokens_per_s']:>8.1f} mode {state['mode']} value {state['value']}",
-                  flush=True)
+                         "mode": state["mode"], "value": state["value"], "modes": r["modes"], "sent": r["sent"],
+                         "errors": r["errors_total"]})
+            print(f"ramp c={c:>3} tok/s {r['tokens_per_s']:>8.1f} mode {state['mode']} value {state['value']} "
+                  f"errors {errors_text(r['errors_total'])}", flush=True)
     return ramp
 
 
+def _sum_counts(dicts) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, n in d.items():
+            out[k] = out.get(k, 0) + n
+    return dict(sorted(out.items()))
+
+
 def merge_rounds(rows: list[dict], policies, levels) -> list[dict]:
-    """One row per (policy, level): the median over rounds of tokens/s and of p50 latency, and the
-    balanced p50 over the latencies of all rounds pooled per prompt."""
+    """One row per (policy, level): the median over rounds of tokens/s and of p50 latency, the
+    balanced p50 over the latencies of all rounds pooled per prompt, and the requests sent and
+    failed (by status or kind) summed over rounds."""
     merged = []
     for name in policies:
         for c in levels:
@@ -264,7 +392,10 @@ def merge_rounds(rows: list[dict], policies, levels) -> list[dict]:
                            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                            "latency_p50_s": statistics.median(p50s) if p50s else None,
                            "latency_p50_balanced_s": balanced_p50(pooled),
-                           "requests": sum(r["requests"] for r in rs), "modes": modes})
+                           "requests": sum(r["requests"] for r in rs), "modes": modes,
+                           "sent": sum(r.get("sent", 0) for r in rs),
+                           "errors": _sum_counts(r.get("errors", {}) for r in rs),
+                           "errors_total": _sum_counts(r.get("errors_total", {}) for r in rs)})
     return merged
 
 

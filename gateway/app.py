@@ -51,10 +51,12 @@ MODE_HEADERS = {
 
 
 def _completion_doc(model: type) -> dict:
+    # One server-sent event. OpenAPI 3.2 would put it under `itemSchema`, which a 3.1 document may
+    # not use; under 3.1's `schema`, event-stream tools (schemathesis among them) read it per event.
     event = {"type": "object", "required": ["data"], "properties": {"data": {
         "type": "string", "description": "a JSON chunk, a final JSON {\"error\": ...}, or the literal [DONE]"}}}
     return {200: {"model": model, "headers": MODE_HEADERS, "description": "JSON, or with stream=true server-sent events",
-                  "content": {"text/event-stream": {"itemSchema": event}}}, **ERRORS}
+                  "content": {"text/event-stream": {"schema": event}}}, **ERRORS}
 
 
 async def watch_policy(policy, interval_s: float) -> None:
@@ -102,7 +104,7 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
     app = FastAPI(title="nld-gateway", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible front door of nld-gateway (see docs/GATEWAY.md)")
     app.state.config, app.state.metrics, app.state.inflight, app.state.policy = config, metrics, inflight, policy
-    install_error_handlers(app)
+    install_error_handlers(app, metrics)
     auth = ApiKeyAuth(config.api_keys) if config.auth_enabled else None
     app.state.auth = auth
     app.add_middleware(FrontDoor, config=config, auth=auth, metrics=metrics)
@@ -158,7 +160,7 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
     async def _run(plan: Plan, t0: float) -> tuple[Any, dict | None]:
         """Open the upstream generations (and, not streaming, collect them) within the deadline."""
         async with asyncio.timeout(config.request_timeout_s):
-            await service.check_prompt_lengths(plan)
+            await service.check_context(plan)
             opened = await service.open(plan)
             metrics.first_token(opened.mode, time.perf_counter() - t0)
             if plan.stream:

@@ -1,15 +1,17 @@
 """`nld-gateway` command line: the only place of the gateway that reads the environment.
 
-Contract: `main(argv)` parses subcommands and returns an exit code. `serve` builds a
-`GatewayConfig` from flags (the API-key path falls back to `$NLD_API_KEY_FILE`; a key path
-turns auth on), loads the keys (`gateway.auth.load_api_keys`: a file with one key per line or
-a Kubernetes Secret mount directory), builds `HttpReplicaClient`, the mode policy and the
-app, and runs it (`gateway.listeners.serve`): `/metrics` on the API port, or only on
-`--metrics-port` when given; with a key path, the keys are re-read every
-`--key-reload-interval` seconds (`gateway.key_reload`), so a rotated Secret needs no restart.
-Configuration errors exit with status 2 and a one-line message that
-never contains a key. Other subcommands (`up`) register themselves in `build_parser`.
-Non-goals: starting replicas or Ray (that is `up`'s job).
+Contract: `main(argv, environ)` parses subcommands, reads the environment (`os.environ` unless
+`environ` is given) and hands it to the subcommand as a dict: `args.func(args, environ)`; no
+other function reads it. `serve` builds a `GatewayConfig` from flags (the API-key path falls
+back to `$NLD_API_KEY_FILE`; a key path turns auth on, `--no-auth` forces it off; see
+`auth_fields`, shared with `up`), loads the keys (`gateway.auth.load_api_keys`: a file with one
+key per line or a Kubernetes Secret mount directory), builds `HttpReplicaClient`, the mode
+policy and the app, and runs it (`gateway.listeners.serve`, uvicorn with the envelope
+HTTP protocol): `/metrics` on the API port, or only on `--metrics-port` when given; with a
+key path, the keys are re-read every `--key-reload-interval` seconds (`gateway.key_reload`),
+so a rotated Secret needs no restart. Configuration errors exit with status 2 and a one-line
+message that never contains a key (`config_error`). Other subcommands (`up`, `policy`) register
+themselves in `build_parser`. Non-goals: starting replicas or Ray (that is `up`'s job).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-auth", action="store_true", help="disable auth even when a key file is given")
     p.add_argument("--policy", default=None,
                    help="mode policy YAML (adaptive; reloaded on change or SIGHUP). Without it: a fixed policy")
+    p.add_argument("--replica-metrics-host", default="127.0.0.1",
+                   help="host of the replicas' Ray metrics port: fills {metrics_host} in the policy's signal URLs")
+    p.add_argument("--replica-metrics-port", type=int, default=8080,
+                   help="the replicas' Ray metrics port: fills {metrics_port} in the policy's signal URLs")
     p.add_argument("--mode", default="self_spec", choices=("ar", "diffusion", "self_spec"),
                    help="decoding mode of `auto` requests (fixed-mode policy, without --policy)")
     p.add_argument("--client-override", default="allow", choices=("allow", "deny", "clamp"),
@@ -65,27 +71,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_policy(args: argparse.Namespace, metrics):
-    """The mode policy: hot-reloadable from --policy, else fixed from --mode/--client-override."""
-    from policies import FixedModePolicy, PolicyHolder
+def build_policy(args: argparse.Namespace, metrics, ports=None):
+    """The mode policy: hot-reloadable from --policy, else fixed from --mode/--client-override.
+    A policy file's `{metrics_host}` / `{metrics_port}` come from `ports` (a `StackPorts`;
+    default: --replica-metrics-host / --replica-metrics-port)."""
+    from policies import FixedModePolicy, PolicyHolder, StackPorts
 
     if getattr(args, "policy", None):
+        if ports is None:
+            ports = StackPorts(metrics_host=args.replica_metrics_host, metrics_port=args.replica_metrics_port)
         return PolicyHolder(args.policy, local_counters={"inflight": lambda: metrics.inflight.value},
-                            registry=metrics.registry)
+                            registry=metrics.registry, ports=ports)
     return FixedModePolicy(mode=getattr(args, "mode", "self_spec"),
                            client_override=getattr(args, "client_override", "allow"))
 
 
+def auth_fields(api_key_file: str | None, no_auth: bool, environ: dict[str, str]) -> dict:
+    """`GatewayConfig` fields for auth: keys from the flag, else from `$NLD_API_KEY_FILE`; none
+    (auth off) without either or with `no_auth`. Raises ValueError for a missing or empty key
+    path (the message names the path, never a key)."""
+    from .auth import load_api_keys
+
+    key_path = api_key_file or environ.get(API_KEY_ENV) or None
+    if not key_path or no_auth:
+        return {}
+    return {"api_keys": load_api_keys(key_path), "auth_enabled": True}
+
+
 def serve_config(args: argparse.Namespace, environ: dict[str, str]):
     """The `GatewayConfig` for `serve` (keys loaded from the flag or the environment)."""
-    from .auth import load_api_keys
     from .config import GatewayConfig
 
-    key_path = args.api_key_file or environ.get(API_KEY_ENV) or None
     fields: dict = {"replica_url": args.replica_url, "model_name": args.model_name}
-    if key_path and not args.no_auth:
-        fields["api_keys"] = load_api_keys(key_path)
-        fields["auth_enabled"] = True
+    fields.update(auth_fields(args.api_key_file, args.no_auth, environ))
     optional = {"max_body_bytes": args.max_body_bytes, "max_tokens_limit": args.max_tokens_limit,
                 "max_inflight_requests": args.max_inflight, "request_timeout_s": args.request_timeout}
     fields.update({k: v for k, v in optional.items() if v is not None})
@@ -94,7 +112,7 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str]):
     return GatewayConfig(**fields)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
     from .app import create_app
     from .auth import load_api_keys
     from .key_reload import KeyFileWatcher
@@ -106,15 +124,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if args.key_reload_interval <= 0:
             raise ValueError("--key-reload-interval must be positive")
-        config = serve_config(args, dict(os.environ))
+        config = serve_config(args, environ)
         policy = build_policy(args, metrics)
-    except (ValidationError, ValueError, OSError) as e:
-        print(f"nld-gateway serve: invalid configuration: {_first_line(e)}", file=sys.stderr)
-        return 2
+    except CONFIG_ERRORS as e:
+        return config_error("serve", e)
     client = HttpReplicaClient(config, on_retry=metrics.retries.inc)
     app = create_app(config, client, policy, metrics=metrics, metrics_route=args.metrics_port is None)
     background = []
-    key_path = args.api_key_file or os.environ.get(API_KEY_ENV)
+    key_path = args.api_key_file or environ.get(API_KEY_ENV)
     if config.auth_enabled and key_path:
         watcher = KeyFileWatcher(app.state.auth, lambda: load_api_keys(key_path), args.key_reload_interval)
         background.append(watcher.run)
@@ -125,6 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_ERRORS = (ValidationError, ValueError, OSError)
+
+
+def config_error(command: str, e: Exception) -> int:
+    """Print the one-line configuration error of `nld-gateway <command>`; the exit status (2)."""
+    print(f"nld-gateway {command}: invalid configuration: {_first_line(e)}", file=sys.stderr)
+    return 2
+
+
 def _first_line(e: Exception) -> str:
     if isinstance(e, ValidationError):  # never echo input values (they may be keys)
         err = e.errors()[0]
@@ -132,9 +158,10 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    """The entry point: the only reader of the environment (`environ` replaces it in tests)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return args.func(args, dict(os.environ) if environ is None else dict(environ))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """OpenAI error envelope: `{"error": {"message", "type", "param", "code"}}` for every failure.
 
 Contract: `GatewayError` is the one exception the gateway raises for a client-visible failure;
-`install_error_handlers(app)` turns it, FastAPI's validation errors (400, never 422),
-Starlette's HTTP errors (404 route, 405 method) and any unexpected exception (500) into the
-envelope. `error_response` builds the JSON response outside FastAPI (middleware). Nothing here
-logs request bodies or headers. Non-goals: retry logic, metrics.
+`install_error_handlers(app, metrics)` turns it, FastAPI's validation errors (400, never 422;
+code `invalid_json`, `invalid_body` or `invalid_value`), Starlette's HTTP errors (404 route,
+405 method) and any unexpected exception (500) into the envelope, and counts the ones it
+answers for a completion path in `nld_gateway_requests_total{mode="none"}` (a `GatewayError`
+is counted where it is raised). `error_response` builds the JSON response outside FastAPI
+(middleware, the HTTP protocol). Nothing here logs request bodies or headers. Non-goals:
+retry logic.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+
+from .metrics import GatewayMetrics
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 log = logging.getLogger("gateway")
+COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")  # what nld_gateway_requests_total counts
 
 # status -> (type, default code); OpenAI's spelling where OpenAI has one.
 ERROR_TYPES: dict[int, tuple[str, str | None]] = {
-    400: ("invalid_request_error", None),
+    400: ("invalid_request_error", "invalid_value"),
     401: ("authentication_error", "invalid_api_key"),
     404: ("not_found_error", "not_found"),
     405: ("invalid_request_error", "method_not_allowed"),
@@ -89,6 +95,7 @@ def validation_error(exc: RequestValidationError) -> GatewayError:
     # a union reports one error per member: prefer one about the value over "should be a valid <type>"
     same = [e for e in errors if _param(e) == param or (_param(e) or "").startswith(f"{param}[")]
     best = next((e for e in same if not e.get("type", "").endswith("_type")), first)
+    param = _param(best)  # the element at fault, e.g. prompt[1] of a list of prompts
     msg = best.get("msg", "invalid value")
     return GatewayError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
@@ -102,26 +109,31 @@ def _param(error: dict) -> str | None:
 _UNION_TAGS = {"str", "int", "list", "dict", "float", "bool", "none"}  # field names are never these
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, metrics: GatewayMetrics) -> None:
+    def counted(request: Request, err: GatewayError) -> GatewayError:
+        if request.scope.get("path") in COMPLETION_PATHS:
+            metrics.finished(None, err.status)
+        return err
+
     @app.exception_handler(GatewayError)
     async def _gateway(_: Request, exc: GatewayError) -> Response:
-        return error_response(exc)
+        return error_response(exc)  # counted where it was raised (it may carry the mode)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(validation_error(exc))
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        return error_response(counted(request, validation_error(exc)))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
             err = GatewayError(404, "no such endpoint", code="unknown_url")
         elif exc.status_code == 405:
             err = GatewayError(405, "method not allowed")
         else:
             err = GatewayError(exc.status_code, str(exc.detail))
-        return error_response(err, headers=dict(exc.headers or {}))
+        return error_response(counted(request, err), headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> Response:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")  # traceback only: no request data
-        return error_response(GatewayError(500, "internal gateway error"))
+        return error_response(counted(request, GatewayError(500, "internal gateway error")))

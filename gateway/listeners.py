@@ -42,7 +42,9 @@ def metrics_asgi(metrics: GatewayMetrics):
 def serve(app, host: str, port: int, *, metrics: GatewayMetrics | None = None, metrics_host: str | None = None,
           metrics_port: int | None = None, background: Sequence[Callable[[], Awaitable[None]]] = (),
           log_level: str = "info") -> None:
-    configs = [uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False)]
+    from .http_protocol import HTTP_PROTOCOL
+
+    configs = [uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, http=HTTP_PROTOCOL)]
     if metrics_port is not None:
         if metrics is None:
             raise ValueError("a metrics port needs the gateway's metrics")

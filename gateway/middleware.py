@@ -15,10 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .auth import ApiKeyAuth
 from .config import GatewayConfig
-from .errors import GatewayError, error_response
+from .errors import COMPLETION_PATHS, GatewayError, error_response
 from .metrics import GatewayMetrics
-
-COMPLETION_PATHS = ("/v1/completions", "/v1/chat/completions")
 
 
 class FrontDoor:

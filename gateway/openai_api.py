@@ -3,8 +3,13 @@
 Contract: request models mirror OpenAI's `/v1/completions` and `/v1/chat/completions` bodies;
 unknown fields are ignored (like most OpenAI-compatible servers), known OpenAI features the
 engine cannot honour are refused with 400 naming the field (`unsupported_features`) rather than
-silently changing the output. Limits that depend on the `GatewayConfig` (`n`, `max_tokens`,
-stop count) are checked by the service, and `gateway.app` writes them into the OpenAPI schema.
+silently changing the output. Every text that reaches a replica (prompts, message contents and
+names, stop strings) must be valid Unicode: JSON can carry a lone UTF-16 surrogate
+(`"\\ud800"`, which JavaScript clients send when they cut a string inside a surrogate pair), and
+such a string is refused with 400 naming the field (`Text`). A message's `content` may be null
+or absent (tool and assistant turns): it reaches the chat template as "". Limits that depend on
+the `GatewayConfig` (`n`, `max_tokens`, stop count) are checked by the service, and
+`gateway.app` writes them into the OpenAPI schema.
 Response models exist for the schema (`/openapi.json`); the service builds plain dicts with
 the same shape for speed. Non-goals: tokenization, chat templates (the replica renders them).
 """
@@ -13,14 +18,30 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 # Integer bounds stay within 2**53 so that every JSON implementation (and JSON Schema validator)
 # compares them exactly.
 SEED_LIMIT = 2**53 - 1
 TOKEN_ID_MAX = 2**31 - 1
 DecodingMode = Literal["auto", "ar", "diffusion", "self_spec"]
-StopString = Annotated[str, Field(min_length=1)]
+
+
+def _valid_unicode(v: str) -> str:
+    """Refuse lone UTF-16 surrogates: they are not Unicode and cannot be encoded as UTF-8."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PydanticCustomError(
+            "invalid_unicode", "not valid Unicode: a lone UTF-16 surrogate ({char}) at character {at}; "
+            "send a whole surrogate pair or well-formed UTF-8",
+            {"char": f"\\u{ord(v[e.start]):04x}", "at": e.start}) from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # any text forwarded to the replicas
+StopString = Annotated[Text, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]
 INT_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n", "block_length", "logprobs", "best_of", "top_logprobs",
               "top_k")
@@ -105,7 +126,7 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] = Field(
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] = Field(
         description="text, token ids, or a list of either (one choice set per prompt)")
     echo: bool | None = Field(default=None, description="not supported (must be false)")
     logprobs: int | None = Field(default=None, ge=0, le=20, description="not supported (must be null)")
@@ -137,14 +158,14 @@ class CompletionRequest(_SamplingRequest):
 class ContentPart(BaseModel):
     model_config = REQUEST_CONFIG
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessageIn(BaseModel):
     model_config = REQUEST_CONFIG
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = Field(default=None, description="null or absent: empty")
+    name: Text | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -178,12 +199,14 @@ class ChatCompletionRequest(_SamplingRequest):
         return self._common_unsupported()
 
     def wire_messages(self) -> list[dict[str, Any]]:
-        """Messages for the replica: text parts joined, `name` kept when set."""
+        """Messages for the replica: text parts joined, null content as "", `name` kept when set."""
         out = []
         for m in self.messages:
             content = m.content
             if isinstance(content, list):
                 content = "".join(p.text or "" for p in content)
+            elif content is None:  # a tool or assistant turn without text: chat templates read content
+                content = ""
             msg: dict[str, Any] = {"role": m.role, "content": content}
             if m.name is not None:
                 msg["name"] = m.name

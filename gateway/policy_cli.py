@@ -18,7 +18,7 @@ def add_policy_parser(sub: argparse._SubParsersAction) -> None:
     v.set_defaults(func=cmd_validate)
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_validate(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     from policies import PolicyFileError, load_policy_file
 
     try:

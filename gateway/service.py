@@ -4,6 +4,15 @@ Contract: `CompletionService.plan(request, chat)` validates what the request mod
 (model id -> 404, config limits and unsupported features -> 400 with `param`), asks the
 injected `ModePolicy` for the mode (for `auto` and explicit modes alike) and builds one
 `GenerateRequest` per choice (prompt i, sample j -> choice index i*n+j, seed + index).
+`check_context(plan)` answers 400 `context_length_exceeded` for what cannot fit the replicas'
+context (from their cached `/info`): a token-id prompt over `max_prompt_tokens`, or a prompt
+plus `max_tokens` plus one decoding block over `max_seq_len` (a text prompt counts as at least
+one token: the replica checks its real length and answers the same error); and 400 for a
+`block_length` over the replicas' `max_block_length`.
+Errors relayed from the replicas (`replica_error`, `chunk_error`) speak the API's language: the
+engine's field names become the API's (`prompt_ids` -> `prompt`, `max_new_tokens` ->
+`max_tokens`, ...), a context-length failure is 400 `context_length_exceeded`, and every error
+gets a code (the replica's, else one for its status).
 `open(plan)` starts every generation concurrently and waits for each first chunk, so any
 failure up to there is a `GatewayError` with a real HTTP status; `collect` (non-streaming) and
 `sse_events` (streaming) consume the opened streams, and `close` aborts whatever is still
@@ -14,6 +23,7 @@ Non-goals: HTTP routing, auth, tokenization.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,6 +41,15 @@ from .sse import DONE, event
 
 CHUNK_ERROR_STATUS = {"invalid_request_error": 400, "rate_limit_error": 429, "timeout_error": 504,
                       "service_unavailable_error": 503}
+CONTEXT_LENGTH = "context_length_exceeded"
+# the code of a relayed error that has none, by status (a 400 from the replica is a bad value)
+DEFAULT_CODES = {400: "invalid_value", 404: "not_found", 413: "request_too_large", 429: "overloaded",
+                 500: "engine_error", 503: "no_replica", 504: "upstream_timeout"}
+# engine and wire names -> the API's, in `param` (the replica reports errors in the engine's terms)
+API_PARAMS = {"prompt_ids": "prompt", "max_new_tokens": "max_tokens", "threshold": "confidence_threshold",
+              "mode": "decoding_mode", "stop_token_ids": "stop"}
+# ... and in messages, where only unambiguous identifiers are rewritten
+_MESSAGE_TERMS = re.compile(r"\b(prompt_ids|max_new_tokens)\b")
 
 
 @dataclass
@@ -46,6 +65,7 @@ class Plan:
     requests: list[GenerateRequest]
     stream: bool
     include_usage: bool
+    max_tokens_param: str = "max_tokens"  # the field the client set (for errors about it)
 
 
 @dataclass
@@ -59,17 +79,39 @@ class Opened:
     done: list[bool] = field(default_factory=list)
 
 
+def api_param(param: str | None) -> str | None:
+    """A replica's `param` in the API's terms: "max_new_tokens" -> "max_tokens",
+    "messages.0.content" -> "messages[0].content"."""
+    if not param:
+        return param
+    parts = param.split(".")
+    out = API_PARAMS.get(parts[0], parts[0])
+    for p in parts[1:]:
+        out += f"[{p}]" if p.isdigit() else f".{p}"
+    return out
+
+
+def api_error(status: int, info: ErrorInfo, retry_after: float | None = None) -> GatewayError:
+    """A replica's error as the client sees it: API names, a code, one status for context length."""
+    param = api_param(info.param)
+    message = _MESSAGE_TERMS.sub(lambda m: API_PARAMS[m.group(1)], info.message)
+    code = info.code
+    # the engine refuses max_new_tokens only when prompt + max_new_tokens + one block do not fit
+    # (the gateway checked >= 1 and the configured limit); a 413 is an older replica's answer
+    if status == 413 and code in (None, CONTEXT_LENGTH) or (status == 400 and param == "max_tokens"):
+        status, code = 400, CONTEXT_LENGTH
+    if code is None:
+        code = DEFAULT_CODES.get(status, "internal_error" if status >= 500 else "invalid_value")
+    return GatewayError(status, message, type=info.type, param=param, code=code, retry_after=retry_after)
+
+
 def chunk_error(info: ErrorInfo) -> GatewayError:
-    status = CHUNK_ERROR_STATUS.get(info.type, 500)
-    return GatewayError(status, info.message, type=info.type, param=info.param, code=info.code)
+    return api_error(CHUNK_ERROR_STATUS.get(info.type, 500), info)
 
 
 def replica_error(e: ReplicaError, retry_after_s: int) -> GatewayError:
     retry = e.retry_after if e.retry_after is not None else (retry_after_s if e.status in (429, 503) else None)
-    code = e.info.code
-    if code is None and e.status == 413:
-        code = "context_length_exceeded"
-    return GatewayError(e.status, e.info.message, type=e.info.type, param=e.info.param, code=code, retry_after=retry)
+    return api_error(e.status, e.info, retry)
 
 
 class CompletionService:
@@ -146,7 +188,8 @@ class CompletionService:
                 requests.append(GenerateRequest(request_id=f"{rid}-{index}", seed=seed, **src, **common))
         return Plan(id=rid, created=int(time.time()), chat=chat, model=cfg.model_name, mode=decision.mode,
                     reason=decision.reason, n=req.n, requests=requests, stream=bool(req.stream),
-                    include_usage=req.wants_usage_chunk())
+                    include_usage=req.wants_usage_chunk(),
+                    max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
 
     def engine_settings(self) -> EngineSettings | None:
         """The policy's engine settings, carried by every request so every replica follows them
@@ -159,18 +202,28 @@ class CompletionService:
             self._settings_raw, self._settings = raw, EngineSettings.model_validate(raw)
         return self._settings
 
-    async def check_prompt_lengths(self, plan: Plan) -> None:
-        """413 for token-id prompts longer than the replicas accept (text prompts: the replica checks)."""
-        longest = max((len(r.prompt_ids) for r in plan.requests if r.prompt_ids is not None), default=0)
-        if not longest:
-            return
+    async def check_context(self, plan: Plan) -> None:
+        """400 `context_length_exceeded` for what cannot fit the replicas' context (see the
+        module contract); nothing is checked when `/info` is unavailable (the replica checks)."""
         try:
             info: ReplicaInfo = await self.client.info()
         except ReplicaError:
-            return  # the replica checks again
-        if longest > info.max_prompt_tokens:
-            raise GatewayError(413, f"prompt has {longest} tokens; at most {info.max_prompt_tokens} are accepted",
-                               param="prompt", code="context_length_exceeded")
+            return
+        for r in plan.requests:
+            if r.prompt_ids is not None and len(r.prompt_ids) > info.max_prompt_tokens:
+                raise GatewayError(400, f"the prompt has {len(r.prompt_ids)} tokens; this model accepts at most "
+                                   f"{info.max_prompt_tokens}", param="prompt", code=CONTEXT_LENGTH)
+            if r.block_length is not None and r.block_length > info.max_block_length:
+                raise GatewayError(400, f"block_length {r.block_length} is above this model's limit of "
+                                   f"{info.max_block_length}", param="block_length", code="invalid_value")
+            prompt = len(r.prompt_ids) if r.prompt_ids is not None else 1
+            block = r.block_length or min(info.block_size, info.max_block_length)
+            if prompt + r.max_tokens + block > info.max_seq_len:
+                name = "max_completion_tokens" if plan.max_tokens_param == "max_completion_tokens" else "max_tokens"
+                known = f"the prompt ({prompt} tokens)" if r.prompt_ids is not None else "the prompt (at least 1 token)"
+                raise GatewayError(400, f"{name} ({r.max_tokens}) does not fit this model's context: {known}, "
+                                   f"{name} and one decoding block ({block}) must fit in {info.max_seq_len} tokens",
+                                   param=name, code=CONTEXT_LENGTH)
 
     # ---- upstream ----------------------------------------------------------------------------
 

@@ -1,7 +1,12 @@
 """`nld-gateway up`: the whole stack on one machine (Ray Serve replicas + the gateway).
 
-Contract: starts `python -m replicas` (local Ray, the replicas on a loopback port, Ray metrics
-every 500 ms) as a child process and shows its progress, waits until it prints READY, then
+Contract: `cmd_up(args, environ)` (called by `gateway.cli.main`, which reads the environment)
+first builds and checks the whole configuration: the checkpoint, auth (as `serve`: `--api-key-file`,
+else `$NLD_API_KEY_FILE`; `--no-auth` forces it off) and the policy, whose `{metrics_host}` and
+`{metrics_port}` are this stack's (127.0.0.1 and `--metrics-port`). A bad configuration exits
+with status 2 and one line (never a key, never a traceback) before anything starts. Then it
+starts `python -m replicas` (local Ray, the replicas and Ray's metrics port on loopback, Ray
+metrics every 500 ms) as a child process and shows its progress, waits until it prints READY,
 serves the gateway in this process and prints the URL and a curl example. Ctrl-C (or SIGTERM)
 stops the gateway, then the replicas, cleanly. The gateway never imports the engine: the
 replicas are another process reached over HTTP, as in a cluster.
@@ -22,6 +27,7 @@ import threading
 from pathlib import Path
 
 DEFAULT_MODEL = "models/nld-tiny-pystdlib"
+REPLICA_HOST = "127.0.0.1"  # the replicas' HTTP proxy and Ray's metrics port listen on loopback only
 
 
 def add_up_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,14 +44,16 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="how HTTP reaches the replicas: Ray Serve's HAProxy (default) or its Python proxy")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the replica's engine process (default: torch's, one per core)")
-    p.add_argument("--api-key-file", default=None, help="enable auth with these keys (default: auth off)")
+    p.add_argument("--api-key-file", default=None,
+                   help="file (one key per line) or Secret mount directory; default $NLD_API_KEY_FILE; enables auth")
+    p.add_argument("--no-auth", action="store_true", help="disable auth even when a key file is given")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(func=cmd_up)
 
 
 def start_replicas(args, model_name: str, autoscaling: dict | None) -> subprocess.Popen:
     cmd = [sys.executable, "-u", "-m", "replicas", "--model", args.model, "--model-name", model_name,
-           "--host", "127.0.0.1", "--port", str(args.replica_port), "--metrics-port", str(args.metrics_port)]
+           "--host", REPLICA_HOST, "--port", str(args.replica_port), "--metrics-port", str(args.metrics_port)]
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
     cmd += ["--ingress", args.ingress]
@@ -106,31 +114,38 @@ def run_until_signal(server, on_started=lambda: None) -> None:
     asyncio.run(main())
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str]):
+    """The gateway's `GatewayConfig` for `up` (keys from the flag or the environment, as `serve`)."""
+    from .cli import auth_fields
+    from .config import GatewayConfig
+
+    fields = {"replica_url": f"http://{REPLICA_HOST}:{args.replica_port}", "model_name": model_name}
+    fields.update(auth_fields(args.api_key_file, args.no_auth, environ))
+    return GatewayConfig(**fields)
+
+
+def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
     import uvicorn
 
     from .app import create_app
-    from .auth import load_api_keys
-    from .config import GatewayConfig
+    from .cli import CONFIG_ERRORS, build_policy, config_error
+    from .http_protocol import HTTP_PROTOCOL
     from .metrics import GatewayMetrics, InflightCounter
-    from .cli import build_policy
     from .replica_client import HttpReplicaClient
+    from policies import StackPorts
 
     model = Path(args.model)
     if not (model / "config.json").is_file():
         print(f"nld-gateway up: no NLD checkpoint at {model} (config.json missing)", file=sys.stderr)
         return 2
     model_name = args.model_name or model.name
-    fields = {"replica_url": f"http://127.0.0.1:{args.replica_port}", "model_name": model_name}
-    if args.api_key_file:
-        fields.update(api_keys=load_api_keys(args.api_key_file), auth_enabled=True)
-    config = GatewayConfig(**fields)
     metrics = GatewayMetrics(InflightCounter())
     try:
-        policy = build_policy(args, metrics)
-    except ValueError as e:
-        print(f"nld-gateway up: {e}", file=sys.stderr)
-        return 2
+        config = up_config(args, model_name, environ)
+        # the policy's signals read this stack's Ray metrics port
+        policy = build_policy(args, metrics, StackPorts(metrics_host=REPLICA_HOST, metrics_port=args.metrics_port))
+    except CONFIG_ERRORS as e:
+        return config_error("up", e)
     print(f"starting the replicas on {model} (Ray, then the weights) ...", flush=True)
     spec = getattr(getattr(policy, "current", None), "spec", None)
     proc = start_replicas(args, model_name, spec.serve_autoscaling_config() if spec is not None else None)
@@ -147,7 +162,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
                   f"\"def fib(n):\"}}], \"max_tokens\": 64, \"decoding_mode\": \"self_spec\"}}'\n", flush=True)
 
-        run_until_signal(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+        run_until_signal(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, http=HTTP_PROTOCOL,
                                                        log_level=args.log_level, access_log=False)), banner)
     finally:
         print("stopping the replicas ...", flush=True)

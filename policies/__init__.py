@@ -9,9 +9,10 @@ from .adaptive import AdaptiveModePolicy, PolicyMetrics
 from .base import ModeDecision, ModePolicy, ModeRequest
 from .build import PRESETS, PolicyHolder, build_policy
 from .fixed import FixedModePolicy
-from .schema import PolicyFile, PolicyFileError, load_policy_file, parse_policy
+from .schema import PolicyFile, PolicyFileError, StackPorts, load_policy_file, parse_policy
 
 __all__ = [
     "ModePolicy", "ModeRequest", "ModeDecision", "FixedModePolicy", "AdaptiveModePolicy", "PolicyMetrics",
     "PolicyFile", "PolicyFileError", "PolicyHolder", "build_policy", "load_policy_file", "parse_policy", "PRESETS",
+    "StackPorts",
 ]

@@ -1,7 +1,9 @@
 """Build a running mode policy from a policy file: YAML parse, validate, build.
 
-Contract: `build_policy(spec, *, local_counters, registry, http)` returns an
-`AdaptiveModePolicy` whose signal sources come from the `SOURCES` registry; `PolicyHolder`
+Contract: `build_policy(spec, *, local_counters, metrics, http, ports)` returns an
+`AdaptiveModePolicy` whose signal URLs are filled in from `ports` (`StackPorts`) and whose
+signal sources come from the `SOURCES` registry (scrape sources of one policy share their page
+fetches: `PageFetcher`); `PolicyHolder`
 is the `ModePolicy` the gateway holds: it delegates to the current policy and swaps in a new
 one on `reload(path)` (the new policy adopts the old one's mode and dwell clock), keeping the
 old one and returning the error when the file is bad. Non-goals: watching files or signals
@@ -20,8 +22,8 @@ from prometheus_client import CollectorRegistry
 
 from .adaptive import AdaptiveModePolicy, PolicyMetrics
 from .base import ModeDecision, ModeRequest
-from .schema import PolicyFile, PolicyFileError, load_policy_file
-from .signals import SOURCES, SignalBoard
+from .schema import PolicyFile, PolicyFileError, StackPorts, load_policy_file
+from .signals import SOURCES, PageFetcher, SignalBoard
 
 log = logging.getLogger("policies")
 PRESETS = Path(__file__).parent / "presets"
@@ -29,10 +31,13 @@ PRESETS = Path(__file__).parent / "presets"
 
 def build_policy(spec: PolicyFile, *, local_counters: dict[str, Callable[[], float]] | None = None,
                  metrics: PolicyMetrics | None = None, http: httpx.AsyncClient | None = None,
-                 clock: Callable[[], float] = time.monotonic, **policy_kw) -> AdaptiveModePolicy:
+                 clock: Callable[[], float] = time.monotonic, ports: StackPorts = StackPorts(),
+                 **policy_kw) -> AdaptiveModePolicy:
     http = http or httpx.AsyncClient()
     counters = local_counters or {"inflight": lambda: 0.0}
-    sources = [SOURCES[s.source](s, http, counters) for s in spec.signals]
+    spec = spec.resolved(ports)
+    pages = PageFetcher(http)
+    sources = [SOURCES[s.source](s, pages, counters) for s in spec.signals]
     return AdaptiveModePolicy(spec, SignalBoard(sources, clock=clock), metrics=metrics, clock=clock, **policy_kw)
 
 
@@ -40,9 +45,9 @@ class PolicyHolder:
     """The gateway's policy: hot-reloadable, one registry and HTTP client for its lifetime."""
 
     def __init__(self, path: str | Path, *, local_counters: dict[str, Callable[[], float]],
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, ports: StackPorts = StackPorts()) -> None:
         self.path = Path(path)
-        self.local_counters, self.registry = local_counters, registry
+        self.local_counters, self.registry, self.ports = local_counters, registry, ports
         self.http = httpx.AsyncClient()
         self.metrics = PolicyMetrics(registry)
         self.current = self._build(load_policy_file(self.path))
@@ -57,7 +62,8 @@ class PolicyHolder:
             return None
 
     def _build(self, spec: PolicyFile) -> AdaptiveModePolicy:
-        return build_policy(spec, local_counters=self.local_counters, metrics=self.metrics, http=self.http)
+        return build_policy(spec, local_counters=self.local_counters, metrics=self.metrics, http=self.http,
+                            ports=self.ports)
 
     def decide(self, request: ModeRequest) -> ModeDecision:
         return self.current.decide(request)

@@ -1,18 +1,23 @@
 """The policy file: a pydantic schema for the YAML that describes how `auto` requests get a mode.
 
 Contract: `PolicyFile.model_validate(dict)` validates everything (unknown keys, types, ranges,
-threshold order, names used by the expression) and raises `ValidationError` with the field
-path; `load_policy_file(path)` reads YAML and raises `PolicyFileError` whose message lists
-each problem as `path.to.field: reason`. Non-goals: running anything (see `build`).
+threshold order, names used by the expression, placeholders in signal URLs) and raises
+`ValidationError` with the field path; `load_policy_file(path)` reads YAML and raises
+`PolicyFileError` whose message lists each problem as `path.to.field: reason`. Signal URLs may
+name the stack's ports as placeholders (`{metrics_host}`, `{metrics_port}`: where the replicas'
+Ray metrics listen); `PolicyFile.resolved(StackPorts)` fills them in (the entry point that
+started the stack knows them). Non-goals: running anything (see `build`).
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .expr import compile_expression
 
@@ -21,6 +26,31 @@ ModeName = Literal["ar", "diffusion", "self_spec"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    """Where this stack's services listen, for the placeholders of signal URLs. Built by the
+    entry point (`nld-gateway up`: 127.0.0.1 and its --metrics-port; `serve`: --replica-metrics-host and
+    --replica-metrics-port); the defaults are those of `nld-gateway up` without flags."""
+
+    metrics_host: str = "127.0.0.1"  # {metrics_host}: the replicas' Ray metrics port's host
+    metrics_port: int = 8080  # {metrics_port}: the replicas' Ray metrics port
+
+    def fill(self, url: str) -> str:
+        return _PLACEHOLDER.sub(lambda m: str(getattr(self, m.group(1))), url)
+
+
+PLACEHOLDERS = tuple(f.name for f in fields(StackPorts))
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def check_placeholders(url: str) -> str:
+    unknown = [n for n in _PLACEHOLDER.findall(url) if n not in PLACEHOLDERS]
+    if unknown:
+        known = ", ".join("{" + n + "}" for n in PLACEHOLDERS)
+        raise ValueError(f"unknown placeholder {{{unknown[0]}}} in {url!r} (known: {known})")
+    return url
 
 
 class PrometheusSignal(_Strict):
@@ -35,20 +65,32 @@ class PrometheusSignal(_Strict):
     retries: int = Field(default=1, ge=0, le=5)
     stale_after_s: float = Field(default=10.0, gt=0)
 
+    @field_validator("url")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        return check_placeholders(v)
+
 
 class ScrapeSignal(_Strict):
     """Read Prometheus text from the replicas' metrics endpoints directly (no Prometheus server)."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     source: Literal["scrape"]
-    urls: list[str] = Field(min_length=1, description="metrics endpoints, e.g. http://127.0.0.1:8080/metrics")
-    metric: str = Field(description="sample name, e.g. ray_nld_replica_running_requests")
+    urls: list[str] = Field(min_length=1, description="metrics endpoints, e.g. "
+                            "http://{metrics_host}:{metrics_port}/metrics (this stack's Ray metrics port)")
+    metric: str = Field(description="sample name, e.g. ray_nld_replica_num_requests_running")
     labels: dict[str, str] = Field(default_factory=dict, description="keep samples with these label values")
     per: str | None = Field(default="replica", description="sum samples per value of this label first")
-    aggregate: Literal["mean", "sum", "max"] = "mean"
+    aggregate: Literal["mean", "sum", "max", "count"] = Field(
+        default="mean", description="across the groups: mean, sum, max, or count (how many groups, e.g. replicas)")
     interval_s: float = Field(default=1.0, gt=0)
     timeout_s: float = Field(default=2.0, gt=0)
     stale_after_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("urls")
+    @classmethod
+    def _placeholders(cls, v: list[str]) -> list[str]:
+        return [check_placeholders(u) for u in v]
 
 
 class LocalSignal(_Strict):
@@ -86,7 +128,8 @@ class ModeRule(_Strict):
     on_stale: Literal["hold", "fallback"] = "hold"
     stale_mode: ModeName | None = Field(default=None, description="the mode on_stale=fallback switches to")
     client_override: Literal["allow", "deny", "clamp"] = "allow"
-    replicas: float = Field(default=1.0, gt=0, description="value of `replicas` when no signal has that name")
+    replicas: float = Field(default=1.0, gt=0, description="value of `replicas` when no signal has that name "
+                            "(a signal named `replicas`, e.g. a scrape with aggregate: count, replaces it)")
 
     @model_validator(mode="after")
     def _order(self) -> "ModeRule":
@@ -152,6 +195,17 @@ class PolicyFile(_Strict):
 
     def serve_autoscaling_config(self) -> dict:
         return self.autoscaling.model_dump()
+
+    def resolved(self, ports: StackPorts) -> "PolicyFile":
+        """This policy with the placeholders of its signal URLs filled in from `ports`."""
+        signals = []
+        for s in self.signals:
+            if isinstance(s, ScrapeSignal):
+                s = s.model_copy(update={"urls": [ports.fill(u) for u in s.urls]})
+            elif isinstance(s, PrometheusSignal):
+                s = s.model_copy(update={"url": ports.fill(s.url)})
+            signals.append(s)
+        return self.model_copy(update={"signals": signals})
 
 
 class PolicyFileError(ValueError):

@@ -3,16 +3,18 @@
     python -m replicas --model DIR [--host 127.0.0.1] [--port 8001] [--config serve.yaml]
 
 Ray's metrics report interval is set to 500 ms so replica metrics are at most ~1 s old on
-Ray's metrics port (--metrics-port). The ingress (--ingress, `replicas/ingress.py`) is HAProxy
-in front of replicas that serve HTTP themselves, unless `proxy` asks for Serve's Python proxy;
-the environment Ray Serve reads is set here, before Ray starts. Prints `READY <url>` once the
-application answers.
-This module and `nld-gateway up` are the entry points that build `ReplicaConfig`.
+Ray's metrics port (--metrics-port). With a loopback --host (127.0.0.1, localhost, ::1) Ray's
+metrics port listens on loopback too, never on 0.0.0.0 (see `ray_environment`). The ingress
+(--ingress, `replicas/ingress.py`) is HAProxy in front of replicas that serve HTTP themselves,
+unless `proxy` asks for Serve's Python proxy. The environment Ray reads is set here, before
+Ray starts. Prints `READY <url>` once the application answers. This module and
+`nld-gateway up` are the entry points that build `ReplicaConfig`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -44,6 +46,35 @@ def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
     return ReplicaConfig.model_validate(base), options
 
 
+# Ray reads this when it is imported: with it off, Ray takes the loopback address as the node IP
+# instead of the address that routes outside (ray._private.services.get_node_ip_address).
+RAY_LOCAL_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ray_environment(host: str) -> dict[str, str]:
+    """Environment variables for Ray so that its metrics port listens where the replicas do.
+
+    Ray 2.60's reporter agent binds the metrics export port to the loopback address when the
+    node IP is a loopback address, and to every interface otherwise
+    (`ray/dashboard/modules/reporter/reporter_agent.py`: `address=get_localhost_ip() if
+    is_localhost(self._ip) else ""`). On Linux `ray.init` never keeps a loopback node IP: it
+    replaces `_node_ip_address="127.0.0.1"` with the address that routes outside
+    (`services.resolve_ip_for_localhost`), unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, under
+    which the node IP is the loopback address (a single-node Ray, which a loopback host is
+    anyway). A non-loopback host changes nothing: Ray then listens on every interface, the only
+    other choice it has."""
+    return {RAY_LOCAL_NODE_ENV: "0"} if is_loopback(host) else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m replicas", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="NLD checkpoint directory (overrides the config file)")
@@ -66,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .ingress import local_ingress, serve_env
 
+    os.environ.update(ray_environment(args.host))  # before Ray is imported: it reads them then
     os.environ.update(serve_env(local_ingress(args.ingress)))  # Ray Serve reads these at import, in every process
-
     import ray
     from ray import serve
 

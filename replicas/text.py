@@ -3,7 +3,9 @@
 Contract: `TextCodec.from_dir(model_dir)` reads `tokenizer.json` and `tokenizer_config.json`;
 `encode(text)` and `render_chat(messages)` give prompt ids (chat templates are rendered with a
 sandboxed jinja2 environment the way Hugging Face does: `messages`, `add_generation_prompt`,
-`bos_token`, `eos_token`, `raise_exception`). `Detokenizer` turns a growing list of output ids
+`bos_token`, `eos_token`, `raise_exception`; a message whose `content` is null or absent, as
+OpenAI allows for tool and assistant turns, is rendered with "" so templates that read
+`message['content']` never fail on it). `Detokenizer` turns a growing list of output ids
 into text deltas, holding back incomplete UTF-8 and any tail that could start a stop string,
 and reports when a stop string appears (the text is cut before it). Non-goals: token ids in
 the engine (the engine never sees text).
@@ -71,6 +73,7 @@ class TextCodec:
         return ids
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        messages = [m if m.get("content") is not None else {**m, "content": ""} for m in messages]
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "")

@@ -9,6 +9,7 @@ in production; `ingress="proxy"` for Serve's Python proxy) on a free loopback po
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -16,6 +17,29 @@ import httpx
 
 
 from replicas.ingress import free_port, local_ingress, serve_env
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on `port` (Linux: /proc/net/tcp{,6}),
+    e.g. {"127.0.0.1"} or {"0.0.0.0"}."""
+    out = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hex_port = local.partition(":")
+            if state != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(addr)
+            if width == 8:
+                out.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+            else:  # four little-endian 32-bit words
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                out.add(socket.inet_ntop(socket.AF_INET6, words))
+    return out
 
 
 @dataclass

@@ -19,9 +19,13 @@ def asgi_client(app, **kw) -> httpx.AsyncClient:
 
 
 @contextlib.contextmanager
-def serve_in_thread(app):
-    """Run `app` with uvicorn on 127.0.0.1:<free port>; yields the base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on")
+def serve_in_thread(app, http=None):
+    """Run `app` with uvicorn on 127.0.0.1:<free port>; yields the base URL. The HTTP protocol is
+    the gateway's (`gateway.http_protocol.HTTP_PROTOCOL`) unless `http` names another."""
+    from gateway.http_protocol import HTTP_PROTOCOL
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False, lifespan="on",
+                            http=http or HTTP_PROTOCOL)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

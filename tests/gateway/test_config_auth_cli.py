@@ -10,7 +10,9 @@ from pydantic import ValidationError
 
 from gateway import GatewayConfig
 from gateway.auth import ApiKeyAuth, load_api_keys
-from gateway.cli import build_parser, main, serve_config
+from gateway.cli import build_parser, build_policy, main, serve_config
+from gateway.up import up_config
+from policies import StackPorts
 
 
 def test_config_defaults_and_validation():
@@ -87,6 +89,7 @@ def test_serve_bad_config_exits_2_without_echoing_keys(tmp_path, capsys, caplog)
     assert code == 2 and "replica_url" in err
     assert "sk-very-secret" not in err and "sk-very-secret" not in caplog.text
     assert main(["serve", "--replica-url", "http://x", "--api-key-file", str(tmp_path / "missing")]) == 2
+    assert main(["serve", "--replica-url", "http://x"], environ={"NLD_API_KEY_FILE": str(tmp_path / "missing")}) == 2
 
 
 @pytest.mark.slow
@@ -129,3 +132,66 @@ def test_serve_runs_the_gateway_process(tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=10)[0].decode()
     assert "sk-proc" not in out
+
+
+MODEL = "models/nld-tiny-pystdlib"  # `up` checks the checkpoint first; nothing starts on a bad config
+
+
+def up_args(*argv):
+    return build_parser().parse_args(["up", "--model", MODEL, *argv])
+
+
+def test_up_takes_its_keys_like_serve(tmp_path):
+    keys = tmp_path / "k"
+    keys.write_text("sk-env\n")
+    flag = tmp_path / "k2"
+    flag.write_text("sk-flag\n")
+    assert up_config(up_args(), "m", {}).auth_enabled is False  # local default: auth off
+    c = up_config(up_args(), "m", {"NLD_API_KEY_FILE": str(keys)})
+    assert c.auth_enabled and c.api_keys == {"sk-env"} and c.model_name == "m"
+    assert up_config(up_args("--api-key-file", str(flag)), "m", {"NLD_API_KEY_FILE": str(keys)}).api_keys == {
+        "sk-flag"}
+    assert up_config(up_args("--no-auth"), "m", {"NLD_API_KEY_FILE": str(keys)}).auth_enabled is False
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+@pytest.mark.parametrize("content", [None, "", "# only a comment\n\n"])
+def test_up_bad_key_file_is_one_line_and_exit_2(tmp_path, capsys, how, content):
+    path = tmp_path / "keys"
+    if content is not None:
+        path.write_text(content)
+    argv = ["up", "--model", MODEL] + (["--api-key-file", str(path)] if how == "flag" else [])
+    code = main(argv, environ={"NLD_API_KEY_FILE": str(path)} if how == "env" else {})
+    out = capsys.readouterr()
+    assert code == 2 and out.out == ""  # before anything starts ("starting the replicas" is never printed)
+    (line,) = out.err.splitlines()
+    assert line.startswith("nld-gateway up: invalid configuration: api key path") and str(path) in line
+
+
+def test_up_bad_key_file_in_a_real_process(tmp_path):
+    """`python -m gateway up` itself: status 2, one line on stderr, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NLD_API_KEY_FILE": str(tmp_path / "missing")}
+    r = subprocess.run([sys.executable, "-m", "gateway", "up", "--model", MODEL], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
+    assert r.stderr.strip().count("\n") == 0 and "neither a file nor a directory" in r.stderr
+
+
+def test_serve_and_up_fill_the_policy_ports():
+    """A policy's {metrics_host}/{metrics_port}: `serve`'s flags, `up`'s own metrics port."""
+    from gateway.metrics import GatewayMetrics, InflightCounter
+    from policies import PRESETS
+
+    metrics = GatewayMetrics(InflightCounter())
+    policy = build_policy(args("--policy", str(PRESETS / "adaptive.yaml"), "--replica-metrics-host", "10.0.0.9",
+                               "--replica-metrics-port", "9100"), metrics)
+    urls = {u for s in policy.current.spec.signals if s.source == "scrape" for u in s.urls}
+    assert urls == {"http://10.0.0.9:9100/metrics"}
+    a = up_args("--policy", str(PRESETS / "adaptive.yaml"), "--metrics-port", "18080")
+    policy = build_policy(a, GatewayMetrics(InflightCounter()), StackPorts(metrics_port=a.metrics_port))
+    assert {u for s in policy.current.spec.signals if s.source == "scrape" for u in s.urls} == {
+        "http://127.0.0.1:18080/metrics"}

@@ -50,11 +50,12 @@ async def still_serves(c) -> None:
     ({"model": "nld", "prompt": "x", "decoding_mode": "fast"}, "decoding_mode"),
     ({"model": "nld", "prompt": "x", "block_length": 1}, "block_length"),
     ({"model": "nld", "prompt": "x", "confidence_threshold": 1.5}, "confidence_threshold"),
+    ({"model": "nld", "prompt": "x", "block_length": 64}, "block_length"),  # over the replicas' limit (32)
     ({"model": "nld", "prompt": "x", "seed": "1"}, "seed"),
     ({"model": "nld", "prompt": "x", "echo": True}, "echo"),
     ({"model": "nld", "prompt": "x", "logprobs": 2}, "logprobs"),
     ({"model": "nld", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
-    ({"model": "nld", "prompt": [-1]}, "prompt"),
+    ({"model": "nld", "prompt": [-1]}, "prompt[0]"),  # the element at fault
     ({"model": "nld", "prompt": []}, "prompt"),
     ({"model": "nld"}, "prompt"),
     ({"prompt": "x"}, "model"),
@@ -124,11 +125,86 @@ async def test_413_body_too_large(make_app):
         await still_serves(c)
 
 
-async def test_413_prompt_tokens_over_the_replica_limit(client, fake):
+async def test_context_length_is_one_400_for_every_prompt_kind(client, fake):
+    """Token ids over the replicas' limit (checked at the gateway), and a text prompt the replica
+    finds too long, give the same error: 400 `context_length_exceeded` naming `prompt`."""
     r = await client.post("/v1/completions", json={**OK, "prompt": list(range(1025))})
-    assert_envelope(r, 413, param="prompt", code="context_length_exceeded")
+    assert_envelope(r, 400, param="prompt", code="context_length_exceeded")
     assert not fake.requests  # refused before reaching a replica
+    fake.generate_error = ReplicaError(400, ErrorInfo(  # what the replica answers for a long text prompt
+        message="the prompt has 1500 tokens; this model accepts at most 1024", type="invalid_request_error",
+        param="prompt", code="context_length_exceeded"))
+    r = await client.post("/v1/completions", json={**OK, "prompt": "long " * 1500})
+    assert_envelope(r, 400, param="prompt", code="context_length_exceeded")
+    fake.generate_error = ReplicaError(413, ErrorInfo(message="too long", type="invalid_request_error"))
+    assert_envelope(await client.post("/v1/completions", json=OK), 400, code="context_length_exceeded")
+    fake.generate_error = None
     await still_serves(client)
+
+
+@pytest.mark.parametrize("body", [
+    {**OK, "max_tokens": 4096},  # the schema's own maximum (max_tokens_limit), over the context of 2048
+    {**OK, "max_completion_tokens": 2040},  # 1 prompt token + 2040 + one block of 16 > 2048
+    {**OK, "prompt": list(range(100)), "max_tokens": 1940},  # 100 + 1940 + 16 > 2048
+    {"model": "nld", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4096},
+])
+async def test_max_tokens_beyond_the_context_is_context_length_exceeded(client, fake, body):
+    err = assert_envelope(await (client.post("/v1/chat/completions" if "messages" in body else "/v1/completions",
+                                             json=body)), 400, code="context_length_exceeded")
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    assert err["param"] == name and name in err["message"] and "2048" in err["message"]
+    assert "max_new_tokens" not in err["message"] and not fake.requests
+    await still_serves(client)
+
+
+async def test_a_prompt_that_fits_with_its_max_tokens_is_sent():
+    """The check uses the prompt's own length (token ids) and the request's block length."""
+    from gateway import GatewayConfig, create_app
+    from gateway.testing import FakeReplicaClient
+    from policies import FixedModePolicy
+
+    fake = FakeReplicaClient()
+    async with asgi_client(create_app(GatewayConfig(), fake, FixedModePolicy())) as c:
+        ok = {**OK, "prompt": list(range(100)), "max_tokens": 1932}  # 100 + 1932 + 16 = 2048
+        assert (await c.post("/v1/completions", json=ok)).status_code == 200
+        assert_envelope(await c.post("/v1/completions", json={**ok, "block_length": 17}), 400,
+                        code="context_length_exceeded")
+
+
+@pytest.mark.parametrize("info, status, param, code, message", [
+    # the engine's words, relayed by the replica: the client sees the API's
+    (ErrorInfo(message="prompt_ids: the prompt is empty", type="invalid_request_error", param="prompt_ids"),
+     400, "prompt", "invalid_value", "prompt: the prompt is empty"),
+    (ErrorInfo(message="max_new_tokens: prompt (9) + max_new_tokens (2040) + one block (16) exceeds the engine's "
+                       "max_seq_len (2048)", type="invalid_request_error", param="max_tokens"),
+     400, "max_tokens", "context_length_exceeded", "max_tokens: prompt (9) + max_tokens (2040)"),
+    (ErrorInfo(message="messages.0.content: Input should be a valid string", type="invalid_request_error",
+               param="messages.0.content"), 400, "messages[0].content", "invalid_value", "messages.0.content"),
+    (ErrorInfo(message="block_length: 64 is above the configured limit 32", type="invalid_request_error",
+               param="block_length"), 400, "block_length", "invalid_value", "block_length: 64"),
+    (ErrorInfo(message="the chat template failed", type="invalid_request_error", param="messages"),
+     400, "messages", "invalid_value", "the chat template failed"),
+    (ErrorInfo(message="queue full", type="overloaded_error"), 429, None, "overloaded", "queue full"),
+    (ErrorInfo(message="engine down", type="server_error"), 503, None, "no_replica", "engine down"),
+])
+async def test_relayed_errors_speak_the_api_and_carry_a_code(client, fake, info, status, param, code, message):
+    fake.generate_error = ReplicaError(status, info)
+    err = assert_envelope(await client.post("/v1/completions", json=OK), status, param=param, code=code)
+    assert err["message"].startswith(message) and "prompt_ids" not in err["message"]
+    assert "max_new_tokens" not in err["message"]
+    fake.generate_error = None
+    await still_serves(client)
+
+
+async def test_errors_in_a_chunk_carry_a_code(client, fake):
+    fake.first_chunk_error = ErrorInfo(message="bad", type="invalid_request_error")
+    assert_envelope(await client.post("/v1/completions", json=OK), 400, code="invalid_value")
+    fake.first_chunk_error = None
+    fake.error_after_chunks = 1
+    events = sse_events((await client.post("/v1/completions", json={**OK, "max_tokens": 8, "stream": True,
+                                                                     "decoding_mode": "ar"})).text)
+    assert events[-2]["error"]["code"] == "engine_error"  # the fake's own code
+    fake.error_after_chunks = None
 
 
 @pytest.mark.parametrize("status, retry_after", [(400, None), (413, None), (429, 7), (503, None)])
@@ -225,3 +301,79 @@ async def test_unexpected_exception_is_a_500_envelope(make_app, fake):
         err = assert_envelope(await c.post("/v1/completions", json=OK), 500)
         assert "secret" not in err["message"]
         assert (await c.get("/health")).status_code == 200
+
+
+SURROGATE_BODIES = [  # raw JSON: a lone surrogate escape is valid JSON (JavaScript clients send it)
+    ("/v1/completions", rb'{"model": "nld", "prompt": "x\ud800y"}', "prompt"),
+    ("/v1/completions", rb'{"model": "nld", "prompt": ["ok", "x\udfffy"]}', "prompt[1]"),
+    ("/v1/completions", rb'{"model": "nld", "prompt": "x", "stop": ["\ud83d"]}', "stop[0]"),
+    ("/v1/chat/completions", rb'{"model": "nld", "messages": [{"role": "user", "content": "x\ud800y"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions", rb'{"model": "nld", "messages": [{"role": "user", "content": '
+                             rb'[{"type": "text", "text": "\udc00"}]}]}', "messages[0].content[0].text"),
+    ("/v1/chat/completions", rb'{"model": "nld", "messages": [{"role": "user", "content": "x", "name": "\ud800"}]}',
+     "messages[0].name"),
+]
+
+
+@pytest.mark.parametrize("path, raw, param", SURROGATE_BODIES)
+async def test_lone_surrogates_are_a_400_naming_the_field(client, fake, path, raw, param):
+    for stream in (False, True):
+        body = raw[:-1] + (b', "stream": true}' if stream else b"}")
+        r = await client.post(path, content=body, headers={"content-type": "application/json"})
+        err = assert_envelope(r, 400, param=param, code="invalid_value")
+        assert "surrogate" in err["message"]
+    assert not fake.requests
+    await still_serves(client)
+
+
+async def test_a_whole_surrogate_pair_is_fine(client, fake):
+    r = await client.post("/v1/completions", content=rb'{"model": "nld", "prompt": "x\ud83d\ude00y", "max_tokens": 2}',
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 200 and fake.requests[0].prompt == "x\U0001F600y"
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": None}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant"}, {"role": "tool", "content": None},
+     {"role": "user", "content": "and?"}],
+])
+async def test_null_or_absent_content_reaches_the_replica_as_empty_text(client, fake, messages):
+    r = await client.post("/v1/chat/completions", json={"model": "nld", "messages": messages, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    sent = fake.requests[-1].messages
+    assert [m.content for m in sent] == [m.get("content") or "" for m in messages]
+
+
+async def test_every_completion_error_is_counted(make_app):
+    """Validation 400s (FastAPI's), the gateway's own 400/404, 405 and 413 all reach
+    nld_gateway_requests_total, as the successful requests do."""
+    import re
+
+    async with asgi_client(make_app(max_body_bytes=2048)) as c:
+        sent = {"400": 0, "404": 0, "405": 0, "413": 0, "200": 0}
+        for body in ({"model": "nld", "prompt": "x", "temperature": 9}, {"model": "nld"}, {"prompt": "x"},
+                     {"model": "nld", "prompt": "x", "n": 99}, {"model": "nld", "prompt": "x", "echo": True},
+                     {"model": "nld", "prompt": "x", "max_tokens": 4096}):
+            assert (await c.post("/v1/completions", json=body)).status_code == 400
+            sent["400"] += 1
+        for raw in (b"{not json", b"", b"[1]"):
+            assert (await c.post("/v1/chat/completions", content=raw,
+                                 headers={"content-type": "application/json"})).status_code == 400
+            sent["400"] += 1
+        assert (await c.post("/v1/chat/completions", json={"model": "nld", "messages": []})).status_code == 400
+        sent["400"] += 1
+        assert (await c.post("/v1/completions", json={"model": "gpt", "prompt": "x"})).status_code == 404
+        sent["404"] += 1
+        assert (await c.get("/v1/completions")).status_code == 405
+        sent["405"] += 1
+        assert (await c.post("/v1/completions", json={"model": "nld", "prompt": "x" * 4096})).status_code == 413
+        sent["413"] += 1
+        assert (await c.post("/v1/completions", json=OK)).status_code == 200
+        sent["200"] += 1
+        assert (await c.get("/v2/elsewhere")).status_code == 404  # not a completion request: not counted
+        text = (await c.get("/metrics")).text
+    counted = {}
+    for status, value in re.findall(r'nld_gateway_requests_total\{mode="[^"]+",status="(\d+)"\} ([0-9.]+)', text):
+        counted[status] = counted.get(status, 0) + int(float(value))
+    assert counted == sent

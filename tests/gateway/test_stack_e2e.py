@@ -107,6 +107,43 @@ def test_error_statuses_use_the_envelope_and_the_stack_keeps_serving(gw, serve_s
     assert client.completions.create(model="nld-test", prompt="still here", max_tokens=4).choices
 
 
+def test_errors_speak_the_api_on_the_real_stack(gw):
+    """The replica's own errors, relayed: API field names, a code on each, one error for the
+    context length whatever the prompt's kind; chat content may be null; lone surrogates are a
+    400; every refusal counted. (The stack's replica: max_seq_len 256, block 8.)"""
+    import re
+
+    def counted_400() -> float:
+        text = httpx.get(gw + "/metrics").text
+        return sum(float(v) for v in re.findall(r'nld_gateway_requests_total\{mode="[^"]+",status="400"\} ([0-9.]+)',
+                                                text))
+
+    before = counted_400()
+    post = lambda body, path="/v1/completions": httpx.post(gw + path, json=body, timeout=60)  # noqa: E731
+    body = {"model": "nld-test", "max_tokens": 4}
+    err = envelope(post({**body, "prompt": ""}), 400)  # encodes to no token: the engine refuses it
+    assert err["param"] == "prompt" and err["code"] == "invalid_value" and "prompt_ids" not in err["message"]
+    for prompt in ("x" * 200, list(range(1, 201))):  # text (the replica counts) and ids (the gateway does)
+        err = envelope(post({**body, "prompt": prompt, "max_tokens": 100}), 400)
+        assert (err["param"], err["code"]) == ("max_tokens", "context_length_exceeded"), err
+        assert "max_new_tokens" not in err["message"]
+    for prompt in ("x" * 400, list(range(1, 301))):
+        err = envelope(post({**body, "prompt": prompt}), 400)
+        assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded"), err
+    err = envelope(post({**body, "prompt": "x", "max_tokens": 4096}), 400)  # the schema's maximum
+    assert (err["param"], err["code"]) == ("max_tokens", "context_length_exceeded")
+    err = envelope(post({**body, "prompt": "x", "block_length": 64}), 400)
+    assert (err["param"], err["code"]) == ("block_length", "invalid_value")
+    chat = {**body, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                                 {"role": "tool"}, {"role": "user", "content": None}]}
+    assert post(chat, "/v1/chat/completions").status_code == 200
+    for path, raw in (("/v1/completions", rb'{"model": "nld-test", "prompt": "x\ud800y"}'),
+                      ("/v1/chat/completions", rb'{"model": "nld-test", "messages": [{"role": "user", '
+                                               rb'"content": "x\ud800y"}]}')):
+        envelope(httpx.post(gw + path, content=raw, headers={"content-type": "application/json"}), 400)
+    assert counted_400() - before == 9  # every 400 above
+
+
 @pytest.fixture(scope="module")
 def tight(serve_stack, serve_model_dir):
     from ray import serve

@@ -11,18 +11,23 @@ import time
 import httpx
 import pytest
 
-from tests.serving import free_port
+from tests.serving import free_port, listening_addresses
 
 pytestmark = pytest.mark.slow
 
 
-def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir):
+def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path):
+    """Also: keys from $NLD_API_KEY_FILE (as `serve`), Ray's metrics port on loopback only, and
+    the preset's signals reading this stack's --metrics-port."""
     port, replica_port, metrics_port = free_port(), free_port(), free_port()
+    keys = tmp_path / "keys"
+    keys.write_text("sk-up\n")
+    auth = {"authorization": "Bearer sk-up"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "up", "--model", str(serve_model_dir), "--port", str(port),
          "--replica-port", str(replica_port), "--metrics-port", str(metrics_port),
          "--policy", "policies/presets/adaptive.yaml"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "NLD_API_KEY_FILE": str(keys)})
     lines = []
     try:
         deadline = time.monotonic() + 180
@@ -33,11 +38,21 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir):
         assert any("loading" in x for x in lines), lines  # progress while the model loads
         assert any(f"http://127.0.0.1:{port}/v1" in x for x in lines), lines
         url = f"http://127.0.0.1:{port}"
-        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == serve_model_dir.name
+        assert httpx.get(url + "/v1/models").status_code == 401  # the key file from the environment
+        assert httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"] == serve_model_dir.name
         r = httpx.post(url + "/v1/completions", json={"model": serve_model_dir.name, "prompt": "x", "max_tokens": 4},
-                       timeout=60)
+                       timeout=60, headers=auth)
         assert r.status_code == 200 and r.headers["x-nld-decoding-mode"] == "self_spec"
-        assert httpx.get(url + "/v1/nld/policy").json()["policy"] == "adaptive"
+        assert listening_addresses(metrics_port) == {"127.0.0.1"}  # never 0.0.0.0
+        assert listening_addresses(replica_port) == {"127.0.0.1"}
+        deadline = time.monotonic() + 30
+        while True:  # the preset scrapes this stack's metrics port: one replica, read fresh
+            policy = httpx.get(url + "/v1/nld/policy", headers=auth).json()
+            if policy["signals"]["replicas"]["value"] == 1.0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert policy["policy"] == "adaptive" and policy["signals"]["replicas"]["value"] == 1.0, policy
+        assert policy["signals"]["fleet_running"]["error"] is None
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from policies import PRESETS, PolicyFileError, load_policy_file, parse_policy
+from policies import PRESETS, PolicyFileError, StackPorts, load_policy_file, parse_policy
 
 BASE = {"signals": [{"name": "x", "source": "local"}],
         "mode": {"signal": "x", "enter_loaded_above": 8, "leave_loaded_below": 4}}
@@ -72,3 +72,33 @@ def test_stale_mode_must_be_one_of_the_policy_modes():
     doc["mode"].update(on_stale="fallback", stale_mode="diffusion")  # no middle band: not a level
     with pytest.raises(PolicyFileError, match="stale_mode must be one of the policy's modes"):
         parse_policy(yaml.safe_dump(doc))
+
+
+def test_signal_urls_take_the_stack_ports_as_placeholders():
+    doc = dict(BASE, signals=[
+        {"name": "x", "source": "scrape", "urls": ["http://{metrics_host}:{metrics_port}/metrics"], "metric": "m"},
+        {"name": "p", "source": "prometheus", "url": "http://{metrics_host}:9090", "query": "q"}])
+    spec = parse_policy(yaml.safe_dump(doc))
+    resolved = spec.resolved(StackPorts(metrics_host="10.0.0.7", metrics_port=18080))
+    assert resolved.signals[0].urls == ["http://10.0.0.7:18080/metrics"]
+    assert resolved.signals[1].url == "http://10.0.0.7:9090"
+    assert spec.signals[0].urls == ["http://{metrics_host}:{metrics_port}/metrics"]  # the file's spec is unchanged
+    assert StackPorts().fill("http://{metrics_host}:{metrics_port}/m") == "http://127.0.0.1:8080/m"
+    bad = dict(BASE, signals=[{"name": "x", "source": "scrape", "urls": ["http://{metric_port}/m"], "metric": "m"}])
+    with pytest.raises(PolicyFileError, match=r"signals.0.scrape.urls: .*unknown placeholder \{metric_port\}"):
+        parse_policy(yaml.safe_dump(bad))
+
+
+@pytest.mark.parametrize("name", ["adaptive", "latency", "throughput"])
+def test_presets_follow_the_stack_ports_and_count_the_replicas(name):
+    """No preset hard-codes a metrics address, and none divides by a constant replica count."""
+    text = (PRESETS / f"{name}.yaml").read_text()
+    assert "8080" not in text and "127.0.0.1" not in text
+    spec = load_policy_file(PRESETS / f"{name}.yaml")
+    assert "replicas" not in spec.mode.model_fields_set  # no constant: a signal named `replicas`
+    by_name = {s.name: s for s in spec.signals}
+    assert by_name["replicas"].source == "scrape" and by_name["replicas"].aggregate == "count"
+    assert by_name["replicas"].per == "replica"
+    resolved = spec.resolved(StackPorts(metrics_port=18123))
+    assert all(u == "http://127.0.0.1:18123/metrics" for s in resolved.signals if s.source == "scrape"
+               for u in s.urls)

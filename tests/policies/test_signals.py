@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 
 from policies.schema import PrometheusSignal, ScrapeSignal
-from policies.signals import PrometheusSource, ScrapeSource, samples
+from policies.signals import PageFetcher, PrometheusSource, ScrapeSource, SignalBoard, samples
 
 pytestmark = pytest.mark.anyio
 
@@ -51,3 +53,44 @@ async def test_prometheus_query_sums_the_vector_and_reports_errors():
     with pytest.raises(RuntimeError, match="p: HTTPStatusError"):
         await bad.read()
     assert seen.count("bad(") == 2  # one retry
+
+
+async def test_scrape_counts_the_replicas():
+    spec = ScrapeSignal(name="replicas", source="scrape", urls=["http://r/metrics"],
+                        metric="ray_nld_replica_running_requests", labels={"application": "nld"}, per="replica",
+                        aggregate="count")
+    assert await ScrapeSource(spec, client(lambda req: httpx.Response(200, text=METRICS))).read() == 2.0  # a, b
+    empty = ScrapeSource(spec, client(lambda req: httpx.Response(200, text="# nothing yet\n")))
+    assert await empty.read() == 0.0
+
+
+async def test_sources_polling_one_page_at_once_share_one_fetch():
+    """Two signals read from the same metrics page (the presets' running requests and replica
+    count) cost one GET per poll, not two; a later poll fetches again."""
+    gets = []
+
+    async def handler(req):
+        gets.append(str(req.url))
+        await asyncio.sleep(0.02)  # Ray takes a while to produce its page
+        return httpx.Response(200, text=METRICS)
+
+    pages = PageFetcher(client(handler))
+    base = dict(source="scrape", urls=["http://r/metrics"], metric="ray_nld_replica_running_requests",
+                labels={"application": "nld"}, per="replica")
+    mean = ScrapeSource(ScrapeSignal(name="fleet", aggregate="mean", **base), pages)
+    count = ScrapeSource(ScrapeSignal(name="replicas", aggregate="count", **base), pages)
+    board = SignalBoard([mean, count])
+    await asyncio.gather(board.poll_once("fleet"), board.poll_once("replicas"))
+    assert gets == ["http://r/metrics"] and pages.fetches == 1
+    values, stale = board.read(board.clock())
+    assert values == {"fleet": 3.0, "replicas": 2.0} and not stale
+    await asyncio.gather(board.poll_once("fleet"), board.poll_once("replicas"))
+    assert len(gets) == 2
+
+
+async def test_a_failed_shared_fetch_fails_every_reader():
+    pages = PageFetcher(client(lambda req: httpx.Response(503, text="down")))
+    spec = ScrapeSignal(name="s", source="scrape", urls=["http://r/metrics"], metric="m")
+    results = await asyncio.gather(ScrapeSource(spec, pages).read(), ScrapeSource(spec, pages).read(),
+                                   return_exceptions=True)
+    assert all(isinstance(r, httpx.HTTPStatusError) for r in results) and pages.fetches == 1

@@ -1,5 +1,7 @@
 """The replica's text edge: incremental detokenisation equals decoding everything at once,
-whatever the chunking, with multi-byte characters split across tokens and stop strings."""
+whatever the chunking, with multi-byte characters split across tokens and stop strings; chat
+messages whose content is null or absent render as empty text (OpenAI allows them for tool and
+assistant turns; templates read `message['content']`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from replicas.text import Detokenizer, TextCodec
+from replicas.engine.testing import write_random_checkpoint
+from replicas.text import ChatTemplateError, Detokenizer, TextCodec
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "nld-tiny-pystdlib"
 
@@ -58,3 +61,26 @@ def test_stop_strings_cut_like_the_full_text(codec, stop):
         if detok.stopped:
             break
     assert detok.stopped and "".join(out) == full[: full.find(stop)]
+
+
+@pytest.fixture(scope="module")
+def random_codec(tmp_path_factory):
+    return TextCodec.from_dir(write_random_checkpoint(tmp_path_factory.mktemp("text") / "m", seed=3))
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user"}],
+    [{"role": "user", "content": None}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}, {"role": "tool"}],
+])
+def test_null_or_absent_content_renders_as_empty(random_codec, messages):
+    text = random_codec.render_chat(messages)
+    expected = "<s>" + "".join(f"<|{m['role']}|>\n{m.get('content') or ''}\n" for m in messages) + "<|assistant|>\n"
+    assert text == expected
+    assert random_codec.encode_chat(messages)
+
+
+def test_a_template_error_is_still_reported(random_codec):
+    broken = TextCodec(random_codec.tokenizer, "{{ raise_exception('no system turns') }}")
+    with pytest.raises(ChatTemplateError, match="no system turns"):
+        broken.render_chat([{"role": "user", "content": "x"}])
