@@ -60,7 +60,7 @@ class ServeStack:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # Ray Serve's ingress settings, read by every Ray process it starts
         port, metrics_port = free_port(), free_port()
-        ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
+        ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port,
                  _system_config={"metrics_report_interval_ms": 500}, log_to_driver=False,
                  configure_logging=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
