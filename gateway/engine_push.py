@@ -10,9 +10,10 @@ cancels the task and waits for it.
 Why: every completion request also carries the settings, so replicas follow the policy with the
 next request anyway. But when the policy moves to its loaded level while every client waits
 on a self_spec response (a closed loop, a burst that arrived before the switch), no next
-request comes until one of those finishes; the push moves them to AR at once. The Ray Serve
-proxy routes one push to one replica: with several replicas, the others follow with their next
-request (under load, within a step or two).
+request comes until one of those finishes; the push moves them to AR at once. The ingress routes
+one push to one replica, which publishes it on the application's settings board
+(`replicas/settings_board.py`): every replica applies it within a round trip. A policy has no
+settings to push until it has evaluated fresh signals once (`read()` is None until then).
 Non-goals: choosing the settings (the policy), reaching each replica individually.
 """
 

@@ -197,9 +197,9 @@ class CompletionService:
         read = getattr(self.policy, "engine_settings", None)
         if read is None:
             return None
-        raw = read()
+        raw = read()  # None until the policy has evaluated fresh signals once (it has no view yet)
         if raw != self._settings_raw:
-            self._settings_raw, self._settings = raw, EngineSettings.model_validate(raw)
+            self._settings_raw, self._settings = raw, None if raw is None else EngineSettings.model_validate(raw)
         return self._settings
 
     async def check_context(self, plan: Plan) -> None:

@@ -12,7 +12,10 @@ read instantly) and applies `client_override` to explicit modes: allow, deny, or
 i.e. no self_spec while loaded). Switches are counted in Prometheus metrics and kept in the
 snapshot that `GET /v1/nld/policy` serves. `engine_settings()` is what replicas should apply
 now (draft tiers; downgrade of running self_spec requests while loaded) and `since` when the
-policy adopted them, so a replica can ignore settings older than the ones it applied.
+policy adopted them, so a replica can ignore settings older than the ones it applied. It is
+None until the first evaluation on fresh signals ("attached"): a gateway that just started
+has no view of the fleet yet, and must not overwrite, with a newer date, what a running
+gateway decided (a rollout or a scale-up of gateways would otherwise reset the fleet to sparse).
 Non-goals: polling (see `signals.SignalBoard`), HTTP.
 """
 
@@ -68,6 +71,7 @@ class AdaptiveModePolicy:
             self.levels.append(Level(rule.middle.mode, rule.middle.enter_above, rule.middle.leave_below))
         self.levels.append(Level(rule.loaded_mode, rule.enter_loaded_above, rule.leave_loaded_below))
         self.level = 0
+        self.attached_at: float | None = None  # wall clock of the first evaluation on fresh signals
         self.settings_since = wall()
         self.smoothed: float | None = None
         self.raw: float | None = None
@@ -90,6 +94,7 @@ class AdaptiveModePolicy:
             self.level = modes.index(old.mode)
         self.smoothed, self.last_switch_clock, self.last_switch = old.smoothed, old.last_switch_clock, old.last_switch
         self.switch_count = old.switch_count
+        self.attached_at = old.attached_at  # the view carries over; the new file's settings date from now
         self._publish_mode()
 
     @property
@@ -112,6 +117,8 @@ class AdaptiveModePolicy:
             self.last_eval = now
             return self.mode
         raw = self.expr.evaluate(values)
+        if self.attached_at is None:  # the first view of the fleet: settings date from now
+            self.attached_at = self.settings_since = self.wall()
         half = rule.smoothing.ewma_half_life_s
         if self.smoothed is None or half <= 0 or self.last_eval is None:
             self.smoothed = raw
@@ -168,9 +175,12 @@ class AdaptiveModePolicy:
             return ModeDecision(mode, "clamped")
         return ModeDecision(mode, "override:deny")
 
-    def engine_settings(self) -> dict:
+    def engine_settings(self) -> dict | None:
         """What replicas should apply now; `since` (wall clock) is when the policy adopted them:
-        at its construction or load, then at each switch."""
+        at its first evaluation on fresh signals (or a reload), then at each switch. None before
+        that first evaluation: no view yet, nothing to impose."""
+        if self.attached_at is None:
+            return None
         eng = self.spec.engine
         settings: dict = {"draft_tiers": [t.model_dump() for t in eng.draft_tiers], "since": self.settings_since}
         if eng.downgrade_running:
@@ -192,6 +202,7 @@ class AdaptiveModePolicy:
             "raw_value": self.raw,
             "signals": signals,
             "stale": bool(self.stale),
+            "attached": self.attached_at is not None,
             "switches": self.switch_count,
             "last_switch": None if sw is None else {"at": sw.at, "from": sw.from_mode, "to": sw.to_mode,
                                                      "reason": sw.reason, "detail": sw.detail},

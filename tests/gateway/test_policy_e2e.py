@@ -135,7 +135,64 @@ def test_load_step_moves_auto_requests_to_ar_and_back(stack, serve_stack):
     assert pushes and float(pushes[0].split()[-1]) >= 3  # start, loaded, sparse again
 
 
-def test_prometheus_stopped_mid_run_holds_the_mode_and_keeps_serving(stack):
+def test_a_gateway_starting_or_restarting_never_resets_the_fleets_loaded_decision(stack, serve_stack, tmp_path):
+    """Gateway A is loaded and has downgraded the replica; gateway B starts beside it, stops and
+    starts again (a rollout). B attaches only once its signals are fresh, so it never pushes a
+    newer "sparse" that would undo A's decision while the load lasts."""
+    url, _, holder = stack
+    replica_url = serve_stack.url + "/policy"
+    path = holder.path
+    stop = threading.Event()
+
+    def stream():
+        body = {"model": "nld-test", "prompt": "x", "max_tokens": 3500, "stream": True, "decoding_mode": "ar",
+                "ignore_eos": True}
+        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
+            for _ in r.iter_lines():
+                if stop.is_set():
+                    return
+
+    def gateway_b():
+        cfg = GatewayConfig(replica_url=replica_url, model_name="nld-test")
+        metrics = GatewayMetrics(InflightCounter())
+        policy = PolicyHolder(path, local_counters={"inflight": lambda: metrics.inflight.value},
+                              registry=metrics.registry)
+        return serve_in_thread(create_app(cfg, HttpReplicaClient(cfg), policy, metrics=metrics))
+
+    clients = [threading.Thread(target=stream, daemon=True) for _ in range(5)]
+    for t in clients:
+        t.start()
+    seen: list[bool] = []
+    watching = threading.Event()
+
+    def watch():  # the replica's state, every 50 ms, for as long as the test runs
+        while not watching.is_set():
+            seen.append(replica_stats(replica_url)["downgraded"])
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        wait_for(url, "ar")
+        wait_until(lambda: replica_stats(replica_url)["downgraded"] is True)
+        watcher.start()
+        for _ in range(2):  # B starts, serves, stops; then B again (a restart)
+            with gateway_b() as b_url:
+                state = policy_state(b_url)
+                assert state["attached"] is False or state["mode"] == "ar"
+                wait_until(lambda: policy_state(b_url)["attached"] and policy_state(b_url)["mode"] == "ar")
+                assert auto_mode(b_url) == "ar"
+                time.sleep(1.0)
+    finally:
+        watching.set()
+        stop.set()
+        for t in clients:
+            t.join(60)
+        if watcher.is_alive():
+            watcher.join(5)
+    assert seen and all(seen), f"the replica was un-downgraded {seen.count(False)} times while the load lasted"
+
+
+def test_prometheus_stopped_mid_run_holds_the_mode_and_keeps_serving(stack):  # last: it stops Prometheus
     url, prom, _ = stack
     before = policy_state(url)["mode"]
     prom.stop()
@@ -146,3 +203,4 @@ def test_prometheus_stopped_mid_run_holds_the_mode_and_keeps_serving(stack):
     assert state["stale"] and state["signals"]["fleet_running"]["stale"]
     assert state["mode"] == before  # on_stale: hold
     assert auto_mode(url) == before  # and the gateway keeps serving
+

@@ -179,15 +179,22 @@ async def test_engine_settings_follow_the_mode_and_date_each_switch():
     clock, src = Clock(), FakeSource("fleet")
     board = SignalBoard([src], clock=clock)
     policy = AdaptiveModePolicy(spec, board, clock=clock, wall=clock)
-    assert policy.engine_settings() == {"draft_tiers": [{"max_running": 4, "block_length": 16}],
-                                        "downgrade_self_spec": False, "since": 1000.0}  # adopted at construction
+    assert policy.engine_settings() is None  # no view of the fleet yet: nothing to impose
+    clock.t += 1
+    policy.evaluate()  # the signal was never read: still no view
+    assert policy.engine_settings() is None and policy.snapshot()["attached"] is False
     await feed(board, src, clock, 3)
     policy.evaluate()
-    assert policy.engine_settings()["since"] == 1000.0  # no switch: same settings, same date
+    attached = clock.t
+    assert policy.engine_settings() == {"draft_tiers": [{"max_running": 4, "block_length": 16}],
+                                        "downgrade_self_spec": False, "since": attached}  # adopted on fresh signals
+    await feed(board, src, clock, 3)
+    policy.evaluate()
+    assert policy.engine_settings()["since"] == attached  # no switch: same settings, same date
     await feed(board, src, clock, 9)
     policy.evaluate()
     assert policy.engine_settings()["downgrade_self_spec"] is True
-    assert policy.engine_settings()["since"] == clock.t == 1002.0  # the switch's time: newer than any before
+    assert policy.engine_settings()["since"] == clock.t > attached  # the switch's time: newer than any before
 
 
 @pytest.mark.parametrize("text, values, expect", [
