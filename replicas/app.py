@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Callable
 
 from pydantic import ValidationError
@@ -146,7 +147,8 @@ class NLDReplica:
             stats = await self.engine.fresh_stats()
         except Exception as e:  # noqa: BLE001 - a dead engine: say so
             return error(503, str(e), "service_unavailable_error", code="engine_dead")
-        return JSONResponse({**stats, "downgraded": self.downgraded, "replica_id": self.replica_id})
+        return JSONResponse({**stats, "downgraded": self.downgraded, "replica_id": self.replica_id,
+                             "replica_pid": os.getpid()})
 
     async def update_engine(self, request: Request) -> Response:
         try:
