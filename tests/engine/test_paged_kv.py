@@ -243,3 +243,26 @@ def test_paged_engine_equals_contiguous_engine_in_mixed_batches(engine, lora_eng
         for i, (prompt, params) in enumerate(jobs):
             if params.mode == "self_spec":
                 assert paged[i] == eng.generate(prompt, params.with_(mode="ar")).token_ids
+
+
+def test_gpu_memory_utilization_sizes_the_pool_after_the_weights_and_a_worst_step(engine, monkeypatch):
+    """The CUDA sizing arithmetic, with the CUDA memory queries faked (no GPU here): the budget is
+    utilization x total, minus what other processes hold, minus this process's peak."""
+    from replicas.engine import capacity
+
+    gib = 2**30
+    fake = {"synchronize": lambda *a: None, "empty_cache": lambda: None, "reset_peak_memory_stats": lambda *a: None,
+            "max_memory_allocated": lambda *a: 20 * gib, "memory_reserved": lambda *a: 22 * gib,
+            "mem_get_info": lambda *a: (100 * gib, 140 * gib)}  # 18 GiB held by others
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    cfg = engine.config
+    config = EngineConfig(max_seq_len=64, max_num_batched_tokens=32, gpu_memory_utilization=0.5)
+    blocks = capacity.measured_cuda_blocks(engine.model, config, torch.device("cpu"))
+    per_block = KVCache.block_bytes(num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                                    head_dim=cfg.head_dim, block_size=16, dtype=torch.float32)
+    assert blocks == int((0.5 * 140 - 18 - 20) * gib // per_block)
+    with pytest.raises(RuntimeError, match="gpu_memory_utilization"):
+        capacity.measured_cuda_blocks(engine.model, EngineConfig(gpu_memory_utilization=0.1), torch.device("cpu"))
+    assert capacity.num_kv_blocks(engine.model, EngineConfig(max_batch_size=3, max_seq_len=40)) == 3 * 3
+    assert capacity.num_kv_blocks(engine.model, EngineConfig(num_kv_blocks=7)) == 7
