@@ -61,14 +61,17 @@ class Plan:
     rows: list[Row] = field(default_factory=list)
     passes: list[ForwardPass] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    tokens: int = 0  # tokens of all passes
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(p.tokens) for p in self.passes)
+    def add(self, row: Row, p: ForwardPass) -> None:
+        self.rows.append(row)
+        self.passes.append(p)
+        self.tokens += len(p.tokens)
 
     def drop(self, row: Row) -> None:
         for i, r in enumerate(self.rows):
             if r is row:
+                self.tokens -= len(self.passes[i].tokens)
                 del self.rows[i], self.passes[i]
                 return
 
@@ -148,8 +151,7 @@ class Scheduler:
             self.preempt(victim, plan)
             if victim is row:
                 return
-        plan.rows.append(row)
-        plan.passes.append(p)
+        plan.add(row, p)
 
     def preempt(self, row: Row, plan: Plan) -> None:
         plan.drop(row)

@@ -118,3 +118,35 @@ def test_preemption_reaches_self_spec_and_diffusion_mid_cycle(engine, preemption
         check_preempted_run(engine, seed, preemptions)
     mid_cycle = {mode for _, mode, mid, _ in preemptions if mid}
     assert {"self_spec", "diffusion"} <= mid_cycle
+
+
+@pytest.mark.parametrize("mode", ["ar", "self_spec", "diffusion"])
+def test_passes_reserve_their_lookahead_and_boundaries_free_whole_blocks(engine, mode):
+    """Each planned pass's blocks cover its last column (a draft, verify or canvas reserves a
+    whole block ahead); at each cycle boundary the blocks past the valid length are gone (the
+    rejected drafts' blocks are back in the pool)."""
+    bs = 2
+    be = BatchEngine(engine, EngineConfig(max_batch_size=1, max_seq_len=64, kv_block_size=bs))
+    rid = be.submit([1, 2, 3], DecodeParams(mode=mode, max_new_tokens=40, ignore_eos=True, block_length=8,
+                                            threshold=0.9))
+    original = be.scheduler.schedule
+    covered, trimmed = [], []
+
+    def schedule():
+        plan = original()
+        for row, p in zip(plan.rows, plan.passes):
+            covered.append(len(row.seq.kv.blocks) * bs >= p.start + len(p.tokens))
+        return plan
+
+    be.scheduler.schedule = schedule
+    while be.has_work():
+        be.step()
+        row = be.scheduler.running.get(rid)
+        if row is not None and row.at_boundary:
+            kv = row.seq.kv
+            trimmed.append(len(kv.blocks) == -(-kv.length // bs))
+            assert be.blocks.allocator.num_used == len(kv.blocks)
+    assert covered and all(covered) and trimmed and all(trimmed)
+    if mode == "self_spec":
+        stats = be.stats_snapshot()
+        assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
