@@ -130,7 +130,8 @@ def measure_runner(name: str, runner_cls, model: NLDModel, prompt: list[int], ar
 
 def measure_engine(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
     ar = DecodeParams(mode="ar", max_new_tokens=new_tokens + 1, ignore_eos=True, draft_lora=False)
-    engine.generate(prompt, ar.with_(max_new_tokens=8))  # warm-up (and graph capture)
+    engine.generate(prompt, ar)  # warm-up: sizes generate's engine once, captures its graphs
+    # both runs below find the prompt in the prefix cache, so their difference is the decode
     prefill_only = engine.generate(prompt, ar.with_(max_new_tokens=1)).seconds
     full = engine.generate(prompt, ar)
     decode_s = (full.seconds - prefill_only) / full.forward_passes
