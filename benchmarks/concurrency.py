@@ -9,7 +9,10 @@ PNG plot.
 
 With `--baseline REF` the same sweep also runs the engine as of git REF (see `baseline.py`) in
 the same process: each (mode, concurrency) runs both engines back to back, in an order that
-alternates, for `--rounds` rounds; the table shows the medians over rounds and their ratio.
+alternates, for `--rounds` rounds. The table shows the medians over rounds of tokens per
+wall-clock second and per CPU-second of this process (on a shared machine the wall clock
+carries other work's load; the CPU time is the engine's own cost), and the median over rounds of
+each round's paired ratio (current / baseline, measured back to back).
 
     python benchmarks/concurrency.py --model DIR [--heldout DIR/split.json] [--levels 1,2,4,8,16,32,64]
     python benchmarks/concurrency.py --model DIR --heldout DIR/split.json --baseline 3436d04 --rounds 5 \
@@ -48,7 +51,7 @@ def closed_loop(be: BatchEngine, prompts, params: DecodeParams, clients: int, re
         started[rid] = time.perf_counter()
         submitted += 1
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(min(clients, requests)):
         submit()
     while be.has_work():
@@ -58,12 +61,14 @@ def closed_loop(be: BatchEngine, prompts, params: DecodeParams, clients: int, re
                 latencies.append(time.perf_counter() - started.pop(chunk.request_id))
                 if submitted < requests:
                     submit()
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     latencies.sort()
     return {
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
+        "cpu_seconds": cpu_seconds,  # this process only: robust to other work on a shared machine
+        "tokens_per_cpu_s": tokens / cpu_seconds,
         "latency_p50_s": statistics.median(latencies),
         "latency_p90_s": latencies[int(0.9 * (len(latencies) - 1))],
         "requests": len(latencies),
@@ -177,18 +182,26 @@ def compare(args, levels: list[int], modes: list[str]) -> None:
                 print(f"round {rnd} {mode:<10} c={c:<3} " + " ".join(
                     f"{r['engine']} {r['tokens_per_s']:.1f}" for r in rows[-2:]), flush=True)
     table = []
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "latency_p50_s")
     for mode in modes:
         for c in levels:
-            med = {name: {k: statistics.median(r[k] for r in rows if (r["engine"], r["mode"], r["concurrency"])
-                                               == (name, mode, c)) for k in ("tokens_per_s", "latency_p50_s")}
-                   for name in engines}
+            runs = {name: [r for r in rows if (r["engine"], r["mode"], r["concurrency"]) == (name, mode, c)]
+                    for name in engines}
+            med = {name: {k: statistics.median(r[k] for r in runs[name]) for k in keys} for name in engines}
+            paired = {k: statistics.median(cur[k] / base[k] for base, cur in zip(runs["baseline"], runs["current"]))
+                      for k in ("tokens_per_s", "tokens_per_cpu_s")}
             table.append({"mode": mode, "concurrency": c, "baseline": med["baseline"], "current": med["current"],
-                          "tokens_per_s_ratio": med["current"]["tokens_per_s"] / med["baseline"]["tokens_per_s"]})
-    print(f"{'mode':<10} {'conc':>5} {'base tok/s':>11} {'new tok/s':>10} {'ratio':>6} {'base p50':>9} {'new p50':>8}")
+                          "tokens_per_s_ratio": med["current"]["tokens_per_s"] / med["baseline"]["tokens_per_s"],
+                          "tokens_per_cpu_s_ratio": med["current"]["tokens_per_cpu_s"]
+                          / med["baseline"]["tokens_per_cpu_s"],
+                          "paired_ratio_median": paired})
+    print(f"{'mode':<10} {'conc':>5} {'base tok/s':>11} {'new tok/s':>10} {'ratio':>6} {'base tok/cpu-s':>15} "
+          f"{'new tok/cpu-s':>14} {'ratio':>6} {'paired':>7}")
     for t in table:
         print(f"{t['mode']:<10} {t['concurrency']:>5} {t['baseline']['tokens_per_s']:>11.1f} "
               f"{t['current']['tokens_per_s']:>10.1f} {t['tokens_per_s_ratio']:>6.2f} "
-              f"{t['baseline']['latency_p50_s']:>9.3f} {t['current']['latency_p50_s']:>8.3f}")
+              f"{t['baseline']['tokens_per_cpu_s']:>15.1f} {t['current']['tokens_per_cpu_s']:>14.1f} "
+              f"{t['tokens_per_cpu_s_ratio']:>6.2f} {t['paired_ratio_median']['tokens_per_cpu_s']:>7.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": args.model, "baseline": args.baseline,
                                     "baseline_sha": packages["baseline"].git_sha, "device": args.device,

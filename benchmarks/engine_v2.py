@@ -6,13 +6,16 @@ prefill-first scheduler, as of git `--baseline`, see `baseline.py`) in the same 
   columns: the baseline gets budget / context slots, the current engine the same memory as
   blocks of 16 and up to 128 slots). A burst of `--requests` AR requests with prompts of
   200-600 tokens and `--new-tokens` outputs; reports the sequences decoded at once (mean over
-  the steps while requests wait, and the maximum), tokens/s, and preemptions.
+  the steps while requests wait, and the maximum), tokens per second and per CPU-second, and
+  preemptions.
 - ttft: requests sharing a `--system`-token system prompt plus 16-48 tokens of their own, one
   at a time, the engines taking turns (current with prefix caching on, current with it off, the
   baseline); TTFT = submit to first token. Also a burst of 8 such requests on a warm cache.
 - itl: 8 AR requests decode while `--long`-token prompts arrive every `--every` decode steps;
-  ITL = the time between a decode request's consecutive tokens. Median, p90, p99 and max, with
-  and without the arrivals; the current engine runs with `--budget-tokens` tokens per step.
+  ITL = the time between a decode request's consecutive tokens, on the wall clock and in this
+  process's CPU time (a shared machine's other work shows in the first only). Median, p90, p99
+  and max, with and without the arrivals; the current engine runs with `--budget-tokens` tokens
+  per step.
 Not timed tests: numbers depend on the machine (docs/PERFORMANCE.md records a run).
 
     python benchmarks/engine_v2.py capacity|ttft|itl --model models/nld-tiny-pystdlib --baseline 3436d04
@@ -66,34 +69,37 @@ def capacity(args) -> dict:
         params = packages[name].DecodeParams(mode="ar", max_new_tokens=args.new_tokens, ignore_eos=True)
         for prompt, _ in jobs:
             be.submit(prompt, params)
-        running, tokens, t0 = [], 0, time.perf_counter()
+        running, tokens, t0, cpu0 = [], 0, time.perf_counter(), time.process_time()
         while be.has_work():
             saturated = be.stats_snapshot()["waiting"] > 0
             tokens += sum(len(c.token_ids) for c in be.step())
             if saturated:
                 running.append(be.stats_snapshot()["running"])
-        seconds = time.perf_counter() - t0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
         snap = be.stats_snapshot()
         out[name] = {"kv_cache_bytes": be.cache.nbytes, "mean_running_while_saturated": statistics.mean(running),
                      "max_running": max(running), "tokens_per_s": tokens / seconds, "seconds": seconds,
+                     "tokens_per_cpu_s": tokens / cpu_seconds, "cpu_seconds": cpu_seconds,
                      "preemptions": snap.get("preemptions", 0), "slots": be.config.max_batch_size}
         print(name, json.dumps(out[name]), flush=True)
     out["concurrency_ratio"] = (out["current"]["mean_running_while_saturated"]
                                 / out["baseline"]["mean_running_while_saturated"])
     out["throughput_ratio"] = out["current"]["tokens_per_s"] / out["baseline"]["tokens_per_s"]
+    out["throughput_per_cpu_s_ratio"] = out["current"]["tokens_per_cpu_s"] / out["baseline"]["tokens_per_cpu_s"]
     return out
 
 
 # ---- ttft ------------------------------------------------------------------------------------
 
-def first_token_seconds(be, prompt, params) -> float:
-    t0 = time.perf_counter()
+def first_token_seconds(be, prompt, params) -> tuple[float, float]:
+    """(wall, CPU) seconds from submit to the first token."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
     rid = be.submit(prompt, params)
     ttft = None
     while be.has_work():
         for c in be.step():
             if c.request_id == rid and c.token_ids and ttft is None:
-                ttft = time.perf_counter() - t0
+                ttft = time.perf_counter() - t0, time.process_time() - cpu0
     return ttft
 
 
@@ -118,7 +124,8 @@ def ttft(args) -> dict:
             times[name].append(first_token_seconds(be, prompt, pkg.DecodeParams(max_new_tokens=8, ignore_eos=True)))
     out = {"system_tokens": args.system, "requests": args.requests}
     for name, (pkg, be) in engines.items():
-        warm = times[name][1:]  # the first request fills the cache
+        warm = [wall for wall, _ in times[name][1:]]  # the first request fills the cache
+        warm_cpu = [cpu for _, cpu in times[name][1:]]
         burst_prompts = [system + random_tokens(rng, 32, model.config.vocab_size) for _ in range(8)]
         params = pkg.DecodeParams(max_new_tokens=8, ignore_eos=True)
         t0, first = time.perf_counter(), {}
@@ -127,12 +134,15 @@ def ttft(args) -> dict:
             for c in be.step():
                 if c.token_ids and c.request_id not in first:
                     first[c.request_id] = time.perf_counter() - t0
-        out[name] = {"first_request_s": times[name][0], "median_ttft_s": statistics.median(warm),
-                     "p90_ttft_s": percentile(warm, 0.9), "burst8_mean_ttft_s": statistics.mean(first.values()),
+        out[name] = {"first_request_s": times[name][0][0], "median_ttft_s": statistics.median(warm),
+                     "p90_ttft_s": percentile(warm, 0.9), "median_ttft_cpu_s": statistics.median(warm_cpu),
+                     "burst8_mean_ttft_s": statistics.mean(first.values()),
                      "prefix_cache_hit_rate": be.stats_snapshot().get("prefix_cache_hit_rate")}
         print(name, json.dumps(out[name]), flush=True)
         assert len(ids) == 8
     out["speedup_on_vs_off"] = out["prefix_cache_off"]["median_ttft_s"] / out["prefix_cache_on"]["median_ttft_s"]
+    out["cpu_speedup_on_vs_off"] = (out["prefix_cache_off"]["median_ttft_cpu_s"]
+                                    / out["prefix_cache_on"]["median_ttft_cpu_s"])
     out["speedup_on_vs_baseline"] = out["baseline"]["median_ttft_s"] / out["prefix_cache_on"]["median_ttft_s"]
     out["burst_speedup_on_vs_off"] = (out["prefix_cache_off"]["burst8_mean_ttft_s"]
                                       / out["prefix_cache_on"]["burst8_mean_ttft_s"])
@@ -141,32 +151,37 @@ def ttft(args) -> dict:
 
 # ---- itl -------------------------------------------------------------------------------------
 
+def spread(values: list[float]) -> dict:
+    return {"median_s": statistics.median(values), "p90_s": percentile(values, 0.9),
+            "p99_s": percentile(values, 0.99), "max_s": max(values)}
+
+
 def decode_itl(pkg, be, *, rows: int, new_tokens: int, long_prompts: list[list[int]], every: int) -> dict:
-    """ITLs of `rows` AR requests while `long_prompts` arrive, one every `every` decode steps."""
+    """ITLs of `rows` AR requests while `long_prompts` arrive, one every `every` decode steps: wall
+    clock, and this process's CPU time (what the engine itself spent between two tokens)."""
     rng = random.Random(2)
     vocab = be.engine.config.vocab_size
     decode = {be.submit(random_tokens(rng, 32, vocab), pkg.DecodeParams(max_new_tokens=new_tokens, ignore_eos=True))
               for _ in range(rows)}
-    last: dict[str, float] = {}
-    itl, long_ttft, pending, submitted = [], [], list(long_prompts), {}
+    last: dict[str, tuple[float, float]] = {}
+    wall, cpu, long_ttft, pending, submitted = [], [], [], list(long_prompts), {}
     steps = 0
     while be.has_work() or pending:
         if pending and steps and steps % every == 0:
             submitted[be.submit(pending.pop(0), pkg.DecodeParams(max_new_tokens=1))] = time.perf_counter()
         chunks = be.step()
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         for c in chunks:
             if c.request_id in decode and c.token_ids:
                 if c.request_id in last:
-                    itl.append((now - last[c.request_id]) / len(c.token_ids))
-                last[c.request_id] = now
+                    wall.append((now - last[c.request_id][0]) / len(c.token_ids))
+                    cpu.append((now_cpu - last[c.request_id][1]) / len(c.token_ids))
+                last[c.request_id] = now, now_cpu
             elif c.request_id in submitted and c.token_ids:
                 long_ttft.append(now - submitted.pop(c.request_id))
         if all(rid in last for rid in decode):
             steps += 1
-    return {"itl_median_s": statistics.median(itl), "itl_p90_s": percentile(itl, 0.9),
-            "itl_p99_s": percentile(itl, 0.99), "itl_max_s": max(itl), "p99_over_median": percentile(itl, 0.99)
-            / statistics.median(itl), "long_prompt_ttft_s": long_ttft, "intervals": len(itl)}
+    return {"wall": spread(wall), "cpu": spread(cpu), "long_prompt_ttft_s": long_ttft, "intervals": len(wall)}
 
 
 def itl(args) -> dict:
@@ -182,22 +197,31 @@ def itl(args) -> dict:
             max_batch_size=16, max_seq_len=max_len, prefill_chunk=512, max_num_batched_tokens=args.budget_tokens))),
     }
     out = {"long_prompt_tokens": args.long, "arrivals": args.arrivals, "every_decode_steps": args.every,
-           "decode_rows": 8, "budget_tokens": args.budget_tokens}
+           "decode_rows": 8, "budget_tokens": args.budget_tokens, "rounds": args.rounds}
     new_tokens = args.every * (args.arrivals + 1)
-    for rnd in range(args.rounds):  # engines and conditions interleaved; the last round is kept per engine
+    for rnd in range(args.rounds):  # the engines take turns
         for name in (("baseline", "current") if rnd % 2 == 0 else ("current", "baseline")):
             pkg, be = make[name]()
             quiet = decode_itl(pkg, be, rows=8, new_tokens=new_tokens, long_prompts=[], every=args.every)
             loaded = decode_itl(pkg, be, rows=8, new_tokens=new_tokens, long_prompts=longs, every=args.every)
-            out.setdefault(name, []).append({"without_arrivals": quiet, "with_long_prompts": loaded})
-            print(name, rnd, json.dumps({k: v for k, v in loaded.items() if k != "long_prompt_ttft_s"}), flush=True)
+            out.setdefault(f"{name}_runs", []).append({"without_arrivals": quiet, "with_long_prompts": loaded})
+            print(name, rnd, json.dumps({k: loaded[k] for k in ("wall", "cpu")}), flush=True)
     for name in ("baseline", "current"):
-        runs = out[name]
-        out[f"{name}_median_of_rounds"] = {
-            key: statistics.median(r["with_long_prompts"][key] for r in runs)
-            for key in ("itl_median_s", "itl_p99_s", "p99_over_median")}
-        out[f"{name}_median_of_rounds"]["quiet_p99_over_median"] = statistics.median(
-            r["without_arrivals"]["p99_over_median"] for r in runs)
+        summary = {}
+        for clock in ("wall", "cpu"):
+            loaded = [r["with_long_prompts"][clock] for r in out[f"{name}_runs"]]
+            quiet = [r["without_arrivals"][clock] for r in out[f"{name}_runs"]]
+            summary[clock] = {
+                "quiet_median_s": statistics.median(q["median_s"] for q in quiet),
+                "quiet_p99_over_median": statistics.median(q["p99_s"] / q["median_s"] for q in quiet),
+                "median_s": statistics.median(x["median_s"] for x in loaded),
+                "p99_s": statistics.median(x["p99_s"] for x in loaded),
+                "max_s": statistics.median(x["max_s"] for x in loaded),
+                "p99_over_median": statistics.median(x["p99_s"] / x["median_s"] for x in loaded),
+            }
+        summary["long_prompt_ttft_s"] = statistics.median(
+            t for r in out[f"{name}_runs"] for t in r["with_long_prompts"]["long_prompt_ttft_s"])
+        out[name] = summary
     return out
 
 
@@ -213,8 +237,8 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="capacity: output tokens per request")
     p.add_argument("--system", type=int, default=1000, help="ttft: system prompt tokens")
     p.add_argument("--long", type=int, default=2000, help="itl: long prompt tokens")
-    p.add_argument("--arrivals", type=int, default=3, help="itl: long prompts")
-    p.add_argument("--every", type=int, default=150, help="itl: decode steps between arrivals")
+    p.add_argument("--arrivals", type=int, default=6, help="itl: long prompts")
+    p.add_argument("--every", type=int, default=60, help="itl: decode steps between arrivals")
     p.add_argument("--budget-tokens", type=int, default=48, help="itl: max_num_batched_tokens of the current engine")
     p.add_argument("--rounds", type=int, default=3, help="itl: rounds")
     p.add_argument("--out", type=Path)
@@ -222,7 +246,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     args.requests = args.requests or {"capacity": 64, "ttft": 12}.get(args.which, 0)
     result = {"capacity": capacity, "ttft": ttft, "itl": itl}[args.which](args)
-    result.update(model=args.model, baseline=args.baseline, threads=args.threads, date=time.strftime("%Y-%m-%d"))
+    result.update(model=args.model, baseline_ref=args.baseline, threads=args.threads, date=time.strftime("%Y-%m-%d"))
     out = args.out or Path(f"benchmarks/results/engine_v2_{args.which}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

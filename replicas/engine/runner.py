@@ -1,9 +1,9 @@
 """Run many sequences' forward passes as ONE batched model forward, packed by pass length.
 
-Layout: passes are grouped by token count; a group's rows are laid out one after another, and
-the groups one after another, as one flat row of N = sum of the groups' rows x tokens (so an AR
-token, a 32-token canvas and a 500-token prefill chunk share a forward without padding each
-other). Each real token at position p writes its K/V to column p of its sequence, at the flat
+Layout: passes are grouped by token count (and by the power of two above the columns they
+read); a group's rows are laid out one after another, and the groups one after another, as one
+flat row of N = sum of the groups' rows x tokens (so an AR token, a 32-token canvas and a
+500-token prefill chunk share a forward without padding each other). Each real token at position p writes its K/V to column p of its sequence, at the flat
 cache location its block table gives; padding tokens write to the scratch location and use
 position 0. The boolean mask lets a real query see every column <= p (causal pass), every
 column < start + T_b (bidirectional pass: the cached prefix and the whole canvas), or the
@@ -68,11 +68,13 @@ class ModelRunner:
                 "lora": lora[:, None].expand(rows, t).contiguous()}
 
     def groups(self, items: Items) -> list[list[int]]:
-        """Item indices grouped by token count (no padding inside a group), shortest first."""
-        by_len: dict[int, list[int]] = {}
+        """Item indices grouped by token count (no padding inside a group) and by the power of two
+        above the columns they read (a group reads its longest row's columns: this keeps the
+        gather and the attention within 2x of what each row needs), shortest first."""
+        by_key: dict[tuple[int, int], list[int]] = {}
         for i, (_, p) in enumerate(items):
-            by_len.setdefault(len(p.tokens), []).append(i)
-        return [by_len[n] for n in sorted(by_len)]
+            by_key.setdefault((len(p.tokens), (p.start + len(p.tokens) - 1).bit_length()), []).append(i)
+        return [by_key[k] for k in sorted(by_key)]
 
     def build_inputs(self, items: Items) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs, list[int]]:
         """(tokens [1, N], positions [1, N], attention inputs, each item's first flat token)."""
