@@ -50,8 +50,9 @@ class Running:
 
     @property
     def at_boundary(self) -> bool:
-        """Decoding, and between cycles: the cache holds exactly the verified prefix."""
-        return self.mode is not None and self.mode.at_boundary
+        """Decoding (not prefilling, nor resuming after a preemption) and between cycles: the
+        cache holds exactly the verified prefix."""
+        return self.prefill_tokens is None and self.mode is not None and self.mode.at_boundary
 
     @property
     def mode_name(self) -> str:

@@ -68,7 +68,8 @@ def preemptions(monkeypatch):
     original = Scheduler.preempt
 
     def preempt(self, row, plan):
-        log.append((row.request_id, row.mode_name, row.mode is not None and not row.at_boundary,
+        mid_cycle = row.mode is not None and not row.prefilling and not row.mode.at_boundary
+        log.append((row.request_id, row.mode_name, mid_cycle,
                     sorted(self.running, key=lambda r: self.running[r].seq.arrival)))
         original(self, row, plan)
         assert self.waiting[0] is row  # re-queued first
