@@ -36,15 +36,14 @@ class ModelRunner:
         a bucket: extra rows are all padding (scratch blocks, no real token), extra columns masked."""
         b = len(items)
         rows, t, s = shape if shape else (b, max(len(p.tokens) for _, p in items), None)
-        lengths = torch.zeros(rows, dtype=torch.long)  # [R]; padding rows have no real token
-        starts = torch.zeros(rows, dtype=torch.long)  # [R]
-        causal = torch.ones(rows, dtype=torch.bool)  # [R]
-        tokens = torch.zeros(rows, t, dtype=torch.long)  # [R, T]
-        slots = torch.zeros(rows, dtype=torch.long)  # [R]
-        lora = torch.zeros(rows, dtype=torch.float32)  # [R]
-        for i, (slot, p) in enumerate(items):
-            lengths[i], starts[i], causal[i], slots[i], lora[i] = len(p.tokens), p.start, p.causal, slot, p.lora
-            tokens[i, : len(p.tokens)] = torch.tensor(p.tokens)
+        pad = rows - b
+        lengths = torch.tensor([len(p.tokens) for _, p in items] + [0] * pad)  # [R]; padding rows: no token
+        starts = torch.tensor([p.start for _, p in items] + [0] * pad)  # [R]
+        causal = torch.tensor([p.causal for _, p in items] + [True] * pad)  # [R]
+        slots = torch.tensor([slot for slot, _ in items] + [0] * pad)  # [R]
+        lora = torch.tensor([float(p.lora) for _, p in items] + [0.0] * pad)  # [R]
+        tokens = torch.tensor([p.tokens + [0] * (t - len(p.tokens)) for _, p in items] + [[0] * t] * pad,
+                              dtype=torch.long).view(rows, t)  # [R, T]
         tables = self.cache.tables.index_select(0, slots)  # [R, W]
         tables[b:] = self.cache.scratch_block
         offs = torch.arange(t)[None, :]  # [1, T]
@@ -91,6 +90,8 @@ class ModelRunner:
             start += rows * t
 
         def flat(name: str) -> torch.Tensor:
+            if len(parts) == 1:
+                return parts[0][name].reshape(1, -1).to(dev)  # [1, N]
             return torch.cat([h[name].reshape(-1) for h in parts])[None].to(dev)  # [1, N]
 
         wants_lora = any(p.lora for _, p in items) and self.model.has_lora
