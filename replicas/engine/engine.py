@@ -133,7 +133,8 @@ class Engine:
         from .batch_engine import BatchEngine  # the batch engine is built on this class
 
         old = self._core
-        if old is None or self._core_made_by is not self.runner_cls or old.config.max_seq_len < max_len:
+        stale = old is None or self._core_made_by is not self.runner_cls or old.has_work()  # has_work: interrupted
+        if stale or old.config.max_seq_len < max_len:
             block = EngineConfig.kv_block_size
             config = EngineConfig(max_batch_size=1, max_seq_len=max_len, max_waiting=0, prefill_chunk=max_len,
                                   max_num_batched_tokens=max_len, num_kv_blocks=-(-max_len // block),
@@ -147,13 +148,14 @@ class Engine:
         params = self.check_request(list(prompt_ids), params or DecodeParams())
         t0 = time.perf_counter()
         core = self._core_for(self.positions_needed(len(prompt_ids), params.max_new_tokens, params.block_length))
-        core.submit(prompt_ids, params)
+        rid = core.submit(prompt_ids, params)
         tokens: list[int] = []
         last = None
-        while core.has_work():
+        while last is None:
             for chunk in core.step():
-                tokens.extend(chunk.token_ids)
-                last = chunk if chunk.finish_reason else last
+                if chunk.request_id == rid:
+                    tokens.extend(chunk.token_ids)
+                    last = chunk if chunk.finish_reason else None
         if last.finish_reason == "error":
             raise RuntimeError(f"generation failed: {last.error}")
         if self.device.type == "cuda":
