@@ -45,6 +45,12 @@ bench: $(STAMP) $(BENCH_MODEL)/config.json
 	$(PY) benchmarks/engine_modes.py --model $(MODEL) --heldout $(MODEL)/split.json --block-lengths 16,32 \
 	  --threads 1 --out benchmarks/results/engine_modes_tiny.json
 	$(PY) benchmarks/concurrency.py --model $(MODEL) --heldout $(MODEL)/split.json --threads 1
+	# engine v2 (issue 13) against the engine before it, in one process
+	$(PY) benchmarks/concurrency.py --model $(MODEL) --heldout $(MODEL)/split.json --threads 1 --baseline 3436d04 \
+	  --rounds 5 --prompt-len 32 --max-new-tokens 32 --block-length 16 --out benchmarks/results/engine_v2_concurrency.json
+	$(PY) benchmarks/engine_v2.py capacity --model $(MODEL)
+	$(PY) benchmarks/engine_v2.py ttft --model $(MODEL)
+	$(PY) benchmarks/engine_v2.py itl --model $(MODEL)
 	$(PY) benchmarks/gateway_overhead.py
 	$(PY) benchmarks/bf16_agreement.py --model $(MODEL)
 	$(PY) benchmarks/adaptive.py --model $(MODEL)

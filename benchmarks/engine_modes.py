@@ -31,8 +31,7 @@ class RecordingRunner(ModelRunner):
     log: list = []
 
     def run(self, items):
-        tokens, positions, attn = self.build_inputs(items)
-        RecordingRunner.log.append((self.cache, tokens, positions, attn, items))
+        RecordingRunner.log.append((self.cache, *self.build_inputs(items), items))
         return super().run(items)
 
 
@@ -41,10 +40,10 @@ def bare_seconds(engine: Engine, log: list) -> float:
     model = engine.model
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for cache, tokens, positions, attn, items in log:
-            hidden = model(tokens, positions, cache, attn)
-            rows = [hidden[i, : len(p.tokens)] if p.all_logits else hidden[i, len(p.tokens) - 1:len(p.tokens)]
-                    for i, (_, p) in enumerate(items)]
+        for cache, tokens, positions, attn, offsets, items in log:
+            hidden = model(tokens, positions, cache, attn)[0]  # [N, hidden], packed
+            rows = [hidden[o : o + len(p.tokens)] if p.all_logits else hidden[o + len(p.tokens) - 1 : o + len(p.tokens)]
+                    for o, (_, p) in zip(offsets, items)]
             model.logits(torch.cat(rows))
     sync(engine)
     return time.perf_counter() - t0

@@ -7,8 +7,12 @@ is), one 32-token self-speculation cycle (a bidirectional draft pass, with and w
 draft LoRA, plus a 32-token causal verify pass) against one AR step, and one AR step at batch 32.
 It also compares the two runners' logits and greedy tokens, profiles an eager step (GPU
 kernel time, host operators), and, on a 4-layer float32 model with the 8B widths, checks that
-the graph runner's tokens equal the eager runner's and that greedy self-spec equals AR. Weights are generated on the device (no checkpoint on disk);
-each section is recorded even when a later one fails.
+the graph runner's tokens equal the eager runner's and that greedy self-spec equals AR. The paged
+KV cache (engine v2): `BatchEngine` under CUDA graphs equals eager with mixed modes, shared
+prefixes (prefix cache), and a pool small enough to preempt; AR throughput of 64 concurrent
+sequences through `BatchEngine` on the 8B shapes; the KV blocks `gpu_memory_utilization`
+measures. Weights are generated on the device (no checkpoint on disk); each section is
+recorded even when a later one fails.
 
     python benchmarks/gpu_check.py [--out FILE]          # on a CUDA machine
     python benchmarks/gpu_check.py --small --device cpu  # a smoke run of the script itself
@@ -126,7 +130,8 @@ def measure_runner(name: str, runner_cls, model: NLDModel, prompt: list[int], ar
 
 def measure_engine(engine: Engine, prompt: list[int], new_tokens: int) -> dict:
     ar = DecodeParams(mode="ar", max_new_tokens=new_tokens + 1, ignore_eos=True, draft_lora=False)
-    engine.generate(prompt, ar.with_(max_new_tokens=8))  # warm-up (and graph capture)
+    engine.generate(prompt, ar)  # warm-up: sizes generate's engine once, captures its graphs
+    # both runs below find the prompt in the prefix cache, so their difference is the decode
     prefill_only = engine.generate(prompt, ar.with_(max_new_tokens=1)).seconds
     full = engine.generate(prompt, ar)
     decode_s = (full.seconds - prefill_only) / full.forward_passes
@@ -196,27 +201,31 @@ def check_identity_fp32(dev: str, small: bool) -> dict:
 
 
 def check_batch_engine(model: NLDModel, graph_cls) -> dict:
-    """The production path: `BatchEngine`, 8 slots, 24 staggered requests of mixed modes and
-    prompt lengths (prefills chunked by 64, so chunks replay from graphs too). Every prompt runs
-    once in AR and once in self_spec or diffusion. Graph runner vs eager: identical outputs;
-    greedy self-spec equals AR inside the mixed batches."""
+    """The production path: `BatchEngine` (paged KV, blocks of 16), 8 slots, 24 staggered requests
+    of mixed modes and prompt lengths (prefills chunked by 64, so chunks replay from graphs too),
+    half of them behind a shared 64-token system prompt (prefix-cache hits). Every prompt runs
+    once in AR and once in self_spec or diffusion. Graph runner vs eager: identical outputs, also
+    with a pool of 40 blocks (preemptions) and with prefix caching off; greedy self-spec equals AR
+    inside the mixed batches."""
     import random
 
     from replicas.engine import BatchEngine, EngineConfig
 
     rng = random.Random(0)
     vocab, jobs = model.config.vocab_size, []
+    system = [rng.randrange(200, vocab) for _ in range(64)]
     for i in range(12):
         prompt = [rng.randrange(200, vocab) for _ in range(rng.randint(5, 150))]
+        prompt = (system + prompt)[:150] if i % 2 else prompt
         n, block = rng.randint(8, 48), rng.choice([8, 16, 32])
         other = DecodeParams(mode="self_spec" if i % 3 else "diffusion", max_new_tokens=n, block_length=block,
                              threshold=0.9, ignore_eos=True)
         jobs += [(prompt, DecodeParams(mode="ar", max_new_tokens=n, ignore_eos=True)), (prompt, other)]
     rng.shuffle(jobs)
 
-    def drive(runner_cls) -> tuple[list[list[int]], int]:
+    def drive(runner_cls, **config) -> tuple[list[list[int]], int, dict]:
         be = BatchEngine(Engine(model, runner_cls=runner_cls),
-                         EngineConfig(max_batch_size=8, max_seq_len=256, prefill_chunk=64, max_waiting=64))
+                         EngineConfig(max_batch_size=8, max_seq_len=256, prefill_chunk=64, max_waiting=64, **config))
         ids, outs, pending, steps = [], {}, list(jobs), 0
         while pending or be.has_work():
             for prompt, params in pending[:3]:  # three arrivals per step
@@ -224,16 +233,71 @@ def check_batch_engine(model: NLDModel, graph_cls) -> dict:
                 outs[ids[-1]] = []
             pending = pending[3:]
             for chunk in be.step():
+                assert chunk.finish_reason != "error", chunk.error
                 outs[chunk.request_id].extend(chunk.token_ids)
             steps += 1
-        return [outs[i] for i in ids], steps
+        return [outs[i] for i in ids], steps, be.stats_snapshot()
 
-    eager, steps = drive(ModelRunner)
-    graphs, _ = drive(graph_cls)
+    eager, steps, _ = drive(ModelRunner)
+    graphs, _, stats = drive(graph_cls)
+    tight, _, tight_stats = drive(graph_cls, num_kv_blocks=40, max_num_batched_tokens=96)
+    uncached, _, _ = drive(graph_cls, enable_prefix_caching=False)
     ar = {tuple(p): o for (p, prm), o in zip(jobs, graphs) if prm.mode == "ar"}
     spec = [(tuple(p), o) for (p, prm), o in zip(jobs, graphs) if prm.mode == "self_spec"]
     return {"requests": len(jobs), "steps": steps, "graph_equals_eager": eager == graphs,
-            "self_spec_equals_ar": all(ar[p] == o for p, o in spec), "self_spec_requests": len(spec)}
+            "self_spec_equals_ar": all(ar[p] == o for p, o in spec), "self_spec_requests": len(spec),
+            "prefix_cache_hits": stats["prefix_cache_hits"], "tight_pool_equals_eager": tight == eager,
+            "tight_pool_preemptions": tight_stats["preemptions"], "no_prefix_cache_equals_eager": uncached == eager}
+
+
+def batch_decode(model: NLDModel, runner_cls, dev: str, *, batch: int, context: int, new_tokens: int) -> dict:
+    """AR decode of `batch` concurrent sequences through `BatchEngine` (paged KV): tokens/s once
+    every sequence decodes (prefills excluded), after a warm-up run of the same shapes (graph
+    capture)."""
+    from replicas.engine import BatchEngine, EngineConfig
+
+    engine = Engine(model, runner_cls=runner_cls)
+    max_len = context + new_tokens + 64
+    config = EngineConfig(max_batch_size=batch, max_seq_len=max_len, max_waiting=batch, prefill_chunk=2048,
+                          max_num_batched_tokens=8192, num_kv_blocks=batch * -(-max_len // 16))
+    be = BatchEngine(engine, config)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(200, model.config.vocab_size, (context,), generator=g).tolist() for _ in range(batch)]
+
+    def run(n: int) -> dict:
+        for p in prompts:
+            be.submit(p, DecodeParams(mode="ar", max_new_tokens=n, ignore_eos=True))
+        while be.scheduler.waiting or any(r.prefilling for r in be.scheduler.running.values()):
+            be.step()
+        sync(dev)
+        t0, tokens, steps = time.perf_counter(), 0, 0
+        while be.has_work():
+            tokens += sum(len(c.token_ids) for c in be.step())
+            steps += 1
+        sync(dev)
+        seconds = time.perf_counter() - t0
+        return {"tokens": tokens, "steps": steps, "seconds": seconds}
+
+    run(8)  # warm-up: captures the decode bucket of these shapes
+    r = run(new_tokens)
+    snap = be.stats_snapshot()
+    return {"batch": batch, "context": context, "new_tokens": new_tokens, "tokens_per_s": r["tokens"] / r["seconds"],
+            "ms_per_step": r["seconds"] / r["steps"] * 1e3, "kv_blocks": snap["kv_blocks_total"],
+            "prefix_cache_hits": snap["prefix_cache_hits"]}
+
+
+def kv_capacity(model: NLDModel, dev: str, utilization: float) -> dict:
+    """The KV pool `gpu_memory_utilization` gives (off CUDA: the contiguous-equivalent default)."""
+    from replicas.engine import BatchEngine, EngineConfig
+
+    config = EngineConfig(max_batch_size=64, max_seq_len=4096, gpu_memory_utilization=utilization)
+    be = BatchEngine(Engine(model, runner_cls=ModelRunner), config)
+    out = {"gpu_memory_utilization": utilization, "kv_blocks": be.cache.num_blocks,
+           "kv_cache_gib": be.cache.nbytes / 2**30, "sequences_of_4096": be.cache.num_blocks // config.blocks_per_seq}
+    del be
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def main(argv=None) -> None:
@@ -243,6 +307,7 @@ def main(argv=None) -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=32, help="rows of the batched AR step")
+    p.add_argument("--engine-batch", type=int, default=64, help="concurrent sequences of the BatchEngine AR run")
     p.add_argument("--out", default="gpu_check.json")
     args = p.parse_args(argv)
     dev = args.device
@@ -312,6 +377,11 @@ def main(argv=None) -> None:
     section("graph_vs_eager", compare)
     section("modes_under_graphs", modes_under_graphs)
     section("eager_profile", lambda: profile_eager(model, prompt, dev))
+    section("paged_batch_ar_graphs", lambda: batch_decode(model, graph_cls, dev, batch=args.engine_batch,
+                                                          context=args.context, new_tokens=args.new_tokens))
+    section("paged_batch_ar_eager", lambda: batch_decode(model, ModelRunner, dev, batch=args.engine_batch,
+                                                         context=args.context, new_tokens=min(args.new_tokens, 32)))
+    section("kv_capacity", lambda: kv_capacity(model, dev, 0.5))
     model.to("meta")  # free the bfloat16 8B (its engines are gone) before the float32 model
     if dev == "cuda":
         torch.cuda.empty_cache()

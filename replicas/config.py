@@ -23,6 +23,12 @@ class EngineLimits(BaseModel):
     prefill_chunk: int = Field(default=512, ge=1)
     draft_tiers: list[DraftTierModel] = Field(default_factory=list)
     cuda_graphs: bool = Field(default=True, description="on CUDA: replay decode-sized passes from CUDA graphs")
+    kv_block_size: int = Field(default=16, ge=1, description="columns per KV block")
+    num_kv_blocks: int | None = Field(default=None, ge=1, description="None: measured on CUDA, else the contiguous size")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory for the engine")
+    kv_watermark: float = Field(default=0.01, ge=0, lt=1, description="share of KV blocks admission keeps free")
+    enable_prefix_caching: bool = Field(default=True, description="share full prompt blocks between requests")
+    max_num_batched_tokens: int = Field(default=2048, ge=1, description="tokens per engine step")
 
 
 class ReplicaConfig(BaseModel):
@@ -61,4 +67,7 @@ class ReplicaConfig(BaseModel):
             max_block_length=e.max_block_length, prefill_chunk=e.prefill_chunk,
             draft_tiers=tuple(DraftTier(t.max_running, t.block_length) for t in e.draft_tiers),
             device=self.device, dtype=self.dtype, cuda_graphs=e.cuda_graphs,
+            kv_block_size=e.kv_block_size, num_kv_blocks=e.num_kv_blocks,
+            gpu_memory_utilization=e.gpu_memory_utilization, kv_watermark=e.kv_watermark,
+            enable_prefix_caching=e.enable_prefix_caching, max_num_batched_tokens=e.max_num_batched_tokens,
         )

@@ -13,6 +13,10 @@ one node never clash on a port. Names (after Ray's `ray_` prefix):
   ray_nld_replica_tokens_per_forward_*          ray_nld_replica_accepted_length_*
   ray_nld_replica_time_to_first_token_seconds_* ray_nld_replica_inter_token_latency_seconds_*
   ray_nld_replica_requests_total{mode,finish_reason}
+  ray_nld_replica_kv_blocks_used                ray_nld_replica_kv_blocks_free
+  ray_nld_replica_prefix_cache_hit_ratio        ray_nld_replica_prefix_cache_queries_total
+  ray_nld_replica_prefix_cache_hits_total       ray_nld_replica_preemptions_total
+  ray_nld_replica_scheduled_tokens_total        ray_nld_replica_last_step_tokens
 
 The Inference Gateway's `vllm:*` names contain ':' which Ray's metrics API rejects (a warning
 today, an error in future releases); docs/ARCHITECTURE.md lists the endpoint-picker flags
@@ -61,6 +65,7 @@ class ReplicaMetrics:
         self._last_tokens = 0
         self._last_passes = 0
         self._stop = threading.Event()
+        self._init_engine_v2(tags)
 
     def _t(self, **extra) -> dict:
         return dict(self._tags, **extra)
@@ -78,6 +83,38 @@ class ReplicaMetrics:
         if stats["forward_passes"] > self._last_passes:
             self.passes.inc(stats["forward_passes"] - self._last_passes, tags=self._t())
             self._last_passes = stats["forward_passes"]
+        self._sync_engine_v2(stats)
+
+    def _init_engine_v2(self, tags: tuple) -> None:
+        """Paged KV cache, prefix cache, preemptions and scheduled tokens (engine v2 keys)."""
+        gauge, counter = ray_metrics.Gauge, ray_metrics.Counter
+        self.v2_gauges = {
+            "kv_blocks_used": gauge("nld_replica_kv_blocks_used", "KV blocks referenced", tag_keys=tags),
+            "kv_blocks_free": gauge("nld_replica_kv_blocks_free", "KV blocks free or evictable", tag_keys=tags),
+            "prefix_cache_hit_rate": gauge("nld_replica_prefix_cache_hit_ratio", "prefix-cache block hits / lookups",
+                                           tag_keys=tags),
+            "last_step_tokens": gauge("nld_replica_last_step_tokens", "tokens in the last engine step", tag_keys=tags),
+        }
+        self.v2_counters = {
+            "prefix_cache_queries": counter("nld_replica_prefix_cache_queries", "prompt blocks looked up", tag_keys=tags),
+            "prefix_cache_hits": counter("nld_replica_prefix_cache_hits", "prompt blocks found cached", tag_keys=tags),
+            "preemptions": counter("nld_replica_preemptions", "requests preempted (recompute)", tag_keys=tags),
+            "scheduled_tokens": counter("nld_replica_scheduled_tokens", "tokens scheduled in engine steps",
+                                        tag_keys=tags),
+        }
+        self._v2_last = {key: 0 for key in self.v2_counters}
+
+    def _sync_engine_v2(self, stats: dict) -> None:
+        for key, metric in self.v2_gauges.items():
+            if key in stats:
+                metric.set(stats[key], tags=self._t())
+        for key, metric in self.v2_counters.items():
+            value = stats.get(key)
+            if isinstance(value, dict):  # a histogram snapshot: its sum
+                value = value.get("sum")
+            if value is not None and value > self._v2_last[key]:
+                metric.inc(value - self._v2_last[key], tags=self._t())
+                self._v2_last[key] = value
 
     def start(self, read_stats: Callable[[], dict], interval_s: float = 0.5) -> threading.Thread:
         def loop():

@@ -286,7 +286,7 @@ def joint_loss(model: NLDModel, batch: dict, alpha: float, device, ar: bool = Tr
     b, t = clean.shape
     tokens = torch.cat([noisy, clean], dim=1)  # [B, 2T]
     pos = torch.arange(t, device=device).repeat(2)[None].expand(b, -1)  # [B, 2T]
-    attn = AttentionInputs(slots=None, write_index=pos, mask=batch["mask"].to(device))
+    attn = AttentionInputs(write_index=pos, mask=batch["mask"].to(device))
     h = model(tokens, pos, None, attn)  # [B, 2T, H]
     # AR: clean logit at i predicts clean token i+1
     if ar:
@@ -346,7 +346,7 @@ def heldout_ar_loss(model: NLDModel, stream: np.ndarray, seq: int, n_windows: in
     for chunk in np.array_split(starts, max(1, n_windows // 8)):
         x = torch.stack([torch.from_numpy(stream[s:s + seq].astype(np.int64)) for s in chunk]).to(device)
         p = pos.expand(len(chunk), -1)
-        h = model(x, p, None, AttentionInputs(slots=None, write_index=p, mask=causal.expand(len(chunk), -1, -1, -1)))
+        h = model(x, p, None, AttentionInputs(write_index=p, mask=causal.expand(len(chunk), -1, -1, -1)))
         logits = model.logits(h[:, :-1])
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
         count += x[:, 1:].numel()

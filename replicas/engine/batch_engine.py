@@ -1,13 +1,16 @@
 """`BatchEngine`: many requests, each in its own mode, advanced by ONE batched forward per step.
+It is the engine's only decode loop (`Engine.generate` runs a one-sequence `BatchEngine`).
 
-Contract: `submit` validates a request (ValueError) and queues it (EngineOverloaded when the
-queue is full); `abort` and `set_mode` may be called from any thread and take effect at the
-start of the next step; `step()` applies them, admits waiting requests into free KV slots,
-asks the scheduler which sequences run, builds their passes (prefill chunks, or each row's
-mode pass: AR token, diffusion canvas or commit, self-spec draft or verify), runs ONE forward
-through the runner, advances every sequence and returns a `StreamChunk` per request that made
-tokens final or finished. A failing forward ends the requests of that step with
-finish_reason "error" and frees their slots; the engine keeps serving.
+Contract: `submit` validates a request (ValueError naming the field) and queues it
+(EngineOverloaded when the queue is full); `abort`, `set_mode`, `update_draft_tiers` and
+`downgrade_self_spec` may be called from any thread and take effect at the start of the next
+step. `step()` = apply control (aborts, switches), prepare the running rows (switches and draft
+tiers at cycle boundaries), schedule (a `Plan` under the token budget, with KV blocks reserved),
+run the plan through the runner as one forward, advance every row; it returns a `StreamChunk`
+per request that made tokens final or finished. One error boundary surrounds the whole step:
+a request whose own prepare or advance raises ends alone, a failure anywhere else (scheduling,
+the forward) ends the requests of that step; either way with finish_reason "error", their slots
+and blocks freed, and the engine keeps serving. `step()` never raises.
 Non-goals: threads and asyncio (see `async_engine`), tokenisation.
 """
 
@@ -19,13 +22,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .block_manager import BlockManager
+from .capacity import num_kv_blocks
 from .engine import Engine
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .outputs import StreamChunk
 from .params import MODES, DecodeParams
-from .scheduler import Running, Scheduler
-from .stats import EngineStats
+from .running import Running
+from .scheduler import Plan, Scheduler
+from .stats import EngineStats, engine_snapshot
 
 
 class BatchEngine:
@@ -35,16 +41,25 @@ class BatchEngine:
         cfg = engine.config
         self.cache = KVCache(
             num_layers=cfg.num_hidden_layers, num_slots=config.max_batch_size, num_kv_heads=cfg.num_key_value_heads,
-            max_len=config.max_seq_len, head_dim=cfg.head_dim, device=engine.device, dtype=engine.dtype,
+            max_len=config.max_seq_len, head_dim=cfg.head_dim, block_size=config.kv_block_size,
+            num_blocks=num_kv_blocks(engine.model, config), device=engine.device, dtype=engine.dtype,
         )
         self.runner = engine.runner_cls(engine.model, self.cache)
-        self.scheduler = Scheduler(config)
+        self._new_scheduler()
         self.stats = EngineStats()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._aborts: set[str] = set()
         self._abort_notices: list[str] = []  # waiting requests already removed; report next step
         self._switches: dict[str, str] = {}
         self._ids = itertools.count()
+        self._arrivals = itertools.count()
+
+    def _new_scheduler(self) -> None:
+        if self.cache.paged:
+            self.cache.tables.fill_(self.cache.scratch_block)
+        self.blocks = BlockManager(self.cache, enable_prefix_caching=self.config.enable_prefix_caching,
+                                   watermark=self.config.kv_watermark)
+        self.scheduler = Scheduler(self.config, self.blocks)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **load_kw) -> "BatchEngine":
@@ -63,13 +78,18 @@ class BatchEngine:
                 f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) + one "
                 f"block ({params.block_length}) exceeds the engine's max_seq_len ({self.config.max_seq_len})"
             )
+        if self.blocks.blocks_for(need) > self.cache.num_blocks:
+            raise ValueError(
+                f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) + one "
+                f"block need {self.blocks.blocks_for(need)} KV blocks; the pool has {self.cache.num_blocks}")
         rid = request_id or f"req-{next(self._ids)}"
-        seq = self.engine.new_sequence(prompt_ids, params, slot=-1, request_id=rid)
+        row = Running(self.engine.new_sequence(prompt_ids, params, slot=-1, request_id=rid))
         with self._lock:
-            if rid in self.scheduler.running or any(s.request_id == rid for s in self.scheduler.waiting):
+            if self.scheduler.find(rid) is not None:
                 raise ValueError(f"request_id: {rid!r} is already in flight")
+            row.seq.arrival = next(self._arrivals)
             try:
-                self.scheduler.add(seq)
+                self.scheduler.add(row)
             except Exception:
                 self.stats.rejected_requests += 1
                 raise
@@ -78,7 +98,7 @@ class BatchEngine:
     def abort(self, request_id: str) -> None:
         """A waiting request leaves the queue at once; a running one frees its slot next step."""
         with self._lock:
-            if any(s.request_id == request_id for s in self.scheduler.waiting):
+            if any(r.request_id == request_id for r in self.scheduler.waiting):
                 self.scheduler.remove(request_id)
                 self.stats.aborted_requests += 1
                 self._abort_notices.append(request_id)
@@ -90,9 +110,7 @@ class BatchEngine:
         if mode not in MODES:
             raise ValueError(f"mode: unknown decoding mode {mode!r} (choose one of {', '.join(MODES)})")
         with self._lock:
-            known = request_id in self.scheduler.running or any(
-                s.request_id == request_id for s in self.scheduler.waiting)
-            if not known:
+            if self.scheduler.find(request_id) is None:
                 raise KeyError(f"no request {request_id!r} in flight")
             self._switches[request_id] = mode
 
@@ -108,17 +126,17 @@ class BatchEngine:
         the policy's switch queues for prefill, and would otherwise run as self_spec to the end."""
         with self._lock:
             moved = []
-            seqs = [run.seq for run in self.scheduler.running.values()] + list(self.scheduler.waiting)
-            for seq in seqs:
-                current = self._switches.get(seq.request_id, seq.params.mode)
+            for row in [*self.scheduler.running.values(), *self.scheduler.waiting]:
+                rid, seq = row.request_id, row.seq
+                current = self._switches.get(rid) or row.switch_to or seq.params.mode
                 if on and current == "self_spec":
-                    self._switches[seq.request_id] = "ar"
+                    self._switches[rid] = "ar"
                     seq.downgraded = True
-                    moved.append(seq.request_id)
+                    moved.append(rid)
                 elif not on and seq.downgraded:
-                    self._switches[seq.request_id] = "self_spec"
+                    self._switches[rid] = "self_spec"
                     seq.downgraded = False
-                    moved.append(seq.request_id)
+                    moved.append(rid)
             return moved
 
     def has_work(self) -> bool:
@@ -129,96 +147,97 @@ class BatchEngine:
     def stats_snapshot(self) -> dict:
         """Counters as of the last completed step (computed on demand, under the engine lock)."""
         with self._lock:
-            return self._snapshot()
+            return engine_snapshot(self)
 
     # ---- the loop body -------------------------------------------------------------------
     def step(self) -> list[StreamChunk]:
         t0 = time.perf_counter()
         out: list[StreamChunk] = []
-        sched = self.scheduler
-        with self._lock:
-            aborts, self._aborts = self._aborts, set()
-            notices, self._abort_notices = self._abort_notices, []
-            out.extend(StreamChunk(rid, [], finish_reason="abort") for rid in notices)
-            switches, self._switches = self._switches, {}
-            for rid in aborts:
-                if sched.remove(rid) is not None:
-                    self.stats.aborted_requests += 1
-                    out.append(StreamChunk(rid, [], finish_reason="abort"))
-            for seq in sched.waiting:
-                if seq.request_id in switches:
-                    seq.params = seq.params.with_(mode=switches.pop(seq.request_id))
-            sched.admit()
-        for rid, mode in switches.items():
-            if rid in sched.running:
-                sched.running[rid].switch_to = mode
-        batch = sched.schedule()
-        if batch:
-            out.extend(self._run(batch))
-        self.stats.last_step_seconds = time.perf_counter() - t0
-        if batch:
-            self.stats.step_seconds.observe(self.stats.last_step_seconds)
+        plan: Plan | None = None
+        try:
+            with self._lock:
+                self._apply_control(out)
+                self._prepare(out)
+                plan = self.scheduler.schedule()
+            if plan.rows:
+                slots = [row.seq.kv.slot for row in plan.rows]
+                logits = self.runner.run(list(zip(slots, plan.passes)))
+                self._advance(plan, logits, out)
+        except Exception as e:  # the error boundary: end this step's requests, keep serving
+            rows = plan.rows if plan is not None else list(self.scheduler.running.values())
+            out.extend(self._fail(rows, e))
+        s = self.stats
+        s.last_step_seconds = time.perf_counter() - t0
+        s.last_step_tokens = plan.tokens if plan is not None else 0
+        if plan is not None and plan.rows:
+            s.step_seconds.observe(s.last_step_seconds)
+            s.scheduled_tokens.observe(s.last_step_tokens)
         return out
 
-    def _run(self, batch: list[Running]) -> list[StreamChunk]:
+    def _apply_control(self, out: list[StreamChunk]) -> None:
+        sched = self.scheduler
+        aborts, self._aborts = self._aborts, set()
+        notices, self._abort_notices = self._abort_notices, []
+        out.extend(StreamChunk(rid, [], finish_reason="abort") for rid in notices)
+        switches, self._switches = self._switches, {}
+        for rid in aborts:
+            if sched.remove(rid) is not None:
+                self.stats.aborted_requests += 1
+                out.append(StreamChunk(rid, [], finish_reason="abort"))
+        for rid, mode in switches.items():
+            row = sched.find(rid)
+            if row is not None:
+                row.switch_to = mode
+
+    def _prepare(self, out: list[StreamChunk]) -> None:
         running = len(self.scheduler.running)
-        for r in batch:
-            r.prepare(self.config, running)
-        try:
-            logits = self.runner.run([(r.seq.kv.slot, r.next_pass()) for r in batch])
-        except Exception as e:  # keep serving: end this step's requests cleanly
-            with self._lock:
-                for r in batch:
-                    self.scheduler.remove(r.seq.request_id)
-            return [StreamChunk(r.seq.request_id, [], finish_reason="error", error=f"{type(e).__name__}: {e}")
-                    for r in batch]
+        for row in list(self.scheduler.running.values()):
+            try:
+                row.prepare(self.config, running)
+            except Exception as e:
+                out.extend(self._fail([row], e))
+
+    def _advance(self, plan: Plan, logits, out: list[StreamChunk]) -> None:
         self.stats.forward_passes += 1
-        out = []
-        for r, lg in zip(batch, logits):
-            seq = r.seq
-            new = r.advance(lg)
+        for row, p, lg in zip(plan.rows, plan.passes, logits):
+            seq = row.seq
+            try:
+                was_prefilling = row.prefilling
+                new = row.advance(p, lg)
+                if was_prefilling:
+                    row.published = self.blocks.register(seq.kv, row.prefix_keys, row.published)
+                if row.at_boundary:
+                    self.blocks.trim(seq.kv)
+            except Exception as e:
+                out.extend(self._fail([row], e))
+                continue
             self.stats.generated_tokens += len(new)
-            for c in seq.accepted_lengths[r.seen_accepts:]:
+            for c in seq.accepted_lengths[row.seen_accepts:]:
                 self.stats.accepted_length.observe(c)
-            r.seen_accepts = len(seq.accepted_lengths)
+            row.seen_accepts = len(seq.accepted_lengths)
             if seq.finished:
                 with self._lock:
                     self.scheduler.remove(seq.request_id)
                 self.stats.finished_requests += 1
-                tpf = len(seq.output) / max(seq.forward_passes, 1)
-                self.stats.tokens_per_forward.observe(tpf)
+                self.stats.tokens_per_forward.observe(len(seq.output) / max(seq.forward_passes, 1))
                 out.append(StreamChunk(seq.request_id, new, finish_reason=seq.finish_reason,
                                        stats=request_stats(seq), forward_passes=seq.forward_passes,
                                        mode=seq.params.mode))
             elif new:
                 out.append(StreamChunk(seq.request_id, new, forward_passes=seq.forward_passes, mode=seq.params.mode))
-        return out
 
-    def _snapshot(self) -> dict:
-        running = list(self.scheduler.running.values())
-        by_mode = {m: 0 for m in ("prefill", *MODES)}
-        for r in running:
-            by_mode["prefill" if r.prefilling else r.mode.name] += 1
-        s = self.stats
-        snap = {
-            "running": len(running),
-            "running_by_mode": by_mode,
-            "kv_slots_used": len(running),
-            "kv_slots_total": self.config.max_batch_size,
-            "kv_tokens_used": sum(r.seq.kv.length for r in running),
-            "kv_tokens_total": self.config.max_batch_size * self.config.max_seq_len,
-            "forward_passes": s.forward_passes,
-            "generated_tokens": s.generated_tokens,
-            "finished_requests": s.finished_requests,
-            "aborted_requests": s.aborted_requests,
-            "rejected_requests": s.rejected_requests,
-            "tokens_per_forward": s.tokens_per_forward.snapshot(),
-            "accepted_length": s.accepted_length.snapshot(),
-            "step_seconds": s.step_seconds.snapshot(),
-            "last_step_seconds": s.last_step_seconds,
-            "waiting": len(self.scheduler.waiting),
-        }
-        return snap
+    def _fail(self, rows: list[Running], error: Exception) -> list[StreamChunk]:
+        """End `rows` that are still in flight with finish_reason "error"; free their blocks."""
+        message = f"{type(error).__name__}: {error}"
+        with self._lock:
+            try:
+                ended = [row for row in rows if self.scheduler.remove(row.request_id) is not None]
+            except Exception:  # the engine's own state is broken: end every request, start clean
+                ended = [*self.scheduler.running.values(), *self.scheduler.waiting]
+                self._new_scheduler()
+            self.stats.failed_requests += len(ended)
+        return [StreamChunk(row.request_id, [], finish_reason="error", error=message,
+                            forward_passes=row.seq.forward_passes, mode=row.seq.params.mode) for row in ended]
 
 
 def request_stats(seq) -> dict:

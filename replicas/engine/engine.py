@@ -3,8 +3,10 @@
 Contract: `Engine.from_pretrained(path, device, dtype)` loads the weights once (and the draft
 LoRA when present); `generate(prompt_ids, DecodeParams)` runs one request to completion and
 returns a `GenerationOutput`. `check_request` validates a request against the model and raises
-`ValueError` with a precise message. The loop is the same one the batched engine runs, at
-batch size 1: the mode says which pass, the runner executes it, the mode advances.
+`ValueError` with a precise message. `generate` has no loop of its own: it submits the request
+to a one-sequence `BatchEngine` (kept, with its runner, its CUDA graphs and its prefix cache,
+while its `max_seq_len` is large enough) and steps it to the end; the whole prompt is one
+prefill pass. A request that fails inside the engine raises `RuntimeError`.
 Non-goals: concurrency (see the batched engine), tokenisation (the replica's edge does that).
 """
 
@@ -17,11 +19,11 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .engine_config import EngineConfig
 from .graph_runner import CudaGraphRunner
-from .kv_cache import KVCache, SequenceKV
+from .kv_cache import SequenceKV
 from .loader import LORA_SUBDIR, load_lora, load_model, resolve_dtype
 from .model import NLDModel
-from .modes import MODE_CLASSES, finish_prefill, prefill_pass
 from .params import DecodeParams, GenerationOutput
 from .runner import ModelRunner
 from .sequence import Sequence
@@ -45,8 +47,8 @@ class Engine:
         if runner_cls is None:
             runner_cls = CudaGraphRunner if self.device.type == "cuda" and cuda_graphs else ModelRunner
         self.runner_cls = runner_cls
-        self._runner: ModelRunner | None = None  # reused by `generate` while its cache is big enough
-        self._runner_made_by = None
+        self._core = None  # the one-sequence BatchEngine of `generate`, reused while big enough
+        self._core_made_by = None
         self.max_block_length = max_block_length or self.config.block_size
         self._ids = itertools.count()
 
@@ -120,40 +122,52 @@ class Engine:
             generator=generator,
         )
 
-    def runner_for(self, max_len: int) -> ModelRunner:
-        """A one-slot runner whose cache holds `max_len` columns: the last one when it is big
-        enough (its CUDA graphs stay captured), else a new one. Stale columns are never read:
-        masks only reach below a sequence's own length."""
-        old = self._runner
-        if old is None or self._runner_made_by is not self.runner_cls or old.cache.max_len < max_len:
-            cfg = self.config
-            cache = KVCache(
-                num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
-                max_len=max_len, head_dim=cfg.head_dim, device=self.device, dtype=self.dtype,
-            )
-            self._runner = None  # free the old cache first
-            self._runner = self.runner_cls(self.model, cache)
-            self._runner_made_by = self.runner_cls  # a class or a factory; swapping it starts afresh
-        return self._runner
+    @property
+    def _runner(self) -> ModelRunner | None:
+        """The runner (and its CUDA graphs) `generate` last used."""
+        return self._core.runner if self._core is not None else None
+
+    def _core_for(self, max_len: int):
+        """A one-sequence `BatchEngine` of at least `max_len` columns: the last one when it is big
+        enough (its graphs stay captured, its prefix cache warm), else a new one."""
+        from .batch_engine import BatchEngine  # the batch engine is built on this class
+
+        old = self._core
+        stale = old is None or self._core_made_by is not self.runner_cls or old.has_work()  # has_work: interrupted
+        if stale or old.config.max_seq_len < max_len:
+            block = EngineConfig.kv_block_size
+            config = EngineConfig(max_batch_size=1, max_seq_len=max_len, max_waiting=0, prefill_chunk=max_len,
+                                  max_num_batched_tokens=max_len, num_kv_blocks=-(-max_len // block),
+                                  max_block_length=self.max_block_length, kv_watermark=0.0)
+            self._core = None  # free the old cache first
+            self._core = BatchEngine(self, config)
+            self._core_made_by = self.runner_cls  # a class or a factory; swapping it starts afresh
+        return self._core
 
     def generate(self, prompt_ids, params: DecodeParams | None = None) -> GenerationOutput:
         params = self.check_request(list(prompt_ids), params or DecodeParams())
         t0 = time.perf_counter()
-        runner = self.runner_for(self.positions_needed(len(prompt_ids), params.max_new_tokens, params.block_length))
-        seq = self.new_sequence(prompt_ids, params, slot=0)
-        finish_prefill(seq, runner.run([(0, prefill_pass(seq))])[0])
-        mode = MODE_CLASSES[params.mode](seq)
-        while not seq.finished:
-            mode.advance(runner.run([(0, mode.next_pass())])[0])
+        core = self._core_for(self.positions_needed(len(prompt_ids), params.max_new_tokens, params.block_length))
+        rid = core.submit(prompt_ids, params)
+        tokens: list[int] = []
+        last = None
+        while last is None:
+            for chunk in core.step():
+                if chunk.request_id == rid:
+                    tokens.extend(chunk.token_ids)
+                    last = chunk if chunk.finish_reason else None
+        if last.finish_reason == "error":
+            raise RuntimeError(f"generation failed: {last.error}")
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        st = last.stats
         return GenerationOutput(
-            token_ids=seq.output,
-            finish_reason=seq.finish_reason,
-            forward_passes=seq.forward_passes,
+            token_ids=tokens,
+            finish_reason=last.finish_reason,
+            forward_passes=st["forward_passes"],
             mode=params.mode,
-            prompt_tokens=len(seq.prompt_ids),
-            accepted_lengths=seq.accepted_lengths,
-            denoise_passes=seq.denoise_passes,
+            prompt_tokens=len(prompt_ids),
+            accepted_lengths=st["accepted_lengths"],
+            denoise_passes=st["denoise_passes"],
             seconds=time.perf_counter() - t0,
         )

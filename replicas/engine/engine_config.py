@@ -26,7 +26,7 @@ class DraftTier:
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 32  # KV slots = sequences decoded at once
-    max_seq_len: int = 2048  # cache columns per slot: prompt + output + one block
+    max_seq_len: int = 2048  # cache columns one sequence may use: prompt + output + one block
     max_waiting: int = 256  # queued requests beyond this raise EngineOverloaded
     max_block_length: int | None = None  # None: the model's block_size
     prefill_chunk: int = 512  # prompts are prefilled in causal chunks of at most this many tokens
@@ -34,17 +34,36 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cuda_graphs: bool = True  # on CUDA: replay decode-sized passes from CUDA graphs
+    kv_block_size: int = 16  # columns per KV block
+    # KV blocks in the pool; None: measured on CUDA (gpu_memory_utilization, after the weights
+    # load), else max_batch_size * ceil(max_seq_len / kv_block_size) (the contiguous cache's memory)
+    num_kv_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights + activations + KV
+    kv_watermark: float = 0.01  # share of the blocks admission leaves free for running sequences to grow
+    enable_prefix_caching: bool = True  # share full prompt blocks between requests
+    max_num_batched_tokens: int = 2048  # tokens per step: every running row's pass, then prefill chunks
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_seq_len", "prefill_chunk"):
+        for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_block_size", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting: must be >= 0, got {self.max_waiting}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks: must be >= 1, got {self.num_kv_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not 0 <= self.kv_watermark < 1:
+            raise ValueError(f"kv_watermark: must be in [0, 1), got {self.kv_watermark}")
         tiers = tuple(t if isinstance(t, DraftTier) else DraftTier(**t) for t in self.draft_tiers)
         if any(a.max_running >= b.max_running for a, b in zip(tiers, tiers[1:])):
             raise ValueError("draft_tiers: max_running must increase from one tier to the next")
         object.__setattr__(self, "draft_tiers", tiers)
+
+    @property
+    def blocks_per_seq(self) -> int:
+        """KV blocks one sequence of `max_seq_len` columns needs."""
+        return -(-self.max_seq_len // self.kv_block_size)
 
     def draft_block(self, running: int, requested: int) -> int:
         """The self-spec block for a request asking for `requested` while `running` requests run."""

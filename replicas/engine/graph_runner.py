@@ -9,11 +9,17 @@ it: the host launches one graph per pass.
 Contract: the same as `ModelRunner.run`. A pass with B rows, longest row T and S columns read is
 padded to its bucket (B and T up to the next power of two, S up to the next multiple of
 `column_step`, at most the cache's columns) when B <= `max_batch` and T <= `max_tokens`, and runs
-from that bucket's graph, captured on first use into one shared memory pool. Padding follows the
-runner's scheme: padded rows and tokens write the scratch column and read column 0, and columns
-beyond S are masked. Larger passes (prefills) run eagerly. With `capture=False` (the default off
-CUDA) the bucketed static buffers are used without a graph, so the padding is testable on a CPU.
-A bucket's graph computes the LoRA delta only when the pass asks for it (part of the key).
+from that bucket's graph, captured on first use into one shared memory pool. The bucket is one
+padded group: its static inputs are the tokens, positions, flat write locations, the rows'
+block tables [rows, columns / block_size] and the mask, refilled before each replay, so the
+paged gather is part of the graph. Padding follows the runner's scheme: padded rows and tokens
+write the scratch block and read column 0, and columns beyond S are masked. Passes that do not
+fit a bucket (long prefill chunks), and mixed passes whose padding would cost more than the
+launches it saves (more than `max_padding` times their real tokens and more than `free_padding`
+tokens: a prefill chunk sharing a step with AR rows), run eagerly, packed without padding.
+With `capture=False` (the default off CUDA) the bucketed static buffers are used without a
+graph, so the padding is testable on a CPU. A bucket's graph computes the LoRA delta only when
+the pass asks for it (part of the key).
 Cost: a bucket is captured the first time a pass needs it (on the 8B, a fraction of a second,
 during which that step waits). Decoding uses few token counts (1, the block lengths, the
 prefill chunk) and few batch buckets, but the column buckets grow with context: a replica
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import KVCache
-from .model import AttentionInputs, NLDModel
+from .model import AttentionGroup, AttentionInputs, NLDModel
 from .runner import ModelRunner
 from .sequence import ForwardPass
 
@@ -43,7 +49,7 @@ def next_power_of_two(n: int) -> int:
 class GraphBucket:
     """Static inputs and output of one captured shape (rows, tokens, columns, lora)."""
 
-    inputs: dict[str, torch.Tensor]  # the keys of `ModelRunner.build_host_inputs`, on the device
+    inputs: dict[str, torch.Tensor]  # the keys of `ModelRunner.build_group`, on the device
     hidden: torch.Tensor | None = None  # [R, T, hidden] output of the last replay
     graph: torch.cuda.CUDAGraph | None = None
     replays: int = 0
@@ -58,12 +64,15 @@ class CudaGraphRunner(ModelRunner):
         max_batch: int = 64,
         max_tokens: int = 64,
         column_step: int = 256,
+        max_padding: float = 4.0,
+        free_padding: int = 256,
         capture: bool | None = None,
     ) -> None:
         super().__init__(model, cache)
         if max_batch < 1 or max_tokens < 1 or column_step < 1:
             raise ValueError("CudaGraphRunner: max_batch, max_tokens and column_step must be >= 1")
         self.max_batch, self.max_tokens, self.column_step = max_batch, max_tokens, column_step
+        self.max_padding, self.free_padding = max_padding, free_padding
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError("CudaGraphRunner: capture=True needs the model on a CUDA device")
@@ -82,13 +91,18 @@ class CudaGraphRunner(ModelRunner):
         lora = any(p.lora for _, p in items) and self.model.has_lora
         return next_power_of_two(b), next_power_of_two(t), columns, lora
 
-    def forward(self, items: list[tuple[int, ForwardPass]]) -> torch.Tensor:
+    def worth_a_graph(self, items: list[tuple[int, ForwardPass]], key: tuple[int, int, int, bool]) -> bool:
+        padded = key[0] * key[1]
+        real = sum(len(p.tokens) for _, p in items)
+        return padded <= self.free_padding or padded <= self.max_padding * real
+
+    def forward(self, items: list[tuple[int, ForwardPass]]) -> tuple[torch.Tensor, list[int]]:
         key = self.bucket_key(items)
-        if key is None:
+        if key is None or not self.worth_a_graph(items, key):
             self.eager_passes += 1
             return super().forward(items)
         bucket = self.buckets.get(key) or self.make_bucket(key)
-        host = self.build_host_inputs(items, shape=key[:3])
+        host = self.build_group(items, shape=key[:3])
         for name, static in bucket.inputs.items():
             static.copy_(host[name], non_blocking=True)
         if bucket.graph is not None:
@@ -96,23 +110,23 @@ class CudaGraphRunner(ModelRunner):
         else:
             bucket.hidden = self.forward_static(bucket, key[3])
         bucket.replays += 1
-        return bucket.hidden  # [R, T, hidden]; rows >= B and tokens >= T_b are padding
+        rows, tokens = key[0], key[1]
+        # [R*T, hidden]; rows >= B and tokens >= T_b are padding
+        return bucket.hidden.view(rows * tokens, -1), [i * tokens for i in range(len(items))]
 
     def forward_static(self, bucket: GraphBucket, lora: bool) -> torch.Tensor:
         x = bucket.inputs
-        attn = AttentionInputs(
-            slots=x["slots"], write_index=x["write_index"], mask=x["mask"],
-            lora_rows=x["lora_rows"] if lora else None,
-        )
+        rows, tokens = x["tokens"].shape
+        group = AttentionGroup(0, rows, tokens, x["tables"], x["mask"])
+        attn = AttentionInputs(write_index=x["write_index"], groups=(group,), lora_weight=x["lora"] if lora else None)
         return self.model(x["tokens"], x["positions"], self.cache, attn)
 
     @torch.inference_mode()
     def make_bucket(self, key: tuple[int, int, int, bool]) -> GraphBucket:
         rows, tokens, columns, lora = key
-        # a pass of token 0 at position 0 that writes only the scratch column: the warm-up
-        # forwards below run for real and must not touch any sequence's cached columns
-        host = self.build_host_inputs([(0, ForwardPass([0], 0, True))], shape=(rows, tokens, columns))
-        host["write_index"].fill_(self.cache.scratch_column)
+        # all padding: the warm-up forwards below run for real and must write only the scratch
+        # block, never a sequence's cached columns
+        host = self.build_group([], shape=(rows, tokens, columns))
         bucket = GraphBucket(inputs={k: v.to(self.device) for k, v in host.items()})
         if self.capture:
             side = torch.cuda.Stream()

@@ -2,12 +2,17 @@
 Llama-4 query scale, SwiGLU MLP, untied `diffusion_head`.
 
 Contract: `NLDModel.forward(tokens, positions, cache, attn)` takes token ids [B, T], absolute
-positions [B, T], a `KVCache` (or None: cache-free, for training) and an `AttentionInputs`
-(slots, write columns, boolean mask [B, 1, T, S]) and returns final hidden states [B, T, hidden]; `logits(h)` applies the head.
-Each layer writes its K/V for the input tokens into the cache, then attends over the first S
-columns under the given mask through `scaled_dot_product_attention`. The model knows no
-decoding mode: causal vs bidirectional is entirely the caller's mask. The optional `o_proj`
-LoRA delta applies only to the rows flagged in `AttentionInputs.lora_rows`.
+positions [B, T], a `KVCache` (or None: cache-free, for training) and an `AttentionInputs`, and
+returns final hidden states [B, T, hidden]; `logits(h)` applies the head. With a cache, each
+layer writes the K/V of every input token to its flat cache location (`attn.write_index`), then
+attends group by group: the input's B x T tokens, flattened, are a sequence of groups of rows of
+equal padded length (`AttentionGroup`), and each group reads its rows' first S columns through
+their block tables and applies its boolean mask [rows, 1, tokens, S] in one
+`scaled_dot_product_attention`. So one forward can pack AR tokens, canvases and prefill chunks
+without padding them to one length. Without a cache, attention covers only the call's tokens
+under `attn.mask` [B, 1, T, T]. The model knows no decoding mode: causal, bidirectional or any
+other pattern is entirely the caller's mask. The optional `o_proj` LoRA delta applies only to
+the tokens weighted by `AttentionInputs.lora_weight`.
 Non-goals: weight loading (see `loader`), sampling, training-time dropout.
 """
 
@@ -25,14 +30,24 @@ from .rope import apply_rotary, compute_inv_freq, llama4_query_scale, rotary_cos
 
 
 @dataclass
-class AttentionInputs:
-    """Per-forward attention metadata built by the runner."""
+class AttentionGroup:
+    """`rows` rows of `tokens` tokens each, starting at flat token `start` of the input."""
 
-    slots: torch.Tensor  # [B] cache slot per row
-    write_index: torch.Tensor  # [B, T] cache column each token's K/V goes to
-    mask: torch.Tensor  # [B, 1, T, S] bool, True = may attend; S = columns read
-    lora_rows: torch.Tensor | None = None  # [B] 1.0 for rows that take the o_proj LoRA delta, else 0.0
-    slot_start: int | None = None  # set when slots == slot_start + arange(B): reads become views
+    start: int
+    rows: int
+    tokens: int
+    block_tables: torch.Tensor  # [rows, NB] cache blocks of each row's columns
+    mask: torch.Tensor  # [rows, 1, tokens, S] bool, True = may attend; S = columns read
+
+
+@dataclass
+class AttentionInputs:
+    """Per-forward attention metadata built by the runner (or a training loop, cache-free)."""
+
+    mask: torch.Tensor | None = None  # cache-free: [B, 1, T, T] bool over the call's own tokens
+    write_index: torch.Tensor | None = None  # with a cache: [B, T] flat cache location of each token
+    groups: tuple[AttentionGroup, ...] = ()  # with a cache: tile the flattened B x T tokens in order
+    lora_weight: torch.Tensor | None = None  # [B, T] 1.0 on tokens that take the o_proj LoRA delta, else 0.0
 
 
 class RMSNorm(nn.Module):
@@ -78,21 +93,36 @@ class Attention(nn.Module):
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
         if cache is None:  # cache-free (training, references): attend over this call's tokens
-            keys, values = k, v
+            out = self.attend(q, k, v, attn.mask)  # [B, H, T, D]
+            out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
         else:
-            cache.write(self.layer, attn.slots, attn.write_index, k, v)
-            keys, values = cache.read(self.layer, attn.slots, attn.mask.shape[-1], attn.slot_start)  # [B, Hkv, S, D]
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attn.mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv
-        )  # [B, H, T, D]
-        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)
+            cache.write(self.layer, attn.write_index, k, v)
+            out = self.attend_groups(q, cache, attn).view(b, t, self.n_heads * self.head_dim)
         y = self.o_proj(out)
-        if self.lora_a is not None and attn.lora_rows is not None:
-            # every row computes the rank-r delta and the row weight keeps or zeroes it: no
+        if self.lora_a is not None and attn.lora_weight is not None:
+            # every token computes the rank-r delta and its weight keeps or zeroes it: no
             # data-dependent indexing, so no host sync (and the pass can be a CUDA graph)
             delta = (out @ self.lora_a.T) @ self.lora_b.T  # [B, T, hidden]
-            y = y + delta * attn.lora_rows.to(y.dtype)[:, None, None]
+            y = y + delta * attn.lora_weight.to(y.dtype)[..., None]
         return y
+
+    def attend(self, q, keys, values, mask) -> torch.Tensor:
+        """q [B, H, T, D], keys/values [B, Hkv, S, D], mask [B, 1, T, S] -> [B, H, T, D]."""
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv
+        )
+
+    def attend_groups(self, q: torch.Tensor, cache: KVCache, attn: AttentionInputs) -> torch.Tensor:
+        """q [B, H, T, D] -> attention output [B*T, H*D], group by group through the block tables."""
+        h, d = self.n_heads, self.head_dim
+        flat = q.transpose(1, 2).reshape(-1, h, d)  # [N, H, D]
+        outs = []
+        for g in attn.groups:
+            qg = flat[g.start : g.start + g.rows * g.tokens].view(g.rows, g.tokens, h, d).transpose(1, 2)
+            keys, values = cache.read(self.layer, g.block_tables, g.mask.shape[-1])  # [rows, Hkv, S, D]
+            out = self.attend(qg, keys, values, g.mask)  # [rows, H, tokens, D]
+            outs.append(out.transpose(1, 2).reshape(g.rows * g.tokens, h * d))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class MLP(nn.Module):
@@ -144,7 +174,7 @@ class NLDModel(nn.Module):
         """tokens, positions [B, T] -> hidden [B, T, hidden] (after the final norm).
 
         With `cache=None` nothing is cached and attention covers only these T tokens under
-        `attn.mask` [B, 1, T, T] (`write_index` and `slots` are ignored): the training path."""
+        `attn.mask` [B, 1, T, T] (`write_index` and `groups` are ignored): the training path."""
         x = self.encoder.embed_tokens(tokens)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.attention_factor, x.dtype)
         q_scale = llama4_query_scale(positions, self.config.rope)

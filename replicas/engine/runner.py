@@ -1,15 +1,17 @@
-"""Run many sequences' forward passes as ONE batched model forward.
+"""Run many sequences' forward passes as ONE batched model forward, packed by pass length.
 
-Layout: padding. Row b carries pass b's T_b tokens left-aligned, padded to T = max T_b.
-Each real token at position p writes its K/V to cache column p of the row's slot; padding
-tokens write to the cache's scratch column and use position 0. The boolean mask lets a real
-query see every column <= p (causal pass) or every column < start + T_b (bidirectional pass:
-the cached prefix and the whole canvas); a padding query sees column 0 only, so it stays
-finite. Columns read: S = max over rows of start + T_b. Padding keeps the code simple and the
-mask exact; its cost is the padded tokens, which mixed batches keep small (drafts and canvases
-are at most one block; long prompts can be prefilled in their own step).
-Contract: `run(items)` returns, per item, float32 logits [T_b, V] or [1, V] (last only).
-Non-goals: deciding which passes to run (the scheduler does), sampling.
+Layout: passes are grouped by token count (and by the columns they read, see `column_bucket`);
+a group's rows are laid out one after another, and the groups one after another, as one
+flat row of N = sum of the groups' rows x tokens (so an AR token, a 32-token canvas and a
+500-token prefill chunk share a forward without padding each other). Each real token at position p writes its K/V to column p of its sequence, at the flat
+cache location its block table gives; padding tokens write to the scratch location and use
+position 0. The boolean mask lets a real query see every column <= p (causal pass), every
+column < start + T_b (bidirectional pass: the cached prefix and the whole canvas), or the
+cached prefix plus the pass's own [T, T] `mask` (any other pattern); a padding query sees
+column 0 only, so it stays finite. A group reads S = max over its rows of start + T_b columns.
+Contract: `run(items)` takes (slot, ForwardPass) pairs, the slot naming the block-table row of
+the pass's sequence, and returns per item float32 logits [T_b, V] (or [1, V]: last only).
+Non-goals: deciding which passes run (the scheduler), owning blocks (the block manager), sampling.
 """
 
 from __future__ import annotations
@@ -17,8 +19,18 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import KVCache
-from .model import AttentionInputs, NLDModel
+from .model import AttentionGroup, AttentionInputs, NLDModel
 from .sequence import ForwardPass
+
+Items = list[tuple[int, ForwardPass]]
+
+
+def column_bucket(columns: int) -> int:
+    """`columns` rounded up to a multiple of 64, or of an eighth of the power of two above it
+    when larger (700 -> 768, 3,000 -> 3,072): a row reads at most a quarter (or 64 columns)
+    beyond its need, and a step has at most 8 groups per doubling of the context."""
+    step = max(64, 1 << max(0, (columns - 1).bit_length() - 3))
+    return -(-columns // step) * step
 
 
 class ModelRunner:
@@ -27,65 +39,89 @@ class ModelRunner:
         self.cache = cache
         self.device = model.encoder.embed_tokens.weight.device
 
-    def build_host_inputs(
-        self, items: list[tuple[int, ForwardPass]], shape: tuple[int, int, int] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The pass's inputs as host tensors; `shape` = (rows, tokens, columns) pads them to a
-        bucket: extra rows are all padding (slot 0, no real token), extra columns are masked."""
+    def build_group(self, items: Items, shape: tuple[int, int, int] | None = None) -> dict[str, torch.Tensor]:
+        """Host inputs of one group, rows left-aligned. `shape` = (rows, tokens, columns) pads it to
+        a bucket: extra rows are all padding (scratch blocks, no real token), extra columns masked."""
         b = len(items)
-        t = max(len(p.tokens) for _, p in items)
-        rows, t, s = shape if shape else (b, t, None)
-        lengths = torch.zeros(rows, dtype=torch.long)  # [R]; padding rows have no real token
-        starts = torch.zeros(rows, dtype=torch.long)  # [R]
-        causal = torch.ones(rows, dtype=torch.bool)  # [R]
-        tokens = torch.zeros(rows, t, dtype=torch.long)  # [R, T]
-        slots = torch.zeros(rows, dtype=torch.long)  # [R]
-        lora = torch.zeros(rows, dtype=torch.float32)  # [R]
-        for i, (slot, p) in enumerate(items):
-            lengths[i], starts[i], causal[i], slots[i], lora[i] = len(p.tokens), p.start, p.causal, slot, p.lora
-            tokens[i, : len(p.tokens)] = torch.tensor(p.tokens)
+        rows, t, s = shape if shape else (b, max(len(p.tokens) for _, p in items), None)
+        pad = rows - b
+        lengths = torch.tensor([len(p.tokens) for _, p in items] + [0] * pad)  # [R]; padding rows: no token
+        starts = torch.tensor([p.start for _, p in items] + [0] * pad)  # [R]
+        causal = torch.tensor([p.causal for _, p in items] + [True] * pad)  # [R]
+        slots = torch.tensor([slot for slot, _ in items] + [0] * pad)  # [R]
+        lora = torch.tensor([float(p.lora) for _, p in items] + [0.0] * pad)  # [R]
+        tokens = torch.tensor([p.tokens + [0] * (t - len(p.tokens)) for _, p in items] + [[0] * t] * pad,
+                              dtype=torch.long).view(rows, t)  # [R, T]
+        tables = self.cache.tables.index_select(0, slots)  # [R, W]
+        tables[b:] = self.cache.scratch_block
         offs = torch.arange(t)[None, :]  # [1, T]
         real = offs < lengths[:, None]  # [R, T]
         positions = torch.where(real, starts[:, None] + offs, 0)  # [R, T]
-        write_index = torch.where(real, positions, self.cache.scratch_column)
+        write_index = self.cache.locations(tables, positions, real)  # [R, T]
         canvas_end = (starts + lengths - 1)[:, None]  # [R, 1] last column of the row's tokens
         limit = torch.where(causal[:, None], positions, canvas_end)  # [R, T]
         limit = torch.where(real, limit, 0)
         s = s or int((starts + lengths).max())
         mask = torch.arange(s)[None, None, :] <= limit[:, :, None]  # [R, T, S]
+        for i, (_, p) in enumerate(items):
+            if p.mask is not None:  # the prefix, then the pass's own pattern, nothing beyond
+                n, st = len(p.tokens), p.start
+                mask[i, :n, :st] = True
+                mask[i, :n, st : st + n] = p.mask.to(torch.bool)
+                mask[i, :n, st + n :] = False
+        nb = -(-s // self.cache.block_size)
         return {"tokens": tokens, "positions": positions, "write_index": write_index,
-                "mask": mask[:, None], "slots": slots, "lora_rows": lora}
+                "tables": tables[:, :nb].contiguous(), "mask": mask[:, None],
+                "lora": lora[:, None].expand(rows, t).contiguous()}
 
-    def build_inputs(
-        self, items: list[tuple[int, ForwardPass]]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
-        """(tokens [B, T], positions [B, T], attention inputs) for a list of (slot, pass)."""
-        host = self.build_host_inputs(items)
-        slot_list = [slot for slot, _ in items]
-        contiguous = slot_list == list(range(slot_list[0], slot_list[0] + len(items)))
-        wants_lora = any(p.lora for _, p in items) and self.model.has_lora
+    def groups(self, items: Items) -> list[list[int]]:
+        """Item indices grouped by token count (no padding inside a group) and by the columns they
+        read, shortest first. A group gathers and attends over its longest row's columns, so rows
+        are grouped with rows of similar context (`column_bucket`): on a CPU the gather and the
+        attention of a decode step dominate at long contexts."""
+        by_key: dict[tuple[int, int], list[int]] = {}
+        for i, (_, p) in enumerate(items):
+            by_key.setdefault((len(p.tokens), column_bucket(p.start + len(p.tokens))), []).append(i)
+        return [by_key[k] for k in sorted(by_key)]
+
+    def build_inputs(self, items: Items) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs, list[int]]:
+        """(tokens [1, N], positions [1, N], attention inputs, each item's first flat token)."""
         dev = self.device
-        attn = AttentionInputs(
-            slots=host["slots"].to(dev),
-            slot_start=slot_list[0] if contiguous else None,
-            write_index=host["write_index"].to(dev),
-            mask=host["mask"].to(dev),
-            lora_rows=host["lora_rows"].to(dev) if wants_lora else None,
-        )
-        return host["tokens"].to(dev), host["positions"].to(dev), attn
+        offsets = [0] * len(items)
+        parts, groups, start = [], [], 0
+        for idx in self.groups(items):
+            host = self.build_group([items[i] for i in idx])
+            rows, t = host["tokens"].shape
+            for r, i in enumerate(idx):
+                offsets[i] = start + r * t
+            groups.append(AttentionGroup(start, rows, t, host["tables"].to(dev), host["mask"].to(dev)))
+            parts.append(host)
+            start += rows * t
 
-    def forward(self, items: list[tuple[int, ForwardPass]]) -> torch.Tensor:
-        """Hidden states [B, >= T, hidden] of the batched pass (row b's tokens left-aligned)."""
-        tokens, positions, attn = self.build_inputs(items)
-        return self.model(tokens, positions, self.cache, attn)  # [B, T, hidden]
+        def flat(name: str) -> torch.Tensor:
+            if len(parts) == 1:
+                return parts[0][name].reshape(1, -1).to(dev)  # [1, N]
+            return torch.cat([h[name].reshape(-1) for h in parts])[None].to(dev)  # [1, N]
+
+        wants_lora = any(p.lora for _, p in items) and self.model.has_lora
+        attn = AttentionInputs(write_index=flat("write_index"), groups=tuple(groups),
+                               lora_weight=flat("lora") if wants_lora else None)
+        return flat("tokens"), flat("positions"), attn, offsets
+
+    def forward(self, items: Items) -> tuple[torch.Tensor, list[int]]:
+        """(hidden states [N, hidden] of the packed pass, each item's first row in it)."""
+        tokens, positions, attn, offsets = self.build_inputs(items)
+        return self.model(tokens, positions, self.cache, attn)[0], offsets  # [N, hidden]
 
     @torch.inference_mode()
-    def run(self, items: list[tuple[int, ForwardPass]]) -> list[torch.Tensor]:
-        hidden = self.forward(items)
-        picked = []
-        for i, (_, p) in enumerate(items):
+    def run(self, items: Items) -> list[torch.Tensor]:
+        hidden, offsets = self.forward(items)
+        index, counts = [], []
+        for (_, p), off in zip(items, offsets):
             n = len(p.tokens)
-            picked.append(hidden[i, :n] if p.all_logits else hidden[i, n - 1 : n])
-        counts = [x.shape[0] for x in picked]
-        logits = self.model.logits(torch.cat(picked))  # [sum n_b, V], one head matmul
+            first = off if p.all_logits else off + n - 1
+            index.extend(range(first, off + n))
+            counts.append(off + n - first)
+        picked = hidden.index_select(0, torch.tensor(index, device=hidden.device))  # [sum n_b, hidden]
+        logits = self.model.logits(picked)  # [sum n_b, V], one head matmul
         return list(logits.split(counts))

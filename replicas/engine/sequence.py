@@ -27,6 +27,8 @@ class ForwardPass:
     causal: bool  # False: bidirectional over these tokens (plus the whole cached prefix)
     lora: bool = False  # apply the o_proj LoRA delta (self-spec drafts only)
     all_logits: bool = True  # False: only the last position's logits are needed
+    mask: torch.Tensor | None = None  # [T, T] bool: which of this pass's tokens each token sees
+    # (overrides `causal`; the cached prefix is always visible; each query must see something)
 
 
 class Sequence:
@@ -42,6 +44,7 @@ class Sequence:
         generator: torch.Generator | None,
     ) -> None:
         self.request_id = request_id
+        self.arrival = 0  # submission order: the scheduler's FCFS key and preemption victim order
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.kv = kv

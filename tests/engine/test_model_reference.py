@@ -64,10 +64,11 @@ def test_llama4_scale_and_yarn_far_positions_match_transformers(engine, ckpt_dir
     cfg = engine.config
     cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
                     max_len=8, head_dim=cfg.head_dim)
-    from replicas.engine.model import AttentionInputs
+    from replicas.engine.model import AttentionGroup, AttentionInputs
 
     mask = torch.tril(torch.ones(4, 4, dtype=torch.bool))[None, None]
-    attn = AttentionInputs(slots=torch.tensor([0]), write_index=torch.arange(4)[None], mask=mask, slot_start=0)
+    # slot 0 of a contiguous cache: block 0, so column c is flat location c
+    attn = AttentionInputs(write_index=torch.arange(4)[None], groups=(AttentionGroup(0, 1, 4, cache.tables[:1, :1], mask),))
     with torch.no_grad():
         ours = engine.model.logits(engine.model(ids, pos, cache, attn))[0]
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
@@ -96,21 +97,22 @@ def test_bidirectional_pass_reads_cache_but_does_not_change_it(engine):
                     max_len=32, head_dim=cfg.head_dim)
     runner = ModelRunner(engine.model, cache)
     runner.run([(0, ForwardPass(tokens[:12], 0, True))])
-    prefix_k = cache.k[:, :, :, :12].clone()
+    prefix_k = cache.k[:, :, :12].clone()  # [layers, blocks, columns, kv_heads, head_dim]
     canvas = tokens[12:]
     bidir = runner.run([(0, ForwardPass(canvas, 12, False))])[0]
-    assert torch.equal(cache.k[:, :, :, :12], prefix_k)
+    assert torch.equal(cache.k[:, :, :12], prefix_k)
     # a bidirectional canvas sees its later tokens: the result differs from the causal pass
     causal = full_logits(engine, tokens)[12:]
     assert not torch.allclose(bidir, causal, atol=1e-3)
     # and equals a recompute where the canvas rows attend to the whole canvas
-    from replicas.engine.model import AttentionInputs
+    from replicas.engine.model import AttentionGroup, AttentionInputs
 
     mask = torch.tril(torch.ones(20, 20, dtype=torch.bool))
     mask[12:, 12:] = True
     fresh = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
                     max_len=20, head_dim=cfg.head_dim)
-    attn = AttentionInputs(slots=torch.tensor([0]), write_index=torch.arange(20)[None], mask=mask[None, None])
+    group = AttentionGroup(0, 1, 20, fresh.tables[:1, :1], mask[None, None])
+    attn = AttentionInputs(write_index=torch.arange(20)[None], groups=(group,))
     with torch.no_grad():
         ref = engine.model.logits(engine.model(torch.tensor([tokens]), torch.arange(20)[None], fresh, attn))[0]
     torch.testing.assert_close(bidir, ref[12:], atol=1e-5, rtol=0)

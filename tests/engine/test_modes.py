@@ -77,7 +77,7 @@ def brute_force_diffusion(engine, prompt: list[int], *, n: int, block: int, thre
         m = torch.tril(torch.ones(t, t, dtype=torch.bool))
         if bidir_from is not None:
             m[bidir_from:, bidir_from:] = True
-        attn = AttentionInputs(slots=None, write_index=torch.zeros(1, t, dtype=torch.long), mask=m[None, None])
+        attn = AttentionInputs(write_index=torch.zeros(1, t, dtype=torch.long), mask=m[None, None])
         with torch.no_grad():
             h = engine.model(torch.tensor([tokens]), torch.arange(t)[None], None, attn)
             logits = engine.model.logits(h)[0]

@@ -238,7 +238,7 @@ def test_lora_hook_touches_only_the_noisy_half():
     batch = train_lora.full_draft_rows(torch.randint(200, 300, (2, t)), [4], torch.Generator().manual_seed(0), 0)
     tokens = torch.cat([batch["noisy"], batch["clean"]], 1)
     pos = torch.arange(t).repeat(2)[None].expand(2, -1)
-    attn = tt.AttentionInputs(slots=None, write_index=pos, mask=batch["mask"])
+    attn = tt.AttentionInputs(write_index=pos, mask=batch["mask"])
     base = model(tokens, pos, None, attn)
     lora = train_lora.OProjLoRA(model, 4, 8.0, 0)
     for b in lora.b:

@@ -1,4 +1,4 @@
-"""The one interface every decoding mode implements, and the prefill shared by all of them.
+"""The one interface every decoding mode implements, and the end of prefill shared by all of them.
 
 Contract: a mode wraps a `Sequence` that satisfies the boundary invariant (see `sequence`).
 `next_pass()` says what the next batched forward must compute for this sequence;
@@ -38,10 +38,6 @@ class DecodeMode(ABC):
         """(tokens [N], probabilities [N]) for logits [N, V] under the request's parameters."""
         s = self.seq
         return select(logits, s.params, s.mask_token_id, s.generator)
-
-
-def prefill_pass(seq: Sequence) -> ForwardPass:
-    return ForwardPass(tokens=seq.prompt_ids, start=0, causal=True, lora=False, all_logits=False)
 
 
 def finish_prefill(seq: Sequence, logits: torch.Tensor) -> list[int]:
