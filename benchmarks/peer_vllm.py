@@ -18,8 +18,9 @@ Then:
    one process (one torch thread, no serving path: the ceiling).
 3. One client for all (`benchmarks/loadgen.py`, its own process): closed loop, the first 64
    tokens of 8 held-out files as token-id prompts, 64 new tokens, greedy, `ignore_eos`;
-   non-streaming (tokens/s, end-to-end p50/p99) and streaming (TTFT, ITL) at each level.
-   Every error and non-200 answer is counted.
+   non-streaming (tokens/s, end-to-end p50/p99) and streaming (TTFT, ITL) at each level, each
+   after an unmeasured settle (longer for the adaptive system, whose policy must see the level
+   first). Every error and non-200 answer is counted.
 Prints ratio tables (medians over rounds), saves JSON and a PNG.
 """
 
@@ -307,6 +308,9 @@ def main(argv=None) -> None:
     p.add_argument("--stream", default="both", choices=("both", "json", "sse"))
     p.add_argument("--seconds", type=float, default=8.0)
     p.add_argument("--settle-seconds", type=float, default=2.0)
+    p.add_argument("--adaptive-settle-seconds", type=float, default=8.0,
+                   help="unmeasured load before the adaptive system's window: its policy must first see the "
+                        "level (the fleet signal is scraped every 5 s) and may switch once (dwell 2 s)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--port", type=int, default=8300)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_vllm.json")
@@ -320,7 +324,7 @@ def main(argv=None) -> None:
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")
     streams = {"both": [False, True], "json": [False], "sse": [True]}[args.stream]
-    work = args.out.parent / "peer_vllm_run"
+    work = ROOT / ".cache" / "peer_vllm_run"  # prompts, the policy file and server logs
     work.mkdir(parents=True, exist_ok=True)
     model = Path(args.model)
     prompts = heldout_prompts(model / "split.json", model, 8, 64)
@@ -358,9 +362,11 @@ def main(argv=None) -> None:
                     extra = STACK_VARIANTS.get(system, {})
                     run_load(url, prompts_file, 4, False, extra, argparse.Namespace(**{**vars(args), "seconds": 3,
                                                                                         "settle_seconds": 0}))
+                    settle = args.adaptive_settle_seconds if system == "adaptive" else args.settle_seconds
+                    level_args = argparse.Namespace(**{**vars(args), "settle_seconds": settle})
                     for c in levels:
                         for stream in streams:
-                            r = run_load(url, prompts_file, c, stream, extra, args)
+                            r = run_load(url, prompts_file, c, stream, extra, level_args)
                             rows.append({**r, "system": system, "concurrency": c, "stream": stream, "round": rnd})
                             print(f"round {rnd} {system} c={c} {'sse ' if stream else 'json'}: "
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s "

@@ -76,14 +76,22 @@ def schema_valid_data_is_accepted(ctx, response, case) -> None:
     assert err["code"] == "context_length_exceeded" or err["param"] == "block_length", err
 
 
+def _text_of(content):
+    """A message's content as the server reads it: a string, or of each content part its text."""
+    if isinstance(content, list):
+        return [{"text": part["text"]} if isinstance(part, dict) and "text" in part else part for part in content]
+    return content
+
+
 def surrogates_never_reach_a_replica(ctx, response, case) -> None:
     """A lone surrogate in text the replicas would get (prompt, messages, stop) is never a 200."""
     body = case.body if isinstance(case.body, dict) else {}
     forwarded = {k: body[k] for k in ("prompt", "stop") if k in body}
     messages = body.get("messages")
-    if isinstance(messages, list):  # of a message, only its text reaches a replica (extra keys are dropped)
-        forwarded["messages"] = [{k: m[k] for k in ("content", "name") if k in m} for m in messages
-                                 if isinstance(m, dict)]
+    if isinstance(messages, list):  # of a message, only its text reaches a replica (extra keys are dropped,
+        # in the message and in each content part alike)
+        forwarded["messages"] = [{k: _text_of(m[k]) if k == "content" else m[k] for k in ("content", "name") if k in m}
+                                 for m in messages if isinstance(m, dict)]
     # what the server decodes: two spliced halves ("\ud800" then "\udc00") travel as JSON escapes
     # that a JSON parser joins into one valid character
     if _has_lone_surrogate(json.loads(json.dumps(forwarded))):
