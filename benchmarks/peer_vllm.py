@@ -15,7 +15,7 @@ Then:
    the systems rotates from round to round. Systems: `vllm` (AR), this project's stack
    (`nld-gateway up`) with requests fixed to `ar` and to `self_spec` (one stack, the mode in
    the request), the stack with the adaptive policy (--policy), and the bare `BatchEngine` in
-   one process (one torch thread, no serving path: the ceiling).
+   one process (the same torch threads, no serving path: the ceiling).
 3. One client for all (`benchmarks/loadgen.py`, its own process): closed loop, the first 64
    tokens of 8 held-out files as token-id prompts, 64 new tokens, greedy, `ignore_eos`;
    non-streaming (tokens/s, end-to-end p50/p99) and streaming (TTFT, ITL) at each level, each
@@ -110,9 +110,11 @@ def start_vllm(vpy: Path, model: str, port: int, logs: Path) -> Server:
                   env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
-def start_stack(model: str, port: int, policy: Path | None, logs: Path, label: str) -> Server:
+def start_stack(model: str, port: int, policy: Path | None, logs: Path, label: str, threads: int | None) -> Server:
     cmd = [PY, "-m", "gateway", "up", "--model", model, "--model-name", "nld", "--port", str(port),
-           "--replica-port", str(port + 1), "--metrics-port", str(port + 2), "--torch-threads", "1"]
+           "--replica-port", str(port + 1), "--metrics-port", str(port + 2)]
+    if threads:
+        cmd += ["--torch-threads", str(threads)]
     if policy is not None:
         cmd += ["--policy", str(policy)]
     return Server(f"nld-gateway ({label})", cmd, f"http://127.0.0.1:{port}/ready", logs / f"stack_{label}.log")
@@ -131,17 +133,20 @@ def run_load(url: str, prompts: Path, c: int, stream: bool, extra: dict, args) -
 def run_bare(model: str, prompts: Path, c: int, args) -> dict:
     cmd = [PY, str(Path(__file__).resolve()), "--bare-level", str(c), "--model", model, "--prompts-file",
            str(prompts), "--seconds", str(args.seconds), "--max-tokens", str(args.max_tokens)]
+    if args.torch_threads:
+        cmd += ["--torch-threads", str(args.torch_threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: int) -> dict:
-    """The ceiling: `BatchEngine` closed loop in this process, one torch thread, time-windowed."""
+def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: int, threads: int | None) -> dict:
+    """The ceiling: `BatchEngine` closed loop in this process, the stack's torch threads, time-windowed."""
     import torch
 
     from replicas.engine import BatchEngine, DecodeParams, EngineConfig
 
-    torch.set_num_threads(1)
+    if threads:
+        torch.set_num_threads(threads)
     be = BatchEngine.from_pretrained(model, EngineConfig(max_batch_size=max(c, 1), max_seq_len=512,
                                                          max_waiting=4 * c))
     params = DecodeParams(mode="ar", max_new_tokens=max_tokens, ignore_eos=True)
@@ -312,6 +317,9 @@ def main(argv=None) -> None:
                    help="unmeasured load before the adaptive system's window: its policy must first see the "
                         "level (the fleet signal is scraped every 5 s) and may switch once (dwell 2 s)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads of our engine, stack and bare (default: torch's, one per core, as a "
+                        "deployment gets; vLLM's CPU backend binds one OMP thread per core)")
     p.add_argument("--port", type=int, default=8300)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_vllm.json")
     p.add_argument("--bare-level", type=int, default=None, help=argparse.SUPPRESS)
@@ -319,7 +327,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.bare_level is not None:  # internal: one bare-engine measurement in its own process
         prompts = json.loads(args.prompts_file.read_text())
-        print(json.dumps(bare_engine(args.model, prompts, args.bare_level, args.seconds, args.max_tokens)))
+        print(json.dumps(bare_engine(args.model, prompts, args.bare_level, args.seconds, args.max_tokens, args.torch_threads)))
         return
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")
@@ -351,7 +359,8 @@ def main(argv=None) -> None:
                 url = f"http://127.0.0.1:{vllm_port}"
             else:
                 label = group[0]
-                server = start_stack(str(model), stack_port, policy if label == "adaptive" else None, work, label)
+                server = start_stack(str(model), stack_port, policy if label == "adaptive" else None, work, label,
+                                      args.torch_threads)
                 url = f"http://127.0.0.1:{stack_port}"
             try:
                 print(f"round {rnd}: {server.name} ready in {server.wait_ready():.0f} s", flush=True)
