@@ -144,13 +144,15 @@ def test_a_gateway_starting_or_restarting_never_resets_the_fleets_loaded_decisio
     path = holder.path
     stop = threading.Event()
 
-    def stream():
+    def stream():  # one client keeping a long stream open until the test ends (a new one when it finishes)
         body = {"model": "nld-test", "prompt": "x", "max_tokens": 3500, "stream": True, "decoding_mode": "ar",
                 "ignore_eos": True}
-        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
-            for _ in r.iter_lines():
-                if stop.is_set():
-                    return
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                with c.stream("POST", url + "/v1/completions", json=body) as r:
+                    for _ in r.iter_lines():
+                        if stop.is_set():
+                            return
 
     def gateway_b():
         cfg = GatewayConfig(replica_url=replica_url, model_name="nld-test")
