@@ -408,7 +408,11 @@ def main(argv=None) -> None:
                 "self_spec_forward_passes": spec.forward_passes, "diffusion_forward_passes": diff.forward_passes,
                 "diffusion_tokens": len(diff.token_ids), "graph_buckets": sorted(map(list, engine._runner.buckets))}
 
+    # the serving default replays passes of up to 64 tokens from graphs (B = 4: 20 tokens); a
+    # graph runner that takes up to 2,048 shows what replaying every B's cycle would cost
+    wide_graphs = (lambda m, c: CudaGraphRunner(m, c, max_tokens=2048, capture=dev == "cuda"))
     section("quadratic_cycle_graphs", lambda: quadratic_cycles(model, graph_cls, prompt, dev))
+    section("quadratic_cycle_graphs_2048", lambda: quadratic_cycles(model, wide_graphs, prompt, dev))
     section("quadratic_cycle_eager", lambda: quadratic_cycles(model, ModelRunner, prompt, dev))
     section("graph_vs_eager", compare)
     section("modes_under_graphs", modes_under_graphs)
