@@ -92,9 +92,11 @@ class Engine:
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < cfg.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids: token id {bad_stop[0]!r} is outside the vocabulary")
-        algorithm = params.spec_algorithm or defaults.spec_algorithm
+        # quadratic only for requests admitted in self_spec: admission reserves its B (B + 1)
+        # lookahead; a request switched into self_spec later (a downgrade's return excepted) runs linear
+        algorithm = (params.spec_algorithm or defaults.spec_algorithm) if params.mode == "self_spec" else "linear"
         block = params.block_length or min(cfg.block_size, self.max_block_length)
-        if params.block_length is None and params.mode == "self_spec" and algorithm == "quadratic":
+        if params.block_length is None and algorithm == "quadratic":
             block = min(defaults.quadratic_block_length, block)
         if block > self.max_block_length:
             raise ValueError(f"block_length: {block} is above the configured limit {self.max_block_length}")
@@ -117,8 +119,7 @@ class Engine:
 
     @staticmethod
     def lookahead(params: DecodeParams) -> int:
-        """Columns past the output one cycle may write (params resolved by `check_request`);
-        quadratic counts in every mode, since a request may be switched to self_spec."""
+        """Columns past the output one cycle may write (params resolved by `check_request`)."""
         b = params.block_length
         return b * (b + 1) if params.spec_algorithm == "quadratic" else b
 

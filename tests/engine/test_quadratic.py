@@ -335,3 +335,78 @@ def test_spec_algorithm_defaults_and_bad_values(random16):
     with pytest.raises(ValueError, match=r"one quadratic self-spec cycle \(272 columns\)"):
         be.submit([1, 2, 3], quadratic(max_new_tokens=5, block_length=16))
     assert random16.check_request([1], DecodeParams(mode="self_spec")).spec_algorithm == "linear"
+
+
+# ---- the paged pool: lookahead, trimming, preemption -------------------------------------
+
+def test_quadratic_passes_reserve_their_columns_and_boundaries_trim(random16):
+    """Each quadratic pass's blocks cover its B (B + 1) columns; after each cycle only the
+    blocks of the verified prefix (plus the partial block) remain."""
+    bs = 2
+    be = BatchEngine(random16, EngineConfig(max_batch_size=1, max_seq_len=200, kv_block_size=bs))
+    be.submit([1, 2, 3], quadratic(max_new_tokens=40, ignore_eos=True, block_length=8))
+    original = be.scheduler.schedule
+    covered, sizes = [], []
+
+    def schedule():
+        plan = original()
+        for row, p in zip(plan.rows, plan.passes):
+            covered.append(len(row.seq.kv.blocks) * bs >= p.start + len(p.tokens))
+            sizes.append(len(p.tokens))
+        return plan
+
+    be.scheduler.schedule = schedule
+    while be.has_work():
+        be.step()
+        for row in be.scheduler.running.values():
+            if not row.prefilling:
+                assert len(row.seq.kv.blocks) == -(-row.seq.kv.length // bs)
+    assert all(covered) and 72 in sizes  # 8 groups of [d_i, MASK x 8]
+
+
+def test_preempted_quadratic_requests_equal_their_unpreempted_runs(random16_lora, monkeypatch):
+    from replicas.engine.scheduler import Scheduler
+
+    from .test_paged_kv import drive
+
+    victims = []
+    original = Scheduler.preempt
+
+    def preempt(self, row, plan):
+        victims.append(row.mode_name if row.mode is not None else "prefill")
+        original(self, row, plan)
+
+    monkeypatch.setattr(Scheduler, "preempt", preempt)
+    eng = random16_lora
+    rng = random.Random(5)
+    jobs = []
+    for i in range(12):
+        prompt = [rng.randrange(101, eng.config.vocab_size) for _ in range(rng.randint(5, 30))]
+        kw = dict(max_new_tokens=rng.randint(20, 40), block_length=rng.randint(2, 4), ignore_eos=True)
+        jobs.append((prompt, quadratic(**kw) if i % 2 == 0 else DecodeParams(mode=("ar", "self_spec")[i % 4 // 2],
+                                                                             **kw)))
+    config = EngineConfig(max_batch_size=6, max_seq_len=96, kv_block_size=4, num_kv_blocks=40, prefill_chunk=9)
+    got = drive(BatchEngine(eng, config), jobs, arrivals_per_step=3)
+    assert "self_spec" in victims  # quadratic or linear rows were preempted while decoding
+    for i, (prompt, params) in enumerate(jobs):
+        assert got[i] == eng.generate(prompt, DecodeParams(mode="ar", max_new_tokens=params.max_new_tokens,
+                                                           ignore_eos=True)).token_ids, i
+
+
+def test_only_requests_admitted_in_self_spec_run_quadratic(random16):
+    """Admission reserves the quadratic lookahead only for self_spec requests: another mode asking
+    for quadratic is admitted with one block of lookahead and would run linear if switched."""
+    ar = random16.check_request([1, 2], DecodeParams(mode="ar", spec_algorithm="quadratic"))
+    assert ar.spec_algorithm == "linear" and Engine.lookahead(ar) == ar.block_length
+    q = random16.check_request([1, 2], quadratic(block_length=4))
+    assert Engine.lookahead(q) == 20
+    be = BatchEngine(random16, EngineConfig(max_batch_size=2, max_seq_len=200))
+    rid = be.submit([1, 2, 3], quadratic(max_new_tokens=30, block_length=4, ignore_eos=True))
+    be.step()
+    be.downgrade_self_spec(True)
+    be.step()
+    be.step()
+    assert be.scheduler.find(rid).mode.name == "ar"
+    be.downgrade_self_spec(False)
+    be.step()
+    assert isinstance(be.scheduler.find(rid).mode, QuadraticSpecMode)  # back to quadratic
