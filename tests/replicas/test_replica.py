@@ -164,3 +164,24 @@ def test_engine_limits_carry_the_default_algorithm_and_quadratic_block():
     assert ReplicaConfig(model_path="m").engine_config().spec_algorithm == "linear"
     with pytest.raises(ValidationError, match="spec_algorithm"):
         ReplicaConfig(model_path="m", engine={"spec_algorithm": "cubic"})
+
+
+def test_a_real_engine_runs_the_configured_quadratic_default_and_reports_it():
+    """No fake: the replica's own engine (on a thread), `engine.spec_algorithm: quadratic`."""
+    replica = NLDReplica({"model_path": str(MODEL), "model_name": "m", "engine_process": False,
+                          "engine": {"max_seq_len": 256, "max_batch_size": 2, "spec_algorithm": "quadratic",
+                                     "quadratic_block_length": 4}}, metrics=RecordingMetrics())
+    body = {"prompt": "import os\nimport sys\n\n\ndef main(", "max_tokens": 24, "stream": False}
+
+    async def both():
+        return (await post(replica, {**body, "mode": "self_spec"}), await post(replica, {**body, "mode": "ar"}),
+                await post(replica, {**body, "mode": "self_spec", "self_spec_algorithm": "linear"}))
+
+    try:
+        quad, ar, linear = (GenerateChunk.model_validate_json(r.text) for r in asyncio.run(both()))
+    finally:
+        replica.engine.shutdown()
+    assert quad.self_spec_algorithm == "quadratic" and linear.self_spec_algorithm == "linear"
+    assert ar.self_spec_algorithm is None
+    assert quad.token_ids == ar.token_ids == linear.token_ids
+    assert quad.usage.forward_passes < linear.usage.forward_passes
