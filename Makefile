@@ -41,9 +41,12 @@ $(BENCH_MODEL)/config.json: | $(STAMP)
 # Benchmarks: tables on stdout, JSON and PNG under benchmarks/results/ (see docs/PERFORMANCE.md).
 bench: $(STAMP) $(BENCH_MODEL)/config.json
 	$(PY) benchmarks/engine_modes.py --model $(BENCH_MODEL) --prompts 4 --max-new-tokens 64 --threads 1 \
-	  --out benchmarks/results/engine_modes_bench_random.json
+	  --algorithms linear --out benchmarks/results/engine_modes_bench_random.json
 	$(PY) benchmarks/engine_modes.py --model $(MODEL) --heldout $(MODEL)/split.json --block-lengths 16,32 \
-	  --threads 1 --out benchmarks/results/engine_modes_tiny.json
+	  --algorithms linear --threads 1 --out benchmarks/results/engine_modes_tiny.json
+	# quadratic self-speculation (issue 15) next to linear at B 4, 8, 16
+	$(PY) benchmarks/engine_modes.py --model $(MODEL) --heldout $(MODEL)/split.json --block-lengths 4,8,16 \
+	  --no-diffusion --threads 1 --out benchmarks/results/engine_modes_quadratic.json
 	$(PY) benchmarks/concurrency.py --model $(MODEL) --heldout $(MODEL)/split.json --threads 1
 	# engine v2 (issue 13) against the engine before it, in one process
 	$(PY) benchmarks/concurrency.py --model $(MODEL) --heldout $(MODEL)/split.json --threads 1 --baseline 3436d04 \

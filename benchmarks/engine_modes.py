@@ -1,6 +1,7 @@
 """Benchmark the single-request engine per decoding mode.
 
-For each mode (and block length) it prints forward passes after prefill, tokens per forward,
+For each mode (and block length; self_spec for each algorithm: linear, two forwards per cycle,
+and quadratic, one) it prints forward passes after prefill, tokens per forward,
 tokens/s, and the engine's per-step overhead: the wall time of `Engine.generate` against the
 time of the bare model forwards it made (the same inputs replayed through `NLDModel` alone,
 so overhead = input building, sampling, acceptance and bookkeeping). Prompts are random token
@@ -8,6 +9,7 @@ ids, or with --heldout the start of held-out files (a split JSON written by the 
 script; its tokenizer.json is the model's). Results go to stdout and --out (JSON).
 
     python benchmarks/engine_modes.py --model DIR [--heldout DIR/split.json] [--block-lengths 16,32]
+        [--algorithms linear,quadratic] [--no-diffusion]
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def measure(engine: Engine, prompts, params: DecodeParams, repeats: int = 3) -> 
         outputs.append(out.token_ids)
     return {
         "mode": params.mode,
+        "spec_algorithm": params.spec_algorithm if params.mode == "self_spec" else None,
         "block_length": params.block_length if params.mode != "ar" else None,
         "draft_lora": params.draft_lora,
         "forward_passes": passes,
@@ -127,6 +130,8 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--block-lengths", default="", help="comma-separated; default: the config block_size")
     p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--algorithms", default="linear,quadratic", help="self_spec algorithms to run")
+    p.add_argument("--no-diffusion", action="store_true", help="ar and self_spec rows only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
@@ -144,21 +149,24 @@ def main(argv=None) -> None:
     base = DecodeParams(max_new_tokens=args.max_new_tokens, threshold=args.threshold)
     engine.generate(prompts[0], base.with_(max_new_tokens=4))  # warm-up
     runs = [base.with_(mode="ar")]
+    algorithms = [a for a in args.algorithms.split(",") if a]
     for b in blocks:
-        runs.append(base.with_(mode="diffusion", block_length=b))
-        runs.append(base.with_(mode="self_spec", block_length=b))
-        if engine.has_lora:
-            runs.append(base.with_(mode="self_spec", block_length=b, draft_lora=False))
+        if not args.no_diffusion:
+            runs.append(base.with_(mode="diffusion", block_length=b))
+        for alg in algorithms:
+            runs.append(base.with_(mode="self_spec", block_length=b, spec_algorithm=alg))
+            if engine.has_lora:
+                runs.append(base.with_(mode="self_spec", block_length=b, draft_lora=False, spec_algorithm=alg))
     rows = [measure(engine, prompts, params) for params in runs]
     ar_out = rows[0]["outputs"]
     print(f"model {args.model} | {len(prompts)} prompts x {args.prompt_len} tokens | max_new_tokens "
           f"{args.max_new_tokens} | threshold {args.threshold} | {args.device} {args.dtype}")
-    print(f"{'mode':<10} {'block':>5} {'lora':>5} {'fwd':>6} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>9} "
+    print(f"{'mode':<10} {'alg':>9} {'block':>5} {'lora':>5} {'fwd':>6} {'tokens':>7} {'tok/fwd':>8} {'tok/s':>9} "
           f"{'overhead':>9} {'==ar':>5}")
     for r in rows:
         r["identical_to_ar"] = r["outputs"] == ar_out
         lora = "-" if r["mode"] != "self_spec" else ("off" if r["draft_lora"] is False or not engine.has_lora else "on")
-        print(f"{r['mode']:<10} {r['block_length'] or '-':>5} {lora:>5} {r['forward_passes']:>6} {r['tokens']:>7} "
+        print(f"{r['mode']:<10} {r['spec_algorithm'] or '-':>9} {r['block_length'] or '-':>5} {lora:>5} {r['forward_passes']:>6} {r['tokens']:>7} "
               f"{r['tokens_per_forward']:>8.2f} {r['tokens_per_s']:>9.1f} {r['overhead_pct']:>8.1f}% "
               f"{'yes' if r['identical_to_ar'] else 'no':>5}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,9 @@ For the eager runner and for the CUDA-graph runner it measures: AR decode at bat
 bare forward of one AR step (queued back to back, and synchronised each step as a decode loop
 is), one 32-token self-speculation cycle (a bidirectional draft pass, with and without an r=128
 draft LoRA, plus a 32-token causal verify pass) against one AR step, and one AR step at batch 32.
+Quadratic self-speculation (issue 15): one fused cycle (B drafts + B groups of B masks, the LoRA
+on the mask rows, logits of every row) at B = 4, 8, 16, 32 against one AR step, both timed with
+a device synchronisation after every pass; target: <= 1.3 AR steps at the best B.
 It also compares the two runners' logits and greedy tokens, profiles an eager step (GPU
 kernel time, host operators), and, on a 4-layer float32 model with the 8B widths, checks that
 the graph runner's tokens equal the eager runner's and that greedy self-spec equals AR. The paged
@@ -177,6 +180,33 @@ def profile_eager(model: NLDModel, prompt: list[int], dev: str) -> dict:
     return out
 
 
+def quadratic_cycles(model: NLDModel, runner_cls, prompt: list[int], dev: str, blocks=(4, 8, 16, 32)) -> dict:
+    """One quadratic self-spec cycle per block B (a B (B + 1)-token pass: drafts causal, mask
+    groups with the draft LoRA, every row's logits) and one AR step, over the same cached
+    prompt, each synchronised after every pass; ratio = cycle / AR step."""
+    from replicas.engine.modes.quadratic import group_mask, group_positions
+
+    cfg = model.config
+    n, mask_id, iters = len(prompt), cfg.mask_token_id, (20 if dev == "cuda" else 2)
+    cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=1, num_kv_heads=cfg.num_key_value_heads,
+                    max_len=n + max(blocks) * (max(blocks) + 1) + 1, head_dim=cfg.head_dim, device=dev,
+                    dtype=model.encoder.norm.weight.dtype)
+    runner = runner_cls(model, cache)
+    runner.run([(0, ForwardPass(prompt, 0, True, all_logits=False))])
+    step = [(0, ForwardPass([5], n, True, all_logits=False))]
+    out = {"ar_step_synced_ms": timed(lambda: runner.run(step), dev, iters, sync_each=True) * 1e3, "blocks": {}}
+    for b in blocks:
+        tokens = list(range(300, 300 + b)) + [mask_id] * (b * b)
+        cycle = [(0, ForwardPass(tokens, n, False, mask=group_mask(b, b), positions=group_positions(n, b, b),
+                                 lora_tokens=[False] * b + [True] * (b * b)))]
+        ms = timed(lambda: runner.run(cycle), dev, iters, sync_each=True) * 1e3
+        out["blocks"][b] = {"tokens": len(tokens), "cycle_ms": ms, "cycle_over_ar_step": ms / out["ar_step_synced_ms"]}
+    out["ar_step_synced_after_ms"] = timed(lambda: runner.run(step), dev, iters, sync_each=True) * 1e3
+    within = [b for b, r in out["blocks"].items() if r["cycle_over_ar_step"] <= 1.3]
+    out["largest_block_within_1.3_ar_steps"] = max(within) if within else None
+    return out
+
+
 def check_identity_fp32(dev: str, small: bool) -> dict:
     """8B widths, 4 layers, float32: graph vs eager tokens, and greedy self-spec == AR under
     graphs (bfloat16 near-ties of random weights make those comparisons uninformative)."""
@@ -196,6 +226,10 @@ def check_identity_fp32(dev: str, small: bool) -> dict:
     out["batch_engine"] = check_batch_engine(model, graph_runner_cls(dev))
     out["self_spec_equals_ar_eager"] = eager.generate(prompt, DecodeParams(
         mode="self_spec", max_new_tokens=96, ignore_eos=True)).token_ids == out["tokens"]["ar"]
+    for b in (4, 8, 16):
+        q = DecodeParams(mode="self_spec", spec_algorithm="quadratic", block_length=b, max_new_tokens=96, ignore_eos=True)
+        out[f"quadratic_b{b}_equals_ar_eager"] = eager.generate(prompt, q).token_ids == out["tokens"]["ar"]
+        out[f"quadratic_b{b}_equals_ar_under_graphs"] = graphs.generate(prompt, q).token_ids == out["tokens"]["ar"]
     del out["tokens"]
     return out
 
@@ -374,6 +408,12 @@ def main(argv=None) -> None:
                 "self_spec_forward_passes": spec.forward_passes, "diffusion_forward_passes": diff.forward_passes,
                 "diffusion_tokens": len(diff.token_ids), "graph_buckets": sorted(map(list, engine._runner.buckets))}
 
+    # the serving default replays passes of up to 64 tokens from graphs (B = 4: 20 tokens); a
+    # graph runner that takes up to 2,048 shows what replaying every B's cycle would cost
+    wide_graphs = (lambda m, c: CudaGraphRunner(m, c, max_tokens=2048, capture=dev == "cuda"))
+    section("quadratic_cycle_graphs", lambda: quadratic_cycles(model, graph_cls, prompt, dev))
+    section("quadratic_cycle_graphs_2048", lambda: quadratic_cycles(model, wide_graphs, prompt, dev))
+    section("quadratic_cycle_eager", lambda: quadratic_cycles(model, ModelRunner, prompt, dev))
     section("graph_vs_eager", compare)
     section("modes_under_graphs", modes_under_graphs)
     section("eager_profile", lambda: profile_eager(model, prompt, dev))

@@ -90,6 +90,9 @@ class _SamplingRequest(BaseModel):
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0,
                                                description="NLD: diffusion unmasking threshold (default 0.9)")
     draft_lora: bool | None = Field(default=None, description="NLD: self_spec drafts with the LoRA (default: when loaded)")
+    self_spec_algorithm: Literal["linear", "quadratic"] | None = Field(
+        default=None, description="NLD: self_spec algorithm: linear (draft, then verify: two forwards per cycle) or "
+        "quadratic (draft and verify in one forward); default: the policy level's, else the replica's")
     # vLLM-compatible sampling extras
     top_k: int | None = Field(default=None, ge=0, le=1 << 20, description="sample from the k best tokens (0: all)")
     ignore_eos: bool | None = Field(default=None, description="keep generating past end-of-sequence tokens")
@@ -222,6 +225,8 @@ class UsageOut(BaseModel):
     total_tokens: int
     forward_passes: int = Field(description="NLD: model forwards after prefill, summed over choices")
     tokens_per_forward: float = Field(description="NLD: completion_tokens / forward_passes")
+    self_spec_algorithm: Literal["linear", "quadratic"] | None = Field(
+        default=None, description="NLD: the self_spec algorithm that ran (null: no self_spec cycle ran)")
 
 
 class CompletionChoice(BaseModel):

@@ -24,16 +24,19 @@ def _reason(c: GenerateChunk) -> str:
 
 def usage(plan: "Plan", lasts: list[GenerateChunk | None]) -> dict:
     prompt = completion = passes = 0
+    algorithm = None
     for index, c in enumerate(lasts):
         u = c.usage if c is not None else None
         if u is None:
             continue
+        algorithm = algorithm or c.self_spec_algorithm
         if index % plan.n == 0:
             prompt += u.prompt_tokens
         completion += u.completion_tokens
         passes += u.forward_passes
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "forward_passes": passes, "tokens_per_forward": round(completion / passes, 4) if passes else 0.0}
+            "forward_passes": passes, "tokens_per_forward": round(completion / passes, 4) if passes else 0.0,
+            "self_spec_algorithm": algorithm}
 
 
 def completion_body(plan: "Plan", results: list[tuple[str, GenerateChunk]]) -> dict:

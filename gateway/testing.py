@@ -65,6 +65,8 @@ def fake_chunks(r: GenerateRequest, instant: bool = False) -> list[GenerateChunk
     chunks[-1].finish_reason = "stop" if visible_end is not None else "length"
     chunks[-1].usage = Usage(prompt_tokens=_prompt_tokens(r), completion_tokens=n_tokens, forward_passes=len(chunks),
                              tokens_per_forward=round(n_tokens / len(chunks), 4))
+    if r.mode == "self_spec":  # like the replica: the algorithm that ran (the engine's default: linear)
+        chunks[-1].self_spec_algorithm = r.self_spec_algorithm or "linear"
     if not r.stream:  # the whole answer in one message
         last = chunks[-1]
         return [last.model_copy(update={"token_ids": list(range(n_tokens)), "text": full})]

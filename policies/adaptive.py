@@ -39,6 +39,7 @@ class Level:
     mode: str
     enter_above: float = float("-inf")
     leave_below: float = float("-inf")
+    spec_algorithm: str | None = None  # self_spec levels: the algorithm; None: the replica's default
 
 
 @dataclass
@@ -66,10 +67,12 @@ class AdaptiveModePolicy:
         rule = spec.mode
         self.board, self.clock, self.wall = board, clock, wall
         self.expr = compile_expression(rule.signal)
-        self.levels = [Level(rule.sparse_mode)]
+        self.levels = [Level(rule.sparse_mode, spec_algorithm=rule.sparse_self_spec_algorithm)]
         if rule.middle is not None:
-            self.levels.append(Level(rule.middle.mode, rule.middle.enter_above, rule.middle.leave_below))
-        self.levels.append(Level(rule.loaded_mode, rule.enter_loaded_above, rule.leave_loaded_below))
+            self.levels.append(Level(rule.middle.mode, rule.middle.enter_above, rule.middle.leave_below,
+                                     rule.middle.self_spec_algorithm))
+        self.levels.append(Level(rule.loaded_mode, rule.enter_loaded_above, rule.leave_loaded_below,
+                                 rule.loaded_self_spec_algorithm))
         self.level = 0
         self.attached_at: float | None = None  # wall clock of the first evaluation on fresh signals
         self.settings_since = wall()
@@ -161,6 +164,13 @@ class AdaptiveModePolicy:
             self.evaluate()
         mode = self.mode
         asked = request.requested_mode
+        decision = self._decide(mode, asked)
+        algorithm = self.levels[self.level].spec_algorithm
+        if decision.mode == "self_spec" and algorithm is not None:  # the level's self_spec algorithm
+            return ModeDecision(decision.mode, decision.reason, algorithm)
+        return decision
+
+    def _decide(self, mode: str, asked: str) -> ModeDecision:
         if asked == "auto":
             return ModeDecision(mode, f"policy:{'loaded' if self.level == len(self.levels) - 1 else 'sparse'}"
                                 if len(self.levels) == 2 else f"policy:level{self.level}")

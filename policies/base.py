@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 MODES = ("ar", "diffusion", "self_spec")
+SPEC_ALGORITHMS = ("linear", "quadratic")
 REQUESTED = ("auto",) + MODES
 
 
@@ -26,6 +27,7 @@ class ModeRequest:
 class ModeDecision:
     mode: str  # the mode the request runs in
     reason: str  # "client", "policy:<why>", "clamped", ...
+    spec_algorithm: str | None = None  # self_spec: the level's algorithm ("linear" | "quadratic"); None: the replica's
 
 
 class ModePolicy(Protocol):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import MODES, ModeDecision, ModeRequest
+from .base import MODES, SPEC_ALGORITHMS, ModeDecision, ModeRequest
 
 
 @dataclass
@@ -14,14 +14,21 @@ class FixedModePolicy:
     mode: str = "self_spec"
     client_override: str = "allow"  # allow | deny | clamp
     allowed_modes: tuple[str, ...] = field(default=MODES)  # used by "clamp"
+    spec_algorithm: str | None = None  # self_spec decisions: "linear" | "quadratic"; None: the replica's default
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode: unknown decoding mode {self.mode!r}")
         if self.client_override not in ("allow", "deny", "clamp"):
             raise ValueError(f"client_override: must be allow, deny or clamp, got {self.client_override!r}")
+        if self.spec_algorithm is not None and self.spec_algorithm not in SPEC_ALGORITHMS:
+            raise ValueError(f"spec_algorithm: must be linear or quadratic, got {self.spec_algorithm!r}")
 
     def decide(self, request: ModeRequest) -> ModeDecision:
+        d = self._decide(request)
+        return ModeDecision(d.mode, d.reason, self.spec_algorithm) if d.mode == "self_spec" else d
+
+    def _decide(self, request: ModeRequest) -> ModeDecision:
         asked = request.requested_mode
         if asked == "auto":
             return ModeDecision(self.mode, "policy:fixed")

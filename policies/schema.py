@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .expr import compile_expression
 
 ModeName = Literal["ar", "diffusion", "self_spec"]
+SpecAlgorithm = Literal["linear", "quadratic"]
 
 
 class _Strict(BaseModel):
@@ -114,6 +115,8 @@ class Band(_Strict):
     mode: ModeName = "diffusion"
     enter_above: float
     leave_below: float
+    self_spec_algorithm: SpecAlgorithm | None = Field(default=None, description="a self_spec band's algorithm "
+                                                      "(None: the replica's default)")
 
 
 class ModeRule(_Strict):
@@ -121,6 +124,9 @@ class ModeRule(_Strict):
     smoothing: Smoothing = Field(default_factory=Smoothing)
     sparse_mode: ModeName = "self_spec"
     loaded_mode: ModeName = "ar"
+    # per level: the self_spec algorithm of requests the level runs in self_spec (None: the replica's default)
+    sparse_self_spec_algorithm: SpecAlgorithm | None = None
+    loaded_self_spec_algorithm: SpecAlgorithm | None = None
     enter_loaded_above: float
     leave_loaded_below: float
     middle: Band | None = None
@@ -141,6 +147,12 @@ class ModeRule(_Strict):
                 raise ValueError("middle.leave_below must be below middle.enter_above (hysteresis)")
             if not m.enter_above < self.enter_loaded_above or not m.leave_below < self.leave_loaded_below:
                 raise ValueError("the middle band's thresholds must sit below the loaded thresholds")
+        for name, mode, algorithm in (("sparse_self_spec_algorithm", self.sparse_mode, self.sparse_self_spec_algorithm),
+                                      ("loaded_self_spec_algorithm", self.loaded_mode, self.loaded_self_spec_algorithm),
+                                      ("middle.self_spec_algorithm", self.middle and self.middle.mode,
+                                       self.middle and self.middle.self_spec_algorithm)):
+            if algorithm is not None and mode != "self_spec":
+                raise ValueError(f"{name} is set but that level's mode is {mode!r}, not self_spec")
         if self.on_stale == "fallback" and self.stale_mode is None:
             raise ValueError("on_stale: fallback needs stale_mode")
         levels = [self.sparse_mode, self.loaded_mode] + ([self.middle.mode] if self.middle else [])

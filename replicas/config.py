@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .wire import DraftTierModel
+from .wire import DraftTierModel, SpecAlgorithm
 
 
 class EngineLimits(BaseModel):
@@ -29,6 +29,9 @@ class EngineLimits(BaseModel):
     kv_watermark: float = Field(default=0.01, ge=0, lt=1, description="share of KV blocks admission keeps free")
     enable_prefix_caching: bool = Field(default=True, description="share full prompt blocks between requests")
     max_num_batched_tokens: int = Field(default=2048, ge=1, description="tokens per engine step")
+    spec_algorithm: SpecAlgorithm = Field(default="linear", description="self_spec requests that name none")
+    quadratic_block_length: int = Field(default=8, ge=2, description="quadratic self-spec block when a request "
+                                        "names none (a cycle is B (B + 1) tokens)")
 
 
 class ReplicaConfig(BaseModel):
@@ -70,4 +73,5 @@ class ReplicaConfig(BaseModel):
             kv_block_size=e.kv_block_size, num_kv_blocks=e.num_kv_blocks,
             gpu_memory_utilization=e.gpu_memory_utilization, kv_watermark=e.kv_watermark,
             enable_prefix_caching=e.enable_prefix_caching, max_num_batched_tokens=e.max_num_batched_tokens,
+            spec_algorithm=e.spec_algorithm, quadratic_block_length=e.quadratic_block_length,
         )

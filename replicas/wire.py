@@ -30,6 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["ar", "diffusion", "self_spec"]
+SpecAlgorithm = Literal["linear", "quadratic"]  # self_spec: two forwards per cycle, or one
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -80,6 +81,7 @@ class GenerateRequest(BaseModel):
     block_length: int | None = Field(default=None, ge=2)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # diffusion confidence threshold
     draft_lora: bool | None = None
+    self_spec_algorithm: SpecAlgorithm | None = None  # None: the replica's engine default
     engine: EngineSettings | None = None  # the policy's current engine settings; applied when they differ
     stream: bool = True  # False: the answer is ONE GenerateChunk JSON with every token, the text and usage
 
@@ -111,6 +113,7 @@ class GenerateChunk(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None  # on the last chunk
     accepted_lengths: list[int] | None = None  # on the last chunk, self_spec
+    self_spec_algorithm: SpecAlgorithm | None = None  # on the last chunk: the algorithm that ran (self_spec)
     error: ErrorInfo | None = None
 
 

@@ -71,17 +71,19 @@ class BatchEngine:
 
     # ---- thread-safe control -------------------------------------------------------------
     def submit(self, prompt_ids, params: DecodeParams | None = None, request_id: str | None = None) -> str:
-        params = self.engine.check_request(list(prompt_ids), params or DecodeParams())
-        need = Engine.positions_needed(len(prompt_ids), params.max_new_tokens, params.block_length)
+        params = self.engine.check_request(list(prompt_ids), params or DecodeParams(), self.config)
+        need = Engine.positions_needed(len(prompt_ids), params.max_new_tokens, params)
+        ahead = (f"one quadratic self-spec cycle ({Engine.lookahead(params)} columns)"
+                 if params.spec_algorithm == "quadratic" else f"one block ({params.block_length})")
         if need > self.config.max_seq_len:
             raise ValueError(
-                f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) + one "
-                f"block ({params.block_length}) exceeds the engine's max_seq_len ({self.config.max_seq_len})"
+                f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) + "
+                f"{ahead} exceeds the engine's max_seq_len ({self.config.max_seq_len})"
             )
         if self.blocks.blocks_for(need) > self.cache.num_blocks:
             raise ValueError(
-                f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) + one "
-                f"block need {self.blocks.blocks_for(need)} KV blocks; the pool has {self.cache.num_blocks}")
+                f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) + "
+                f"{ahead} need {self.blocks.blocks_for(need)} KV blocks; the pool has {self.cache.num_blocks}")
         rid = request_id or f"req-{next(self._ids)}"
         row = Running(self.engine.new_sequence(prompt_ids, params, slot=-1, request_id=rid))
         with self._lock:
@@ -247,6 +249,8 @@ def request_stats(seq) -> dict:
         "completion_tokens": len(seq.output),
         "forward_passes": seq.forward_passes,
         "tokens_per_forward": len(seq.output) / max(seq.forward_passes, 1),
+        # the self-spec algorithm that ran (None when no self-spec cycle ran)
+        "spec_algorithm": seq.params.spec_algorithm if seq.params.mode == "self_spec" or seq.draft_blocks else None,
         "accepted_lengths": list(seq.accepted_lengths),
         "draft_blocks": list(seq.draft_blocks),
         "denoise_passes": list(seq.denoise_passes),

@@ -28,6 +28,8 @@ from .params import DecodeParams, GenerationOutput
 from .runner import ModelRunner
 from .sequence import Sequence
 
+_DEFAULTS = EngineConfig()
+
 
 class Engine:
     def __init__(
@@ -77,9 +79,11 @@ class Engine:
     def has_lora(self) -> bool:
         return self.model.has_lora
 
-    def check_request(self, prompt_ids, params: DecodeParams) -> DecodeParams:
-        """Validate against the model; return params with defaults resolved."""
+    def check_request(self, prompt_ids, params: DecodeParams, defaults: EngineConfig | None = None) -> DecodeParams:
+        """Validate against the model; return params with defaults resolved (the self-spec
+        algorithm and the quadratic block from `defaults`, an `EngineConfig`)."""
         cfg = self.config
+        defaults = defaults or _DEFAULTS
         if len(prompt_ids) == 0:
             raise ValueError("prompt_ids: the prompt is empty")
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
@@ -88,24 +92,36 @@ class Engine:
         bad_stop = [t for t in params.stop_token_ids if not 0 <= t < cfg.vocab_size]
         if bad_stop:
             raise ValueError(f"stop_token_ids: token id {bad_stop[0]!r} is outside the vocabulary")
+        # quadratic only for requests admitted in self_spec: admission reserves its B (B + 1)
+        # lookahead; a request switched into self_spec later (a downgrade's return excepted) runs linear
+        algorithm = (params.spec_algorithm or defaults.spec_algorithm) if params.mode == "self_spec" else "linear"
         block = params.block_length or min(cfg.block_size, self.max_block_length)
+        if params.block_length is None and algorithm == "quadratic":
+            block = min(defaults.quadratic_block_length, block)
         if block > self.max_block_length:
             raise ValueError(f"block_length: {block} is above the configured limit {self.max_block_length}")
         if params.draft_lora and not self.has_lora:
             raise ValueError("draft_lora: no LoRA adapter is loaded")
         draft_lora = self.has_lora if params.draft_lora is None else params.draft_lora
-        need = self.positions_needed(len(prompt_ids), params.max_new_tokens, block)
-        if need > cfg.max_position_embeddings:
+        ahead = 2 * block if algorithm == "quadratic" else block  # quadratic masks reach 2B - 1 past
+        if len(prompt_ids) + params.max_new_tokens + ahead > cfg.max_position_embeddings:
             raise ValueError(
                 f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
                 f"+ one block exceeds max_position_embeddings ({cfg.max_position_embeddings})"
             )
-        return params.with_(block_length=block, draft_lora=draft_lora)
+        return params.with_(block_length=block, draft_lora=draft_lora, spec_algorithm=algorithm)
 
     @staticmethod
-    def positions_needed(prompt_len: int, max_new_tokens: int, block: int) -> int:
-        """Cache columns a request can touch: its prompt, its output and one block of lookahead."""
-        return prompt_len + max_new_tokens + block
+    def positions_needed(prompt_len: int, max_new_tokens: int, params: DecodeParams) -> int:
+        """Cache columns a request can touch: its prompt, its output and one cycle's lookahead
+        (a block; B (B + 1) for quadratic self-spec, whose mask groups sit at fresh columns)."""
+        return prompt_len + max_new_tokens + Engine.lookahead(params)
+
+    @staticmethod
+    def lookahead(params: DecodeParams) -> int:
+        """Columns past the output one cycle may write (params resolved by `check_request`)."""
+        b = params.block_length
+        return b * (b + 1) if params.spec_algorithm == "quadratic" else b
 
     def new_sequence(self, prompt_ids, params: DecodeParams, slot: int, request_id: str | None = None) -> Sequence:
         generator = None
@@ -147,7 +163,7 @@ class Engine:
     def generate(self, prompt_ids, params: DecodeParams | None = None) -> GenerationOutput:
         params = self.check_request(list(prompt_ids), params or DecodeParams())
         t0 = time.perf_counter()
-        core = self._core_for(self.positions_needed(len(prompt_ids), params.max_new_tokens, params.block_length))
+        core = self._core_for(self.positions_needed(len(prompt_ids), params.max_new_tokens, params))
         rid = core.submit(prompt_ids, params)
         tokens: list[int] = []
         last = None
@@ -167,6 +183,7 @@ class Engine:
             forward_passes=st["forward_passes"],
             mode=params.mode,
             prompt_tokens=len(prompt_ids),
+            spec_algorithm=st["spec_algorithm"],
             accepted_lengths=st["accepted_lengths"],
             denoise_passes=st["denoise_passes"],
             seconds=time.perf_counter() - t0,

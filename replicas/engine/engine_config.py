@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .params import SPEC_ALGORITHMS
+
 
 @dataclass(frozen=True)
 class DraftTier:
@@ -42,11 +44,19 @@ class EngineConfig:
     kv_watermark: float = 0.01  # share of the blocks admission leaves free for running sequences to grow
     enable_prefix_caching: bool = True  # share full prompt blocks between requests
     max_num_batched_tokens: int = 2048  # tokens per step: every running row's pass, then prefill chunks
+    spec_algorithm: str = "linear"  # self_spec requests that name none: "linear" | "quadratic"
+    # quadratic self-spec block when a request names none (a cycle is B (B + 1) tokens, so it
+    # defaults smaller than the linear block; draft tiers cap it further under load)
+    quadratic_block_length: int = 8
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_block_size", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.spec_algorithm not in SPEC_ALGORITHMS:
+            raise ValueError(f"spec_algorithm: must be one of {', '.join(SPEC_ALGORITHMS)}, got {self.spec_algorithm!r}")
+        if self.quadratic_block_length < 2:
+            raise ValueError(f"quadratic_block_length: must be >= 2, got {self.quadratic_block_length}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting: must be >= 0, got {self.max_waiting}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 MODES = ("ar", "diffusion", "self_spec")
+SPEC_ALGORITHMS = ("linear", "quadratic")  # self_spec: two forwards per cycle, or one (NLD.md)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class DecodeParams:
     block_length: int | None = None  # diffusion canvas / self-spec draft; None = config block_size
     threshold: float = 0.9  # diffusion confidence threshold
     draft_lora: bool | None = None  # self-spec draft LoRA; None = on when an adapter is loaded
+    spec_algorithm: str | None = None  # self_spec: "linear" | "quadratic"; None = EngineConfig's default
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -40,6 +42,9 @@ class DecodeParams:
             raise ValueError(f"top_k: must be an integer >= 0, got {self.top_k!r}")
         if self.block_length is not None and (not isinstance(self.block_length, int) or self.block_length < 2):
             raise ValueError(f"block_length: must be an integer >= 2, got {self.block_length!r}")
+        if self.spec_algorithm is not None and self.spec_algorithm not in SPEC_ALGORITHMS:
+            raise ValueError(f"spec_algorithm: unknown self-speculation algorithm {self.spec_algorithm!r} "
+                             f"(choose one of {', '.join(SPEC_ALGORITHMS)})")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold: must be in [0, 1], got {self.threshold!r}")
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -59,6 +64,7 @@ class GenerationOutput:
     forward_passes: int  # forward passes after prefill (NFE)
     mode: str
     prompt_tokens: int
+    spec_algorithm: str | None = None  # self_spec: the algorithm that ran
     accepted_lengths: list[int] = field(default_factory=list)  # self_spec: accepted drafts per cycle
     denoise_passes: list[int] = field(default_factory=list)  # diffusion: denoise passes per block
     seconds: float = 0.0

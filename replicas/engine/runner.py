@@ -3,9 +3,13 @@
 Layout: passes are grouped by token count (and by the columns they read, see `column_bucket`);
 a group's rows are laid out one after another, and the groups one after another, as one
 flat row of N = sum of the groups' rows x tokens (so an AR token, a 32-token canvas and a
-500-token prefill chunk share a forward without padding each other). Each real token at position p writes its K/V to column p of its sequence, at the flat
-cache location its block table gives; padding tokens write to the scratch location and use
-position 0. The boolean mask lets a real query see every column <= p (causal pass), every
+500-token prefill chunk share a forward without padding each other). Real token i of a pass
+writes its K/V to column p = start + i of its sequence, at the flat cache location its block
+table gives, and takes RoPE position p unless the pass names its `positions` (quadratic
+self-spec stores mask groups at fresh columns while their positions overlap the drafts');
+padding tokens write to the scratch location and use position 0. The o_proj LoRA weight is
+per token (`ForwardPass.lora_weights`: all of a draft pass, or only a quadratic pass's mask
+rows). The boolean mask (over columns) lets a real query see every column <= p (causal pass), every
 column < start + T_b (bidirectional pass: the cached prefix and the whole canvas), or the
 cached prefix plus the pass's own [T, T] `mask` (any other pattern); a padding query sees
 column 0 only, so it stays finite. A group reads S = max over its rows of start + T_b columns.
@@ -49,17 +53,24 @@ class ModelRunner:
         starts = torch.tensor([p.start for _, p in items] + [0] * pad)  # [R]
         causal = torch.tensor([p.causal for _, p in items] + [True] * pad)  # [R]
         slots = torch.tensor([slot for slot, _ in items] + [0] * pad)  # [R]
-        lora = torch.tensor([float(p.lora) for _, p in items] + [0.0] * pad)  # [R]
+        lora = torch.tensor([p.lora_weights() + [0.0] * (t - len(p.tokens)) for _, p in items] + [[0.0] * t] * pad
+                            ).view(rows, t)  # [R, T]
         tokens = torch.tensor([p.tokens + [0] * (t - len(p.tokens)) for _, p in items] + [[0] * t] * pad,
                               dtype=torch.long).view(rows, t)  # [R, T]
         tables = self.cache.tables.index_select(0, slots)  # [R, W]
         tables[b:] = self.cache.scratch_block
         offs = torch.arange(t)[None, :]  # [1, T]
         real = offs < lengths[:, None]  # [R, T]
-        positions = torch.where(real, starts[:, None] + offs, 0)  # [R, T]
-        write_index = self.cache.locations(tables, positions, real)  # [R, T]
+        columns = torch.where(real, starts[:, None] + offs, 0)  # [R, T] where each token's K/V is stored
+        positions = columns
+        if any(p.positions is not None for _, p in items):  # RoPE positions that differ from the columns
+            positions = columns.clone()
+            for i, (_, p) in enumerate(items):
+                if p.positions is not None:
+                    positions[i, : len(p.tokens)] = torch.tensor(p.positions)
+        write_index = self.cache.locations(tables, columns, real)  # [R, T]
         canvas_end = (starts + lengths - 1)[:, None]  # [R, 1] last column of the row's tokens
-        limit = torch.where(causal[:, None], positions, canvas_end)  # [R, T]
+        limit = torch.where(causal[:, None], columns, canvas_end)  # [R, T]
         limit = torch.where(real, limit, 0)
         s = s or int((starts + lengths).max())
         mask = torch.arange(s)[None, None, :] <= limit[:, :, None]  # [R, T, S]
@@ -72,7 +83,7 @@ class ModelRunner:
         nb = -(-s // self.cache.block_size)
         return {"tokens": tokens, "positions": positions, "write_index": write_index,
                 "tables": tables[:, :nb].contiguous(), "mask": mask[:, None],
-                "lora": lora[:, None].expand(rows, t).contiguous()}
+                "lora": lora}
 
     def groups(self, items: Items) -> list[list[int]]:
         """Item indices grouped by token count (no padding inside a group) and by the columns they
@@ -103,7 +114,7 @@ class ModelRunner:
                 return parts[0][name].reshape(1, -1).to(dev)  # [1, N]
             return torch.cat([h[name].reshape(-1) for h in parts])[None].to(dev)  # [1, N]
 
-        wants_lora = any(p.lora for _, p in items) and self.model.has_lora
+        wants_lora = any(p.wants_lora for _, p in items) and self.model.has_lora
         attn = AttentionInputs(write_index=flat("write_index"), groups=tuple(groups),
                                lora_weight=flat("lora") if wants_lora else None)
         return flat("tokens"), flat("positions"), attn, offsets

@@ -20,8 +20,7 @@ from typing import Hashable
 import torch
 
 from .engine_config import EngineConfig
-from .modes import MODE_CLASSES, DecodeMode, finish_prefill
-from .modes.self_spec import SelfSpecMode
+from .modes import DecodeMode, QuadraticSpecMode, SelfSpecMode, finish_prefill, mode_class
 from .sequence import ForwardPass, Sequence
 
 
@@ -64,9 +63,9 @@ class Running:
             return
         if self.switch_to and self.switch_to != self.mode.name:
             self.seq.params = self.seq.params.with_(mode=self.switch_to)
-            self.mode = MODE_CLASSES[self.switch_to](self.seq)
+            self.mode = mode_class(self.seq.params)(self.seq)
         self.switch_to = None
-        if isinstance(self.mode, SelfSpecMode):
+        if isinstance(self.mode, (SelfSpecMode, QuadraticSpecMode)):
             self.mode.block = config.draft_block(running, self.seq.params.block_length)
 
     def next_pass(self) -> ForwardPass:
@@ -92,7 +91,7 @@ class Running:
             seq.params = seq.params.with_(mode=self.switch_to)
             self.switch_to = None
         out = finish_prefill(seq, logits)
-        self.mode = MODE_CLASSES[seq.params.mode](seq)
+        self.mode = mode_class(seq.params)(seq)
         return out
 
     def preempt(self) -> None:

@@ -29,6 +29,20 @@ class ForwardPass:
     all_logits: bool = True  # False: only the last position's logits are needed
     mask: torch.Tensor | None = None  # [T, T] bool: which of this pass's tokens each token sees
     # (overrides `causal`; the cached prefix is always visible; each query must see something)
+    # [T] RoPE positions; None: start + i. Token i is STORED at column start + i whatever its
+    # position (quadratic self-spec puts several mask groups at overlapping positions)
+    positions: list[int] | None = None
+    lora_tokens: list[bool] | None = None  # [T] per-token LoRA (overrides `lora`)
+
+    @property
+    def wants_lora(self) -> bool:
+        return any(self.lora_tokens) if self.lora_tokens is not None else self.lora
+
+    def lora_weights(self) -> list[float]:
+        """[T] 1.0 where the o_proj LoRA delta applies, else 0.0."""
+        if self.lora_tokens is not None:
+            return [float(x) for x in self.lora_tokens]
+        return [float(self.lora)] * len(self.tokens)
 
 
 class Sequence:

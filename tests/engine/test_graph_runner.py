@@ -106,3 +106,19 @@ def test_batch_engine_picks_the_runner_from_its_config(ckpt_dir):
     core = BatchEngine.from_pretrained(ckpt_dir, EngineConfig(max_batch_size=2, max_seq_len=64))
     assert type(core.runner) is ModelRunner
     assert EngineConfig().cuda_graphs and not EngineConfig(cuda_graphs=False).cuda_graphs
+
+
+@pytest.mark.parametrize("block", [2, 3])
+def test_quadratic_cycles_replay_from_padded_buckets(block, lora_ckpt_dir):
+    """Quadratic passes (own RoPE positions, group masks, LoRA on the mask rows only) through
+    the padded static buffers give the eager runner's tokens and forward count."""
+    eager = Engine.from_pretrained(lora_ckpt_dir, runner_cls=ModelRunner)
+    padded = Engine.from_pretrained(lora_ckpt_dir, runner_cls=static_runner)
+    params = DecodeParams(mode="self_spec", spec_algorithm="quadratic", block_length=block, max_new_tokens=24,
+                          ignore_eos=True)
+    for prompt in ([3] * 11, [1, 17, 23, 99, 5, 8]):
+        a, b = eager.generate(prompt, params), padded.generate(prompt, params)
+        assert b.token_ids == a.token_ids and b.forward_passes == a.forward_passes
+        assert b.token_ids == eager.generate(prompt, DecodeParams(max_new_tokens=24, ignore_eos=True)).token_ids
+    assert padded._runner.eager_passes == 0  # block 3: 12-token cycles, within max_tokens 16
+    assert any(key[1] == next_power_of_two(block * (block + 1)) and key[3] for key in padded._runner.buckets)

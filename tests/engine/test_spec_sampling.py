@@ -24,6 +24,9 @@ draft's position) and show the same tests reject them.
 Where: batch 1 (`Engine.generate`; slow, one generation at a time) and inside mixed batches of
 `BatchEngine` (ar, diffusion and other self-spec neighbours, other block lengths, the draft LoRA
 on some rows and off on others, chunked prefills, requests arriving while others run).
+Both algorithms: linear, and quadratic, whose first cycle's drafts come from the initial-draft
+pass and every later cycle's from the previous cycle's mask group (q = that group's diffusion
+distributions), so positions 4-5 test drafts made inside the fused pass.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from replicas.engine import DecodeParams, Engine
 from replicas.engine.batch_engine import BatchEngine
 from replicas.engine.engine_config import EngineConfig
 from replicas.engine.kv_cache import KVCache
-from replicas.engine.modes import self_spec
+from replicas.engine.modes import quadratic, self_spec
 from replicas.engine.runner import ModelRunner
 from replicas.engine.sampling import draw, probabilities, speculative_accept
 from replicas.engine.sequence import ForwardPass
@@ -53,6 +56,8 @@ ALPHA = 1e-4  # a correct engine fails one of these tests in 10,000 (the seeds a
 SAMPLING = [DecodeParams(temperature=1.0), DecodeParams(temperature=0.8, top_p=0.95)]
 MIN_BONUS = {1.0: 80, 0.8: 40}  # bonus tokens drawn out of 600 requests, at least
 PROMPTS = ([1, 40, 41, 42], [1, 7, 300, 301, 302, 8, 9], [1, 250])
+ALGORITHMS = ("linear", "quadratic")
+MODULES = {"linear": self_spec, "quadratic": quadratic}  # where each algorithm calls speculative_accept
 
 
 @dataclass
@@ -138,12 +143,13 @@ def peaky(peaky_dir):
 
 # ---- batch 1 -----------------------------------------------------------------------------
 
-def generate_samples(engine: Engine, n: int, params: DecodeParams, seed0: int = 0) -> list[Sample]:
+def generate_samples(engine: Engine, n: int, params: DecodeParams, seed0: int = 0,
+                     algorithm: str = "linear") -> list[Sample]:
     samples = []
     for i in range(n):
         prompt = list(PROMPTS[i % len(PROMPTS)])
         p = params.with_(mode="self_spec", max_new_tokens=MAX_NEW, block_length=BLOCK, seed=seed0 + i,
-                         ignore_eos=True)
+                         ignore_eos=True, spec_algorithm=algorithm)
         out = engine.generate(prompt, p)
         blocks = [BLOCK] * len(out.accepted_lengths)
         samples.append(Sample(prompt, out.token_ids, bonus_positions(out.accepted_lengths, blocks, MAX_NEW), p))
@@ -151,9 +157,10 @@ def generate_samples(engine: Engine, n: int, params: DecodeParams, seed0: int = 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("params", SAMPLING, ids=["t1", "t0.8-p0.95"])
-def test_batch_1_self_spec_samples_as_ar(peaky, params):
-    samples = generate_samples(peaky, 600, params)
+def test_batch_1_self_spec_samples_as_ar(peaky, params, algorithm):
+    samples = generate_samples(peaky, 600, params, algorithm=algorithm)
     assert bonus_count(samples) >= MIN_BONUS[params.temperature]  # the bonus branch ran often enough
     p = pvalues(peaky, samples)
     assert min(p.values()) > ALPHA, p
@@ -161,9 +168,10 @@ def test_batch_1_self_spec_samples_as_ar(peaky, params):
 
 # ---- mixed batches -----------------------------------------------------------------------
 
-def batch_samples(engine_dir, n: int, params: DecodeParams, seed0: int = 0, max_batch: int = 48) -> list[Sample]:
-    """`n` sampled self-spec requests (block 4) among ar, diffusion and greedy self-spec
-    neighbours, with and without the draft LoRA, arriving in waves while others run."""
+def batch_samples(engine_dir, n: int, params: DecodeParams, seed0: int = 0, max_batch: int = 48,
+                  algorithm: str = "linear") -> list[Sample]:
+    """`n` sampled self-spec requests (block 4, `algorithm`) among ar, diffusion and greedy self-spec
+    neighbours (both algorithms), with and without the draft LoRA, arriving in waves while others run."""
     engine = BatchEngine.from_pretrained(engine_dir, EngineConfig(max_batch_size=max_batch, max_seq_len=64,
                                                                   max_waiting=4 * n, prefill_chunk=3))
     tested: dict[str, tuple[list[int], DecodeParams]] = {}
@@ -174,12 +182,16 @@ def batch_samples(engine_dir, n: int, params: DecodeParams, seed0: int = 0, max_
         DecodeParams(mode="diffusion", max_new_tokens=7, block_length=2, temperature=0.8, ignore_eos=True),
         DecodeParams(mode="self_spec", max_new_tokens=11, block_length=8, ignore_eos=True),
         DecodeParams(mode="self_spec", max_new_tokens=9, block_length=2, temperature=1.0, ignore_eos=True),
+        DecodeParams(mode="self_spec", spec_algorithm="quadratic", max_new_tokens=10, block_length=3,
+                     ignore_eos=True),
+        DecodeParams(mode="self_spec", spec_algorithm="linear" if algorithm == "quadratic" else "quadratic",
+                     max_new_tokens=8, block_length=4, temperature=1.0, ignore_eos=True),
     ]
     pending = []
     for i in range(n):
         prompt = list(PROMPTS[i % len(PROMPTS)])
         p = params.with_(mode="self_spec", max_new_tokens=MAX_NEW, block_length=BLOCK, seed=seed0 + i,
-                         ignore_eos=True, draft_lora=bool(i % 2))
+                         ignore_eos=True, draft_lora=bool(i % 2), spec_algorithm=algorithm)
         pending.append((f"t{i}", prompt, p))
         if i % 4 == 3:
             j = i // 4
@@ -202,17 +214,18 @@ def batch_samples(engine_dir, n: int, params: DecodeParams, seed0: int = 0, max_
     samples = []
     for rid, (prompt, p) in tested.items():
         out, stats = outputs[rid], finals[rid]
-        assert len(out) == MAX_NEW and stats["mode"] == "self_spec"
+        assert len(out) == MAX_NEW and stats["mode"] == "self_spec" and stats["spec_algorithm"] == algorithm
         assert set(stats["draft_blocks"]) == {BLOCK}
         samples.append(Sample(prompt, out, bonus_positions(stats["accepted_lengths"], stats["draft_blocks"], MAX_NEW),
                               p))
     return samples
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("params", [SAMPLING[0], pytest.param(SAMPLING[1], marks=pytest.mark.slow)],
                          ids=["t1", "t0.8-p0.95"])
-def test_self_spec_inside_mixed_batches_samples_as_ar(peaky_dir, peaky, params):
-    samples = batch_samples(peaky_dir, 600, params)
+def test_self_spec_inside_mixed_batches_samples_as_ar(peaky_dir, peaky, params, algorithm):
+    samples = batch_samples(peaky_dir, 600, params, algorithm=algorithm)
     assert bonus_count(samples) >= MIN_BONUS[params.temperature]
     p = pvalues(peaky, samples)
     assert min(p.values()) > ALPHA, p
@@ -237,10 +250,11 @@ def bonus_off_by_one(drafts, q, p, generator):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("rule, caught_at", [(residual_ignored, "position"), (bonus_off_by_one, "bonus")])
-def test_the_tests_reject_a_wrong_rule(peaky_dir, peaky, monkeypatch, rule, caught_at):
-    monkeypatch.setattr(self_spec, "speculative_accept", rule)
-    samples = batch_samples(peaky_dir, 600, SAMPLING[0], seed0=50_000)
+def test_the_tests_reject_a_wrong_rule(peaky_dir, peaky, monkeypatch, rule, caught_at, algorithm):
+    monkeypatch.setattr(MODULES[algorithm], "speculative_accept", rule)
+    samples = batch_samples(peaky_dir, 600, SAMPLING[0], seed0=50_000, algorithm=algorithm)
     p = pvalues(peaky, samples)
     assert min(v for k, v in p.items() if k.startswith(caught_at)) < ALPHA, p  # the test above would fail
 

@@ -185,3 +185,37 @@ async def test_each_app_has_its_own_registry(make_app):
     async with asgi_client(a) as ca, asgi_client(b) as cb:
         await ca.post("/v1/completions", json={"model": "nld", "prompt": "s", "max_tokens": 1})
         assert "status=\"200\"" not in (await cb.get("/metrics")).text
+
+
+async def test_self_spec_algorithm_is_forwarded_and_reported(client, fake):
+    body = {"model": "nld", "prompt": "x", "max_tokens": 5, "decoding_mode": "self_spec"}
+    r = await client.post("/v1/completions", json={**body, "self_spec_algorithm": "quadratic"})
+    assert r.status_code == 200, r.text
+    assert fake.requests[-1].self_spec_algorithm == "quadratic"
+    assert r.json()["usage"]["self_spec_algorithm"] == "quadratic"
+    r = await client.post("/v1/completions", json=body)  # none asked: the replica's default ran
+    assert fake.requests[-1].self_spec_algorithm is None and r.json()["usage"]["self_spec_algorithm"] == "linear"
+    r = await client.post("/v1/completions", json={**body, "decoding_mode": "ar", "self_spec_algorithm": "quadratic"})
+    assert r.json()["usage"]["self_spec_algorithm"] is None  # no self_spec cycle ran
+    r = await client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4, "stream": True,
+                                                        "stream_options": {"include_usage": True},
+                                                        "self_spec_algorithm": "quadratic"})
+    assert sse_events(r.text)[-2]["usage"]["self_spec_algorithm"] == "quadratic"
+    r = await client.post("/v1/completions", json={**body, "self_spec_algorithm": "cubic"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "self_spec_algorithm" and err["type"] == "invalid_request_error"
+
+
+async def test_the_policy_level_names_the_algorithm_and_the_client_overrides_it(make_app, fake):
+    from policies import FixedModePolicy
+
+    async with asgi_client(make_app(FixedModePolicy(mode="self_spec", spec_algorithm="quadratic"))) as c:
+        r = await c.post("/v1/completions", json={"model": "nld", "prompt": "x", "max_tokens": 3})
+        assert fake.requests[-1].self_spec_algorithm == "quadratic"
+        assert r.json()["usage"]["self_spec_algorithm"] == "quadratic"
+        await c.post("/v1/completions", json={"model": "nld", "prompt": "x", "max_tokens": 3,
+                                              "self_spec_algorithm": "linear"})
+        assert fake.requests[-1].self_spec_algorithm == "linear"
+        await c.post("/v1/completions", json={"model": "nld", "prompt": "x", "max_tokens": 3, "decoding_mode": "ar"})
+        assert fake.requests[-1].self_spec_algorithm is None  # an ar decision carries no algorithm

@@ -210,3 +210,23 @@ def test_expressions(text, values, expect):
 def test_expressions_reject_anything_else(text):
     with pytest.raises(ValueError, match="invalid expression"):
         compile_expression(text)
+
+
+async def test_each_level_names_its_self_spec_algorithm():
+    policy, src, clock, board, _ = make("sparse_self_spec_algorithm: quadratic\n  middle: {mode: self_spec, "
+                                        "enter_above: 5, leave_below: 3, self_spec_algorithm: linear}")
+    await feed(board, src, clock, 1)
+    d = policy.decide(ModeRequest())
+    assert (d.mode, d.spec_algorithm) == ("self_spec", "quadratic")
+    clock.t += 11
+    await feed(board, src, clock, 6)
+    policy.evaluate()
+    d = policy.decide(ModeRequest())
+    assert (d.mode, d.spec_algorithm) == ("self_spec", "linear")
+    clock.t += 11
+    await feed(board, src, clock, 9)
+    policy.evaluate()
+    d = policy.decide(ModeRequest())
+    assert (d.mode, d.spec_algorithm) == ("ar", None)
+    d = policy.decide(ModeRequest(requested_mode="self_spec"))  # allowed; the loaded level names none
+    assert (d.mode, d.spec_algorithm) == ("self_spec", None)

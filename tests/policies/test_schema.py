@@ -102,3 +102,16 @@ def test_presets_follow_the_stack_ports_and_count_the_replicas(name):
     resolved = spec.resolved(StackPorts(metrics_port=18123))
     assert all(u == "http://127.0.0.1:18123/metrics" for s in resolved.signals if s.source == "scrape"
                for u in s.urls)
+
+
+def test_self_spec_algorithm_per_level():
+    base = ("signals: [{name: x, source: local}]\nmode: {signal: x, enter_loaded_above: 8, leave_loaded_below: 4, "
+            "%s}\n")
+    spec = parse_policy(base % "sparse_self_spec_algorithm: quadratic")
+    assert spec.mode.sparse_self_spec_algorithm == "quadratic" and spec.mode.loaded_self_spec_algorithm is None
+    with pytest.raises(PolicyFileError, match="loaded_self_spec_algorithm is set but that level's mode is 'ar'"):
+        parse_policy(base % "loaded_self_spec_algorithm: linear")
+    with pytest.raises(PolicyFileError, match="mode.sparse_self_spec_algorithm"):
+        parse_policy(base % "sparse_self_spec_algorithm: cubic")
+    with pytest.raises(PolicyFileError, match="middle.self_spec_algorithm is set"):
+        parse_policy(base % "middle: {enter_above: 5, leave_below: 3, self_spec_algorithm: quadratic}")

@@ -59,8 +59,9 @@ class FakeEngine(StreamingFrontend):
             ids = self.script[made:made + n]
             made, steps = made + n, steps + 1
             done = made >= params.max_new_tokens
+            algorithm = (params.spec_algorithm or self.config.spec_algorithm) if params.mode == "self_spec" else None
             stats = {"mode": params.mode, "prompt_tokens": 1, "forward_passes": steps, "accepted_lengths": [],
-                     "denoise_passes": []} if done else None
+                     "denoise_passes": [], "spec_algorithm": algorithm} if done else None
             self._deliver([StreamChunk(rid, ids, finish_reason="length" if done else None, stats=stats,
                                        forward_passes=steps, mode=params.mode)])
             if done:

@@ -137,3 +137,51 @@ def test_dated_settings_apply_once_and_never_go_back():
 
     asyncio.run(main())
     assert engine.downgrades == [True, False] and replica.settings_since == 300.0 and not replica.downgraded
+
+
+def test_the_self_spec_algorithm_reaches_the_engine_and_the_last_chunk_reports_it():
+    replica, engine, _ = make({"tokens_per_step": 3})
+    for asked, ran in [("quadratic", "quadratic"), ("linear", "linear"), (None, "linear")]:
+        body = {"prompt_ids": [5], "max_tokens": 6, "stream": False, "mode": "self_spec"}
+        r = asyncio.run(post(replica, {**body, "self_spec_algorithm": asked} if asked else body))
+        assert r.status_code == 200, r.text
+        assert engine.submitted[-1][2].spec_algorithm == asked
+        assert GenerateChunk.model_validate_json(r.text).self_spec_algorithm == ran
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 6, "stream": False, "mode": "ar"}))
+    assert GenerateChunk.model_validate_json(r.text).self_spec_algorithm is None
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 6, "self_spec_algorithm": "cubic"}))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "self_spec_algorithm"
+
+
+def test_engine_limits_carry_the_default_algorithm_and_quadratic_block():
+    from pydantic import ValidationError
+
+    from replicas.config import ReplicaConfig
+
+    cfg = ReplicaConfig(model_path="m", engine={"spec_algorithm": "quadratic", "quadratic_block_length": 4})
+    ec = cfg.engine_config()
+    assert (ec.spec_algorithm, ec.quadratic_block_length) == ("quadratic", 4)
+    assert ReplicaConfig(model_path="m").engine_config().spec_algorithm == "linear"
+    with pytest.raises(ValidationError, match="spec_algorithm"):
+        ReplicaConfig(model_path="m", engine={"spec_algorithm": "cubic"})
+
+
+def test_a_real_engine_runs_the_configured_quadratic_default_and_reports_it():
+    """No fake: the replica's own engine (on a thread), `engine.spec_algorithm: quadratic`."""
+    replica = NLDReplica({"model_path": str(MODEL), "model_name": "m", "engine_process": False,
+                          "engine": {"max_seq_len": 256, "max_batch_size": 2, "spec_algorithm": "quadratic",
+                                     "quadratic_block_length": 4}}, metrics=RecordingMetrics())
+    body = {"prompt": "import os\nimport sys\n\n\ndef main(", "max_tokens": 24, "stream": False}
+
+    async def both():
+        return (await post(replica, {**body, "mode": "self_spec"}), await post(replica, {**body, "mode": "ar"}),
+                await post(replica, {**body, "mode": "self_spec", "self_spec_algorithm": "linear"}))
+
+    try:
+        quad, ar, linear = (GenerateChunk.model_validate_json(r.text) for r in asyncio.run(both()))
+    finally:
+        replica.engine.shutdown()
+    assert quad.self_spec_algorithm == "quadratic" and linear.self_spec_algorithm == "linear"
+    assert ar.self_spec_algorithm is None
+    assert quad.token_ids == ar.token_ids == linear.token_ids
+    assert quad.usage.forward_passes < linear.usage.forward_passes

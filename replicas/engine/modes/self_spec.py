@@ -22,6 +22,7 @@ from .base import DecodeMode
 
 class SelfSpecMode(DecodeMode):
     name = "self_spec"
+    algorithm = "linear"
 
     def __init__(self, seq) -> None:
         super().__init__(seq)
