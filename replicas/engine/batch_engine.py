@@ -49,6 +49,7 @@ class BatchEngine:
         self._new_scheduler()
         self.stats = EngineStats()
         self.costs = CostModel()  # measured step costs and mode yields (exported in the stats)
+        self._unmeasured: tuple | None = None  # (shape, start) of a step charged when the next begins
         self._lock = threading.RLock()
         self._aborts: set[str] = set()
         self._abort_notices: list[str] = []  # waiting requests already removed; report next step
@@ -154,6 +155,10 @@ class BatchEngine:
     # ---- the loop body -------------------------------------------------------------------
     def step(self) -> list[StreamChunk]:
         t0 = time.perf_counter()
+        if self._unmeasured is not None:  # the previous step ran until now
+            shape, start = self._unmeasured
+            self._unmeasured = None
+            self.costs.steps.observe(*shape, t0 - start)
         out: list[StreamChunk] = []
         plan: Plan | None = None
         ok = False
@@ -177,9 +182,19 @@ class BatchEngine:
             s.step_seconds.observe(s.last_step_seconds)
             s.scheduled_tokens.observe(s.last_step_tokens)
             if ok:  # a failed step's time says nothing about the model's cost
-                logit_rows = sum(len(p.tokens) if p.all_logits else 1 for p in plan.passes)
-                self.costs.steps.observe(len(plan.rows), plan.tokens, logit_rows, s.last_step_seconds)
+                self._measure(plan, t0)
         return out
+
+    def _measure(self, plan: Plan, t0: float) -> None:
+        """Feed the cost model. A step followed at once by the next one (the loop stays busy) is
+        charged the time from its start to the next step's start, so what the loop does between
+        steps (sending the step's chunks, stats, control) counts; the last step before the loop
+        idles is charged its own time."""
+        shape = (len(plan.rows), plan.tokens, sum(len(p.tokens) if p.all_logits else 1 for p in plan.passes))
+        if self.has_work():
+            self._unmeasured = (shape, t0)
+        else:
+            self.costs.steps.observe(*shape, self.stats.last_step_seconds)
 
     def _apply_control(self, out: list[StreamChunk]) -> None:
         sched = self.scheduler

@@ -3,9 +3,10 @@
 Contract: `StepCosts.observe(rows, tokens, logits, seconds)` records one batched step (rows run,
 tokens in all passes, logit rows asked for, wall seconds); `StepCosts.fit()` returns the linear
 model `seconds ~ intercept + per_row * rows + per_token * tokens + per_logit * logits`
-(coefficients >= 0) fitted by ridge least squares over shape buckets: each bucket (rows,
-tokens, logits rounded to a coarse grid) keeps an EWMA of its steps' features and seconds, and
-weighs in with min(count, `BUCKET_WEIGHT_CAP`). Buckets keep what old regimes taught (e.g. the
+(coefficients >= 0) fitted by ridge least squares on relative errors over shape buckets: each
+bucket (rows, tokens, logits rounded to a coarse grid) keeps an EWMA of its steps' features and
+seconds (each step capped at `SPIKE_CAP` times the bucket's value), and weighs in with
+min(count, `BUCKET_WEIGHT_CAP`) / seconds^2. Buckets keep what old regimes taught (e.g. the
 cost of wide self-spec passes while the fleet runs AR) while each bucket's value follows drift.
 `ModeYields` keeps EWMAs of the tokens a self-spec cycle makes (accepted drafts + 1) per draft
 block length, and of the tokens per pass of a diffusion block (commit included) per block
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 FEATURES = ("intercept_s", "per_row_s", "per_token_s", "per_logit_s")
 BUCKET_WEIGHT_CAP = 20  # a bucket's weight in the fit: its steps, up to this many
 BUCKET_ALPHA = 0.1  # EWMA weight of a new step in its bucket
-YIELD_ALPHA = 0.05  # EWMA weight of a new cycle / block in the mode yields
+YIELD_ALPHA = 0.01  # EWMA weight of a new cycle / block: ~100 cycles, many requests (acceptance varies by text)
+SPIKE_CAP = 1.5  # a step counts as at most this many times its bucket's current value
 RIDGE = 1e-3  # relative ridge on the non-intercept coefficients (keeps collinear fits finite)
 
 
@@ -58,7 +60,9 @@ class StepCosts:
             return
         a = max(BUCKET_ALPHA, 1.0 / (b.count + 1))  # a plain mean while the bucket is young
         b.x = [bx + a * (xi - bx) for bx, xi in zip(b.x, x)]
-        b.y += a * (seconds - b.y)
+        # winsorised: a step stalled by another process (a shared CPU) moves the bucket by at most
+        # half its value; a lasting change still gets through in a few steps
+        b.y += a * (min(seconds, SPIKE_CAP * b.y) - b.y)
         b.count += 1
 
     def fit(self) -> dict[str, float] | None:
@@ -71,7 +75,9 @@ class StepCosts:
         return coef
 
     def _fit(self) -> dict[str, float]:
-        rows = [([1.0, *b.x], b.y, float(min(b.count, BUCKET_WEIGHT_CAP))) for b in self.buckets.values()]
+        # relative errors: a 5 ms AR step weighs as much as a 50 ms wide one (weights / seconds^2)
+        rows = [([1.0, *b.x], b.y, min(b.count, BUCKET_WEIGHT_CAP) / max(b.y, 1e-6) ** 2)
+                for b in self.buckets.values()]
         active = list(range(len(FEATURES)))
         while True:
             coef = _ridge(rows, active)
