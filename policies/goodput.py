@@ -7,7 +7,8 @@ one `CostView` (`.view`); `read()` returns the fleet's measured step count. `pre
 n, ...)` gives a mode's step seconds, tokens/s and seconds per token for a replica running `n`
 requests, all in that mode: a step of n rows costs `intercept + n * (per_row + w * (per_token +
 per_logit))` with w tokens per row (ar 1, self_spec and diffusion their block); a self-spec cycle
-is two such steps (draft, verify) and makes `tokens_per_cycle` tokens, a diffusion pass makes
+is two such steps (draft, verify) and makes `tokens_per_cycle` tokens (a step's seconds come from
+the fit, pulled toward the measured step shapes near it: `step_seconds`), a diffusion pass makes
 `tokens_per_pass`. `GoodputChooser.choose(view, current, projected, mode, now)` predicts every level's
 mode at both loads, keeps those within the latency SLO, and picks the best tokens/s at the
 higher of the two loads (a rising load acts early; a falling one waits for the smoothing),
@@ -35,10 +36,11 @@ class CostView:
     steps: float = 0.0
     self_spec: dict[int, tuple[float, float]] = field(default_factory=dict)  # block -> (tokens/cycle, cycles)
     diffusion: dict[int, tuple[float, float]] = field(default_factory=dict)  # block -> (tokens/pass, blocks)
+    shapes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (rows, tokens, seconds, steps)
     replicas: int = 0
 
     def as_dict(self) -> dict:
-        return {"coef": self.coef, "steps": self.steps, "replicas": self.replicas,
+        return {"coef": self.coef, "steps": self.steps, "replicas": self.replicas, "shapes": len(self.shapes),
                 "self_spec": {str(b): {"tokens_per_cycle": t, "cycles": n} for b, (t, n) in sorted(self.self_spec.items())},
                 "diffusion": {str(b): {"tokens_per_pass": t, "blocks": n} for b, (t, n) in sorted(self.diffusion.items())}}
 
@@ -57,6 +59,7 @@ def merge(views: list[CostView]) -> CostView:
                 s[0] += mean * n
                 s[1] += n
         setattr(out, attr, {b: (s[0] / s[1], s[1]) for b, s in acc.items() if s[1] > 0})
+    out.shapes = [shape for v in views for shape in v.shapes]
     return out
 
 
@@ -84,6 +87,21 @@ class GoodputSource:
             for labels, value in samples(text, p + "cost_model_steps"):
                 if (v := keep(labels)) is not None:
                     v.steps = value
+            counts = {}
+            for labels, value in samples(text, p + "step_shape_count"):
+                if keep(labels) is not None:
+                    counts[(url, labels.get(self.spec.per, ""), labels.get("rows"), labels.get("tokens"),
+                            labels.get("logits"))] = value
+            for labels, value in samples(text, p + "step_shape_seconds"):
+                v = keep(labels)
+                shape = [labels.get(k) for k in ("rows", "tokens", "logits")]
+                if v is None or None in shape:
+                    continue
+                rows, tokens, logits = (float(x) for x in shape)
+                if logits != tokens and tokens != rows:
+                    continue  # a step with prefill chunks in it: not the shape of any mode's steady state
+                n = counts.get((url, labels.get(self.spec.per, ""), *shape), 1.0)
+                v.shapes.append((rows, tokens, value, n))
             for attr, mean_name, count_name in (("self_spec", "self_spec_tokens_per_cycle", "self_spec_cycles"),
                                                 ("diffusion", "diffusion_tokens_per_pass", "diffusion_blocks")):
                 counts = {}
@@ -149,12 +167,63 @@ class Prediction:
                 "s_per_token": self.s_per_token, "latency_s": self.latency_s}
 
 
+BANDWIDTH = 0.35  # kernel width of the local fit, in ln units of rows and tokens (a factor of ~1.4)
+PRIOR = 0.05  # weight of the global fit against the local data's
+
+
+def step_seconds(view: CostView, rows: float, tokens: float) -> float:
+    """Seconds of a step of `rows` rows and `tokens` tokens (logits at every token, or one per row
+    for width 1). The global fit is the prior; measured shapes near this one pull the answer
+    toward what they measured (a local weighted least-squares fit of seconds ~ 1 + rows + tokens
+    on relative errors, kernel weights in log rows / log tokens, ridge toward the prior)."""
+    c = view.coef
+    prior = [c["intercept_s"], c["per_row_s"], c["per_token_s"] + c["per_logit_s"]]
+    q = [1.0, rows, tokens]
+    guess = max(sum(p * x for p, x in zip(prior, q)), 1e-6)
+    a = [[0.0] * 3 for _ in range(3)]
+    v = [0.0] * 3
+    total = 0.0
+    for r, t, y, n in view.shapes:
+        if r <= 0 or t <= 0 or y <= 0:
+            continue
+        d2 = math.log(r / rows) ** 2 + math.log(t / tokens) ** 2
+        w = min(n, 20.0) * math.exp(-d2 / (2 * BANDWIDTH ** 2)) / y ** 2
+        if w < 1e-12:
+            continue
+        x = [1.0, r, t]
+        total += w
+        for i in range(3):
+            v[i] += w * x[i] * y
+            for j in range(3):
+                a[i][j] += w * x[i] * x[j]
+    lam = PRIOR * total + 1.0 / guess ** 2  # the prior counts as one step at least
+    for i in range(3):
+        a[i][i] += lam * q[i] ** 2
+        v[i] += lam * q[i] ** 2 * prior[i]
+    beta = _solve3(a, v)
+    return max(sum(b * x for b, x in zip(beta, q)), 1e-6)
+
+
+def _solve3(a: list[list[float]], v: list[float]) -> list[float]:
+    n = len(v)
+    m = [row[:] + [v[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[piv] = m[piv], m[col]
+        if abs(m[col][col]) < 1e-30:
+            continue
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [rv - f * cv for rv, cv in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] if abs(m[i][i]) >= 1e-30 else 0.0 for i in range(n)]
+
+
 def predict(view: CostView, mode: str, n: float, *, tiers: list[DraftTier], rule: GoodputRule) -> Prediction | None:
     n = max(n, 1.0)
-    c = view.coef
 
     def step(width: int) -> float:
-        return c["intercept_s"] + n * (c["per_row_s"] + width * (c["per_token_s"] + c["per_logit_s"]))
+        return step_seconds(view, n, n * width)
 
     if mode == "ar":
         block, t, per_step = 1, step(1), 1.0

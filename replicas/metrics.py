@@ -20,10 +20,13 @@ one node never clash on a port. Names (after Ray's `ray_` prefix):
   ray_nld_replica_step_cost_seconds{term}       ray_nld_replica_cost_model_steps
   ray_nld_replica_self_spec_tokens_per_cycle{block}  ray_nld_replica_self_spec_cycles{block}
   ray_nld_replica_diffusion_tokens_per_pass{block}   ray_nld_replica_diffusion_blocks{block}
+  ray_nld_replica_step_shape_seconds{rows,tokens,logits}  ray_nld_replica_step_shape_count{...}
 
-The last six are the engine's measured cost model (`replicas/engine/cost_model.py`): the fitted
+The last eight are the engine's measured cost model (`replicas/engine/cost_model.py`): the fitted
 step-cost terms (`intercept_s`, `per_row_s`, `per_token_s`, `per_logit_s`), the steps measured,
-and the EWMA yields of self-spec cycles and diffusion passes per block length with their counts.
+the EWMA yields of self-spec cycles and diffusion passes per block length with their counts, and
+the measured table behind the fit: per step shape (its bucket's rows, tokens, logit rows as labels)
+the EWMA seconds and the steps seen.
 The policy's `goodput` signal reads them from this page.
 
 The Inference Gateway's `vllm:*` names contain ':' which Ray's metrics API rejects (a warning
@@ -100,6 +103,10 @@ class ReplicaMetrics:
         self.cost_terms = gauge("nld_replica_step_cost_seconds", "fitted engine step cost: seconds = intercept + "
                                 "per_row * rows + per_token * tokens + per_logit * logit rows", tag_keys=tags + ("term",))
         self.cost_steps = gauge("nld_replica_cost_model_steps", "engine steps the cost model measured", tag_keys=tags)
+        shape = tags + ("rows", "tokens", "logits")
+        self.shape_seconds = gauge("nld_replica_step_shape_seconds", "EWMA seconds of engine steps of this shape",
+                                   tag_keys=shape)
+        self.shape_count = gauge("nld_replica_step_shape_count", "engine steps of this shape", tag_keys=shape)
         self.yield_gauges = {
             "self_spec": (gauge("nld_replica_self_spec_tokens_per_cycle", "EWMA tokens per self-spec cycle",
                                 tag_keys=tags + ("block",)),
@@ -117,6 +124,10 @@ class ReplicaMetrics:
         for term, value in model["coef"].items():
             self.cost_terms.set(value, tags=self._t(term=term))
         self.cost_steps.set(model["steps"], tags=self._t())
+        for rows, tokens, logits, seconds, count in model.get("buckets", []):
+            key = self._t(rows=str(rows), tokens=str(tokens), logits=str(logits))
+            self.shape_seconds.set(seconds, tags=key)
+            self.shape_count.set(count, tags=key)
         for mode, (mean, count, mean_key, count_key) in self.yield_gauges.items():
             for block, y in model.get(mode, {}).items():
                 mean.set(y[mean_key], tags=self._t(block=str(block)))

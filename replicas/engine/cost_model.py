@@ -8,6 +8,9 @@ bucket (rows, tokens, logits rounded to a coarse grid) keeps an EWMA of its step
 seconds (each step capped at `SPIKE_CAP` times the bucket's value), and weighs in with
 min(count, `BUCKET_WEIGHT_CAP`) / seconds^2. Buckets keep what old regimes taught (e.g. the
 cost of wide self-spec passes while the fleet runs AR) while each bucket's value follows drift.
+The buckets themselves are exported too: a linear model cannot fit every shape (on a CPU a
+32-row step of 8-token passes costs more than the fit over mostly one-row steps says), and the
+policy predicts from the measured shapes near the one it asks about (`policies.goodput`).
 `ModeYields` keeps EWMAs of the tokens a self-spec cycle makes (accepted drafts + 1) per draft
 block length, and of the tokens per pass of a diffusion block (commit included) per block
 length. `CostModel.snapshot()` is the plain dict the engine's stats carry under "cost_model".
@@ -166,7 +169,9 @@ class CostModel:
         return {
             "coef": self.steps.fit(),
             "steps": self.steps.steps,
-            "buckets": len(self.steps.buckets),
+            # the measured table: [rows, tokens, logit rows, seconds, steps] per bucket: its grid key
+            # (stable, so it can label a metric series) and EWMA seconds
+            "buckets": [[*key, b.y, b.count] for key, b in sorted(self.steps.buckets.items())],
             "self_spec": {str(b): {"tokens_per_cycle": y.mean, "cycles": y.count}
                           for b, y in sorted(self.yields.self_spec.items())},
             "diffusion": {str(b): {"tokens_per_pass": y.mean, "blocks": y.count}

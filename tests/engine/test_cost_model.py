@@ -80,7 +80,7 @@ def test_yields_are_ewmas_per_block_length():
     assert y.diffusion[32].mean == pytest.approx(4.0) and y.self_spec[32].count == 200
     snap = CostModel(yields=y).snapshot()
     assert snap["self_spec"]["32"] == {"tokens_per_cycle": pytest.approx(4.0), "cycles": 200}
-    assert snap["coef"] is None and snap["steps"] == 0
+    assert snap["coef"] is None and snap["steps"] == 0 and snap["buckets"] == []
 
 
 def test_the_engine_measures_its_steps_and_mode_yields(engine):
@@ -93,6 +93,8 @@ def test_the_engine_measures_its_steps_and_mode_yields(engine):
     assert snap["steps"] == be.stats.forward_passes
     assert set(snap["coef"]) == {"intercept_s", "per_row_s", "per_token_s", "per_logit_s"}
     assert sum(snap["coef"].values()) > 0
+    assert sum(b[4] for b in snap["buckets"]) == snap["steps"]
+    assert all(b[0] >= 1 and b[1] >= b[0] and b[3] > 0 for b in snap["buckets"])  # rows, tokens, seconds
     cycles = snap["self_spec"]["8"]
     assert cycles["cycles"] >= 5 and 1.0 <= cycles["tokens_per_cycle"] <= 8.0
     blocks = snap["diffusion"]["8"]

@@ -10,7 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from policies import AdaptiveModePolicy, ModeRequest, PolicyMetrics, parse_policy
-from policies.goodput import CostView, GoodputChooser, GoodputSource, acceptance, predict, tokens_per_cycle
+from policies.goodput import (CostView, GoodputChooser, GoodputSource, acceptance, predict, step_seconds,
+                              tokens_per_cycle)
 from policies.schema import DraftTier, GoodputRule, PolicyFileError
 from policies.signals import PageFetcher, SignalBoard
 
@@ -66,6 +67,21 @@ def test_predictions_follow_the_cost_model():
     assert predict(view(), "diffusion", 1, tiers=TIERS, rule=RULE) is None  # never measured
 
 
+def test_measured_shapes_correct_the_global_fit_near_them():
+    """The global fit says a 32-row step of 8-token passes takes 3.45 + 32 * (0.24 + 8 * 0.16) ms =
+    52 ms; the replica measured 80 ms there. Predictions there follow the measurement; far from
+    it (one row) they keep the fit."""
+    v = view()
+    wide_true = 0.080
+    v.shapes = [(32.0, 256.0, wide_true, 50.0), (28.0, 224.0, wide_true * 0.9, 50.0)]
+    assert step_seconds(v, 32, 256) == pytest.approx(wide_true, rel=0.05)
+    fit_one_row = CPU["intercept_s"] + CPU["per_row_s"] + CPU["per_token_s"] + CPU["per_logit_s"]
+    assert step_seconds(v, 1, 1) == pytest.approx(fit_one_row, rel=0.01)
+    assert step_seconds(view(), 32, 256) == pytest.approx(0.00345 + 32 * (2.4e-4 + 8 * 1.6e-4))
+    slower = predict(v, "self_spec", 32, tiers=TIERS, rule=RULE)
+    assert slower.step_s == pytest.approx(wide_true, rel=0.05)
+
+
 def test_the_crossover_moves_with_acceptance_and_with_the_cost_of_width():
     base = crossover(view(tokens_per_cycle=6.0))
     assert 1 < base < 64
@@ -119,6 +135,10 @@ def cost_page(replicas: list[dict]) -> str:
         for block, (tpc, cycles) in r.get("self_spec", {}).items():
             lines.append(f'ray_nld_replica_self_spec_tokens_per_cycle{{{tags},block="{block}"}} {tpc}')
             lines.append(f'ray_nld_replica_self_spec_cycles{{{tags},block="{block}"}} {cycles}')
+        for rows, tokens, seconds, count in r.get("shapes", []):
+            shape = f'{tags},rows="{rows}",tokens="{tokens}",logits="{tokens}"'
+            lines.append(f"ray_nld_replica_step_shape_seconds{{{shape}}} {seconds}")
+            lines.append(f"ray_nld_replica_step_shape_count{{{shape}}} {count}")
         lines.append(f"ray_nld_replica_num_requests_running{{{tags}}} 1.0")
     return "\n".join(lines) + "\n"
 
@@ -127,7 +147,7 @@ async def test_the_source_merges_the_replicas_cost_models_by_their_samples():
     import httpx
 
     slow = {k: 2 * v for k, v in CPU.items()}
-    page_text = cost_page([{"coef": CPU, "steps": 300, "self_spec": {32: (4.0, 30)}},
+    page_text = cost_page([{"coef": CPU, "steps": 300, "self_spec": {32: (4.0, 30)}, "shapes": [(1, 1, 0.004, 20)]},
                            {"coef": slow, "steps": 100, "self_spec": {32: (8.0, 10), 8: (3.0, 5)}}])
     spec = parse_policy(f"""
 signals:
@@ -144,6 +164,7 @@ mode: {{signal: costs, enter_loaded_above: 8, leave_loaded_below: 4, goodput: {{
     assert v.coef["per_row_s"] == pytest.approx((300 * CPU["per_row_s"] + 100 * slow["per_row_s"]) / 400)
     assert v.self_spec[32] == (pytest.approx((4.0 * 30 + 8.0 * 10) / 40), 40)
     assert v.self_spec[8] == (pytest.approx(3.0), 5)
+    assert v.shapes == [(1.0, 1.0, 0.004, 20.0)]
 
 
 def test_schema_goodput_needs_a_goodput_signal():
