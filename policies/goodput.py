@@ -39,6 +39,14 @@ class CostView:
     shapes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (rows, tokens, seconds, steps)
     replicas: int = 0
 
+    def logged(self) -> list[tuple[float, float, float, float, float, float]]:
+        """(log rows, log tokens, rows, tokens, seconds, steps) of the usable shapes, computed once."""
+        cached = getattr(self, "_logged", None)
+        if cached is None or cached[0] != len(self.shapes):
+            rows = [(math.log(r), math.log(t), r, t, y, n) for r, t, y, n in self.shapes if r > 0 and t > 0 and y > 0]
+            cached = self._logged = (len(self.shapes), rows)
+        return cached[1]
+
     def as_dict(self) -> dict:
         return {"coef": self.coef, "steps": self.steps, "replicas": self.replicas, "shapes": len(self.shapes),
                 "self_spec": {str(b): {"tokens_per_cycle": t, "cycles": n} for b, (t, n) in sorted(self.self_spec.items())},
@@ -169,6 +177,7 @@ class Prediction:
 
 BANDWIDTH = 0.35  # kernel width of the local fit, in ln units of rows and tokens (a factor of ~1.4)
 PRIOR = 0.05  # weight of the global fit against the local data's
+CUTOFF = (4 * BANDWIDTH) ** 2  # shapes further than 4 kernel widths weigh nothing (exp(-8))
 
 
 def step_seconds(view: CostView, rows: float, tokens: float) -> float:
@@ -183,13 +192,12 @@ def step_seconds(view: CostView, rows: float, tokens: float) -> float:
     a = [[0.0] * 3 for _ in range(3)]
     v = [0.0] * 3
     total = 0.0
-    for r, t, y, n in view.shapes:
-        if r <= 0 or t <= 0 or y <= 0:
+    lr, lt = math.log(rows), math.log(tokens)
+    for log_r, log_t, r, t, y, n in view.logged():
+        d2 = (log_r - lr) ** 2 + (log_t - lt) ** 2
+        if d2 > CUTOFF:
             continue
-        d2 = math.log(r / rows) ** 2 + math.log(t / tokens) ** 2
         w = min(n, 20.0) * math.exp(-d2 / (2 * BANDWIDTH ** 2)) / y ** 2
-        if w < 1e-12:
-            continue
         x = [1.0, r, t]
         total += w
         for i in range(3):
@@ -256,6 +264,8 @@ class GoodputChooser:
         self.rule, self.modes, self.tiers = rule, modes, tiers
         self.smoothed: dict[str, float] = {}  # mode -> EWMA of log predicted tokens/s at the decision load
         self.last_t: float | None = None
+        self._memo_view: CostView | None = None
+        self._memo: dict[tuple, Prediction | None] = {}
 
     def _smooth(self, options: dict[str, Prediction], now: float | None) -> dict[str, float]:
         """EWMA (half-life `smoothing_s`) of each mode's log tokens/s: noise in the measured costs
@@ -270,6 +280,16 @@ class GoodputChooser:
             self.smoothed[m] = x if prev is None else prev + alpha * (x - prev)
         return {m: math.exp(self.smoothed[m]) for m in options}
 
+    def _predict(self, view: CostView, mode: str, n: float) -> Prediction | None:
+        """`predict`, memoised per view (a new one per poll) and load rounded to 1/8 of a request:
+        the policy evaluates every 0.1 s on the gateway's event loop."""
+        if self._memo_view is not view:
+            self._memo_view, self._memo = view, {}
+        key = (mode, round(max(n, 1.0) * 8) / 8)
+        if key not in self._memo:
+            self._memo[key] = predict(view, mode, key[1], tiers=self.tiers, rule=self.rule)
+        return self._memo[key]
+
     def ready(self, view: CostView) -> str | None:
         """None when the view can decide; else why not (the cold start)."""
         if view.steps < self.rule.min_steps or not view.coef:
@@ -282,7 +302,7 @@ class GoodputChooser:
             return None
         preds = {}
         for label, n in (("current", current), ("projected", projected)):
-            preds[label] = {m: predict(view, m, n, tiers=self.tiers, rule=self.rule) for m in self.modes}
+            preds[label] = {m: self._predict(view, m, n) for m in self.modes}
         if any(p is None for p in preds["current"].values()):
             return None  # a mode never measured (e.g. no self-spec cycle yet): the thresholds explore
         at = "projected" if projected > current else "current"
