@@ -73,7 +73,8 @@ class AdaptiveModePolicy:
         if rule.middle is not None:
             self.levels.append(Level(rule.middle.mode, rule.middle.enter_above, rule.middle.leave_below))
         self.levels.append(Level(rule.loaded_mode, rule.enter_loaded_above, rule.leave_loaded_below))
-        self.level = 0
+        modes = [lv.mode for lv in self.levels]
+        self.level = modes.index(rule.initial_mode) if rule.initial_mode is not None else 0
         self.chooser = (GoodputChooser(rule.goodput, [lv.mode for lv in self.levels], spec.engine.draft_tiers)
                         if rule.goodput is not None else None)
         self.goodput: dict | None = None  # the last goodput evaluation (for the snapshot)

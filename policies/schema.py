@@ -168,6 +168,8 @@ class ModeRule(_Strict):
     middle: Band | None = None
     min_dwell_s: float = Field(default=10.0, ge=0)
     on_stale: Literal["hold", "fallback"] = "hold"
+    initial_mode: ModeName | None = Field(default=None, description="the mode before the first evaluation on "
+                                          "fresh signals (a gateway that just started); default sparse_mode")
     stale_mode: ModeName | None = Field(default=None, description="the mode on_stale=fallback switches to")
     client_override: Literal["allow", "deny", "clamp"] = "allow"
     replicas: float = Field(default=1.0, gt=0, description="value of `replicas` when no signal has that name "
@@ -190,6 +192,8 @@ class ModeRule(_Strict):
         levels = [self.sparse_mode, self.loaded_mode] + ([self.middle.mode] if self.middle else [])
         if self.stale_mode is not None and self.stale_mode not in levels:
             raise ValueError(f"stale_mode must be one of the policy's modes ({', '.join(levels)})")
+        if self.initial_mode is not None and self.initial_mode not in levels:
+            raise ValueError(f"initial_mode must be one of the policy's modes ({', '.join(levels)})")
         compile_expression(self.signal)  # syntax
         return self
 

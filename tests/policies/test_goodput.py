@@ -284,3 +284,17 @@ async def test_no_thrash_under_a_steady_noisy_load_at_the_crossover():
     switches = sum(a != b for a, b in zip(modes, modes[1:]))
     assert policy.snapshot()["goodput"]["decided_by"] == "goodput"
     assert switches <= 2, switches
+
+
+async def test_before_its_first_view_the_calibrating_preset_sends_ar():
+    """A gateway that just started has no view of the fleet: `initial_mode: ar`, not the sparse
+    mode (on a model whose draft is never accepted, self_spec takes ~6x as long)."""
+    from policies import PRESETS, load_policy_file
+
+    spec = load_policy_file(PRESETS / "adaptive.yaml")
+    assert spec.mode.initial_mode == "ar" and spec.mode.sparse_mode == "self_spec"
+    clock = Clock()
+    policy = AdaptiveModePolicy(spec, SignalBoard([Load(), Costs()], clock=clock), clock=clock, wall=clock)
+    assert policy.decide(ModeRequest()).mode == "ar" and policy.engine_settings() is None
+    with pytest.raises(PolicyFileError, match="initial_mode"):
+        parse_policy(POLICY.replace("min_dwell_s: 10", "min_dwell_s: 10\n  initial_mode: diffusion"))
