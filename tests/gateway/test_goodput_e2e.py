@@ -101,13 +101,13 @@ def test_the_same_preset_calibrates_to_each_model(serve_stack, random_model_dir,
             trace = []
             counts, state = run_level(url, 1, 25, prompt)  # cold start (thresholds), then measured
             trace.append((1, counts, state["mode"], state["goodput"]))
-            print(json.dumps(trace[-1], indent=1))
+            print(json.dumps(trace[-1]))
             assert counts["failed"] == 0, trace
             assert state["goodput"]["decided_by"] == "goodput", trace
             assert state["mode"] == expect_c1, trace
             counts, state = run_level(url, HIGH, 25, prompt)
             trace.append((HIGH, counts, state["mode"], state["goodput"]))
-            print(json.dumps(trace[-1], indent=1))
+            print(json.dumps(trace[-1]))
             assert counts["failed"] == 0, trace
             assert state["goodput"]["decided_by"] == "goodput", trace
             assert state["mode"] == "ar", trace
