@@ -15,6 +15,12 @@ up and down) runs under the adaptive policy, recording the policy's mode over ti
 table, JSON and a PNG plot. The replicas stay up throughout; only the gateway (in-process, on a
 loopback port) is rebuilt per run.
 
+A step change (--step-change, default 1 -> 32 -> 1, --step-seconds each) runs one adaptive
+gateway through the levels and counts the requests that ran in the worse fixed mode of their
+level. With a calibrating policy (a `mode.goodput` block, e.g. policies/presets/adaptive.yaml
+with --no-tune), --calibrate-seconds first loads it with the tuning prompts at the lowest and
+the highest level, so its cost model sees other prompts first than those it is judged on.
+
 Tuning and measuring use different prompts. The prompts are the starts of the model's held-out
 files (`split.json`, as `engine_modes.py --heldout`): the first --prompt-count of them TUNE, the
 next --prompt-count MEASURE (`split_prompts`). With --tune (the default), a sweep of the fixed
@@ -179,6 +185,14 @@ def main(argv=None) -> None:
                         "file, e.g. a variant to compare); the summary needs ar, self_spec and adaptive")
     p.add_argument("--ramp", default="1,2,4,8,16,32,16,8,4,2,1", help="concurrency steps; empty: no ramp")
     p.add_argument("--ramp-seconds", type=float, default=5.0)
+    p.add_argument("--calibrate-seconds", type=float, default=10.0,
+                   help="before the measured sweep, load the adaptive gateway with the TUNING prompts at the lowest "
+                        "and the highest level for this long each (a calibrating policy's cost model first sees "
+                        "other prompts than those it is judged on); 0: none")
+    p.add_argument("--step-change", default="1,32,1",
+                   help="after the sweep, one adaptive gateway through these levels (--step-seconds each), counting "
+                        "the requests that ran in the worse fixed mode of their level; empty: none")
+    p.add_argument("--step-seconds", type=float, default=15.0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive.json"))
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -197,9 +211,10 @@ def main(argv=None) -> None:
     ray.init(num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port, log_to_driver=False,
              _system_config={"metrics_report_interval_ms": 500}, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    step_levels = [int(x) for x in args.step_change.split(",")] if args.step_change else []
     if "adaptive" not in policies:
-        ramp_levels = []
-    most = max(levels + ramp_levels)  # the replica admits every client at once (no 429 and retry)
+        ramp_levels = step_levels = []
+    most = max(levels + ramp_levels + step_levels)  # the replica admits every client at once (no 429 and retry)
     config = {"model_path": args.model, "model_name": "bench", "torch_threads": 1,
               "engine": {"max_batch_size": most, "max_seq_len": 512, "max_waiting": 4 * most}}
     serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name="nld", route_prefix="/")
@@ -229,9 +244,17 @@ def main(argv=None) -> None:
         tuning = {"thresholds": thresholds, "rows": merge_rounds(tune_rows, ["ar", "self_spec"], levels),
                   "round_rows": tune_rows}
         print(f"tuned: {thresholds}")
+    calibration = None
+    if args.calibrate_seconds > 0 and "adaptive" in policies:
+        calibration = calibrate(replica_url, policy_files, [min(levels), max(levels)], args.calibrate_seconds,
+                                tune_bodies)
     print("measured sweep (measuring prompts):\n" + header)
     rows = sweep(replica_url, policies, policy_files, levels, args.rounds, bodies, args)
     ramp = run_ramp(replica_url, policy_files, ramp_levels, args.ramp_seconds, bodies) if ramp_levels else []
+    best_fixed = {r["concurrency"]: max(("ar", "self_spec"), key=lambda m: r[m])
+                  for r in fixed_rates(merge_rounds(rows, policies, levels), levels)}
+    step = (step_change(replica_url, policy_files, step_levels, args.step_seconds, bodies, best_fixed)
+            if step_levels else [])
     serve.shutdown()
     ray.shutdown()
     merged = merge_rounds(rows, policies, levels)
@@ -241,9 +264,15 @@ def main(argv=None) -> None:
         print(row_line("", r))
     errors = {"sent": sum(r["sent"] for r in rows), "ok": sum(r["ok_total"] for r in rows),
               "failed": _sum_counts(r["errors_total"] for r in rows)}
-    print(f"requests sent {errors['sent']}, ok {errors['ok']}, failed {errors['failed'] or 0}")
+    print(f"requests sent {errors['sent']}, ok {errors['ok']}, failed {errors['failed'] or 0} (sweep rows)")
+    for ph in step:
+        errors["sent"] += ph["sent"]
+        errors["ok"] += sum(ph["modes"].values())
+        errors["failed"] = _sum_counts([errors["failed"], ph["errors"]])
     common = {"model": args.model, "policies": texts, "prompts": prompt_split_record(tune_prompts, measure_prompts),
-              "tuning": tuning, "requests": errors, "rows": merged, "round_rows": rows}
+              "tuning": tuning, "calibration": calibration, "requests": errors, "rows": merged, "round_rows": rows,
+              "step_change": step, "step_change_worse_requests": sum(ph["worse"] or 0 for ph in step),
+              "step_change_requests": sum(sum(ph["modes"].values()) for ph in step)}
     if not {"ar", "self_spec", "adaptive"} <= set(policies):
         args.out.write_text(json.dumps(common, indent=2))
         print(f"(a partial sweep: no summary) saved {args.out}")
@@ -362,6 +391,49 @@ def run_ramp(replica_url: str, policy_files: dict[str, Path], levels: list[int],
             print(f"ramp c={c:>3} tok/s {r['tokens_per_s']:>8.1f} mode {state['mode']} value {state['value']} "
                   f"errors {errors_text(r['errors_total'])}", flush=True)
     return ramp
+
+
+def calibrate(replica_url: str, policy_files: dict[str, Path], levels: list[int], seconds: float,
+              bodies: list[dict]) -> list[dict]:
+    """Load the adaptive gateway at each level with the tuning prompts; the policy's state after."""
+    out = []
+    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_files)) as url:
+        for c in levels:
+            r = asyncio.run(closed_loop(url, c, seconds, bodies))
+            state = httpx.get(url + "/v1/nld/policy").json()
+            out.append({"concurrency": c, "tokens_per_s": r["tokens_per_s"], "mode": state["mode"],
+                        "modes": r["modes"], "errors": r["errors_total"], "goodput": state.get("goodput")})
+            print(f"calibration c={c:>3} (tuning prompts) tok/s {r['tokens_per_s']:>8.1f} mode {state['mode']} "
+                  f"decided by {(state.get('goodput') or {}).get('decided_by')} errors {errors_text(r['errors_total'])}",
+                  flush=True)
+    return out
+
+
+def fixed_rates(merged: list[dict], levels: list[int]) -> list[dict]:
+    rate = {(r["policy"], r["concurrency"]): r["tokens_per_s"] for r in merged}
+    return [{"concurrency": c, "ar": rate["ar", c], "self_spec": rate["self_spec", c]}
+            for c in levels if ("ar", c) in rate and ("self_spec", c) in rate]
+
+
+def step_change(replica_url: str, policy_files: dict[str, Path], levels: list[int], seconds: float,
+                bodies: list[dict], best_fixed: dict[int, str]) -> list[dict]:
+    """One adaptive gateway through `levels` (e.g. 1 -> 32 -> 1), `seconds` each; per phase the
+    requests by the mode the gateway gave them (x-nld-decoding-mode), and how many of them ran in
+    a mode other than the better fixed mode at that level in the measured sweep (None: that
+    level was not swept). A request the replica downgrades mid-flight counts by its first mode."""
+    phases = []
+    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_files)) as url:
+        for c in levels:
+            r = asyncio.run(closed_loop(url, c, seconds, bodies))
+            state = httpx.get(url + "/v1/nld/policy").json()
+            best = best_fixed.get(c)
+            worse = None if best is None else sum(n for m, n in r["modes"].items() if m != best)
+            phases.append({"concurrency": c, "tokens_per_s": r["tokens_per_s"], "modes": r["modes"], "best_fixed": best,
+                           "worse": worse, "sent": r["sent"], "errors": r["errors_total"], "mode_at_end": state["mode"],
+                           "switches": state["switches"]})
+            print(f"step c={c:>3} tok/s {r['tokens_per_s']:>8.1f} modes {r['modes']} best fixed {best} "
+                  f"worse-mode requests {worse} errors {errors_text(r['errors_total'])}", flush=True)
+    return phases
 
 
 def _sum_counts(dicts) -> dict[str, int]:

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .base import MODES, ModeDecision, ModeRequest
 from .expr import compile_expression
+from .goodput import GoodputChooser
 from .schema import PolicyFile
 from .signals import SignalBoard
 
@@ -57,6 +58,8 @@ class PolicyMetrics:
         self.switches = Counter("nld_policy_switches", "mode switches", ["from", "to", "reason"], registry=registry)
         self.signal = Gauge("nld_policy_signal", "signal values (and the smoothed decision value)", ["name"],
                             registry=registry)
+        self.predicted = Gauge("nld_policy_predicted_tokens_per_second", "goodput: predicted tokens/s per replica "
+                               "of each mode at the load decided on", ["mode"], registry=registry)
 
 
 class AdaptiveModePolicy:
@@ -73,7 +76,11 @@ class AdaptiveModePolicy:
                                      rule.middle.self_spec_algorithm))
         self.levels.append(Level(rule.loaded_mode, rule.enter_loaded_above, rule.leave_loaded_below,
                                  rule.loaded_self_spec_algorithm))
-        self.level = 0
+        modes = [lv.mode for lv in self.levels]
+        self.level = modes.index(rule.initial_mode) if rule.initial_mode is not None else 0
+        self.chooser = (GoodputChooser(rule.goodput, [lv.mode for lv in self.levels], spec.engine.draft_tiers)
+                        if rule.goodput is not None else None)
+        self.goodput: dict | None = None  # the last goodput evaluation (for the snapshot)
         self.attached_at: float | None = None  # wall clock of the first evaluation on fresh signals
         self.settings_since = wall()
         self.smoothed: float | None = None
@@ -109,10 +116,11 @@ class AdaptiveModePolicy:
         now = self.clock()
         values, stale = self.board.read(now)
         values.setdefault("replicas", self.spec.mode.replicas)
-        self.values, self.stale = values, stale & self.expr.names
+        rule = self.spec.mode
+        watched = self.expr.names | ({rule.goodput.costs} if rule.goodput is not None else set())
+        self.values, self.stale = values, stale & watched
         for name, v in values.items():
             self.metrics.signal.labels(name=name).set(v)
-        rule = self.spec.mode
         if self.stale:
             if rule.on_stale == "fallback":  # the schema guarantees stale_mode is one of the levels
                 target = [lv.mode for lv in self.levels].index(rule.stale_mode)
@@ -130,6 +138,8 @@ class AdaptiveModePolicy:
             self.smoothed += alpha * (raw - self.smoothed)
         self.raw, self.last_eval = raw, now
         self.metrics.signal.labels(name="smoothed").set(self.smoothed)
+        if self.chooser is not None and self._decide_by_goodput(now):
+            return self.mode
         target = self.level
         while target + 1 < len(self.levels) and self.smoothed > self.levels[target + 1].enter_above:
             target += 1
@@ -141,6 +151,27 @@ class AdaptiveModePolicy:
             detail = f"signal {self.smoothed:.2f} {'>' if target > self.level else '<'} {edge:g}"
             self._switch_to(target, now, reason, detail)
         return self.mode
+
+    def _decide_by_goodput(self, now: float) -> bool:
+        """Switch to the level with the best predicted goodput; False while the cost model is cold
+        (the thresholds decide then)."""
+        source = self.board.sources[self.spec.mode.goodput.costs]
+        view = source.view
+        choice = self.chooser.choose(view, self.smoothed, self.raw, self.mode, now)
+        cold = self.chooser.ready(view) or (None if choice is not None else "cold: a mode's yield not measured yet")
+        self.goodput = {"decided_by": "thresholds" if choice is None else "goodput", "cold": cold,
+                        "load": {"current": self.smoothed, "projected": self.raw},
+                        "choice": None if choice is None else choice.mode,
+                        "predictions": None if choice is None else choice.predictions, "model": view.as_dict()}
+        if choice is None:
+            return False
+        at = "projected" if self.raw > self.smoothed else "current"
+        for m, p in choice.predictions[at].items():
+            self.metrics.predicted.labels(mode=m).set(p["tokens_per_s"])
+        target = [lv.mode for lv in self.levels].index(choice.mode)
+        if target != self.level:
+            self._switch_to(target, now, "goodput", choice.detail)
+        return True
 
     def _switch_to(self, target: int, now: float, reason: str, detail: str) -> None:
         if target == self.level or now - self.last_switch_clock < self.spec.mode.min_dwell_s:
@@ -218,6 +249,7 @@ class AdaptiveModePolicy:
                                                      "reason": sw.reason, "detail": sw.detail},
             "client_override": self.spec.mode.client_override,
             "engine": self.engine_settings(),
+            "goodput": self.goodput,
         }
 
     # ---- lifecycle -----------------------------------------------------------------------

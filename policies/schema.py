@@ -94,6 +94,28 @@ class ScrapeSignal(_Strict):
         return [check_placeholders(u) for u in v]
 
 
+class GoodputSignal(_Strict):
+    """The replicas' measured cost models (step costs, tokens per self-spec cycle and per diffusion
+    pass), read from the same Prometheus text pages as `scrape` (see `policies.goodput`). Its
+    value is the fleet's measured step count; `mode.goodput` reads the model itself."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    source: Literal["goodput"]
+    urls: list[str] = Field(min_length=1, description="metrics endpoints, e.g. "
+                            "http://{metrics_host}:{metrics_port}/metrics (this stack's Ray metrics port)")
+    prefix: str = Field(default="ray_nld_replica_", description="the replicas' metric name prefix")
+    labels: dict[str, str] = Field(default_factory=dict, description="keep samples with these label values")
+    per: str = Field(default="replica", description="one cost model per value of this label")
+    interval_s: float = Field(default=1.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+    stale_after_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("urls")
+    @classmethod
+    def _placeholders(cls, v: list[str]) -> list[str]:
+        return [check_placeholders(u) for u in v]
+
+
 class LocalSignal(_Strict):
     """A gateway-local counter, read instantly (never stale)."""
 
@@ -102,7 +124,7 @@ class LocalSignal(_Strict):
     counter: Literal["inflight"] = "inflight"
 
 
-Signal = Annotated[Union[PrometheusSignal, ScrapeSignal, LocalSignal], Field(discriminator="source")]
+Signal = Annotated[Union[PrometheusSignal, ScrapeSignal, GoodputSignal, LocalSignal], Field(discriminator="source")]
 
 
 class Smoothing(_Strict):
@@ -119,6 +141,26 @@ class Band(_Strict):
                                                       "(None: the replica's default)")
 
 
+class GoodputRule(_Strict):
+    """Choose the level whose mode has the best predicted goodput (tokens/s at the load the
+    `signal` expression gives, per replica), subject to a latency SLO, from the replicas'
+    measured costs. Until the cost model has enough samples the thresholds decide (cold start)."""
+
+    costs: str = Field(description="the name of a signal with source: goodput")
+    min_steps: int = Field(default=200, ge=1, description="measured steps before the cost model decides")
+    min_cycles: int = Field(default=20, ge=1, description="self-spec cycles (diffusion blocks) before a "
+                            "mode's yield counts as measured")
+    margin: float = Field(default=0.05, ge=0, lt=1, description="leave the current mode only for a "
+                          "predicted tokens/s gain above this fraction")
+    smoothing_s: float = Field(default=2.0, ge=0, description="half-life of the EWMA of each mode's predicted "
+                               "tokens/s (0: none)")
+    latency_slo_s: float | None = Field(default=None, gt=0, description="max predicted latency of a request "
+                                        "of request_tokens tokens; modes above it are not chosen")
+    request_tokens: int = Field(default=256, ge=1)
+    block_length: int = Field(default=32, ge=2, description="the requests' block length (diffusion canvas; "
+                              "self-spec draft beyond the draft tiers)")
+
+
 class ModeRule(_Strict):
     signal: str = Field(description="expression over signal names: numbers, + - * /, max(), min(), `replicas`")
     smoothing: Smoothing = Field(default_factory=Smoothing)
@@ -132,10 +174,14 @@ class ModeRule(_Strict):
     middle: Band | None = None
     min_dwell_s: float = Field(default=10.0, ge=0)
     on_stale: Literal["hold", "fallback"] = "hold"
+    initial_mode: ModeName | None = Field(default=None, description="the mode before the first evaluation on "
+                                          "fresh signals (a gateway that just started); default sparse_mode")
     stale_mode: ModeName | None = Field(default=None, description="the mode on_stale=fallback switches to")
     client_override: Literal["allow", "deny", "clamp"] = "allow"
     replicas: float = Field(default=1.0, gt=0, description="value of `replicas` when no signal has that name "
                             "(a signal named `replicas`, e.g. a scrape with aggregate: count, replaces it)")
+    goodput: GoodputRule | None = Field(default=None, description="calibrating: choose by predicted goodput; "
+                                        "the thresholds decide until the cost model is measured")
 
     @model_validator(mode="after")
     def _order(self) -> "ModeRule":
@@ -158,6 +204,8 @@ class ModeRule(_Strict):
         levels = [self.sparse_mode, self.loaded_mode] + ([self.middle.mode] if self.middle else [])
         if self.stale_mode is not None and self.stale_mode not in levels:
             raise ValueError(f"stale_mode must be one of the policy's modes ({', '.join(levels)})")
+        if self.initial_mode is not None and self.initial_mode not in levels:
+            raise ValueError(f"initial_mode must be one of the policy's modes ({', '.join(levels)})")
         compile_expression(self.signal)  # syntax
         return self
 
@@ -203,6 +251,11 @@ class PolicyFile(_Strict):
         unknown = compile_expression(self.mode.signal).names - set(names) - {"replicas"}
         if unknown:
             raise ValueError(f"mode.signal uses {sorted(unknown)[0]!r}, which no signal defines")
+        if self.mode.goodput is not None:
+            costs = next((s for s in self.signals if s.name == self.mode.goodput.costs), None)
+            if not isinstance(costs, GoodputSignal):
+                raise ValueError(f"mode.goodput.costs: {self.mode.goodput.costs!r} is not a signal with "
+                                 "source: goodput")
         return self
 
     def serve_autoscaling_config(self) -> dict:
@@ -212,7 +265,7 @@ class PolicyFile(_Strict):
         """This policy with the placeholders of its signal URLs filled in from `ports`."""
         signals = []
         for s in self.signals:
-            if isinstance(s, ScrapeSignal):
+            if isinstance(s, (ScrapeSignal, GoodputSignal)):
                 s = s.model_copy(update={"urls": [ports.fill(u) for u in s.urls]})
             elif isinstance(s, PrometheusSignal):
                 s = s.model_copy(update={"url": ports.fill(s.url)})

@@ -7,7 +7,8 @@ keeps the last good value with its time, and answers `read(now)` with values and
 stale names. Sources: `prometheus` (PromQL instant query; the vector's values are summed; an
 empty vector is 0), `scrape` (Prometheus text from metrics endpoints: filter by name and
 labels, sum per `per` label, then mean/sum/max across, or count the groups, e.g. replicas),
-`local` (a gateway counter). The scrape sources of one policy fetch pages through one
+`local` (a gateway counter), `goodput` (the replicas' measured cost models, `policies.goodput`;
+its value is their step count). The scrape sources of one policy fetch pages through one
 `PageFetcher`: sources that poll the same URL at the same moment share one GET. Non-goals:
 deciding modes (see `adaptive`).
 """
@@ -157,7 +158,14 @@ SOURCES = {  # (spec, the policy's PageFetcher, local counters) -> source
     "prometheus": lambda spec, pages, local: PrometheusSource(spec, pages.http),
     "scrape": lambda spec, pages, local: ScrapeSource(spec, pages),
     "local": lambda spec, pages, local: LocalSource(spec, local[spec.counter]),
+    "goodput": lambda spec, pages, local: _goodput_source(spec, pages),
 }
+
+
+def _goodput_source(spec, pages: PageFetcher):
+    from .goodput import GoodputSource  # noqa: PLC0415 - goodput imports this module
+
+    return GoodputSource(spec, pages)
 
 
 @dataclass

@@ -17,6 +17,17 @@ one node never clash on a port. Names (after Ray's `ray_` prefix):
   ray_nld_replica_prefix_cache_hit_ratio        ray_nld_replica_prefix_cache_queries_total
   ray_nld_replica_prefix_cache_hits_total       ray_nld_replica_preemptions_total
   ray_nld_replica_scheduled_tokens_total        ray_nld_replica_last_step_tokens
+  ray_nld_replica_step_cost_seconds{term}       ray_nld_replica_cost_model_steps
+  ray_nld_replica_self_spec_tokens_per_cycle{block}  ray_nld_replica_self_spec_cycles{block}
+  ray_nld_replica_diffusion_tokens_per_pass{block}   ray_nld_replica_diffusion_blocks{block}
+  ray_nld_replica_step_shape_seconds{rows,tokens,logits}  ray_nld_replica_step_shape_count{...}
+
+The last eight are the engine's measured cost model (`replicas/engine/cost_model.py`): the fitted
+step-cost terms (`intercept_s`, `per_row_s`, `per_token_s`, `per_logit_s`), the steps measured,
+the EWMA yields of self-spec cycles and diffusion passes per block length with their counts, and
+the measured table behind the fit: per step shape (its bucket's rows, tokens, logit rows as labels)
+the EWMA seconds and the steps seen.
+The policy's `goodput` signal reads them from this page.
 
 The Inference Gateway's `vllm:*` names contain ':' which Ray's metrics API rejects (a warning
 today, an error in future releases); docs/ARCHITECTURE.md lists the endpoint-picker flags
@@ -66,6 +77,7 @@ class ReplicaMetrics:
         self._last_passes = 0
         self._stop = threading.Event()
         self._init_engine_v2(tags)
+        self._init_costs(tags)
 
     def _t(self, **extra) -> dict:
         return dict(self._tags, **extra)
@@ -84,6 +96,42 @@ class ReplicaMetrics:
             self.passes.inc(stats["forward_passes"] - self._last_passes, tags=self._t())
             self._last_passes = stats["forward_passes"]
         self._sync_engine_v2(stats)
+        self._sync_costs(stats.get("cost_model"))
+
+    def _init_costs(self, tags: tuple) -> None:
+        gauge = ray_metrics.Gauge
+        self.cost_terms = gauge("nld_replica_step_cost_seconds", "fitted engine step cost: seconds = intercept + "
+                                "per_row * rows + per_token * tokens + per_logit * logit rows", tag_keys=tags + ("term",))
+        self.cost_steps = gauge("nld_replica_cost_model_steps", "engine steps the cost model measured", tag_keys=tags)
+        shape = tags + ("rows", "tokens", "logits")
+        self.shape_seconds = gauge("nld_replica_step_shape_seconds", "EWMA seconds of engine steps of this shape",
+                                   tag_keys=shape)
+        self.shape_count = gauge("nld_replica_step_shape_count", "engine steps of this shape", tag_keys=shape)
+        self.yield_gauges = {
+            "self_spec": (gauge("nld_replica_self_spec_tokens_per_cycle", "EWMA tokens per self-spec cycle",
+                                tag_keys=tags + ("block",)),
+                          gauge("nld_replica_self_spec_cycles", "self-spec cycles measured", tag_keys=tags + ("block",)),
+                          "tokens_per_cycle", "cycles"),
+            "diffusion": (gauge("nld_replica_diffusion_tokens_per_pass", "EWMA tokens per diffusion pass",
+                                tag_keys=tags + ("block",)),
+                          gauge("nld_replica_diffusion_blocks", "diffusion blocks measured", tag_keys=tags + ("block",)),
+                          "tokens_per_pass", "blocks"),
+        }
+
+    def _sync_costs(self, model: dict | None) -> None:
+        if not model or not model.get("coef"):
+            return
+        for term, value in model["coef"].items():
+            self.cost_terms.set(value, tags=self._t(term=term))
+        self.cost_steps.set(model["steps"], tags=self._t())
+        for rows, tokens, logits, seconds, count in model.get("buckets", []):
+            key = self._t(rows=str(rows), tokens=str(tokens), logits=str(logits))
+            self.shape_seconds.set(seconds, tags=key)
+            self.shape_count.set(count, tags=key)
+        for mode, (mean, count, mean_key, count_key) in self.yield_gauges.items():
+            for block, y in model.get(mode, {}).items():
+                mean.set(y[mean_key], tags=self._t(block=str(block)))
+                count.set(y[count_key], tags=self._t(block=str(block)))
 
     def _init_engine_v2(self, tags: tuple) -> None:
         """Paged KV cache, prefix cache, preemptions and scheduled tokens (engine v2 keys)."""

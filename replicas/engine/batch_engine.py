@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .block_manager import BlockManager
 from .capacity import num_kv_blocks
+from .cost_model import CostModel
 from .engine import Engine
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
@@ -47,6 +48,8 @@ class BatchEngine:
         self.runner = engine.runner_cls(engine.model, self.cache)
         self._new_scheduler()
         self.stats = EngineStats()
+        self.costs = CostModel()  # measured step costs and mode yields (exported in the stats)
+        self._unmeasured: tuple | None = None  # (shape, start) of a step charged when the next begins
         self._lock = threading.RLock()
         self._aborts: set[str] = set()
         self._abort_notices: list[str] = []  # waiting requests already removed; report next step
@@ -154,8 +157,13 @@ class BatchEngine:
     # ---- the loop body -------------------------------------------------------------------
     def step(self) -> list[StreamChunk]:
         t0 = time.perf_counter()
+        if self._unmeasured is not None:  # the previous step ran until now
+            shape, start = self._unmeasured
+            self._unmeasured = None
+            self.costs.steps.observe(*shape, t0 - start)
         out: list[StreamChunk] = []
         plan: Plan | None = None
+        ok = False
         try:
             with self._lock:
                 self._apply_control(out)
@@ -165,6 +173,7 @@ class BatchEngine:
                 slots = [row.seq.kv.slot for row in plan.rows]
                 logits = self.runner.run(list(zip(slots, plan.passes)))
                 self._advance(plan, logits, out)
+                ok = True
         except Exception as e:  # the error boundary: end this step's requests, keep serving
             rows = plan.rows if plan is not None else list(self.scheduler.running.values())
             out.extend(self._fail(rows, e))
@@ -174,7 +183,20 @@ class BatchEngine:
         if plan is not None and plan.rows:
             s.step_seconds.observe(s.last_step_seconds)
             s.scheduled_tokens.observe(s.last_step_tokens)
+            if ok:  # a failed step's time says nothing about the model's cost
+                self._measure(plan, t0)
         return out
+
+    def _measure(self, plan: Plan, t0: float) -> None:
+        """Feed the cost model. A step followed at once by the next one (the loop stays busy) is
+        charged the time from its start to the next step's start, so what the loop does between
+        steps (sending the step's chunks, stats, control) counts; the last step before the loop
+        idles is charged its own time."""
+        shape = (len(plan.rows), plan.tokens, sum(len(p.tokens) if p.all_logits else 1 for p in plan.passes))
+        if self.has_work():
+            self._unmeasured = (shape, t0)
+        else:
+            self.costs.steps.observe(*shape, self.stats.last_step_seconds)
 
     def _apply_control(self, out: list[StreamChunk]) -> None:
         sched = self.scheduler
@@ -214,9 +236,13 @@ class BatchEngine:
                 out.extend(self._fail([row], e))
                 continue
             self.stats.generated_tokens += len(new)
-            for c in seq.accepted_lengths[row.seen_accepts:]:
+            for c, block in zip(seq.accepted_lengths[row.seen_accepts:], seq.draft_blocks[row.seen_accepts:]):
                 self.stats.accepted_length.observe(c)
+                self.costs.yields.observe_cycle(block, c)
             row.seen_accepts = len(seq.accepted_lengths)
+            for passes in seq.denoise_passes[row.seen_blocks:]:
+                self.costs.yields.observe_block(seq.params.block_length, passes)
+            row.seen_blocks = len(seq.denoise_passes)
             if seq.finished:
                 with self._lock:
                     self.scheduler.remove(seq.request_id)

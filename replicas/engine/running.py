@@ -30,6 +30,7 @@ class Running:
         self.mode: DecodeMode | None = None  # None until the prompt is prefilled
         self.switch_to: str | None = None
         self.seen_accepts = 0  # accepted_lengths already reported to the stats
+        self.seen_blocks = 0  # denoise_passes (finished diffusion blocks) already reported
         self.prefill_tokens: list[int] | None = list(seq.prompt_ids)  # None once decoding
         self.resuming = False  # prefilling again after a preemption: emits nothing
         self.prefix_keys: list[Hashable] | None = None  # prefix-cache keys of prefill_tokens' full blocks

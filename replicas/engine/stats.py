@@ -4,7 +4,8 @@ Contract: `Histogram.observe` / `snapshot`; `EngineStats` is updated only by the
 thread; `engine_snapshot(batch_engine)` is the plain dict `BatchEngine.stats_snapshot()` returns
 (the replica exports it to Prometheus: `replicas/metrics.py`). Keys: requests by state and mode,
 KV slots, tokens and blocks (used, free, cached), prefix-cache queries / hits / hit rate,
-preemptions, tokens scheduled per step, counters and histograms.
+preemptions, tokens scheduled per step, counters and histograms, and `cost_model` (the measured
+step costs and mode yields: `cost_model.CostModel.snapshot()`).
 """
 
 from __future__ import annotations
@@ -92,4 +93,5 @@ def engine_snapshot(core) -> dict:
         "scheduled_tokens": s.scheduled_tokens.snapshot(),
         "last_step_seconds": s.last_step_seconds,
         "last_step_tokens": s.last_step_tokens,
+        "cost_model": core.costs.snapshot(),
     }

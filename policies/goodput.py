@@ -1,0 +1,324 @@
+"""Goodput: the fleet's measured cost model, and the mode it predicts serves best.
+
+Contract: `GoodputSource` (YAML `source: goodput`) reads the replicas' cost-model metrics from
+Prometheus text pages (the Ray metrics page the other scrape signals read, fetched once per poll
+through the policy's `PageFetcher`), keeps them per replica (`per` label) and merges them into
+one `CostView` (`.view`); `read()` returns the fleet's measured step count. `predict(view, mode,
+n, ...)` gives a mode's step seconds, tokens/s and seconds per token for a replica running `n`
+requests, all in that mode: a step of n rows costs `intercept + n * (per_row + w * (per_token +
+per_logit))` with w tokens per row (ar 1, self_spec and diffusion their block); a self-spec cycle
+is two such steps (draft, verify) and makes `tokens_per_cycle` tokens (a step's seconds come from
+the fit, pulled toward the measured step shapes near it: `step_seconds`), a diffusion pass makes
+`tokens_per_pass`. `GoodputChooser.choose(view, current, projected, mode, now)` predicts every level's
+mode at both loads, keeps those within the latency SLO, and picks the best tokens/s at the
+higher of the two loads (a rising load acts early; a falling one waits for the smoothing),
+smoothed over time (EWMA of log tokens/s, half-life `smoothing_s`); it leaves the current mode
+only for a gain above `margin`. It returns None (cold: the caller keeps
+its static thresholds) until the view has `min_steps` steps and a yield for every mode it needs.
+Non-goals: measuring (the engine: `replicas/engine/cost_model.py`), dwell and staleness (the
+policy), torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .schema import DraftTier, GoodputRule, GoodputSignal
+from .signals import PageFetcher, samples
+
+TERMS = ("intercept_s", "per_row_s", "per_token_s", "per_logit_s")
+
+
+@dataclass
+class CostView:
+    coef: dict[str, float] = field(default_factory=dict)  # TERMS -> seconds
+    steps: float = 0.0
+    self_spec: dict[int, tuple[float, float]] = field(default_factory=dict)  # block -> (tokens/cycle, cycles)
+    diffusion: dict[int, tuple[float, float]] = field(default_factory=dict)  # block -> (tokens/pass, blocks)
+    shapes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (rows, tokens, seconds, steps)
+    replicas: int = 0
+
+    def logged(self) -> list[tuple[float, float, float, float, float, float]]:
+        """(log rows, log tokens, rows, tokens, seconds, steps) of the usable shapes, computed once."""
+        cached = getattr(self, "_logged", None)
+        if cached is None or cached[0] != len(self.shapes):
+            rows = [(math.log(r), math.log(t), r, t, y, n) for r, t, y, n in self.shapes if r > 0 and t > 0 and y > 0]
+            cached = self._logged = (len(self.shapes), rows)
+        return cached[1]
+
+    def as_dict(self) -> dict:
+        return {"coef": self.coef, "steps": self.steps, "replicas": self.replicas, "shapes": len(self.shapes),
+                "self_spec": {str(b): {"tokens_per_cycle": t, "cycles": n} for b, (t, n) in sorted(self.self_spec.items())},
+                "diffusion": {str(b): {"tokens_per_pass": t, "blocks": n} for b, (t, n) in sorted(self.diffusion.items())}}
+
+
+def merge(views: list[CostView]) -> CostView:
+    """One fleet view: coefficients weighted by each replica's steps, yields by their counts."""
+    out = CostView(replicas=len(views))
+    out.steps = sum(v.steps for v in views)
+    if out.steps > 0:
+        out.coef = {t: sum(v.coef.get(t, 0.0) * v.steps for v in views) / out.steps for t in TERMS}
+    for attr in ("self_spec", "diffusion"):
+        acc: dict[int, list[float]] = {}
+        for v in views:
+            for b, (mean, n) in getattr(v, attr).items():
+                s = acc.setdefault(b, [0.0, 0.0])
+                s[0] += mean * n
+                s[1] += n
+        setattr(out, attr, {b: (s[0] / s[1], s[1]) for b, s in acc.items() if s[1] > 0})
+    out.shapes = [shape for v in views for shape in v.shapes]
+    return out
+
+
+class GoodputSource:
+    def __init__(self, spec: GoodputSignal, pages: PageFetcher) -> None:
+        self.spec, self.pages = spec, pages
+        self.name, self.interval_s, self.stale_after_s = spec.name, spec.interval_s, spec.stale_after_s
+        self.view = CostView()
+
+    async def read(self) -> float:
+        by: dict[tuple, CostView] = {}
+        p = self.spec.prefix
+
+        def keep(labels):
+            if any(labels.get(k) != v for k, v in self.spec.labels.items()):
+                return None
+            key = (url, labels.get(self.spec.per, ""))
+            return by.setdefault(key, CostView())
+
+        for url in self.spec.urls:
+            text = await self.pages.text(url, self.spec.timeout_s)
+            for labels, value in samples(text, p + "step_cost_seconds"):
+                if (v := keep(labels)) is not None and labels.get("term") in TERMS:
+                    v.coef[labels["term"]] = value
+            for labels, value in samples(text, p + "cost_model_steps"):
+                if (v := keep(labels)) is not None:
+                    v.steps = value
+            counts = {}
+            for labels, value in samples(text, p + "step_shape_count"):
+                if keep(labels) is not None:
+                    counts[(url, labels.get(self.spec.per, ""), labels.get("rows"), labels.get("tokens"),
+                            labels.get("logits"))] = value
+            for labels, value in samples(text, p + "step_shape_seconds"):
+                v = keep(labels)
+                shape = [labels.get(k) for k in ("rows", "tokens", "logits")]
+                if v is None or None in shape:
+                    continue
+                rows, tokens, logits = (float(x) for x in shape)
+                if logits != tokens and tokens != rows:
+                    continue  # a step with prefill chunks in it: not the shape of any mode's steady state
+                n = counts.get((url, labels.get(self.spec.per, ""), *shape), 1.0)
+                v.shapes.append((rows, tokens, value, n))
+            for attr, mean_name, count_name in (("self_spec", "self_spec_tokens_per_cycle", "self_spec_cycles"),
+                                                ("diffusion", "diffusion_tokens_per_pass", "diffusion_blocks")):
+                counts = {}
+                for labels, value in samples(text, p + count_name):
+                    if keep(labels) is not None and "block" in labels:
+                        counts[(url, labels.get(self.spec.per, ""), labels["block"])] = value
+                for labels, value in samples(text, p + mean_name):
+                    if (v := keep(labels)) is not None and "block" in labels:
+                        n = counts.get((url, labels.get(self.spec.per, ""), labels["block"]), 0.0)
+                        getattr(v, attr)[int(float(labels["block"]))] = (value, n)
+        views = [v for v in by.values() if v.steps > 0 and len(v.coef) == len(TERMS)]
+        self.view = merge(views)
+        return self.view.steps
+
+
+# ---- prediction ----------------------------------------------------------------------------
+def draft_block(tiers: list[DraftTier], running: float, requested: int) -> int:
+    """The engine's rule (`EngineConfig.draft_block`) for a replica running `running` requests."""
+    for tier in tiers:
+        if running <= tier.max_running:
+            return min(requested, tier.block_length)
+    return min(requested, tiers[-1].block_length) if tiers else requested
+
+
+def acceptance(tokens_per_cycle: float, block: int) -> float:
+    """alpha with (1 - alpha^B) / (1 - alpha) = tokens per cycle: each draft accepted with
+    probability alpha after its predecessor (geometric), solved by bisection."""
+    target = min(max(tokens_per_cycle, 1.0), block - 1e-6)
+    lo, hi = 0.0, 1.0 - 1e-9
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if (1 - mid ** block) / (1 - mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def tokens_per_cycle(view: CostView, block: int, min_cycles: float) -> float | None:
+    """Measured at `block` when it has `min_cycles`; else extrapolated, with the geometric
+    acceptance, from the best-measured block length."""
+    known = {b: v for b, v in view.self_spec.items() if v[1] > 0}
+    if sum(n for _, n in known.values()) < min_cycles:
+        return None
+    if block in known and known[block][1] >= min_cycles:
+        return known[block][0]
+    b, (tpc, _) = max(known.items(), key=lambda kv: kv[1][1])
+    alpha = acceptance(tpc, b)
+    return (1 - alpha ** block) / (1 - alpha) if alpha > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Prediction:
+    mode: str
+    block: int
+    step_s: float
+    tokens_per_s: float  # the replica's, with n requests in this mode
+    s_per_token: float  # one request's
+    latency_s: float  # one request of `request_tokens` tokens
+
+    def as_dict(self) -> dict:
+        return {"block": self.block, "step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
+                "s_per_token": self.s_per_token, "latency_s": self.latency_s}
+
+
+BANDWIDTH = 0.35  # kernel width of the local fit, in ln units of rows and tokens (a factor of ~1.4)
+PRIOR = 0.05  # weight of the global fit against the local data's
+CUTOFF = (4 * BANDWIDTH) ** 2  # shapes further than 4 kernel widths weigh nothing (exp(-8))
+
+
+def step_seconds(view: CostView, rows: float, tokens: float) -> float:
+    """Seconds of a step of `rows` rows and `tokens` tokens (logits at every token, or one per row
+    for width 1). The global fit is the prior; measured shapes near this one pull the answer
+    toward what they measured (a local weighted least-squares fit of seconds ~ 1 + rows + tokens
+    on relative errors, kernel weights in log rows / log tokens, ridge toward the prior)."""
+    c = view.coef
+    prior = [c["intercept_s"], c["per_row_s"], c["per_token_s"] + c["per_logit_s"]]
+    q = [1.0, rows, tokens]
+    guess = max(sum(p * x for p, x in zip(prior, q)), 1e-6)
+    a = [[0.0] * 3 for _ in range(3)]
+    v = [0.0] * 3
+    total = 0.0
+    lr, lt = math.log(rows), math.log(tokens)
+    for log_r, log_t, r, t, y, n in view.logged():
+        d2 = (log_r - lr) ** 2 + (log_t - lt) ** 2
+        if d2 > CUTOFF:
+            continue
+        w = min(n, 20.0) * math.exp(-d2 / (2 * BANDWIDTH ** 2)) / y ** 2
+        x = [1.0, r, t]
+        total += w
+        for i in range(3):
+            v[i] += w * x[i] * y
+            for j in range(3):
+                a[i][j] += w * x[i] * x[j]
+    lam = PRIOR * total + 1.0 / guess ** 2  # the prior counts as one step at least
+    for i in range(3):
+        a[i][i] += lam * q[i] ** 2
+        v[i] += lam * q[i] ** 2 * prior[i]
+    beta = _solve3(a, v)
+    return max(sum(b * x for b, x in zip(beta, q)), 1e-6)
+
+
+def _solve3(a: list[list[float]], v: list[float]) -> list[float]:
+    n = len(v)
+    m = [row[:] + [v[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[piv] = m[piv], m[col]
+        if abs(m[col][col]) < 1e-30:
+            continue
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [rv - f * cv for rv, cv in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] if abs(m[i][i]) >= 1e-30 else 0.0 for i in range(n)]
+
+
+def predict(view: CostView, mode: str, n: float, *, tiers: list[DraftTier], rule: GoodputRule) -> Prediction | None:
+    n = max(n, 1.0)
+
+    def step(width: int) -> float:
+        return step_seconds(view, n, n * width)
+
+    if mode == "ar":
+        block, t, per_step = 1, step(1), 1.0
+    elif mode == "self_spec":
+        block = draft_block(tiers, n, rule.block_length)
+        tpc = tokens_per_cycle(view, block, rule.min_cycles)
+        if tpc is None:
+            return None
+        t, per_step = step(block), tpc / 2.0  # draft + verify
+    else:
+        block = rule.block_length
+        known = view.diffusion.get(block)
+        if known is None or known[1] < rule.min_cycles:
+            return None
+        t, per_step = step(block), known[0]
+    t = max(t, 1e-9)
+    s_per_token = t / per_step
+    return Prediction(mode, block, t, n / s_per_token, s_per_token, rule.request_tokens * s_per_token)
+
+
+@dataclass
+class Choice:
+    mode: str
+    detail: str
+    predictions: dict  # {"current": {mode: {...}}, "projected": {...}}
+
+
+class GoodputChooser:
+    def __init__(self, rule: GoodputRule, modes: list[str], tiers: list[DraftTier]) -> None:
+        self.rule, self.modes, self.tiers = rule, modes, tiers
+        self.smoothed: dict[str, float] = {}  # mode -> EWMA of log predicted tokens/s at the decision load
+        self.last_t: float | None = None
+        self._memo_view: CostView | None = None
+        self._memo: dict[tuple, Prediction | None] = {}
+
+    def _smooth(self, options: dict[str, Prediction], now: float | None) -> dict[str, float]:
+        """EWMA (half-life `smoothing_s`) of each mode's log tokens/s: noise in the measured costs
+        does not flip the choice; a large change (a load step) still crosses the margin quickly."""
+        half = self.rule.smoothing_s
+        alpha = 1.0 if now is None or self.last_t is None or half <= 0 else 1.0 - 0.5 ** (
+            max(now - self.last_t, 0.0) / half)
+        self.last_t = now
+        for m, p in options.items():
+            x = math.log(max(p.tokens_per_s, 1e-12))
+            prev = self.smoothed.get(m)
+            self.smoothed[m] = x if prev is None else prev + alpha * (x - prev)
+        return {m: math.exp(self.smoothed[m]) for m in options}
+
+    def _predict(self, view: CostView, mode: str, n: float) -> Prediction | None:
+        """`predict`, memoised per view (a new one per poll) and load rounded to 1/8 of a request:
+        the policy evaluates every 0.1 s on the gateway's event loop."""
+        if self._memo_view is not view:
+            self._memo_view, self._memo = view, {}
+        key = (mode, round(max(n, 1.0) * 8) / 8)
+        if key not in self._memo:
+            self._memo[key] = predict(view, mode, key[1], tiers=self.tiers, rule=self.rule)
+        return self._memo[key]
+
+    def ready(self, view: CostView) -> str | None:
+        """None when the view can decide; else why not (the cold start)."""
+        if view.steps < self.rule.min_steps or not view.coef:
+            return f"cold: {view.steps:g} of {self.rule.min_steps} steps measured"
+        return None
+
+    def choose(self, view: CostView, current: float, projected: float, mode: str,
+               now: float | None = None) -> Choice | None:
+        if self.ready(view) is not None:
+            return None
+        preds = {}
+        for label, n in (("current", current), ("projected", projected)):
+            preds[label] = {m: self._predict(view, m, n) for m in self.modes}
+        if any(p is None for p in preds["current"].values()):
+            return None  # a mode never measured (e.g. no self-spec cycle yet): the thresholds explore
+        at = "projected" if projected > current else "current"
+        options = preds[at]
+        rate = self._smooth(options, now)
+        slo = self.rule.latency_slo_s
+        within = [m for m, p in options.items() if slo is None or p.latency_s <= slo]
+        if not within:  # nothing meets the SLO: the fastest request wins
+            best = min(options, key=lambda m: options[m].latency_s)
+        else:
+            best = max(within, key=lambda m: rate[m])
+        keep = mode in within or not within
+        gain = rate[best] / max(rate[mode], 1e-12) if mode in rate else float("inf")
+        if best != mode and keep and gain <= 1.0 + self.rule.margin:
+            best = mode  # not enough gain to move
+        detail = (f"{at} load {max(current, projected):.2f}: " +
+                  ", ".join(f"{m} {p.tokens_per_s:.0f} tok/s {p.latency_s:.3f} s" for m, p in options.items()))
+        shown = {label: {m: p.as_dict() for m, p in ps.items()} for label, ps in preds.items()}
+        return Choice(best, detail, shown)

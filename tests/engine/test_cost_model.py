@@ -1,0 +1,101 @@
+"""The engine's measured cost model: the step-cost fit on synthetic timings, the mode yields, and
+the engine feeding both from the steps it runs (exported in its stats)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from replicas.engine import BatchEngine, EngineConfig
+from replicas.engine.cost_model import CostModel, ModeYields, StepCosts
+from replicas.engine.params import DecodeParams
+
+TRUE = {"intercept_s": 0.002, "per_row_s": 3e-4, "per_token_s": 5e-5, "per_logit_s": 2e-5}
+
+
+def synthetic(costs: StepCosts, rng: random.Random, n: int, widths=(1, 8, 32), noise=3e-4, true=TRUE) -> None:
+    """Steps of r rows, each a pass of width w (all logits when w > 1), sometimes with a 64-token prefill."""
+    for _ in range(n):
+        r, w, prefill = rng.randint(1, 32), rng.choice(widths), rng.random() < 0.1
+        rows, tokens = r + prefill, r * w + 64 * prefill
+        logits = (r * w if w > 1 else r) + prefill
+        t = (true["intercept_s"] + true["per_row_s"] * rows + true["per_token_s"] * tokens
+             + true["per_logit_s"] * logits + rng.gauss(0, noise))
+        costs.observe(rows, tokens, logits, max(t, 1e-5))
+
+
+def test_fit_recovers_the_step_cost_terms_from_noisy_steps():
+    costs = StepCosts()
+    synthetic(costs, random.Random(0), 5000)
+    coef = costs.fit()
+    assert coef["intercept_s"] == pytest.approx(TRUE["intercept_s"], abs=2e-4)
+    assert coef["per_row_s"] == pytest.approx(TRUE["per_row_s"], rel=0.15)
+    # token and logit rows differ only in prefill steps; what predictions use is well determined:
+    wide = coef["per_token_s"] + coef["per_logit_s"]
+    assert wide == pytest.approx(TRUE["per_token_s"] + TRUE["per_logit_s"], rel=0.1)
+    assert coef["per_logit_s"] == pytest.approx(TRUE["per_logit_s"], rel=0.3)
+    for rows, width in [(1, 1), (32, 1), (1, 32), (16, 8)]:  # the step shapes of AR and self-spec
+        true = TRUE["intercept_s"] + rows * (TRUE["per_row_s"] + width * (TRUE["per_token_s"] + TRUE["per_logit_s"]))
+        pred = coef["intercept_s"] + rows * (coef["per_row_s"] + width * wide)
+        assert pred == pytest.approx(true, rel=0.05), (rows, width)
+
+
+def test_fit_is_non_negative_and_none_before_any_step():
+    costs = StepCosts()
+    assert costs.fit() is None
+    for rows in range(1, 20):  # time falls with rows: a plain fit would give a negative per-row term
+        costs.observe(rows, rows, rows, 0.01 - 1e-4 * rows)
+    assert all(v >= 0 for v in costs.fit().values())
+
+
+def ar_step(coef: dict, rows: int) -> float:
+    return coef["intercept_s"] + rows * (coef["per_row_s"] + coef["per_token_s"] + coef["per_logit_s"])
+
+
+def test_buckets_follow_drift_but_keep_other_regimes():
+    """When AR steps get slower, the AR buckets move the fit toward them; what wide passes cost
+    is still known from their buckets (not forgotten while the fleet runs AR). Only the buckets
+    that see steps follow: the fit is then a compromise (2/3 of the way at one row here)."""
+    costs = StepCosts()
+    rng = random.Random(1)
+    synthetic(costs, rng, 3000, noise=0)
+    before = costs.fit()
+    slow = {**TRUE, "intercept_s": 0.004}
+    synthetic(costs, rng, 3000, widths=(1,), noise=0, true=slow)
+    coef = costs.fit()
+    assert ar_step(coef, 1) > ar_step(before, 1) + 0.0007  # the truth moved by 0.002
+    assert ar_step(coef, 32) == pytest.approx(ar_step(slow, 32), rel=0.05)
+    wide_before = before["per_token_s"] + before["per_logit_s"]
+    assert coef["per_token_s"] + coef["per_logit_s"] == pytest.approx(wide_before, rel=0.3)
+
+
+def test_yields_are_ewmas_per_block_length():
+    y = ModeYields()
+    for _ in range(200):
+        y.observe_cycle(32, 3)  # 4 tokens per cycle
+        y.observe_cycle(8, 1)
+    y.observe_block(32, 7)  # 32 tokens in 8 passes
+    assert y.self_spec[32].mean == pytest.approx(4.0) and y.self_spec[8].mean == pytest.approx(2.0)
+    assert y.diffusion[32].mean == pytest.approx(4.0) and y.self_spec[32].count == 200
+    snap = CostModel(yields=y).snapshot()
+    assert snap["self_spec"]["32"] == {"tokens_per_cycle": pytest.approx(4.0), "cycles": 200}
+    assert snap["coef"] is None and snap["steps"] == 0 and snap["buckets"] == []
+
+
+def test_the_engine_measures_its_steps_and_mode_yields(engine):
+    be = BatchEngine(engine, EngineConfig(max_batch_size=4, max_seq_len=256))
+    for mode in ("ar", "self_spec", "diffusion"):
+        be.submit([1, 2, 3, 4], DecodeParams(mode=mode, max_new_tokens=40, ignore_eos=True, block_length=8))
+    while be.has_work():
+        be.step()
+    snap = be.stats_snapshot()["cost_model"]
+    assert snap["steps"] == be.stats.forward_passes
+    assert set(snap["coef"]) == {"intercept_s", "per_row_s", "per_token_s", "per_logit_s"}
+    assert sum(snap["coef"].values()) > 0
+    assert sum(b[4] for b in snap["buckets"]) == snap["steps"]
+    assert all(b[0] >= 1 and b[1] >= b[0] and b[3] > 0 for b in snap["buckets"])  # rows, tokens, seconds
+    cycles = snap["self_spec"]["8"]
+    assert cycles["cycles"] >= 5 and 1.0 <= cycles["tokens_per_cycle"] <= 8.0
+    blocks = snap["diffusion"]["8"]
+    assert blocks["blocks"] >= 3 and 1.0 <= blocks["tokens_per_pass"] <= 8.0

@@ -1,0 +1,300 @@
+"""The calibrating policy: the cost model read from metrics pages, goodput predictions on
+synthetic costs (the crossover moves where it should), the cold start on thresholds, staleness,
+and no thrash under a steady load at the crossover."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from policies import AdaptiveModePolicy, ModeRequest, PolicyMetrics, parse_policy
+from policies.goodput import (CostView, GoodputChooser, GoodputSource, acceptance, predict, step_seconds,
+                              tokens_per_cycle)
+from policies.schema import DraftTier, GoodputRule, PolicyFileError
+from policies.signals import PageFetcher, SignalBoard
+
+from .test_presets import MetricsPage
+
+pytestmark = pytest.mark.anyio
+
+# the embedded model's engine on one core of the 2-core VM (medians of steps measured alone):
+# 3.45 ms a step, 0.24 ms a row, 0.16 ms a token with its logits
+CPU = {"intercept_s": 0.00345, "per_row_s": 2.4e-4, "per_token_s": 1e-4, "per_logit_s": 6e-5}
+TIERS = [DraftTier(max_running=4, block_length=32), DraftTier(max_running=16, block_length=8)]
+RULE = GoodputRule(costs="costs", min_steps=100, min_cycles=10)
+
+
+def view(tokens_per_cycle: float | None = 6.0, coef: dict = CPU, steps: float = 1000) -> CostView:
+    v = CostView(coef=dict(coef), steps=steps, replicas=1)
+    if tokens_per_cycle is not None:
+        v.self_spec = {32: (tokens_per_cycle, 100.0)}
+    return v
+
+
+def crossover(v: CostView, tiers=TIERS, rule=RULE) -> float:
+    """The lowest load (per replica, in steps of 0.25) from which AR's predicted tokens/s is at
+    least self-spec's."""
+    n = 1.0
+    while n <= 64:
+        ar, ss = (predict(v, m, n, tiers=tiers, rule=rule) for m in ("ar", "self_spec"))
+        if ar.tokens_per_s >= ss.tokens_per_s:
+            return n
+        n += 0.25
+    return float("inf")
+
+
+# ---- predictions on synthetic costs -----------------------------------------------------------
+def test_acceptance_inverts_the_geometric_yield():
+    for alpha, block in [(0.5, 32), (0.8, 8), (0.95, 32)]:
+        tpc = (1 - alpha ** block) / (1 - alpha)
+        assert acceptance(tpc, block) == pytest.approx(alpha, abs=1e-6)
+    assert acceptance(1.0, 32) == pytest.approx(0.0, abs=1e-6)  # never accepted
+    v = view(tokens_per_cycle=(1 - 0.8 ** 32) / 0.2)
+    assert tokens_per_cycle(v, 8, 10) == pytest.approx((1 - 0.8 ** 8) / 0.2)  # extrapolated to block 8
+
+
+def test_predictions_follow_the_cost_model():
+    ar = predict(view(), "ar", 4, tiers=TIERS, rule=RULE)
+    assert ar.step_s == pytest.approx(0.00345 + 4 * (2.4e-4 + 1.6e-4))
+    assert ar.tokens_per_s == pytest.approx(4 / ar.step_s) and ar.latency_s == pytest.approx(256 * ar.step_s)
+    ss = predict(view(), "self_spec", 4, tiers=TIERS, rule=RULE)
+    assert ss.block == 32 and ss.step_s == pytest.approx(0.00345 + 4 * (2.4e-4 + 32 * 1.6e-4))
+    assert ss.s_per_token == pytest.approx(2 * ss.step_s / 6.0)  # draft + verify make 6 tokens
+    assert predict(view(), "self_spec", 8, tiers=TIERS, rule=RULE).block == 8  # the draft tier at 8 running
+    assert predict(view(tokens_per_cycle=None), "self_spec", 1, tiers=TIERS, rule=RULE) is None
+    assert predict(view(), "diffusion", 1, tiers=TIERS, rule=RULE) is None  # never measured
+
+
+def test_measured_shapes_correct_the_global_fit_near_them():
+    """The global fit says a 32-row step of 8-token passes takes 3.45 + 32 * (0.24 + 8 * 0.16) ms =
+    52 ms; the replica measured 80 ms there. Predictions there follow the measurement; far from
+    it (one row) they keep the fit."""
+    v = view()
+    wide_true = 0.080
+    v.shapes = [(32.0, 256.0, wide_true, 50.0), (28.0, 224.0, wide_true * 0.9, 50.0)]
+    assert step_seconds(v, 32, 256) == pytest.approx(wide_true, rel=0.05)
+    fit_one_row = CPU["intercept_s"] + CPU["per_row_s"] + CPU["per_token_s"] + CPU["per_logit_s"]
+    assert step_seconds(v, 1, 1) == pytest.approx(fit_one_row, rel=0.01)
+    assert step_seconds(view(), 32, 256) == pytest.approx(0.00345 + 32 * (2.4e-4 + 8 * 1.6e-4))
+    slower = predict(v, "self_spec", 32, tiers=TIERS, rule=RULE)
+    assert slower.step_s == pytest.approx(wide_true, rel=0.05)
+
+
+def test_the_crossover_moves_with_acceptance_and_with_the_cost_of_width():
+    base = crossover(view(tokens_per_cycle=6.0))
+    assert 1 < base < 64
+    assert crossover(view(tokens_per_cycle=10.0)) > base  # better drafts: self-spec pays off longer
+    assert crossover(view(tokens_per_cycle=3.0)) < base
+    wide = {**CPU, "per_token_s": 2e-4}  # wide passes cost more
+    assert crossover(view(tokens_per_cycle=6.0, coef=wide)) < base
+    flat = {**CPU, "intercept_s": 0.03, "per_token_s": 1e-6, "per_logit_s": 0.0}  # weight-bandwidth bound
+    assert crossover(view(tokens_per_cycle=6.0, coef=flat)) > base
+    assert crossover(view(tokens_per_cycle=1.0)) == 1.0  # a draft never accepted: AR from the first user
+
+
+def test_the_chooser_picks_self_spec_only_where_drafts_pay_and_ar_under_load():
+    chooser = GoodputChooser(RULE, ["self_spec", "ar"], TIERS)
+    good, useless = view(tokens_per_cycle=8.0), view(tokens_per_cycle=1.0)
+    assert chooser.choose(good, 1, 1, "ar").mode == "self_spec"
+    assert chooser.choose(useless, 1, 1, "self_spec").mode == "ar"
+    for v in (good, useless):
+        assert chooser.choose(v, 32, 32, "self_spec").mode == "ar"
+    assert chooser.choose(good, 1, 32, "self_spec").mode == "ar"  # a rising load acts on the projection
+    assert chooser.choose(view(steps=50), 1, 1, "ar") is None  # cold: too few steps
+    assert chooser.choose(view(tokens_per_cycle=None), 1, 1, "ar") is None  # self-spec never measured
+
+
+def test_the_margin_holds_near_ties_and_the_slo_follows_throughput():
+    v = view(tokens_per_cycle=6.0)
+    n = crossover(v) + 0.25  # AR is ahead here, by a little
+    ar = predict(v, "ar", n, tiers=TIERS, rule=RULE)
+    ss = predict(v, "self_spec", n, tiers=TIERS, rule=RULE)
+    gain = ar.tokens_per_s / ss.tokens_per_s
+    assert 1.0 < gain
+    free = GoodputChooser(RULE.model_copy(update={"margin": 0.0}), ["self_spec", "ar"], TIERS)
+    assert free.choose(v, n, n, "self_spec").mode == "ar"
+    held = GoodputChooser(RULE.model_copy(update={"margin": gain - 1 + 0.01}), ["self_spec", "ar"], TIERS)
+    assert held.choose(v, n, n, "self_spec").mode == "self_spec"  # a gain below the margin: stay
+    # at one load, a request's latency is load / tokens/s (Little's law): the faster mode is also
+    # the lower-latency one, so an SLO never vetoes the goodput choice in favour of another mode
+    assert (ar.latency_s < ss.latency_s) == (ar.tokens_per_s > ss.tokens_per_s)
+    strict = GoodputChooser(RULE.model_copy(update={"latency_slo_s": ar.latency_s / 2}), ["self_spec", "ar"], TIERS)
+    assert strict.choose(v, n, n, "self_spec").mode == "ar"  # nothing meets it: the fastest request
+
+
+# ---- the source: cost models read from the replicas' metrics page ---------------------------------
+def cost_page(replicas: list[dict]) -> str:
+    lines = []
+    for i, r in enumerate(replicas):
+        tags = f'application="nld",deployment="NLDReplica",replica="r{i}",model="m"'
+        for term, value in r["coef"].items():
+            lines.append(f'ray_nld_replica_step_cost_seconds{{{tags},term="{term}"}} {value}')
+        lines.append(f"ray_nld_replica_cost_model_steps{{{tags}}} {r['steps']}")
+        for block, (tpc, cycles) in r.get("self_spec", {}).items():
+            lines.append(f'ray_nld_replica_self_spec_tokens_per_cycle{{{tags},block="{block}"}} {tpc}')
+            lines.append(f'ray_nld_replica_self_spec_cycles{{{tags},block="{block}"}} {cycles}')
+        for rows, tokens, seconds, count in r.get("shapes", []):
+            shape = f'{tags},rows="{rows}",tokens="{tokens}",logits="{tokens}"'
+            lines.append(f"ray_nld_replica_step_shape_seconds{{{shape}}} {seconds}")
+            lines.append(f"ray_nld_replica_step_shape_count{{{shape}}} {count}")
+        lines.append(f"ray_nld_replica_num_requests_running{{{tags}}} 1.0")
+    return "\n".join(lines) + "\n"
+
+
+async def test_the_source_merges_the_replicas_cost_models_by_their_samples():
+    import httpx
+
+    slow = {k: 2 * v for k, v in CPU.items()}
+    page_text = cost_page([{"coef": CPU, "steps": 300, "self_spec": {32: (4.0, 30)}, "shapes": [(1, 1, 0.004, 20)]},
+                           {"coef": slow, "steps": 100, "self_spec": {32: (8.0, 10), 8: (3.0, 5)}}])
+    spec = parse_policy(f"""
+signals:
+  - {{name: costs, source: goodput, urls: ["http://127.0.0.1:{{metrics_port}}/metrics"]}}
+mode: {{signal: costs, enter_loaded_above: 8, leave_loaded_below: 4, goodput: {{costs: costs}}}}
+""")
+    async with MetricsPage(page_text) as page, httpx.AsyncClient() as http:
+        from policies.schema import StackPorts
+
+        source = GoodputSource(spec.resolved(StackPorts(metrics_port=page.port)).signals[0], PageFetcher(http))
+        assert await source.read() == 400
+    v = source.view
+    assert v.replicas == 2
+    assert v.coef["per_row_s"] == pytest.approx((300 * CPU["per_row_s"] + 100 * slow["per_row_s"]) / 400)
+    assert v.self_spec[32] == (pytest.approx((4.0 * 30 + 8.0 * 10) / 40), 40)
+    assert v.self_spec[8] == (pytest.approx(3.0), 5)
+    assert v.shapes == [(1.0, 1.0, 0.004, 20.0)]
+
+
+def test_schema_goodput_needs_a_goodput_signal():
+    with pytest.raises(PolicyFileError, match="mode.goodput.costs"):
+        parse_policy("""
+signals: [{name: fleet, source: prometheus, url: http://p, query: q}]
+mode: {signal: fleet, enter_loaded_above: 8, leave_loaded_below: 4, goodput: {costs: fleet}}
+""")
+
+
+# ---- the policy: cold start, staleness, no thrash ------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Load:
+    name, interval_s, stale_after_s = "fleet", 1.0, 5.0
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    async def read(self) -> float:
+        return self.value
+
+
+class Costs:
+    """A goodput source whose cost view the test sets; `fail` makes reads raise (it goes stale)."""
+
+    name, interval_s, stale_after_s = "costs", 1.0, 5.0
+
+    def __init__(self) -> None:
+        self.view, self.fail = CostView(), False
+
+    async def read(self) -> float:
+        if self.fail:
+            raise RuntimeError("down")
+        return self.view.steps
+
+
+POLICY = """
+signals:
+  - {name: fleet, source: prometheus, url: http://p:9090, query: q, stale_after_s: 5}
+  - {name: costs, source: goodput, urls: ["http://p/metrics"], stale_after_s: 5}
+mode:
+  signal: fleet
+  smoothing: {ewma_half_life_s: 2}
+  enter_loaded_above: 8
+  leave_loaded_below: 4
+  min_dwell_s: 10
+  goodput: {costs: costs, min_steps: 100, min_cycles: 10}
+engine:
+  draft_tiers: [{max_running: 4, block_length: 32}, {max_running: 16, block_length: 8}]
+  downgrade_running: true
+"""
+
+
+def make():
+    clock, load, costs = Clock(), Load(), Costs()
+    board = SignalBoard([load, costs], clock=clock)
+    policy = AdaptiveModePolicy(parse_policy(POLICY), board, metrics=PolicyMetrics(CollectorRegistry()),
+                                clock=clock, wall=clock)
+    return policy, board, clock, load, costs
+
+
+async def step(policy, board, clock, load, costs, value: float, seconds: float = 1.0) -> str:
+    load.value = value
+    clock.t += seconds
+    await board.poll_once("fleet")
+    await board.poll_once("costs")
+    return policy.evaluate()
+
+
+async def test_cold_start_uses_the_thresholds_then_the_cost_model_decides():
+    policy, board, clock, load, costs = make()
+    costs.view = view(tokens_per_cycle=1.0, steps=20)  # a draft never accepted, but too few steps yet
+    assert await step(policy, board, clock, load, costs, 1) == "self_spec"  # the thresholds: sparse
+    snap = policy.snapshot()["goodput"]
+    assert snap["decided_by"] == "thresholds" and snap["cold"].startswith("cold: 20 of 100 steps")
+    costs.view = view(tokens_per_cycle=1.0, steps=500)
+    assert await step(policy, board, clock, load, costs, 1) == "ar"
+    snap = policy.snapshot()
+    assert snap["goodput"]["decided_by"] == "goodput" and snap["goodput"]["choice"] == "ar"
+    assert snap["last_switch"]["reason"] == "goodput"
+    preds = snap["goodput"]["predictions"]["current"]
+    assert preds["ar"]["tokens_per_s"] > preds["self_spec"]["tokens_per_s"] > 0
+    assert policy.engine_settings()["downgrade_self_spec"] is True
+    assert policy.decide(ModeRequest()).mode == "ar"
+
+
+async def test_a_stale_cost_model_holds_the_mode():
+    policy, board, clock, load, costs = make()
+    costs.view = view(tokens_per_cycle=8.0, steps=500)
+    assert await step(policy, board, clock, load, costs, 1) == "self_spec"
+    costs.fail = True
+    for _ in range(8):  # stale after 5 s; the load rises far past any crossover meanwhile
+        mode = await step(policy, board, clock, load, costs, 40, seconds=2.0)
+    assert mode == "self_spec" and policy.snapshot()["stale"]
+    costs.fail = False
+    assert await step(policy, board, clock, load, costs, 40) == "ar"
+
+
+async def test_no_thrash_under_a_steady_noisy_load_at_the_crossover():
+    """Five simulated minutes at the crossover, the load and the measured costs both noisy: the
+    margin and the dwell allow at most one switch per minute."""
+    policy, board, clock, load, costs = make()
+    center = crossover(view(tokens_per_cycle=6.0))
+    rng = random.Random(7)
+    modes = []
+    for _ in range(3000):
+        noisy = {k: v * rng.uniform(0.95, 1.05) for k, v in CPU.items()}
+        costs.view = view(tokens_per_cycle=6.0 * rng.uniform(0.9, 1.1), coef=noisy, steps=1000)
+        modes.append(await step(policy, board, clock, load, costs, center * rng.uniform(0.8, 1.2), seconds=0.1))
+    switches = sum(a != b for a, b in zip(modes, modes[1:]))
+    assert policy.snapshot()["goodput"]["decided_by"] == "goodput"
+    assert switches <= 2, switches
+
+
+async def test_before_its_first_view_the_calibrating_preset_sends_ar():
+    """A gateway that just started has no view of the fleet: `initial_mode: ar`, not the sparse
+    mode (on a model whose draft is never accepted, self_spec takes ~6x as long)."""
+    from policies import PRESETS, load_policy_file
+
+    spec = load_policy_file(PRESETS / "adaptive.yaml")
+    assert spec.mode.initial_mode == "ar" and spec.mode.sparse_mode == "self_spec"
+    clock = Clock()
+    policy = AdaptiveModePolicy(spec, SignalBoard([Load(), Costs()], clock=clock), clock=clock, wall=clock)
+    assert policy.decide(ModeRequest()).mode == "ar" and policy.engine_settings() is None
+    with pytest.raises(PolicyFileError, match="initial_mode"):
+        parse_policy(POLICY.replace("min_dwell_s: 10", "min_dwell_s: 10\n  initial_mode: diffusion"))
