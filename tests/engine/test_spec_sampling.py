@@ -41,7 +41,7 @@ from replicas.engine import DecodeParams, Engine
 from replicas.engine.batch_engine import BatchEngine
 from replicas.engine.engine_config import EngineConfig
 from replicas.engine.kv_cache import KVCache
-from replicas.engine.modes import quadratic, self_spec
+from replicas.engine.modes import base as modes_base
 from replicas.engine.runner import ModelRunner
 from replicas.engine.sampling import draw, probabilities, speculative_accept
 from replicas.engine.sequence import ForwardPass
@@ -57,7 +57,7 @@ SAMPLING = [DecodeParams(temperature=1.0), DecodeParams(temperature=0.8, top_p=0
 MIN_BONUS = {1.0: 80, 0.8: 40}  # bonus tokens drawn out of 600 requests, at least
 PROMPTS = ([1, 40, 41, 42], [1, 7, 300, 301, 302, 8, 9], [1, 250])
 ALGORITHMS = ("linear", "quadratic")
-MODULES = {"linear": self_spec, "quadratic": quadratic}  # where each algorithm calls speculative_accept
+MODULES = {"linear": modes_base, "quadratic": modes_base}  # both algorithms accept through base.accept_drafts
 
 
 @dataclass

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..sampling import select
+from ..sampling import ban_mask, probabilities, select, speculative_accept
 from ..sequence import ForwardPass, Sequence
 
 
@@ -45,3 +45,19 @@ def finish_prefill(seq: Sequence, logits: torch.Tensor) -> list[int]:
     seq.kv.append(len(seq.prompt_ids) - seq.kv.length)
     tok, _ = select(logits[-1:], seq.params, seq.mask_token_id, seq.generator)
     return seq.emit([int(tok)])
+
+
+def accept_drafts(seq: Sequence, drafts: list[int], verify: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:
+    """Verify a block's drafts against the causal logits `verify` ([len(drafts) + 1, V]; row i
+    predicts the token after draft i-1). Returns (c, extra): the c leading drafts accepted and
+    the token emitted after them (greedy: the longest matching prefix and the argmax; sampled:
+    speculative rejection sampling with q [len(drafts), V], the distributions the drafts were
+    drawn from)."""
+    if seq.params.greedy:
+        target = ban_mask(verify, seq.mask_token_id).argmax(-1).tolist()  # [len(drafts) + 1]
+        c = 0
+        while c < len(drafts) and drafts[c] == target[c]:
+            c += 1
+        return c, target[c]
+    p = probabilities(verify, seq.params, seq.mask_token_id)  # [len(drafts) + 1, V]
+    return speculative_accept(torch.tensor(drafts, device=p.device), q, p, seq.generator)

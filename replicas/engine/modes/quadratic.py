@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import ban_mask, probabilities, speculative_accept
+from ..sampling import ban_mask, probabilities
 from ..sequence import ForwardPass
-from .base import DecodeMode
+from .base import DecodeMode, accept_drafts
 
 
 def group_mask(groups: int, masks: int) -> torch.Tensor:
@@ -87,15 +87,7 @@ class QuadraticSpecMode(DecodeMode):
         drafts = self.drafts[: groups - 1]
         verify = logits[:groups]  # [G, V] a_i predicts position n+i+1
         pre = logits[groups:].view(groups, masks, -1)  # [G, M, V] group i's masks
-        if s.params.greedy:
-            target = ban_mask(verify, s.mask_token_id).argmax(-1).tolist()  # [G]
-            c = 0
-            while c < len(drafts) and drafts[c] == target[c]:
-                c += 1
-            extra = target[c]
-        else:
-            p = probabilities(verify, s.params, s.mask_token_id)  # [G, V]
-            c, extra = speculative_accept(torch.tensor(drafts, device=p.device), self.q[: groups - 1], p, s.generator)
+        c, extra = accept_drafts(s, drafts, verify, None if s.params.greedy else self.q[: groups - 1])
         base = s.kv.length
         s.kv.append(groups)  # d_0..d_(G-1) were written at columns base..base+G-1
         s.kv.truncate(base + 1 + c)  # keep d_0 and the c accepted drafts; the masks' columns go

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from ..sampling import ban_mask, probabilities, speculative_accept
+from ..sampling import ban_mask, probabilities
 from ..sequence import ForwardPass
-from .base import DecodeMode
+from .base import DecodeMode, accept_drafts
 
 
 class SelfSpecMode(DecodeMode):
@@ -52,15 +52,7 @@ class SelfSpecMode(DecodeMode):
                 self.drafts = torch.multinomial(self.q, 1, generator=s.generator).squeeze(-1).tolist()
             return []
         drafts, self.drafts = self.drafts, None
-        if s.params.greedy:
-            target = ban_mask(logits, s.mask_token_id).argmax(-1).tolist()  # [B]
-            c = 0
-            while c < len(drafts) and drafts[c] == target[c]:
-                c += 1
-            extra = target[c]
-        else:
-            p = probabilities(logits, s.params, s.mask_token_id)  # [B, V]
-            c, extra = speculative_accept(torch.tensor(drafts, device=p.device), self.q, p, s.generator)
+        c, extra = accept_drafts(s, drafts, logits, self.q)  # logits [B, V]: the causal verify
         base = s.kv.length
         s.kv.append(self.block)
         s.kv.truncate(base + 1 + c)  # keep pending and the c accepted drafts
