@@ -72,18 +72,12 @@ class PrometheusSignal(_Strict):
         return check_placeholders(v)
 
 
-class ScrapeSignal(_Strict):
-    """Read Prometheus text from the replicas' metrics endpoints directly (no Prometheus server)."""
+class _PageSignal(_Strict):
+    """What every signal read from metrics pages shares: the pages, a label filter, the timing."""
 
-    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    source: Literal["scrape"]
     urls: list[str] = Field(min_length=1, description="metrics endpoints, e.g. "
                             "http://{metrics_host}:{metrics_port}/metrics (this stack's Ray metrics port)")
-    metric: str = Field(description="sample name, e.g. ray_nld_replica_num_requests_running")
     labels: dict[str, str] = Field(default_factory=dict, description="keep samples with these label values")
-    per: str | None = Field(default="replica", description="sum samples per value of this label first")
-    aggregate: Literal["mean", "sum", "max", "count"] = Field(
-        default="mean", description="across the groups: mean, sum, max, or count (how many groups, e.g. replicas)")
     interval_s: float = Field(default=1.0, gt=0)
     timeout_s: float = Field(default=2.0, gt=0)
     stale_after_s: float = Field(default=10.0, gt=0)
@@ -94,26 +88,26 @@ class ScrapeSignal(_Strict):
         return [check_placeholders(u) for u in v]
 
 
-class GoodputSignal(_Strict):
+class ScrapeSignal(_PageSignal):
+    """Read Prometheus text from the replicas' metrics endpoints directly (no Prometheus server)."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    source: Literal["scrape"]
+    metric: str = Field(description="sample name, e.g. ray_nld_replica_num_requests_running")
+    per: str | None = Field(default="replica", description="sum samples per value of this label first")
+    aggregate: Literal["mean", "sum", "max", "count"] = Field(
+        default="mean", description="across the groups: mean, sum, max, or count (how many groups, e.g. replicas)")
+
+
+class GoodputSignal(_PageSignal):
     """The replicas' measured cost models (step costs, tokens per self-spec cycle and per diffusion
     pass), read from the same Prometheus text pages as `scrape` (see `policies.goodput`). Its
     value is the fleet's measured step count; `mode.goodput` reads the model itself."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     source: Literal["goodput"]
-    urls: list[str] = Field(min_length=1, description="metrics endpoints, e.g. "
-                            "http://{metrics_host}:{metrics_port}/metrics (this stack's Ray metrics port)")
     prefix: str = Field(default="ray_nld_replica_", description="the replicas' metric name prefix")
-    labels: dict[str, str] = Field(default_factory=dict, description="keep samples with these label values")
     per: str = Field(default="replica", description="one cost model per value of this label")
-    interval_s: float = Field(default=1.0, gt=0)
-    timeout_s: float = Field(default=2.0, gt=0)
-    stale_after_s: float = Field(default=10.0, gt=0)
-
-    @field_validator("urls")
-    @classmethod
-    def _placeholders(cls, v: list[str]) -> list[str]:
-        return [check_placeholders(u) for u in v]
 
 
 class LocalSignal(_Strict):
