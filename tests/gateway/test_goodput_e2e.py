@@ -85,7 +85,7 @@ def run_level(url: str, clients: int, seconds: float, prompt: str) -> tuple[dict
 
 # Known defect (issue 16, open): on the embedded model the cost model counts engine step time
 # only and, near its crossover, predicts self_spec at 32-48 concurrent requests where the
-# replica measures ar 1.6x faster; this case passed in 2 of 4 runs on 2026-12-05. It stays
+# replica measures ar 1.6x faster; this case passed in 3 of 5 runs on 2026-12-05. It stays
 # here, visible, until the model accounts for the serving cost; the random model's case passes.
 EMBEDDED_CASE = pytest.param("calib_embedded", "self_spec", marks=pytest.mark.xfail(
     reason="issue 16: the calibrating policy may keep self_spec at high load on the embedded model", strict=False))
