@@ -1,128 +1,32 @@
-"""Goodput: the fleet's measured cost model, and the mode it predicts serves best.
+"""Goodput: from the fleet's measured cost model, the mode predicted to serve best.
 
-Contract: `GoodputSource` (YAML `source: goodput`) reads the replicas' cost-model metrics from
-Prometheus text pages (the Ray metrics page the other scrape signals read, fetched once per poll
-through the policy's `PageFetcher`), keeps them per replica (`per` label) and merges them into
-one `CostView` (`.view`); `read()` returns the fleet's measured step count. `predict(view, mode,
-n, ...)` gives a mode's step seconds, tokens/s and seconds per token for a replica running `n`
-requests, all in that mode: a step of n rows costs `intercept + n * (per_row + w * (per_token +
-per_logit))` with w tokens per row (ar 1, self_spec and diffusion their block); a self-spec cycle
-is two such steps (draft, verify) and makes `tokens_per_cycle` tokens (a step's seconds come from
-the fit, pulled toward the measured step shapes near it: `step_seconds`), a diffusion pass makes
-`tokens_per_pass`. `GoodputChooser.choose(view, current, projected, mode, now)` predicts every level's
-mode at both loads, keeps those within the latency SLO, and picks the best tokens/s at the
-higher of the two loads (a rising load acts early; a falling one waits for the smoothing),
-smoothed over time (EWMA of log tokens/s, half-life `smoothing_s`); it leaves the current mode
-only for a gain above `margin`. It returns None (cold: the caller keeps
-its static thresholds) until the view has `min_steps` steps and a yield for every mode it needs.
-Non-goals: measuring (the engine: `replicas/engine/cost_model.py`), dwell and staleness (the
-policy), torch.
+Contract: `predict(view, mode, n, ...)` gives a mode's step seconds, tokens/s and seconds per
+token for a replica running `n` requests, all in that mode (`view`: a `policies.cost_view.
+CostView`): a step of n rows costs `intercept + n * (per_row + w * (per_token + per_logit))` with
+w tokens per row (ar 1, self_spec and diffusion their block); a self-spec cycle is two such steps
+(draft, verify) and makes `tokens_per_cycle` tokens (a step's seconds come from the fit, pulled
+toward the measured step shapes near it: `step_seconds`), a diffusion pass makes
+`tokens_per_pass`. The model's prediction is then scaled by what the replicas really delivered
+in that mode (`corrected`): realized / modelled tokens/s at the nearest load cell measured with
+`MIN_WINDOWS` windows, within `MAX_OCTAVES` octaves of the load (prefill, request turnover, the
+serving processes' CPU and misfit of the step model are in the realized rate, not in the model).
+`GoodputChooser.choose(view, current, projected, mode, now)` predicts every level's mode at both
+loads, keeps those within the latency SLO, and picks the best tokens/s at the higher of the two
+loads (a rising load acts early; a falling one waits for the smoothing), smoothed over time
+(EWMA of log tokens/s, half-life `smoothing_s`); it leaves the current mode only for a gain
+above `margin`. It returns None (cold: the caller keeps its static thresholds) until the view
+has `min_steps` steps and a yield for every mode it needs.
+Non-goals: reading the metrics (`policies.cost_view`), measuring (the engine:
+`replicas/engine/cost_model.py`), dwell and staleness (the policy), torch.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .schema import DraftTier, GoodputRule, GoodputSignal
-from .signals import PageFetcher, samples
-
-TERMS = ("intercept_s", "per_row_s", "per_token_s", "per_logit_s")
-
-
-@dataclass
-class CostView:
-    coef: dict[str, float] = field(default_factory=dict)  # TERMS -> seconds
-    steps: float = 0.0
-    self_spec: dict[int, tuple[float, float]] = field(default_factory=dict)  # block -> (tokens/cycle, cycles)
-    diffusion: dict[int, tuple[float, float]] = field(default_factory=dict)  # block -> (tokens/pass, blocks)
-    shapes: list[tuple[float, float, float, float]] = field(default_factory=list)  # (rows, tokens, seconds, steps)
-    replicas: int = 0
-
-    def logged(self) -> list[tuple[float, float, float, float, float, float]]:
-        """(log rows, log tokens, rows, tokens, seconds, steps) of the usable shapes, computed once."""
-        cached = getattr(self, "_logged", None)
-        if cached is None or cached[0] != len(self.shapes):
-            rows = [(math.log(r), math.log(t), r, t, y, n) for r, t, y, n in self.shapes if r > 0 and t > 0 and y > 0]
-            cached = self._logged = (len(self.shapes), rows)
-        return cached[1]
-
-    def as_dict(self) -> dict:
-        return {"coef": self.coef, "steps": self.steps, "replicas": self.replicas, "shapes": len(self.shapes),
-                "self_spec": {str(b): {"tokens_per_cycle": t, "cycles": n} for b, (t, n) in sorted(self.self_spec.items())},
-                "diffusion": {str(b): {"tokens_per_pass": t, "blocks": n} for b, (t, n) in sorted(self.diffusion.items())}}
-
-
-def merge(views: list[CostView]) -> CostView:
-    """One fleet view: coefficients weighted by each replica's steps, yields by their counts."""
-    out = CostView(replicas=len(views))
-    out.steps = sum(v.steps for v in views)
-    if out.steps > 0:
-        out.coef = {t: sum(v.coef.get(t, 0.0) * v.steps for v in views) / out.steps for t in TERMS}
-    for attr in ("self_spec", "diffusion"):
-        acc: dict[int, list[float]] = {}
-        for v in views:
-            for b, (mean, n) in getattr(v, attr).items():
-                s = acc.setdefault(b, [0.0, 0.0])
-                s[0] += mean * n
-                s[1] += n
-        setattr(out, attr, {b: (s[0] / s[1], s[1]) for b, s in acc.items() if s[1] > 0})
-    out.shapes = [shape for v in views for shape in v.shapes]
-    return out
-
-
-class GoodputSource:
-    def __init__(self, spec: GoodputSignal, pages: PageFetcher) -> None:
-        self.spec, self.pages = spec, pages
-        self.name, self.interval_s, self.stale_after_s = spec.name, spec.interval_s, spec.stale_after_s
-        self.view = CostView()
-
-    async def read(self) -> float:
-        by: dict[tuple, CostView] = {}
-        p = self.spec.prefix
-
-        def keep(labels):
-            if any(labels.get(k) != v for k, v in self.spec.labels.items()):
-                return None
-            key = (url, labels.get(self.spec.per, ""))
-            return by.setdefault(key, CostView())
-
-        for url in self.spec.urls:
-            text = await self.pages.text(url, self.spec.timeout_s)
-            for labels, value in samples(text, p + "step_cost_seconds"):
-                if (v := keep(labels)) is not None and labels.get("term") in TERMS:
-                    v.coef[labels["term"]] = value
-            for labels, value in samples(text, p + "cost_model_steps"):
-                if (v := keep(labels)) is not None:
-                    v.steps = value
-            counts = {}
-            for labels, value in samples(text, p + "step_shape_count"):
-                if keep(labels) is not None:
-                    counts[(url, labels.get(self.spec.per, ""), labels.get("rows"), labels.get("tokens"),
-                            labels.get("logits"))] = value
-            for labels, value in samples(text, p + "step_shape_seconds"):
-                v = keep(labels)
-                shape = [labels.get(k) for k in ("rows", "tokens", "logits")]
-                if v is None or None in shape:
-                    continue
-                rows, tokens, logits = (float(x) for x in shape)
-                if logits != tokens and tokens != rows:
-                    continue  # a step with prefill chunks in it: not the shape of any mode's steady state
-                n = counts.get((url, labels.get(self.spec.per, ""), *shape), 1.0)
-                v.shapes.append((rows, tokens, value, n))
-            for attr, mean_name, count_name in (("self_spec", "self_spec_tokens_per_cycle", "self_spec_cycles"),
-                                                ("diffusion", "diffusion_tokens_per_pass", "diffusion_blocks")):
-                counts = {}
-                for labels, value in samples(text, p + count_name):
-                    if keep(labels) is not None and "block" in labels:
-                        counts[(url, labels.get(self.spec.per, ""), labels["block"])] = value
-                for labels, value in samples(text, p + mean_name):
-                    if (v := keep(labels)) is not None and "block" in labels:
-                        n = counts.get((url, labels.get(self.spec.per, ""), labels["block"]), 0.0)
-                        getattr(v, attr)[int(float(labels["block"]))] = (value, n)
-        views = [v for v in by.values() if v.steps > 0 and len(v.coef) == len(TERMS)]
-        self.view = merge(views)
-        return self.view.steps
+from .cost_view import CostView, GoodputSource, merge  # noqa: F401 - re-exported: the goodput signal's parts
+from .schema import DraftTier, GoodputRule
 
 
 # ---- prediction ----------------------------------------------------------------------------
@@ -169,10 +73,38 @@ class Prediction:
     tokens_per_s: float  # the replica's, with n requests in this mode
     s_per_token: float  # one request's
     latency_s: float  # one request of `request_tokens` tokens
+    correction: float = 1.0  # realized / modelled at the nearest measured load cell (1: none)
 
     def as_dict(self) -> dict:
         return {"block": self.block, "step_s": self.step_s, "tokens_per_s": self.tokens_per_s,
-                "s_per_token": self.s_per_token, "latency_s": self.latency_s}
+                "s_per_token": self.s_per_token, "latency_s": self.latency_s, "correction": self.correction}
+
+    def scaled(self, factor: float) -> "Prediction":
+        return Prediction(self.mode, self.block, self.step_s, self.tokens_per_s * factor, self.s_per_token / factor,
+                          self.latency_s / factor, factor)
+
+
+MIN_WINDOWS = 3  # one-second windows of realized throughput before a load cell corrects the model
+MAX_OCTAVES = 2.0  # a cell corrects predictions up to this far from it (a factor of 4 in load)
+CORRECTION_RANGE = (0.2, 5.0)  # the correction is clamped (a wild measurement cannot zero a mode)
+
+
+def corrected(view: CostView, mode: str, n: float, *, tiers: list[DraftTier], rule: GoodputRule) -> Prediction | None:
+    """`predict`, scaled by realized / modelled tokens/s at the measured load cell of `mode`
+    nearest to `n` (in log load; the lower cell on a tie)."""
+    raw = predict(view, mode, n, tiers=tiers, rule=rule)
+    if raw is None:
+        return None
+    cells = [(abs(math.log2(max(n, 1.0) / cell)), cell, rate) for (m, cell), (rate, windows) in view.realized.items()
+             if m == mode and windows >= MIN_WINDOWS and rate > 0]
+    if not cells:
+        return raw
+    distance, cell, rate = min(cells)
+    if distance > MAX_OCTAVES:
+        return raw
+    at_cell = predict(view, mode, cell, tiers=tiers, rule=rule)
+    lo, hi = CORRECTION_RANGE
+    return raw.scaled(min(max(rate / max(at_cell.tokens_per_s, 1e-12), lo), hi))
 
 
 BANDWIDTH = 0.35  # kernel width of the local fit, in ln units of rows and tokens (a factor of ~1.4)
@@ -281,13 +213,13 @@ class GoodputChooser:
         return {m: math.exp(self.smoothed[m]) for m in options}
 
     def _predict(self, view: CostView, mode: str, n: float) -> Prediction | None:
-        """`predict`, memoised per view (a new one per poll) and load rounded to 1/8 of a request:
+        """`corrected`, memoised per view (a new one per poll) and load rounded to 1/8 of a request:
         the policy evaluates every 0.1 s on the gateway's event loop."""
         if self._memo_view is not view:
             self._memo_view, self._memo = view, {}
         key = (mode, round(max(n, 1.0) * 8) / 8)
         if key not in self._memo:
-            self._memo[key] = predict(view, mode, key[1], tiers=self.tiers, rule=self.rule)
+            self._memo[key] = corrected(view, mode, key[1], tiers=self.tiers, rule=self.rule)
         return self._memo[key]
 
     def ready(self, view: CostView) -> str | None:

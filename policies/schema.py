@@ -101,7 +101,7 @@ class ScrapeSignal(_PageSignal):
 
 class GoodputSignal(_PageSignal):
     """The replicas' measured cost models (step costs, tokens per self-spec cycle and per diffusion
-    pass), read from the same Prometheus text pages as `scrape` (see `policies.goodput`). Its
+    pass), read from the same Prometheus text pages as `scrape` (see `policies.cost_view`). Its
     value is the fleet's measured step count; `mode.goodput` reads the model itself."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")

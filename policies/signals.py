@@ -163,7 +163,7 @@ SOURCES = {  # (spec, the policy's PageFetcher, local counters) -> source
 
 
 def _goodput_source(spec, pages: PageFetcher):
-    from .goodput import GoodputSource  # noqa: PLC0415 - goodput imports this module
+    from .cost_view import GoodputSource  # noqa: PLC0415 - cost_view imports this module
 
     return GoodputSource(spec, pages)
 

@@ -21,12 +21,14 @@ one node never clash on a port. Names (after Ray's `ray_` prefix):
   ray_nld_replica_self_spec_tokens_per_cycle{block}  ray_nld_replica_self_spec_cycles{block}
   ray_nld_replica_diffusion_tokens_per_pass{block}   ray_nld_replica_diffusion_blocks{block}
   ray_nld_replica_step_shape_seconds{rows,tokens,logits}  ray_nld_replica_step_shape_count{...}
+  ray_nld_replica_realized_tokens_per_second{mode,running}  ray_nld_replica_realized_windows{...}
 
-The last eight are the engine's measured cost model (`replicas/engine/cost_model.py`): the fitted
+The last ten are the engine's measured cost model (`replicas/engine/cost_model.py`): the fitted
 step-cost terms (`intercept_s`, `per_row_s`, `per_token_s`, `per_logit_s`), the steps measured,
 the EWMA yields of self-spec cycles and diffusion passes per block length with their counts, and
 the measured table behind the fit: per step shape (its bucket's rows, tokens, logit rows as labels)
-the EWMA seconds and the steps seen.
+the EWMA seconds and the steps seen; and what the replica really delivered per mode and load
+cell (`running`: 1, 2, 3, 4, 6, 8, 12, ...) with the one-second windows folded into it.
 The policy's `goodput` signal reads them from this page.
 
 The Inference Gateway's `vllm:*` names contain ':' which Ray's metrics API rejects (a warning
@@ -107,6 +109,12 @@ class ReplicaMetrics:
         self.shape_seconds = gauge("nld_replica_step_shape_seconds", "EWMA seconds of engine steps of this shape",
                                    tag_keys=shape)
         self.shape_count = gauge("nld_replica_step_shape_count", "engine steps of this shape", tag_keys=shape)
+        realized = tags + ("mode", "running")
+        self.realized_rate = gauge("nld_replica_realized_tokens_per_second", "EWMA tokens/s the engine delivered "
+                                   "while every decoding request ran this mode at this running count",
+                                   tag_keys=realized)
+        self.realized_windows = gauge("nld_replica_realized_windows", "one-second windows behind the realized "
+                                      "tokens/s", tag_keys=realized)
         self.yield_gauges = {
             "self_spec": (gauge("nld_replica_self_spec_tokens_per_cycle", "EWMA tokens per self-spec cycle",
                                 tag_keys=tags + ("block",)),
@@ -128,6 +136,10 @@ class ReplicaMetrics:
             key = self._t(rows=str(rows), tokens=str(tokens), logits=str(logits))
             self.shape_seconds.set(seconds, tags=key)
             self.shape_count.set(count, tags=key)
+        for mode, running, rate, windows in model.get("realized", []):
+            key = self._t(mode=mode, running=str(running))
+            self.realized_rate.set(rate, tags=key)
+            self.realized_windows.set(windows, tags=key)
         for mode, (mean, count, mean_key, count_key) in self.yield_gauges.items():
             for block, y in model.get(mode, {}).items():
                 mean.set(y[mean_key], tags=self._t(block=str(block)))

@@ -49,7 +49,7 @@ class BatchEngine:
         self._new_scheduler()
         self.stats = EngineStats()
         self.costs = CostModel()  # measured step costs and mode yields (exported in the stats)
-        self._unmeasured: tuple | None = None  # (shape, start) of a step charged when the next begins
+        self._unmeasured: tuple | None = None  # (shape, start, realized) of a step charged when the next begins
         self._lock = threading.RLock()
         self._aborts: set[str] = set()
         self._abort_notices: list[str] = []  # waiting requests already removed; report next step
@@ -158,9 +158,9 @@ class BatchEngine:
     def step(self) -> list[StreamChunk]:
         t0 = time.perf_counter()
         if self._unmeasured is not None:  # the previous step ran until now
-            shape, start = self._unmeasured
+            shape, start, realized = self._unmeasured
             self._unmeasured = None
-            self.costs.steps.observe(*shape, t0 - start)
+            self._charge(shape, realized, t0 - start)
         out: list[StreamChunk] = []
         plan: Plan | None = None
         ok = False
@@ -169,10 +169,11 @@ class BatchEngine:
                 self._apply_control(out)
                 self._prepare(out)
                 plan = self.scheduler.schedule()
+                load = self._load_mode()
             if plan.rows:
                 slots = [row.seq.kv.slot for row in plan.rows]
                 logits = self.runner.run(list(zip(slots, plan.passes)))
-                self._advance(plan, logits, out)
+                made = self._advance(plan, logits, out)
                 ok = True
         except Exception as e:  # the error boundary: end this step's requests, keep serving
             rows = plan.rows if plan is not None else list(self.scheduler.running.values())
@@ -184,19 +185,30 @@ class BatchEngine:
             s.step_seconds.observe(s.last_step_seconds)
             s.scheduled_tokens.observe(s.last_step_tokens)
             if ok:  # a failed step's time says nothing about the model's cost
-                self._measure(plan, t0)
+                self._measure(plan, t0, (*load, made) if load is not None else None)
         return out
 
-    def _measure(self, plan: Plan, t0: float) -> None:
+    def _load_mode(self) -> tuple[str, int] | None:
+        """(mode, running requests) when every decoding request runs one mode, else None."""
+        running = self.scheduler.running.values()
+        modes = {r.mode_name for r in running if not r.prefilling}
+        return (modes.pop(), len(running)) if len(modes) == 1 else None
+
+    def _measure(self, plan: Plan, t0: float, realized: tuple | None) -> None:
         """Feed the cost model. A step followed at once by the next one (the loop stays busy) is
         charged the time from its start to the next step's start, so what the loop does between
         steps (sending the step's chunks, stats, control) counts; the last step before the loop
-        idles is charged its own time."""
+        idles is charged its own time. `realized`: (mode, running, tokens made) of a one-mode step."""
         shape = (len(plan.rows), plan.tokens, sum(len(p.tokens) if p.all_logits else 1 for p in plan.passes))
         if self.has_work():
-            self._unmeasured = (shape, t0)
+            self._unmeasured = (shape, t0, realized)
         else:
-            self.costs.steps.observe(*shape, self.stats.last_step_seconds)
+            self._charge(shape, realized, self.stats.last_step_seconds)
+
+    def _charge(self, shape: tuple, realized: tuple | None, seconds: float) -> None:
+        self.costs.steps.observe(*shape, seconds)
+        if realized is not None:
+            self.costs.realized.observe(*realized, seconds)
 
     def _apply_control(self, out: list[StreamChunk]) -> None:
         sched = self.scheduler
@@ -221,8 +233,10 @@ class BatchEngine:
             except Exception as e:
                 out.extend(self._fail([row], e))
 
-    def _advance(self, plan: Plan, logits, out: list[StreamChunk]) -> None:
+    def _advance(self, plan: Plan, logits, out: list[StreamChunk]) -> int:
+        """Each row consumes its logits; returns the tokens the step made."""
         self.stats.forward_passes += 1
+        made = 0
         for row, p, lg in zip(plan.rows, plan.passes, logits):
             seq = row.seq
             try:
@@ -236,6 +250,7 @@ class BatchEngine:
                 out.extend(self._fail([row], e))
                 continue
             self.stats.generated_tokens += len(new)
+            made += len(new)
             for c, block in zip(seq.accepted_lengths[row.seen_accepts:], seq.draft_blocks[row.seen_accepts:]):
                 self.stats.accepted_length.observe(c)
                 self.costs.yields.observe_cycle(block, c)
@@ -253,6 +268,7 @@ class BatchEngine:
                                        mode=seq.params.mode))
             elif new:
                 out.append(StreamChunk(seq.request_id, new, forward_passes=seq.forward_passes, mode=seq.params.mode))
+        return made
 
     def _fail(self, rows: list[Running], error: Exception) -> list[StreamChunk]:
         """End `rows` that are still in flight with finish_reason "error"; free their blocks."""

@@ -13,7 +13,12 @@ The buckets themselves are exported too: a linear model cannot fit every shape (
 policy predicts from the measured shapes near the one it asks about (`policies.goodput`).
 `ModeYields` keeps EWMAs of the tokens a self-spec cycle makes (accepted drafts + 1) per draft
 block length, and of the tokens per pass of a diffusion block (commit included) per block
-length. `CostModel.snapshot()` is the plain dict the engine's stats carry under "cost_model".
+length. `RealizedRates.observe(mode, running, tokens, seconds)` records what a step really delivered
+while every decoding request ran one mode: per (mode, load cell) it sums tokens and wall seconds
+(prefill steps, request turnover and the CPU the serving processes take included) and folds
+each `WINDOW_S` of them into an EWMA of tokens/s; the policy scales its model's prediction for a
+mode by realized / modelled at the nearest cell it measured (`policies.goodput.corrected`).
+`CostModel.snapshot()` is the plain dict the engine's stats carry under "cost_model".
 Non-goals: predicting goodput or choosing modes (the policy does, in `policies.goodput`),
 context-length effects (attention over long contexts is not a feature), per-prompt classes.
 """
@@ -160,10 +165,55 @@ def _add(table: dict[int, _Yield], key: int, value: float) -> None:
         y.add(value)
 
 
+WINDOW_S = 1.0  # realized rates: wall seconds of steps per folded window
+REALIZED_ALPHA = 0.3  # EWMA weight of a new window (a load cell follows a change in a few seconds)
+
+
+def load_cell(running: int) -> int:
+    """Half-octave cell of a running count: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, ..."""
+    if running <= 4:
+        return max(running, 1)
+    low = 1 << (running.bit_length() - 1)
+    return low + low // 2 if running >= low + low // 2 else low
+
+
+@dataclass
+class _Rate:
+    tokens: float = 0.0  # the open window
+    seconds: float = 0.0
+    rate: float | None = None  # EWMA tokens/s of the folded windows
+    windows: int = 0
+
+
+@dataclass
+class RealizedRates:
+    cells: dict[tuple[str, int], _Rate] = field(default_factory=dict)
+
+    def observe(self, mode: str, running: int, tokens: int, seconds: float) -> None:
+        """A step (and what the loop did until the next) while `running` requests held a KV slot
+        and every decoding one ran `mode`; it delivered `tokens` tokens in `seconds`."""
+        if running <= 0 or seconds <= 0:
+            return
+        cell = self.cells.setdefault((mode, load_cell(running)), _Rate())
+        cell.tokens += tokens
+        cell.seconds += seconds
+        if cell.seconds >= WINDOW_S:
+            value = cell.tokens / cell.seconds
+            a = max(REALIZED_ALPHA, 1.0 / (cell.windows + 1))
+            cell.rate = value if cell.rate is None else cell.rate + a * (value - cell.rate)
+            cell.windows += 1
+            cell.tokens = cell.seconds = 0.0
+
+    def snapshot(self) -> list[list]:
+        """[mode, load cell, tokens/s, windows] per cell with at least one folded window."""
+        return [[m, n, c.rate, c.windows] for (m, n), c in sorted(self.cells.items()) if c.rate is not None]
+
+
 @dataclass
 class CostModel:
     steps: StepCosts = field(default_factory=StepCosts)
     yields: ModeYields = field(default_factory=ModeYields)
+    realized: RealizedRates = field(default_factory=RealizedRates)
 
     def snapshot(self) -> dict:
         return {
@@ -176,4 +226,5 @@ class CostModel:
                           for b, y in sorted(self.yields.self_spec.items())},
             "diffusion": {str(b): {"tokens_per_pass": y.mean, "blocks": y.count}
                           for b, y in sorted(self.yields.diffusion.items())},
+            "realized": self.realized.snapshot(),
         }

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from replicas.engine import BatchEngine, EngineConfig
-from replicas.engine.cost_model import CostModel, ModeYields, StepCosts
+from replicas.engine.cost_model import CostModel, ModeYields, RealizedRates, StepCosts, load_cell
 from replicas.engine.params import DecodeParams
 
 TRUE = {"intercept_s": 0.002, "per_row_s": 3e-4, "per_token_s": 5e-5, "per_logit_s": 2e-5}
@@ -99,3 +99,49 @@ def test_the_engine_measures_its_steps_and_mode_yields(engine):
     assert cycles["cycles"] >= 5 and 1.0 <= cycles["tokens_per_cycle"] <= 8.0
     blocks = snap["diffusion"]["8"]
     assert blocks["blocks"] >= 3 and 1.0 <= blocks["tokens_per_pass"] <= 8.0
+
+
+def test_load_cells_are_half_octaves():
+    assert [load_cell(n) for n in (0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 16, 23, 24, 47, 48, 64)] == \
+        [1, 1, 2, 3, 4, 4, 6, 6, 8, 8, 12, 16, 16, 24, 32, 48, 64]
+
+
+def test_realized_rates_fold_one_second_windows_per_mode_and_load_cell():
+    r = RealizedRates()
+    for _ in range(80):  # 0.125 s steps: 10 windows at 1,000 tok/s, then 10 at 400
+        r.observe("ar", 32, 125, 0.125)
+    for _ in range(80):
+        r.observe("self_spec", 33, 50, 0.125)
+    r.observe("ar", 2, 10, 0.5)  # half a window: not reported yet
+    snap = {(m, n): (rate, w) for m, n, rate, w in r.snapshot()}
+    assert snap[("ar", 32)] == (pytest.approx(1000.0), 10)
+    assert snap[("self_spec", 32)] == (pytest.approx(400.0), 10)
+    assert ("ar", 2) not in snap
+    for _ in range(32):  # the rate follows a change within a few windows
+        r.observe("ar", 32, 62.5, 0.125)
+    rate = {(m, n): v for m, n, v, _ in r.snapshot()}[("ar", 32)]
+    assert rate == pytest.approx(500.0 + 500.0 * 0.7 ** 4)  # EWMA weight 0.3 per window: 3/4 of the way in 4
+    r.observe("ar", 0, 10, 1.0)
+    r.observe("ar", 4, 10, 0.0)  # no load or no time: ignored
+    assert ("ar", 1) not in {(m, n) for m, n, *_ in r.snapshot()} and r.cells.get(("ar", 4)) is None
+
+
+def test_the_engine_measures_what_each_mode_delivers(engine, monkeypatch):
+    import replicas.engine.cost_model as cost_model
+
+    monkeypatch.setattr(cost_model, "WINDOW_S", 1e-6)  # every step folds a window
+    be = BatchEngine(engine, EngineConfig(max_batch_size=4, max_seq_len=256))
+    for _ in range(2):
+        be.submit([1, 2, 3, 4], DecodeParams(mode="ar", max_new_tokens=12, ignore_eos=True))
+    while be.has_work():
+        be.step()
+    be.submit([5, 6, 7], DecodeParams(mode="self_spec", max_new_tokens=12, ignore_eos=True, block_length=4))
+    be.submit([5, 6, 7], DecodeParams(mode="ar", max_new_tokens=12, ignore_eos=True))
+    while be.has_work():  # two modes at once: no realized sample, except after one finished
+        be.step()
+    cells = {(m, n): (rate, w) for m, n, rate, w in be.stats_snapshot()["cost_model"]["realized"]}
+    assert ("ar", 2) in cells and cells[("ar", 2)][1] >= 10  # 12 tokens each, two rows: >= 11 steps
+    assert all(rate > 0 for rate, _ in cells.values())
+    assert {m for m, _ in cells} <= {"ar", "self_spec"}
+    # the mixed phase never produced a 2-request cell for self_spec
+    assert ("self_spec", 2) not in cells

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from policies import AdaptiveModePolicy, ModeRequest, PolicyMetrics, parse_policy
-from policies.goodput import (CostView, GoodputChooser, GoodputSource, acceptance, predict, step_seconds,
-                              tokens_per_cycle)
+from policies.goodput import (MAX_OCTAVES, MIN_WINDOWS, CostView, GoodputChooser, GoodputSource, acceptance,
+                              corrected, predict, step_seconds, tokens_per_cycle)
 from policies.schema import DraftTier, GoodputRule, PolicyFileError
 from policies.signals import PageFetcher, SignalBoard
 
@@ -124,6 +124,33 @@ def test_the_margin_holds_near_ties_and_the_slo_follows_throughput():
     assert strict.choose(v, n, n, "self_spec").mode == "ar"  # nothing meets it: the fastest request
 
 
+def test_realized_throughput_corrects_each_modes_prediction_near_its_load():
+    v = view(tokens_per_cycle=6.0)
+    ss1 = predict(v, "self_spec", 1, tiers=TIERS, rule=RULE)
+    ar1 = predict(v, "ar", 1, tiers=TIERS, rule=RULE)
+    assert ss1.tokens_per_s > 1.2 * ar1.tokens_per_s  # the step model alone: self_spec at one request
+    chooser = GoodputChooser(RULE, ["self_spec", "ar"], TIERS)
+    assert chooser.choose(v, 1, 1, "ar").mode == "self_spec"
+    # the replicas measured self_spec at half its modelled rate at 1 request (prefill, turnover,
+    # the serving processes' CPU...), ar as modelled: the corrected prediction moves to ar
+    v.realized = {("self_spec", 1): (ss1.tokens_per_s / 2, MIN_WINDOWS), ("ar", 1): (ar1.tokens_per_s, MIN_WINDOWS)}
+    fixed = corrected(v, "self_spec", 1, tiers=TIERS, rule=RULE)
+    assert fixed.tokens_per_s == pytest.approx(ss1.tokens_per_s / 2) and fixed.correction == pytest.approx(0.5)
+    assert fixed.latency_s == pytest.approx(2 * ss1.latency_s)
+    assert GoodputChooser(RULE, ["self_spec", "ar"], TIERS).choose(v, 1, 1, "self_spec").mode == "ar"
+    # the nearest measured cell corrects nearby loads (2 requests: one octave away) ...
+    ss2 = predict(v, "self_spec", 2, tiers=TIERS, rule=RULE)
+    assert corrected(v, "self_spec", 2, tiers=TIERS, rule=RULE).tokens_per_s == pytest.approx(ss2.tokens_per_s / 2)
+    # ... but not loads further than MAX_OCTAVES, and a cell with too few windows corrects nothing
+    far = 2 ** (MAX_OCTAVES + 1)
+    assert corrected(v, "self_spec", far, tiers=TIERS, rule=RULE) == predict(v, "self_spec", far, tiers=TIERS, rule=RULE)
+    v.realized = {("self_spec", 1): (ss1.tokens_per_s / 2, MIN_WINDOWS - 1)}
+    assert corrected(v, "self_spec", 1, tiers=TIERS, rule=RULE) == ss1
+    # a wild measurement is clamped: it cannot zero a mode
+    v.realized = {("self_spec", 1): (1e-9, MIN_WINDOWS)}
+    assert corrected(v, "self_spec", 1, tiers=TIERS, rule=RULE).correction == pytest.approx(0.2)
+
+
 # ---- the source: cost models read from the replicas' metrics page ---------------------------------
 def cost_page(replicas: list[dict]) -> str:
     lines = []
@@ -139,6 +166,10 @@ def cost_page(replicas: list[dict]) -> str:
             shape = f'{tags},rows="{rows}",tokens="{tokens}",logits="{tokens}"'
             lines.append(f"ray_nld_replica_step_shape_seconds{{{shape}}} {seconds}")
             lines.append(f"ray_nld_replica_step_shape_count{{{shape}}} {count}")
+        for (mode, running), (rate, windows) in r.get("realized", {}).items():
+            cell = f'{tags},mode="{mode}",running="{running}"'
+            lines.append(f"ray_nld_replica_realized_tokens_per_second{{{cell}}} {rate}")
+            lines.append(f"ray_nld_replica_realized_windows{{{cell}}} {windows}")
         lines.append(f"ray_nld_replica_num_requests_running{{{tags}}} 1.0")
     return "\n".join(lines) + "\n"
 
@@ -147,8 +178,10 @@ async def test_the_source_merges_the_replicas_cost_models_by_their_samples():
     import httpx
 
     slow = {k: 2 * v for k, v in CPU.items()}
-    page_text = cost_page([{"coef": CPU, "steps": 300, "self_spec": {32: (4.0, 30)}, "shapes": [(1, 1, 0.004, 20)]},
-                           {"coef": slow, "steps": 100, "self_spec": {32: (8.0, 10), 8: (3.0, 5)}}])
+    page_text = cost_page([{"coef": CPU, "steps": 300, "self_spec": {32: (4.0, 30)}, "shapes": [(1, 1, 0.004, 20)],
+                            "realized": {("ar", 32): (3000.0, 6), ("self_spec", 1): (500.0, 4)}},
+                           {"coef": slow, "steps": 100, "self_spec": {32: (8.0, 10), 8: (3.0, 5)},
+                            "realized": {("ar", 32): (2000.0, 2)}}])
     spec = parse_policy(f"""
 signals:
   - {{name: costs, source: goodput, urls: ["http://127.0.0.1:{{metrics_port}}/metrics"]}}
@@ -165,6 +198,7 @@ mode: {{signal: costs, enter_loaded_above: 8, leave_loaded_below: 4, goodput: {{
     assert v.self_spec[32] == (pytest.approx((4.0 * 30 + 8.0 * 10) / 40), 40)
     assert v.self_spec[8] == (pytest.approx(3.0), 5)
     assert v.shapes == [(1.0, 1.0, 0.004, 20.0)]
+    assert v.realized == {("ar", 32): (pytest.approx((3000.0 * 6 + 2000.0 * 2) / 8), 8), ("self_spec", 1): (500.0, 4)}
 
 
 def test_schema_goodput_needs_a_goodput_signal():
