@@ -170,7 +170,7 @@ class AdaptiveModePolicy:
             self.metrics.predicted.labels(mode=m).set(p["tokens_per_s"])
         target = [lv.mode for lv in self.levels].index(choice.mode)
         if target != self.level:
-            self._switch_to(target, now, "goodput", choice.detail)
+            self._switch_to(target, now, choice.reason, choice.detail)
         return True
 
     def _switch_to(self, target: int, now: float, reason: str, detail: str) -> None:

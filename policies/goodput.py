@@ -189,6 +189,18 @@ class Choice:
     mode: str
     detail: str
     predictions: dict  # {"current": {mode: {...}}, "projected": {...}}
+    reason: str = "goodput"  # or "explore": a mode not measured near this load, tried to measure it
+
+
+EXPLORE_RATIO = 0.5  # an unmeasured mode is tried when its modelled tokens/s is at least this share of the current's
+EXPLORE_RETRY_S = 300.0  # the same mode is not tried again at the same load cell sooner
+STEADY_OCTAVES = 0.5  # exploring needs a steady load: current and projected within this (a factor of 1.41)
+
+
+def measured_near(view: CostView, mode: str, n: float, octaves: float = 1.0) -> bool:
+    """Whether the replicas measured what `mode` delivers within `octaves` of load `n`."""
+    return any(m == mode and windows >= MIN_WINDOWS and abs(math.log2(max(n, 1.0) / cell)) <= octaves
+               for (m, cell), (_, windows) in view.realized.items())
 
 
 class GoodputChooser:
@@ -198,6 +210,7 @@ class GoodputChooser:
         self.last_t: float | None = None
         self._memo_view: CostView | None = None
         self._memo: dict[tuple, Prediction | None] = {}
+        self.explored: dict[tuple[str, int], float] = {}  # (mode, load octave) -> when it was tried
 
     def _smooth(self, options: dict[str, Prediction], now: float | None) -> dict[str, float]:
         """EWMA (half-life `smoothing_s`) of each mode's log tokens/s: noise in the measured costs
@@ -250,7 +263,49 @@ class GoodputChooser:
         gain = rate[best] / max(rate[mode], 1e-12) if mode in rate else float("inf")
         if best != mode and keep and gain <= 1.0 + self.rule.margin:
             best = mode  # not enough gain to move
-        detail = (f"{at} load {max(current, projected):.2f}: " +
+        n = max(current, projected)
+        here = (mode, round(math.log2(max(n, 1.0))))
+        if not measured_near(view, mode, n) and now is not None and now - self.explored.get(here, -1e18) >= EXPLORE_RETRY_S:
+            self.explored[here] = now  # running a mode not measured at this load: it is being tried
+        detail = (f"{at} load {n:.2f}: " +
                   ", ".join(f"{m} {p.tokens_per_s:.0f} tok/s {p.latency_s:.3f} s" for m, p in options.items()))
         shown = {label: {m: p.as_dict() for m, p in ps.items()} for label, ps in preds.items()}
+        if best == mode and (probe := self._explore(view, options, within, mode, current, projected, now)):
+            return Choice(probe, f"explore {probe} (not measured near load {n:.2f}); " + detail, shown, "explore")
         return Choice(best, detail, shown)
+
+    def _ceiling(self, view: CostView, mode: str, block: int) -> float:
+        """The most a mode can make per AR step's cost: a linear self-spec cycle is two passes, each
+        costing at least an AR step of the same rows, so it can beat ar only with more than 2
+        tokens per cycle (a draft never accepted: never); diffusion, its tokens per pass."""
+        if mode == "self_spec":
+            tpc = tokens_per_cycle(view, block, self.rule.min_cycles)
+            return 0.0 if tpc is None else tpc / 2.0
+        if mode == "diffusion":
+            known = view.diffusion.get(block)
+            return 0.0 if known is None else known[0]
+        return float("inf")
+
+    def _explore(self, view: CostView, options: dict[str, Prediction], within: list[str], mode: str,
+                 current: float, projected: float, now: float | None) -> str | None:
+        """A mode worth measuring at this load: the current one was measured here and the load is
+        steady, the other was never measured near it, and its modelled tokens/s is at least
+        `EXPLORE_RATIO` of the current mode's (a model extrapolated from other shapes can be far
+        off; a mode it rates far worse is not tried), and its ceiling (`_ceiling`) beats ar's by the
+        margin (the draft's measured yield bounds self-spec whatever the step costs). Each (mode, load octave) once per
+        `EXPLORE_RETRY_S` (`choose` records a try when it sees the mode running unmeasured; with
+        no clock, every call may propose). The policy's dwell bounds how long a try lasts."""
+        n = max(current, projected)
+        if abs(math.log2(max(projected, 1.0) / max(current, 1.0))) > STEADY_OCTAVES or \
+                not measured_near(view, mode, n, octaves=0.5):
+            return None
+        for m in within:
+            key = (m, round(math.log2(max(n, 1.0))))
+            tried = self.explored.get(key)
+            if m == mode or measured_near(view, m, n) or (tried is not None and now is not None
+                                                          and now - tried < EXPLORE_RETRY_S):
+                continue
+            if options[m].tokens_per_s >= EXPLORE_RATIO * options[mode].tokens_per_s and \
+                    self._ceiling(view, m, options[m].block) > 1.0 + self.rule.margin:
+                return m  # proposed until the policy's dwell lets it switch (then `choose` records the try)
+        return None

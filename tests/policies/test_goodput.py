@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from policies import AdaptiveModePolicy, ModeRequest, PolicyMetrics, parse_policy
-from policies.goodput import (MAX_OCTAVES, MIN_WINDOWS, CostView, GoodputChooser, GoodputSource, acceptance,
-                              corrected, predict, step_seconds, tokens_per_cycle)
+from policies.goodput import (EXPLORE_RATIO, EXPLORE_RETRY_S, MAX_OCTAVES, MIN_WINDOWS, CostView, GoodputChooser,
+                              GoodputSource, acceptance, corrected, predict, step_seconds, tokens_per_cycle)
 from policies.schema import DraftTier, GoodputRule, PolicyFileError
 from policies.signals import PageFetcher, SignalBoard
 
@@ -149,6 +149,42 @@ def test_realized_throughput_corrects_each_modes_prediction_near_its_load():
     # a wild measurement is clamped: it cannot zero a mode
     v.realized = {("self_spec", 1): (1e-9, MIN_WINDOWS)}
     assert corrected(v, "self_spec", 1, tiers=TIERS, rule=RULE).correction == pytest.approx(0.2)
+
+
+def test_a_mode_never_measured_at_a_steady_load_is_tried_when_the_model_rates_it_close():
+    # the step model, extrapolated from self-spec shapes, rates ar below self_spec at 48 requests;
+    # only self_spec was measured there: the chooser tries ar once, measures, then decides
+    v = view(tokens_per_cycle=6.0)
+    ss = predict(v, "self_spec", 48, tiers=TIERS, rule=RULE)
+    ar = predict(v, "ar", 48, tiers=TIERS, rule=RULE)
+    v.realized = {("self_spec", 48): (ar.tokens_per_s / 0.8, MIN_WINDOWS)}  # ar modelled at 0.8 of it
+    chooser = GoodputChooser(RULE, ["self_spec", "ar"], TIERS)
+    choice = chooser.choose(v, 48, 48, "self_spec", now=0.0)
+    assert choice.mode == "ar" and choice.reason == "explore" and "explore ar" in choice.detail
+    assert chooser.choose(v, 48, 48, "self_spec", now=5.0).mode == "ar"  # proposed until the switch happens
+    chooser.choose(v, 48, 48, "ar", now=10.0)  # running ar unmeasured: the try is recorded
+    assert chooser.choose(v, 48, 48, "self_spec", now=20.0).mode == "self_spec"  # the try did not measure: no retry
+    assert chooser.choose(v, 48, 48, "self_spec", now=10.0 + EXPLORE_RETRY_S).reason == "explore"
+    # measured: the realized rates decide (here ar delivered 1.5x self_spec)
+    v.realized[("ar", 48)] = (1.5 * ss.tokens_per_s, MIN_WINDOWS)
+    v.realized[("self_spec", 48)] = (ss.tokens_per_s, MIN_WINDOWS)
+    measured = GoodputChooser(RULE, ["self_spec", "ar"], TIERS).choose(v, 48, 48, "self_spec", now=0.0)
+    assert measured.mode == "ar" and measured.reason == "goodput"
+    # a mode the model rates far below the current one is not tried, nor during a load step
+    v.realized = {("self_spec", 48): (ar.tokens_per_s / (EXPLORE_RATIO * 0.9), MIN_WINDOWS)}
+    assert GoodputChooser(RULE, ["self_spec", "ar"], TIERS).choose(v, 48, 48, "self_spec", now=0.0).mode == "self_spec"
+    v.realized = {("self_spec", 48): (ar.tokens_per_s / 0.8, MIN_WINDOWS)}
+    assert GoodputChooser(RULE, ["self_spec", "ar"], TIERS).choose(v, 16, 48, "self_spec", now=0.0).reason == "goodput"
+
+
+@pytest.mark.parametrize("tpc,tried", [(6.0, True), (2.0, False), (1.0, False)])
+def test_self_spec_is_tried_only_when_its_measured_yield_can_beat_ar(tpc, tried):
+    # a linear cycle is two passes, each at least an AR step: <= 2 tokens per cycle never beats ar
+    v = view(tokens_per_cycle=tpc)
+    ss = predict(v, "self_spec", 48, tiers=TIERS, rule=RULE)
+    v.realized = {("ar", 48): (ss.tokens_per_s / 0.8, MIN_WINDOWS)}  # self_spec modelled at 0.8 of ar
+    choice = GoodputChooser(RULE, ["self_spec", "ar"], TIERS).choose(v, 48, 48, "ar", now=0.0)
+    assert (choice.mode, choice.reason) == (("self_spec", "explore") if tried else ("ar", "goodput"))
 
 
 # ---- the source: cost models read from the replicas' metrics page ---------------------------------
