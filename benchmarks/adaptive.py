@@ -17,7 +17,7 @@ loopback port) is rebuilt per run.
 
 A step change (--step-change, default 1 -> 32 -> 1, --step-seconds each) runs one adaptive
 gateway through the levels and counts the requests that ran in the worse fixed mode of their
-level. With a calibrating policy (a `mode.goodput` block, e.g. policies/presets/calibrating.yaml
+level. With a calibrating policy (a `mode.goodput` block, e.g. policies/presets/adaptive.yaml, the default
 with --no-tune), --calibrate-seconds first loads it with the tuning prompts at the lowest and
 the highest level, so its cost model sees other prompts first than those it is judged on.
 

@@ -1,6 +1,6 @@
-"""The calibrating preset on the real stack, on two models, with no hand-set thresholds: the
+"""The calibrating default preset on the real stack, on two models, with no hand-set thresholds: the
 embedded model (its draft is accepted) and a random-weights model (its draft is not). The same
-`policies/presets/calibrating.yaml` (scoped to each model's Serve application) picks self_spec at
+`policies/presets/adaptive.yaml` (the default, calibrating; scoped to each model's Serve application) picks self_spec at
 concurrency 1 only for the first, and ar at high concurrency for both, and says the cost model
 decided (`/v1/nld/policy` -> goodput.decided_by)."""
 
@@ -39,7 +39,7 @@ PROMPT = "import os\nimport os\nimport os\nimport os\n"
 def scoped_preset(app: str, out: Path) -> Path:
     """The shipped preset, its signals limited to one Serve application's replicas (the shared
     test stack runs several); nothing else changed."""
-    doc = yaml.safe_load((PRESETS / "calibrating.yaml").read_text())
+    doc = yaml.safe_load((PRESETS / "adaptive.yaml").read_text())
     for s in doc["signals"]:
         if s["source"] in ("scrape", "goodput"):
             s["labels"] = {"application": app}

@@ -361,7 +361,7 @@ async def test_before_its_first_view_the_calibrating_preset_sends_ar():
     mode (on a model whose draft is never accepted, self_spec takes ~6x as long)."""
     from policies import PRESETS, load_policy_file
 
-    spec = load_policy_file(PRESETS / "calibrating.yaml")
+    spec = load_policy_file(PRESETS / "adaptive.yaml")
     assert spec.mode.initial_mode == "ar" and spec.mode.sparse_mode == "self_spec"
     clock = Clock()
     policy = AdaptiveModePolicy(spec, SignalBoard([Load(), Costs()], clock=clock), clock=clock, wall=clock)

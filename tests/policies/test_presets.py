@@ -62,7 +62,7 @@ async def decide_with(page: MetricsPage, preset: str, inflight: int) -> tuple[st
         await holder.stop()
 
 
-@pytest.mark.parametrize("preset", ["adaptive", "latency", "throughput"])
+@pytest.mark.parametrize("preset", ["adaptive", "static", "latency", "throughput"])
 async def test_preset_reads_the_metrics_port_it_was_given(preset):
     async with MetricsPage(ray_page([1, 1, 1])) as page:
         _, snap = await decide_with(page, preset, inflight=0)

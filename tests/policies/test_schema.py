@@ -50,7 +50,7 @@ def test_duplicate_signal_names_and_non_mapping():
         parse_policy("- 1\n- 2\n")
 
 
-@pytest.mark.parametrize("name", ["adaptive", "latency", "throughput"])
+@pytest.mark.parametrize("name", ["adaptive", "static", "latency", "throughput"])
 def test_presets_validate(name):
     spec = load_policy_file(PRESETS / f"{name}.yaml")
     assert spec.mode.enter_loaded_above > spec.mode.leave_loaded_below
@@ -89,7 +89,7 @@ def test_signal_urls_take_the_stack_ports_as_placeholders():
         parse_policy(yaml.safe_dump(bad))
 
 
-@pytest.mark.parametrize("name", ["adaptive", "latency", "throughput"])
+@pytest.mark.parametrize("name", ["adaptive", "static", "latency", "throughput"])
 def test_presets_follow_the_stack_ports_and_count_the_replicas(name):
     """No preset hard-codes a metrics address, and none divides by a constant replica count."""
     text = (PRESETS / f"{name}.yaml").read_text()
