@@ -78,8 +78,13 @@ class PageFetcher:
         if fut is None:
             fut = asyncio.ensure_future(self._get(url, timeout_s))
             self._inflight[url] = fut
-            fut.add_done_callback(lambda _f, u=url: self._inflight.pop(u, None))
+            fut.add_done_callback(lambda f, u=url: self._done(u, f))
         return await asyncio.shield(fut)  # one waiter cancelled (a reload) leaves the others theirs
+
+    def _done(self, url: str, fut: asyncio.Future) -> None:
+        self._inflight.pop(url, None)
+        if not fut.cancelled():
+            fut.exception()  # retrieved: a failed GET whose waiters were all cancelled is not logged as lost
 
     async def _get(self, url: str, timeout_s: float) -> str:
         self.fetches += 1

@@ -94,3 +94,30 @@ async def test_a_failed_shared_fetch_fails_every_reader():
     results = await asyncio.gather(ScrapeSource(spec, pages).read(), ScrapeSource(spec, pages).read(),
                                    return_exceptions=True)
     assert all(isinstance(r, httpx.HTTPStatusError) for r in results) and pages.fetches == 1
+
+
+async def test_a_failed_fetch_whose_readers_were_cancelled_is_not_reported_as_lost():
+    """A reload or a gateway stop cancels the readers of a fetch in flight; if that GET then
+    fails, asyncio must not log 'Task exception was never retrieved' (seen in benchmark logs)."""
+    import gc
+
+    async def handler(req):
+        await asyncio.sleep(0.05)
+        raise httpx.ReadError("closed")
+
+    lost = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: lost.append(context))
+    try:
+        pages = PageFetcher(client(handler))
+        reader = asyncio.ensure_future(pages.text("http://r/metrics", 1.0))
+        await asyncio.sleep(0.01)
+        reader.cancel()
+        await asyncio.sleep(0.1)  # the GET fails with nobody waiting
+        assert pages.fetches == 1 and not pages._inflight and reader.cancelled()
+        del reader  # nothing refers to the failed GET any more: it is collected now
+        gc.collect()
+        await asyncio.sleep(0)
+        assert lost == []
+    finally:
+        loop.set_exception_handler(None)
