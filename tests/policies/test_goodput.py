@@ -4,6 +4,7 @@ and no thrash under a steady load at the crossover."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -354,6 +355,33 @@ async def test_no_thrash_under_a_steady_noisy_load_at_the_crossover():
     switches = sum(a != b for a, b in zip(modes, modes[1:]))
     assert policy.snapshot()["goodput"]["decided_by"] == "goodput"
     assert switches <= 2, switches
+
+
+async def test_no_thrash_at_the_crossover_with_realized_rates_and_tries():
+    """The same five minutes, with the replicas measuring what the running mode delivers (its
+    realized cell: the model's rate at the load, times noise) from no measurement at all: the
+    chooser may try the other mode once, then the measured rates and the margin hold the mode."""
+    policy, board, clock, load, costs = make()
+    center = crossover(view(tokens_per_cycle=6.0))
+    rng = random.Random(11)
+    realized: dict = {}
+    modes = []
+    for i in range(3000):
+        v = view(tokens_per_cycle=6.0, steps=1000)
+        n = center * rng.uniform(0.8, 1.2)
+        mode = policy.mode
+        truth = predict(v, mode, n, tiers=TIERS, rule=RULE).tokens_per_s
+        if i % 10 == 0:  # one window a second for the mode that runs, at the cell of the load
+            key = (mode, max(2 ** round(math.log2(n)), 1))
+            rate, windows = realized.get(key, (truth, 0))
+            realized[key] = (rate + 0.3 * (truth * rng.uniform(0.9, 1.1) - rate), windows + 1)
+        v.realized = dict(realized)
+        costs.view = v
+        modes.append(await step(policy, board, clock, load, costs, n, seconds=0.1))
+    switches = sum(a != b for a, b in zip(modes, modes[1:]))
+    assert policy.snapshot()["goodput"]["decided_by"] == "goodput"
+    assert {m for m, _ in realized} == {"ar", "self_spec"}  # both got measured (one by a try)
+    assert switches <= 3, switches
 
 
 async def test_before_its_first_view_the_calibrating_preset_sends_ar():
