@@ -576,7 +576,7 @@ def test_the_helm_test_pod_passes_against_a_real_gateway_and_fails_without_a_mod
     """The pod's script, run as the pod would (its env, its key mount layout), against a real
     gateway in front of the fake replica server."""
     from gateway import GatewayConfig, create_app
-    from gateway.testing import FakeReplicaState, fake_replica_app
+    from tests.gateway.fakes import FakeReplicaState, fake_replica_app
     from gateway.replica_client import HttpReplicaClient
     from policies import FixedModePolicy
     from tests.gateway.servers import serve_in_thread

@@ -1,5 +1,8 @@
 """Fake replicas for tests and benchmarks: an in-process `ReplicaClient` and a wire-protocol server.
 
+(Test code: it lives under tests/, not in the `gateway` package; `benchmarks/gateway_overhead.py`
+imports it with the repository root on the path.)
+
 Contract: both fakes produce the same deterministic output from `fake_chunks(request)`: words
 from a fixed list (chosen by seed, prompt and position), cut at the first stop string, chunked
 per mode (ar 1 token per chunk, diffusion 2, self_spec 4; one chunk = one forward pass), the
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 from replicas.wire import EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, Usage
 
-from .replica_client import ReplicaError
+from gateway.replica_client import ReplicaError
 
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu")
 TOKENS_PER_CHUNK = {"ar": 1, "diffusion": 2, "self_spec": 4}
