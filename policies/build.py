@@ -21,7 +21,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from .adaptive import AdaptiveModePolicy, PolicyMetrics
-from .base import ModeDecision, ModeRequest
+from .base import ModeDecision, ModePolicyBase, ModeRequest
 from .schema import PolicyFile, PolicyFileError, StackPorts, load_policy_file
 from .signals import SOURCES, PageFetcher, SignalBoard
 
@@ -41,7 +41,7 @@ def build_policy(spec: PolicyFile, *, local_counters: dict[str, Callable[[], flo
     return AdaptiveModePolicy(spec, SignalBoard(sources, clock=clock), metrics=metrics, clock=clock, **policy_kw)
 
 
-class PolicyHolder:
+class PolicyHolder(ModePolicyBase):
     """The gateway's policy: hot-reloadable, one registry and HTTP client for its lifetime."""
 
     def __init__(self, path: str | Path, *, local_counters: dict[str, Callable[[], float]],
@@ -73,7 +73,7 @@ class PolicyHolder:
         snap.update(file=str(self.path), reload_error=self.last_error)
         return snap
 
-    def engine_settings(self) -> dict:
+    def engine_settings(self) -> dict | None:
         return self.current.engine_settings()
 
     def reload(self, force: bool = False) -> bool:
