@@ -49,13 +49,12 @@ def run_replica(port: int) -> None:
 def run_gateway(port: int, replica_url: str) -> None:
     import uvicorn
 
-    from gateway import GatewayConfig, create_app
+    from gateway import GatewayConfig
+    from gateway.bootstrap import PolicySpec, build_gateway
     from gateway.http_protocol import HTTP_PROTOCOL
-    from gateway.replica_client import HttpReplicaClient
-    from policies import FixedModePolicy
 
     config = GatewayConfig(replica_url=replica_url)
-    app = create_app(config, HttpReplicaClient(config), FixedModePolicy(mode="ar"))
+    app = build_gateway(config, PolicySpec(mode="ar")).app
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, http=HTTP_PROTOCOL)
 
 
