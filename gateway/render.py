@@ -10,7 +10,7 @@ adds NLD's `forward_passes` (summed over choices) and `tokens_per_forward` to Op
 
 from __future__ import annotations
 
-from replicas.wire import GenerateChunk
+from replicas.wire import GenerateChunk, tokens_per_forward
 
 from .plan import Plan
 
@@ -32,7 +32,7 @@ def usage(plan: Plan, lasts: list[GenerateChunk | None]) -> dict:
         completion += u.completion_tokens
         passes += u.forward_passes
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "forward_passes": passes, "tokens_per_forward": round(completion / passes, 4) if passes else 0.0,
+            "forward_passes": passes, "tokens_per_forward": round(tokens_per_forward(completion, passes), 4),
             "self_spec_algorithm": algorithm}
 
 

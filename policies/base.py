@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-MODES = ("ar", "diffusion", "self_spec")
-SPEC_ALGORITHMS = ("linear", "quadratic")
-REQUESTED = ("auto",) + MODES
+from replicas.wire import MODES, REQUESTED_MODES, SPEC_ALGORITHMS  # the one vocabulary (torch-free)
+
+__all__ = ["MODES", "REQUESTED_MODES", "SPEC_ALGORITHMS", "ModeRequest", "ModeDecision", "ModePolicy",
+           "ModePolicyBase"]
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from replicas.wire import Mode as ModeName, SpecAlgorithm  # the one vocabulary (torch-free)
+
 from .expr import compile_expression
 
-ModeName = Literal["ar", "diffusion", "self_spec"]
-SpecAlgorithm = Literal["linear", "quadratic"]
 
 
 class _Strict(BaseModel):

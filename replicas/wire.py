@@ -24,7 +24,8 @@ Closing the HTTP response aborts the request in the engine (its KV slot is freed
 
 It is also the project's one vocabulary: `MODES` (the decoding modes, `Mode`), `REQUESTED_MODES`
 (what a client may ask for: `auto` or a mode), `SPEC_ALGORITHMS`, `FinishReason` /
-`FINISH_REASONS` and `tokens_per_forward()`. The engine, the replicas, the policies and the
+`FINISH_REASONS`, `RUNNING_KINDS` (prefill and the modes, as the engine's stats count running
+requests) and `tokens_per_forward()`. The engine, the replicas, the policies and the
 gateway all take them from here; this module imports nothing of the project (a leaf: any layer
 may import it, torch-free and ray-free).
 """
@@ -42,6 +43,8 @@ SpecAlgorithm = Literal["linear", "quadratic"]  # self_spec: two forwards per cy
 SPEC_ALGORITHMS: tuple[str, ...] = get_args(SpecAlgorithm)
 FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
+# what the engine counts in `running_by_mode`: requests still in prefill, then each mode
+RUNNING_KINDS: tuple[str, ...] = ("prefill",) + MODES
 
 
 def tokens_per_forward(tokens: int, forward_passes: int) -> float:

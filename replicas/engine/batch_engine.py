@@ -29,7 +29,7 @@ from .engine import Engine
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .outputs import StreamChunk
-from .params import MODES, DecodeParams
+from .params import MODES, DecodeParams, tokens_per_forward
 from .running import Running
 from .scheduler import Plan, Scheduler
 from .stats import EngineStats, engine_snapshot
@@ -247,7 +247,7 @@ class BatchEngine:
                 with self._lock:
                     self.scheduler.remove(seq.request_id)
                 self.stats.finished_requests += 1
-                self.stats.tokens_per_forward.observe(len(seq.output) / max(seq.forward_passes, 1))
+                self.stats.tokens_per_forward.observe(tokens_per_forward(len(seq.output), seq.forward_passes))
                 out.append(StreamChunk(seq.request_id, new, finish_reason=seq.finish_reason,
                                        stats=request_stats(seq), forward_passes=seq.forward_passes,
                                        mode=seq.params.mode))
@@ -274,7 +274,7 @@ def request_stats(seq) -> dict:
         "prompt_tokens": len(seq.prompt_ids),
         "completion_tokens": len(seq.output),
         "forward_passes": seq.forward_passes,
-        "tokens_per_forward": len(seq.output) / max(seq.forward_passes, 1),
+        "tokens_per_forward": tokens_per_forward(len(seq.output), seq.forward_passes),
         # the self-spec algorithm that ran (None when no self-spec cycle ran)
         "spec_algorithm": seq.params.spec_algorithm if seq.params.mode == "self_spec" or seq.draft_blocks else None,
         "accepted_lengths": list(seq.accepted_lengths),

@@ -24,7 +24,8 @@ import json
 import zlib
 from dataclasses import dataclass, field
 
-from replicas.wire import EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, Usage
+from replicas.wire import (EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, Usage,
+                          tokens_per_forward)
 
 from gateway.replica_client import ReplicaError
 
@@ -67,7 +68,7 @@ def fake_chunks(r: GenerateRequest, instant: bool = False) -> list[GenerateChunk
         sent = end
     chunks[-1].finish_reason = "stop" if visible_end is not None else "length"
     chunks[-1].usage = Usage(prompt_tokens=_prompt_tokens(r), completion_tokens=n_tokens, forward_passes=len(chunks),
-                             tokens_per_forward=round(n_tokens / len(chunks), 4))
+                             tokens_per_forward=round(tokens_per_forward(n_tokens, len(chunks)), 4))
     if r.mode == "self_spec":  # like the replica: the algorithm that ran (the engine's default: linear)
         chunks[-1].self_spec_algorithm = r.self_spec_algorithm or "linear"
     if not r.stream:  # the whole answer in one message
