@@ -2,7 +2,7 @@
 
 Contract: `build_policy(spec, *, local_counters, metrics, http, ports)` returns an
 `AdaptiveModePolicy` whose signal URLs are filled in from `ports` (`StackPorts`) and whose
-signal sources come from the `SOURCES` registry (scrape sources of one policy share their page
+signal sources come from the `SOURCES` registry (`policies.sources`) (scrape sources of one policy share their page
 fetches: `PageFetcher`); `PolicyHolder`
 is the `ModePolicy` the gateway holds: it delegates to the current policy and swaps in a new
 one on `reload(path)` (the new policy adopts the old one's mode and dwell clock), keeping the
@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry
 from .adaptive import AdaptiveModePolicy, PolicyMetrics
 from .base import ModeDecision, ModePolicyBase, ModeRequest
 from .schema import PolicyFile, PolicyFileError, StackPorts, load_policy_file
-from .signals import SOURCES, PageFetcher, SignalBoard
+from .signals import PageFetcher, SignalBoard
+from .sources import SOURCES
 
 log = logging.getLogger("policies")
 PRESETS = Path(__file__).parent / "presets"
