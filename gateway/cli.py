@@ -43,6 +43,11 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="host of the replicas' Ray metrics port: fills {metrics_host} in the policy's signal URLs")
     p.add_argument("--replica-metrics-port", type=int, default=8080,
                    help="the replicas' Ray metrics port: fills {metrics_port} in the policy's signal URLs")
+    p.add_argument("--prometheus-url", default="http://127.0.0.1:9090",
+                   help="the Prometheus that scrapes the replicas: fills {prometheus_url} in the policy's signal URLs")
+    p.add_argument("--ray-selector", default="",
+                   help="PromQL label matcher of this stack's replica series, e.g. '{namespace=\"serving\"}': "
+                   "fills {ray_selector} in the policy's queries (default: every series)")
     p.add_argument("--mode", default="self_spec", choices=MODES,
                    help="decoding mode of `auto` requests (fixed-mode policy, without --policy)")
     p.add_argument("--client-override", default="allow", choices=("allow", "deny", "clamp"),
@@ -71,13 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def policy_spec(args: argparse.Namespace, ports=None) -> PolicySpec:
     """The mode policy `serve` runs: the --policy file (hot-reloaded), else a fixed policy from
-    --mode/--client-override. A policy file's `{metrics_host}` / `{metrics_port}` come from
-    `ports` (a `StackPorts`; default: --replica-metrics-host / --replica-metrics-port)."""
+    --mode/--client-override. A policy file's placeholders come from `ports` (a `StackPorts`;
+    default: --replica-metrics-host, --replica-metrics-port, --prometheus-url, --ray-selector)."""
     from policies import StackPorts
 
     if getattr(args, "policy", None):
         if ports is None:
-            ports = StackPorts(metrics_host=args.replica_metrics_host, metrics_port=args.replica_metrics_port)
+            ports = StackPorts(metrics_host=args.replica_metrics_host, metrics_port=args.replica_metrics_port,
+                               prometheus_url=args.prometheus_url, ray_selector=args.ray_selector)
         return PolicySpec(file=args.policy, ports=ports)
     return PolicySpec(mode=getattr(args, "mode", "self_spec"), client_override=getattr(args, "client_override", "allow"))
 
