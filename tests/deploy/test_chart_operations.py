@@ -526,8 +526,14 @@ def test_the_charts_fleet_signal_reads_per_replica_concurrency_in_a_real_prometh
     from policies.signals import PrometheusSource
     from tests.prometheus import PrometheusServer
 
+    from gateway.cli import build_parser, policy_spec
+
     _, objs = C.render_scenario("monitoring")
-    policy = parse_policy(C.one(objs, "ConfigMap", "-policy")["data"]["policy.yaml"])
+    pod = C.one(objs, "Deployment")["spec"]["template"]["spec"]
+    args = next(c for c in pod["containers"] if c["name"] == "gateway")["args"]
+    # the mounted file, its placeholders filled as the gateway fills them from its flags
+    ports = policy_spec(build_parser().parse_args(args)).ports
+    policy = parse_policy(C.one(objs, "ConfigMap", "-policy")["data"]["policy.yaml"]).resolved(ports)
     signals = {s.name: s for s in policy.signals if s.source == "prometheus"}
     assert set(signals) == {"fleet_concurrency", "replicas"}
 
