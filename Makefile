@@ -7,7 +7,7 @@ MODEL ?= models/nld-tiny-pystdlib
 POLICY ?= policies/presets/adaptive.yaml
 BENCH_MODEL ?= .cache/bench-nld
 
-.PHONY: venv system-deps run test test-fast bench clean
+.PHONY: venv system-deps run test test-fast bench clean chart-schema chart-presets
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ test: $(STAMP) system-deps
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# The chart's values.schema.json, generated from its typed source (deploy/helm/values_schema/).
+chart-schema: $(STAMP)
+	$(PY) -m deploy.helm.values_schema
+
+# The chart's copy of the policy presets (Helm reads only files inside the chart; a test keeps them equal).
+chart-presets:
+	rm -f deploy/helm/nld-gateway/files/policies/*.yaml
+	cp policies/presets/*.yaml deploy/helm/nld-gateway/files/policies/
 
 $(BENCH_MODEL)/config.json: | $(STAMP)
 	$(PY) -c "from replicas.engine.testing import write_random_checkpoint as w; w('$(BENCH_MODEL)', layers=8, hidden=512, heads=8, kv_heads=4, head_dim=64, intermediate=1536, vocab=8192, block_size=32, lora_rank=16)"

@@ -50,11 +50,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.app import create_app  # noqa: E402
+from gateway.bootstrap import PolicySpec, build_gateway  # noqa: E402
 from gateway.config import GatewayConfig  # noqa: E402
-from gateway.metrics import GatewayMetrics, InflightCounter  # noqa: E402
-from gateway.replica_client import HttpReplicaClient  # noqa: E402
-from policies import FixedModePolicy, PolicyHolder, parse_policy  # noqa: E402
+from policies import parse_policy  # noqa: E402
 from tests.gateway.servers import serve_in_thread  # noqa: E402
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
 from tests.serving import free_port  # noqa: E402
@@ -149,13 +147,11 @@ def balanced_p50(by_prompt: dict[int, list[float]]) -> float | None:
 def gateway_app(replica_url: str, policy_name: str, policy_files: dict[str, Path]):
     """A gateway with fixed mode `policy_name`, or with the policy file `policy_files[policy_name]`."""
     cfg = GatewayConfig(replica_url=replica_url, model_name="bench", max_inflight_requests=None)
-    metrics = GatewayMetrics(InflightCounter())
     if policy_name in policy_files:
-        policy = PolicyHolder(policy_files[policy_name], local_counters={"inflight": lambda: metrics.inflight.value},
-                              registry=metrics.registry)
+        spec = PolicySpec(file=policy_files[policy_name])
     else:
-        policy = FixedModePolicy(mode=policy_name)
-    return create_app(cfg, HttpReplicaClient(cfg), policy, metrics=metrics)
+        spec = PolicySpec(mode=policy_name)
+    return build_gateway(cfg, spec).app
 
 
 def main(argv=None) -> None:

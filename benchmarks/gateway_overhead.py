@@ -1,6 +1,6 @@
 """Benchmark what the gateway adds: latency over calling the replica directly, and requests/s.
 
-Three processes on loopback: a fake replica speaking the wire protocol (`gateway.testing.
+Three processes on loopback: a fake replica speaking the wire protocol (`tests.gateway.fakes.
 fake_replica_app`, instant: the whole answer in one NDJSON chunk), the gateway (uvicorn,
 `HttpReplicaClient`, pinned to one CPU with --gateway-cpu), and this load generator (raw
 asyncio sockets with keep-alive connections, so the client costs little).
@@ -40,7 +40,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 def run_replica(port: int) -> None:
     import uvicorn
 
-    from gateway.testing import FakeReplicaState, fake_replica_app
+    from tests.gateway.fakes import FakeReplicaState, fake_replica_app
 
     uvicorn.run(fake_replica_app(FakeReplicaState(instant=True)), host="127.0.0.1", port=port,
                 log_level="warning", access_log=False, lifespan="off")
@@ -49,13 +49,12 @@ def run_replica(port: int) -> None:
 def run_gateway(port: int, replica_url: str) -> None:
     import uvicorn
 
-    from gateway import GatewayConfig, create_app
+    from gateway import GatewayConfig
+    from gateway.bootstrap import PolicySpec, build_gateway
     from gateway.http_protocol import HTTP_PROTOCOL
-    from gateway.replica_client import HttpReplicaClient
-    from policies import FixedModePolicy
 
     config = GatewayConfig(replica_url=replica_url)
-    app = create_app(config, HttpReplicaClient(config), FixedModePolicy(mode="ar"))
+    app = build_gateway(config, PolicySpec(mode="ar")).app
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, http=HTTP_PROTOCOL)
 
 

@@ -144,11 +144,11 @@ def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: i
     """The ceiling: `BatchEngine` closed loop in this process, the stack's torch threads, time-windowed."""
     import torch
 
-    from replicas.engine import BatchEngine, DecodeParams, EngineConfig
+    from replicas.engine import DecodeParams, EngineConfig, load_batch_engine
 
     if threads:
         torch.set_num_threads(threads)
-    be = BatchEngine.from_pretrained(model, EngineConfig(max_batch_size=max(c, 1), max_seq_len=512,
+    be = load_batch_engine(model, EngineConfig(max_batch_size=max(c, 1), max_seq_len=512,
                                                          max_waiting=4 * c))
     params = DecodeParams(mode="ar", max_new_tokens=max_tokens, ignore_eos=True)
     k = 0

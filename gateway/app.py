@@ -17,15 +17,13 @@ Non-goals: process management (see `gateway.cli`), the policy's own signals.
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from policies import ModePolicy
 
@@ -38,10 +36,9 @@ from .middleware import FrontDoor
 from .openai_api import (SCHEMA_OVERRIDES, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                          CompletionResponse, ErrorResponse, ModelCard, ModelList)
 from .replica_client import ReplicaClient
-from .service import CompletionService, Plan
-from .sse import ClientGone, SSEResponse, run_until_disconnect
+from .completion import CompletionHandler
+from .service import CompletionService
 
-log = logging.getLogger("gateway")
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 500, 503, 504)}
 MODE_HEADERS = {
     "x-nld-decoding-mode": {"description": "decoding mode used: ar, diffusion or self_spec", "schema": {"type": "string"}},
@@ -59,8 +56,9 @@ def _completion_doc(model: type) -> dict:
                   "content": {"text/event-stream": {"schema": event}}}, **ERRORS}
 
 
-async def watch_policy(policy, interval_s: float) -> None:
-    """Re-read a reloadable policy's file when it changes (a bad file keeps the old policy)."""
+async def watch_policy(policy: ModePolicy, interval_s: float) -> None:
+    """Re-read the policy's file when it changes (a bad file keeps the old policy; a policy
+    without a file does nothing)."""
     while True:
         await asyncio.sleep(interval_s)
         policy.reload()
@@ -72,33 +70,26 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
     metrics = metrics or GatewayMetrics(InflightCounter())
     inflight = metrics.inflight
     service = CompletionService(config, replica_client, policy)
+    handler = CompletionHandler(config, service, metrics)
     started = int(time.time())
-    pusher = None  # a policy with engine settings has them pushed to the replicas when they change
-    if hasattr(policy, "engine_settings"):
-        pusher = EngineSettingsPusher(service.engine_settings, replica_client, interval_s=engine_push_interval_s,
-                                      on_push=metrics.engine_pushed)
+    # the policy's engine settings (None while it has none) are pushed to the replicas when they change
+    pusher = EngineSettingsPusher(service.engine_settings, replica_client, interval_s=engine_push_interval_s,
+                                  on_push=metrics.engine_pushed)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        # a policy with signals polls them in the background; a reloadable one watches its file
-        if hasattr(policy, "start"):
-            policy.start()
-        watcher = None
-        if hasattr(policy, "reload"):
-            watcher = asyncio.create_task(watch_policy(policy, reload_interval_s))
-            try:  # SIGHUP reloads at once (only possible in the main thread)
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: policy.reload(force=True))
-            except (ValueError, RuntimeError, NotImplementedError):
-                pass
-        if pusher is not None:
-            pusher.start()
+        # a policy with signals polls them in the background; a policy file is watched for changes
+        policy.start()
+        watcher = asyncio.create_task(watch_policy(policy, reload_interval_s))
+        try:  # SIGHUP reloads at once (only possible in the main thread)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: policy.reload(force=True))
+        except (ValueError, RuntimeError, NotImplementedError):
+            pass
+        pusher.start()
         yield
-        if watcher is not None:
-            watcher.cancel()
-        if pusher is not None:
-            await pusher.stop()
-        if hasattr(policy, "stop"):
-            await policy.stop()
+        watcher.cancel()
+        await pusher.stop()
+        await policy.stop()
         await replica_client.aclose()
 
     app = FastAPI(title="nld-gateway", version="0.1.0", lifespan=lifespan,
@@ -109,76 +100,15 @@ def create_app(config: GatewayConfig, replica_client: ReplicaClient, policy: Mod
     app.state.auth = auth
     app.add_middleware(FrontDoor, config=config, auth=auth, metrics=metrics)
 
-    async def complete(request: Request, body: CompletionRequest | ChatCompletionRequest, chat: bool) -> Response:
-        t0 = time.perf_counter()
-        if config.max_inflight_requests is not None and inflight.value >= config.max_inflight_requests:
-            metrics.finished(None, 429)
-            raise GatewayError(429, "the gateway is at its in-flight request limit; retry later",
-                               retry_after=config.retry_after_s)
-        try:
-            plan = service.plan(body, chat)
-        except GatewayError as e:
-            metrics.finished(None, e.status)
-            raise
-        inflight.enter()
-        handed_off = False
-        try:
-            opened, result = await run_until_disconnect(_run(plan, t0), request.receive)
-            headers = {"x-nld-decoding-mode": opened.mode, "x-nld-mode-reason": plan.reason, "x-request-id": plan.id}
-            if result is not None:
-                metrics.finished(opened.mode, 200, time.perf_counter() - t0)
-                return JSONResponse(result, headers=headers)
-
-            async def on_close(disconnected: bool) -> None:
-                await service.close(opened)
-                inflight.exit()
-                status = 499 if disconnected else opened.status
-                metrics.finished(opened.mode, status, time.perf_counter() - t0)
-
-            handed_off = True
-            return SSEResponse(service.sse_events(plan, opened), on_close, headers)
-        except ClientGone:
-            metrics.finished(plan.mode, 499, time.perf_counter() - t0)
-            return Response(status_code=499)
-        except Exception as e:
-            if isinstance(e, TimeoutError):
-                err = GatewayError(504, f"no answer from the replicas within {config.request_timeout_s:g} s",
-                                   code="upstream_timeout")
-            elif isinstance(e, GatewayError):
-                err = e
-            else:
-                log.exception("completion %s failed", plan.id)  # traceback only: no request data
-                err = GatewayError(500, "internal gateway error")
-            metrics.finished(plan.mode, err.status, time.perf_counter() - t0)
-            # the mode was decided, though nothing ran in it
-            err.extra_headers.update({"x-nld-decoding-mode": plan.mode, "x-request-id": plan.id})
-            raise err from None
-        finally:
-            if not handed_off:
-                inflight.exit()
-
-    async def _run(plan: Plan, t0: float) -> tuple[Any, dict | None]:
-        """Open the upstream generations (and, not streaming, collect them) within the deadline."""
-        async with asyncio.timeout(config.request_timeout_s):
-            await service.check_context(plan)
-            opened = await service.open(plan)
-            metrics.first_token(opened.mode, time.perf_counter() - t0)
-            if plan.stream:
-                return opened, None
-            try:
-                return opened, await service.collect(plan, opened)
-            finally:
-                await service.close(opened)
-
     @app.post("/v1/completions", response_model=None, responses=_completion_doc(CompletionResponse),
               summary="Text completion (OpenAI); stream=true for SSE")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await complete(request, body, chat=False)
+        return await handler.handle(body, chat=False, receive=request.receive)
 
     @app.post("/v1/chat/completions", response_model=None, responses=_completion_doc(ChatCompletionResponse),
               summary="Chat completion (OpenAI); the replica applies the checkpoint's chat template")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await complete(request, body, chat=True)
+        return await handler.handle(body, chat=True, receive=request.receive)
 
     def card() -> dict:
         return {"id": config.model_name, "object": "model", "created": started, "owned_by": "nld-gateway"}

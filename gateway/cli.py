@@ -4,13 +4,13 @@ Contract: `main(argv, environ)` parses subcommands, reads the environment (`os.e
 `environ` is given) and hands it to the subcommand as a dict: `args.func(args, environ)`; no
 other function reads it. `serve` builds a `GatewayConfig` from flags (the API-key path falls
 back to `$NLD_API_KEY_FILE`; a key path turns auth on, `--no-auth` forces it off; see
-`auth_fields`, shared with `up`), loads the keys (`gateway.auth.load_api_keys`: a file with one
-key per line or a Kubernetes Secret mount directory), builds `HttpReplicaClient`, the mode
-policy and the app, and runs it (`gateway.listeners.serve`, uvicorn with the envelope
+`gateway.bootstrap.auth_fields`, shared with `up`), loads the keys (`gateway.auth.load_api_keys`:
+a file with one key per line or a Kubernetes Secret mount directory), builds the gateway with
+`gateway.bootstrap.build_gateway` (the mode policy from `policy_spec(args)`), and runs it (`gateway.listeners.serve`, uvicorn with the envelope
 HTTP protocol): `/metrics` on the API port, or only on `--metrics-port` when given; with a
 key path, the keys are re-read every `--key-reload-interval` seconds (`gateway.key_reload`),
 so a rotated Secret needs no restart. Configuration errors exit with status 2 and a one-line
-message that never contains a key (`config_error`). Other subcommands (`up`, `policy`) register
+message that never contains a key (`gateway.bootstrap.config_error`). Other subcommands (`up`, `policy`) register
 themselves in `build_parser`. Non-goals: starting replicas or Ray (that is `up`'s job).
 """
 
@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
-from pydantic import ValidationError
+from replicas.wire import MODES
 
+from .bootstrap import API_KEY_ENV, CONFIG_ERRORS, PolicySpec, auth_fields, build_gateway, config_error
 from .policy_cli import add_policy_parser
 from .up import add_up_parser
-
-API_KEY_ENV = "NLD_API_KEY_FILE"
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +43,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="host of the replicas' Ray metrics port: fills {metrics_host} in the policy's signal URLs")
     p.add_argument("--replica-metrics-port", type=int, default=8080,
                    help="the replicas' Ray metrics port: fills {metrics_port} in the policy's signal URLs")
-    p.add_argument("--mode", default="self_spec", choices=("ar", "diffusion", "self_spec"),
+    p.add_argument("--prometheus-url", default="http://127.0.0.1:9090",
+                   help="the Prometheus that scrapes the replicas: fills {prometheus_url} in the policy's signal URLs")
+    p.add_argument("--ray-selector", default="",
+                   help="PromQL label matcher of this stack's replica series, e.g. '{namespace=\"serving\"}': "
+                   "fills {ray_selector} in the policy's queries (default: every series)")
+    p.add_argument("--mode", default="self_spec", choices=MODES,
                    help="decoding mode of `auto` requests (fixed-mode policy, without --policy)")
     p.add_argument("--client-override", default="allow", choices=("allow", "deny", "clamp"),
                    help="whether explicit decoding_mode values are honoured")
@@ -71,31 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_policy(args: argparse.Namespace, metrics, ports=None):
-    """The mode policy: hot-reloadable from --policy, else fixed from --mode/--client-override.
-    A policy file's `{metrics_host}` / `{metrics_port}` come from `ports` (a `StackPorts`;
-    default: --replica-metrics-host / --replica-metrics-port)."""
-    from policies import FixedModePolicy, PolicyHolder, StackPorts
+def policy_spec(args: argparse.Namespace, ports=None) -> PolicySpec:
+    """The mode policy `serve` runs: the --policy file (hot-reloaded), else a fixed policy from
+    --mode/--client-override. A policy file's placeholders come from `ports` (a `StackPorts`;
+    default: --replica-metrics-host, --replica-metrics-port, --prometheus-url, --ray-selector)."""
+    from policies import StackPorts
 
     if getattr(args, "policy", None):
         if ports is None:
-            ports = StackPorts(metrics_host=args.replica_metrics_host, metrics_port=args.replica_metrics_port)
-        return PolicyHolder(args.policy, local_counters={"inflight": lambda: metrics.inflight.value},
-                            registry=metrics.registry, ports=ports)
-    return FixedModePolicy(mode=getattr(args, "mode", "self_spec"),
-                           client_override=getattr(args, "client_override", "allow"))
-
-
-def auth_fields(api_key_file: str | None, no_auth: bool, environ: dict[str, str]) -> dict:
-    """`GatewayConfig` fields for auth: keys from the flag, else from `$NLD_API_KEY_FILE`; none
-    (auth off) without either or with `no_auth`. Raises ValueError for a missing or empty key
-    path (the message names the path, never a key)."""
-    from .auth import load_api_keys
-
-    key_path = api_key_file or environ.get(API_KEY_ENV) or None
-    if not key_path or no_auth:
-        return {}
-    return {"api_keys": load_api_keys(key_path), "auth_enabled": True}
+            ports = StackPorts(metrics_host=args.replica_metrics_host, metrics_port=args.replica_metrics_port,
+                               prometheus_url=args.prometheus_url, ray_selector=args.ray_selector)
+        return PolicySpec(file=args.policy, ports=ports)
+    return PolicySpec(mode=getattr(args, "mode", "self_spec"), client_override=getattr(args, "client_override", "allow"))
 
 
 def serve_config(args: argparse.Namespace, environ: dict[str, str]):
@@ -113,49 +103,27 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str]):
 
 
 def cmd_serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    from .app import create_app
     from .auth import load_api_keys
     from .key_reload import KeyFileWatcher
     from .listeners import serve
-    from .metrics import GatewayMetrics, InflightCounter
-    from .replica_client import HttpReplicaClient
 
-    metrics = GatewayMetrics(InflightCounter())
     try:
         if args.key_reload_interval <= 0:
             raise ValueError("--key-reload-interval must be positive")
         config = serve_config(args, environ)
-        policy = build_policy(args, metrics)
+        gateway = build_gateway(config, policy_spec(args), metrics_route=args.metrics_port is None)
     except CONFIG_ERRORS as e:
         return config_error("serve", e)
-    client = HttpReplicaClient(config, on_retry=metrics.retries.inc)
-    app = create_app(config, client, policy, metrics=metrics, metrics_route=args.metrics_port is None)
     background = []
     key_path = args.api_key_file or environ.get(API_KEY_ENV)
     if config.auth_enabled and key_path:
-        watcher = KeyFileWatcher(app.state.auth, lambda: load_api_keys(key_path), args.key_reload_interval)
+        watcher = KeyFileWatcher(gateway.app.state.auth, lambda: load_api_keys(key_path), args.key_reload_interval)
         background.append(watcher.run)
     logging.getLogger("gateway").info("auth %s; replicas at %s", "on" if config.auth_enabled else "off",
                                       config.replica_url)
-    serve(app, args.host, args.port, metrics=metrics, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-          background=background, log_level=args.log_level)
+    serve(gateway.app, args.host, args.port, metrics=gateway.metrics, metrics_host=args.metrics_host,
+          metrics_port=args.metrics_port, background=background, log_level=args.log_level)
     return 0
-
-
-CONFIG_ERRORS = (ValidationError, ValueError, OSError)
-
-
-def config_error(command: str, e: Exception) -> int:
-    """Print the one-line configuration error of `nld-gateway <command>`; the exit status (2)."""
-    print(f"nld-gateway {command}: invalid configuration: {_first_line(e)}", file=sys.stderr)
-    return 2
-
-
-def _first_line(e: Exception) -> str:
-    if isinstance(e, ValidationError):  # never echo input values (they may be keys)
-        err = e.errors()[0]
-        return f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

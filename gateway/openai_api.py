@@ -21,11 +21,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from replicas.wire import REQUESTED_MODES
+
 # Integer bounds stay within 2**53 so that every JSON implementation (and JSON Schema validator)
 # compares them exactly.
 SEED_LIMIT = 2**53 - 1
 TOKEN_ID_MAX = 2**31 - 1
-DecodingMode = Literal["auto", "ar", "diffusion", "self_spec"]
+DecodingMode = Literal[REQUESTED_MODES]  # "auto" or a mode (replicas.wire: the one vocabulary)
 
 
 def _valid_unicode(v: str) -> str:

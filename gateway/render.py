@@ -10,19 +10,16 @@ adds NLD's `forward_passes` (summed over choices) and `tokens_per_forward` to Op
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from replicas.wire import GenerateChunk, tokens_per_forward
 
-from replicas.wire import GenerateChunk
-
-if TYPE_CHECKING:
-    from .service import Plan
+from .plan import Plan
 
 
 def _reason(c: GenerateChunk) -> str:
     return "length" if c.finish_reason == "length" else "stop"
 
 
-def usage(plan: "Plan", lasts: list[GenerateChunk | None]) -> dict:
+def usage(plan: Plan, lasts: list[GenerateChunk | None]) -> dict:
     prompt = completion = passes = 0
     algorithm = None
     for index, c in enumerate(lasts):
@@ -35,11 +32,11 @@ def usage(plan: "Plan", lasts: list[GenerateChunk | None]) -> dict:
         completion += u.completion_tokens
         passes += u.forward_passes
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "forward_passes": passes, "tokens_per_forward": round(completion / passes, 4) if passes else 0.0,
+            "forward_passes": passes, "tokens_per_forward": round(tokens_per_forward(completion, passes), 4),
             "self_spec_algorithm": algorithm}
 
 
-def completion_body(plan: "Plan", results: list[tuple[str, GenerateChunk]]) -> dict:
+def completion_body(plan: Plan, results: list[tuple[str, GenerateChunk]]) -> dict:
     """`results`: (full text, last chunk) per choice, in choice order."""
     choices = []
     for index, (text, last) in enumerate(results):
@@ -53,7 +50,7 @@ def completion_body(plan: "Plan", results: list[tuple[str, GenerateChunk]]) -> d
             "usage": usage(plan, [last for _, last in results])}
 
 
-def stream_chunk(plan: "Plan", base: dict, index: int, c: GenerateChunk, lasts: list, started: set) -> dict | None:
+def stream_chunk(plan: Plan, base: dict, index: int, c: GenerateChunk, lasts: list, started: set) -> dict | None:
     """The OpenAI chunk for upstream chunk `c` of choice `index` (None: nothing to send).
     Records `c` in `lasts` when it finishes its choice and the choice in `started`."""
     reason = None

@@ -27,7 +27,6 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from policies import ModePolicy, ModeRequest
 from replicas.wire import EngineSettings, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
@@ -36,6 +35,7 @@ from .config import GatewayConfig
 from .errors import GatewayError
 from . import render
 from .openai_api import ChatCompletionRequest, CompletionRequest
+from .plan import Opened, Plan
 from .replica_client import ReplicaClient, ReplicaError, ReplicaStream
 from .sse import DONE, event
 
@@ -50,33 +50,6 @@ API_PARAMS = {"prompt_ids": "prompt", "max_new_tokens": "max_tokens", "threshold
               "mode": "decoding_mode", "stop_token_ids": "stop"}
 # ... and in messages, where only unambiguous identifiers are rewritten
 _MESSAGE_TERMS = re.compile(r"\b(prompt_ids|max_new_tokens)\b")
-
-
-@dataclass
-class Plan:
-    """One completion request, decided: its mode and the upstream request of every choice."""
-    id: str
-    created: int
-    chat: bool
-    model: str
-    mode: str
-    reason: str
-    n: int
-    requests: list[GenerateRequest]
-    stream: bool
-    include_usage: bool
-    max_tokens_param: str = "max_tokens"  # the field the client set (for errors about it)
-
-
-@dataclass
-class Opened:
-    """Upstream streams of one request with their first chunks (already received)."""
-    streams: list[ReplicaStream]
-    firsts: list[GenerateChunk]
-    mode: str
-    closed: bool = False
-    status: int = 200  # what metrics record for a streamed request
-    done: list[bool] = field(default_factory=list)
 
 
 def api_param(param: str | None) -> str | None:
@@ -195,10 +168,7 @@ class CompletionService:
     def engine_settings(self) -> EngineSettings | None:
         """The policy's engine settings, carried by every request so every replica follows them
         (validated once per distinct value, not per request)."""
-        read = getattr(self.policy, "engine_settings", None)
-        if read is None:
-            return None
-        raw = read()  # None until the policy has evaluated fresh signals once (it has no view yet)
+        raw = self.policy.engine_settings()  # None until the policy has evaluated fresh signals once (it has no view yet)
         if raw != self._settings_raw:
             self._settings_raw, self._settings = raw, None if raw is None else EngineSettings.model_validate(raw)
         return self._settings

@@ -116,7 +116,7 @@ def run_until_signal(server, on_started=lambda: None) -> None:
 
 def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str]):
     """The gateway's `GatewayConfig` for `up` (keys from the flag or the environment, as `serve`)."""
-    from .cli import auth_fields
+    from .bootstrap import auth_fields
     from .config import GatewayConfig
 
     fields = {"replica_url": f"http://{REPLICA_HOST}:{args.replica_port}", "model_name": model_name}
@@ -124,36 +124,44 @@ def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str]
     return GatewayConfig(**fields)
 
 
+def up_policy(args: argparse.Namespace):
+    """(`PolicySpec`, Serve `autoscaling_config` or None) for `up`: the --policy file, whose signals
+    read this stack's Ray metrics port, and its `autoscaling` block; else a fixed self_spec policy.
+    Raises `PolicyFileError` for a bad file."""
+    from policies import StackPorts, load_policy_file
+
+    from .bootstrap import PolicySpec
+
+    if not args.policy:
+        return PolicySpec(), None
+    autoscaling = load_policy_file(args.policy).serve_autoscaling_config()
+    return PolicySpec(file=args.policy, ports=StackPorts(metrics_host=REPLICA_HOST, metrics_port=args.metrics_port)), \
+        autoscaling
+
+
 def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
     import uvicorn
 
-    from .app import create_app
-    from .cli import CONFIG_ERRORS, build_policy, config_error
+    from .bootstrap import CONFIG_ERRORS, build_gateway, config_error
     from .http_protocol import HTTP_PROTOCOL
-    from .metrics import GatewayMetrics, InflightCounter
-    from .replica_client import HttpReplicaClient
-    from policies import StackPorts
 
     model = Path(args.model)
     if not (model / "config.json").is_file():
         print(f"nld-gateway up: no NLD checkpoint at {model} (config.json missing)", file=sys.stderr)
         return 2
     model_name = args.model_name or model.name
-    metrics = GatewayMetrics(InflightCounter())
     try:
         config = up_config(args, model_name, environ)
-        # the policy's signals read this stack's Ray metrics port
-        policy = build_policy(args, metrics, StackPorts(metrics_host=REPLICA_HOST, metrics_port=args.metrics_port))
+        spec, autoscaling = up_policy(args)
+        gateway = build_gateway(config, spec)  # checks the policy file before anything starts
     except CONFIG_ERRORS as e:
         return config_error("up", e)
     print(f"starting the replicas on {model} (Ray, then the weights) ...", flush=True)
-    spec = getattr(getattr(policy, "current", None), "spec", None)
-    proc = start_replicas(args, model_name, spec.serve_autoscaling_config() if spec is not None else None)
+    proc = start_replicas(args, model_name, autoscaling)
     try:
         if not wait_ready(proc):
             print("nld-gateway up: the replicas exited before they were ready", file=sys.stderr)
             return 1
-        app = create_app(config, HttpReplicaClient(config, on_retry=metrics.retries.inc), policy, metrics=metrics)
         url = f"http://{args.host}:{args.port}"
 
         def banner() -> None:
@@ -162,7 +170,7 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
                   f"    -d '{{\"model\": \"{model_name}\", \"messages\": [{{\"role\": \"user\", \"content\": "
                   f"\"def fib(n):\"}}], \"max_tokens\": 64, \"decoding_mode\": \"self_spec\"}}'\n", flush=True)
 
-        run_until_signal(uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, http=HTTP_PROTOCOL,
+        run_until_signal(uvicorn.Server(uvicorn.Config(gateway.app, host=args.host, port=args.port, http=HTTP_PROTOCOL,
                                                        log_level=args.log_level, access_log=False)), banner)
     finally:
         print("stopping the replicas ...", flush=True)

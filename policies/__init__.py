@@ -6,13 +6,13 @@
 """
 
 from .adaptive import AdaptiveModePolicy, PolicyMetrics
-from .base import ModeDecision, ModePolicy, ModeRequest
+from .base import ModeDecision, ModePolicy, ModePolicyBase, ModeRequest
 from .build import PRESETS, PolicyHolder, build_policy
 from .fixed import FixedModePolicy
 from .schema import PolicyFile, PolicyFileError, StackPorts, load_policy_file, parse_policy
 
 __all__ = [
-    "ModePolicy", "ModeRequest", "ModeDecision", "FixedModePolicy", "AdaptiveModePolicy", "PolicyMetrics",
+    "ModePolicy", "ModePolicyBase", "ModeRequest", "ModeDecision", "FixedModePolicy", "AdaptiveModePolicy", "PolicyMetrics",
     "PolicyFile", "PolicyFileError", "PolicyHolder", "build_policy", "load_policy_file", "parse_policy", "PRESETS",
     "StackPorts",
 ]

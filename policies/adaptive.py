@@ -28,7 +28,7 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from .base import MODES, ModeDecision, ModeRequest
+from .base import MODES, ModeDecision, ModePolicyBase, ModeRequest
 from .expr import compile_expression
 from .goodput import GoodputChooser
 from .schema import PolicyFile
@@ -62,7 +62,7 @@ class PolicyMetrics:
                                "of each mode at the load decided on", ["mode"], registry=registry)
 
 
-class AdaptiveModePolicy:
+class AdaptiveModePolicy(ModePolicyBase):
     def __init__(self, spec: PolicyFile, board: SignalBoard, *, metrics: PolicyMetrics | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  eval_interval_s: float = 0.1) -> None:

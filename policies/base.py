@@ -2,8 +2,14 @@
 
 Contract: `ModePolicy.decide(ModeRequest) -> ModeDecision` is synchronous, cheap (called on
 every request, on the event loop) and never raises for a valid request; `snapshot()` returns
-the JSON that `GET /v1/nld/policy` serves. Policies read their signals in the background;
-`decide` only reads the current state. Non-goals: talking to replicas.
+the JSON that `GET /v1/nld/policy` serves; `engine_settings()` is the `replicas.wire.EngineSettings`
+dict the replicas should apply now (None: nothing to impose); `start()` (on the gateway's event
+loop) / `await stop()` begin and end background work (signal polling); `reload(force)` re-reads
+a policy file when it changed and says whether the policy was swapped. Every method is part of
+the protocol, so callers never probe with `hasattr`; `ModePolicyBase` gives the optional ones as
+no-ops (no settings, nothing to start, stop or reload), and every policy subclasses it.
+Policies read their signals in the background; `decide` only reads the current state.
+Non-goals: talking to replicas.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-MODES = ("ar", "diffusion", "self_spec")
-SPEC_ALGORITHMS = ("linear", "quadratic")
-REQUESTED = ("auto",) + MODES
+from replicas.wire import MODES, REQUESTED_MODES, SPEC_ALGORITHMS  # the one vocabulary (torch-free)
+
+__all__ = ["MODES", "REQUESTED_MODES", "SPEC_ALGORITHMS", "ModeRequest", "ModeDecision", "ModePolicy",
+           "ModePolicyBase"]
 
 
 @dataclass(frozen=True)
@@ -34,3 +41,33 @@ class ModePolicy(Protocol):
     def decide(self, request: ModeRequest) -> ModeDecision: ...
 
     def snapshot(self) -> dict: ...
+
+    def engine_settings(self) -> dict | None: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def reload(self, force: bool = False) -> bool: ...
+
+
+class ModePolicyBase:
+    """The protocol's optional methods as no-ops; subclasses implement `decide` and `snapshot`."""
+
+    def decide(self, request: ModeRequest) -> ModeDecision:
+        raise NotImplementedError
+
+    def snapshot(self) -> dict:
+        raise NotImplementedError
+
+    def engine_settings(self) -> dict | None:
+        return None  # no engine settings to impose
+
+    def start(self) -> None:
+        return None  # no background work
+
+    async def stop(self) -> None:
+        return None
+
+    def reload(self, force: bool = False) -> bool:
+        return False  # nothing to re-read

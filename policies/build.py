@@ -2,7 +2,7 @@
 
 Contract: `build_policy(spec, *, local_counters, metrics, http, ports)` returns an
 `AdaptiveModePolicy` whose signal URLs are filled in from `ports` (`StackPorts`) and whose
-signal sources come from the `SOURCES` registry (scrape sources of one policy share their page
+signal sources come from the `SOURCES` registry (`policies.sources`) (scrape sources of one policy share their page
 fetches: `PageFetcher`); `PolicyHolder`
 is the `ModePolicy` the gateway holds: it delegates to the current policy and swaps in a new
 one on `reload(path)` (the new policy adopts the old one's mode and dwell clock), keeping the
@@ -21,9 +21,10 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from .adaptive import AdaptiveModePolicy, PolicyMetrics
-from .base import ModeDecision, ModeRequest
+from .base import ModeDecision, ModePolicyBase, ModeRequest
 from .schema import PolicyFile, PolicyFileError, StackPorts, load_policy_file
-from .signals import SOURCES, PageFetcher, SignalBoard
+from .signals import PageFetcher, SignalBoard
+from .sources import SOURCES
 
 log = logging.getLogger("policies")
 PRESETS = Path(__file__).parent / "presets"
@@ -41,7 +42,7 @@ def build_policy(spec: PolicyFile, *, local_counters: dict[str, Callable[[], flo
     return AdaptiveModePolicy(spec, SignalBoard(sources, clock=clock), metrics=metrics, clock=clock, **policy_kw)
 
 
-class PolicyHolder:
+class PolicyHolder(ModePolicyBase):
     """The gateway's policy: hot-reloadable, one registry and HTTP client for its lifetime."""
 
     def __init__(self, path: str | Path, *, local_counters: dict[str, Callable[[], float]],
@@ -73,7 +74,7 @@ class PolicyHolder:
         snap.update(file=str(self.path), reload_error=self.last_error)
         return snap
 
-    def engine_settings(self) -> dict:
+    def engine_settings(self) -> dict | None:
         return self.current.engine_settings()
 
     def reload(self, force: bool = False) -> bool:

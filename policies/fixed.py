@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .base import MODES, SPEC_ALGORITHMS, ModeDecision, ModeRequest
+from .base import MODES, SPEC_ALGORITHMS, ModeDecision, ModePolicyBase, ModeRequest
 
 
 @dataclass
-class FixedModePolicy:
+class FixedModePolicy(ModePolicyBase):
     mode: str = "self_spec"
     client_override: str = "allow"  # allow | deny | clamp
     allowed_modes: tuple[str, ...] = field(default=MODES)  # used by "clamp"

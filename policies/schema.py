@@ -5,8 +5,10 @@ threshold order, names used by the expression, placeholders in signal URLs) and 
 `ValidationError` with the field path; `load_policy_file(path)` reads YAML and raises
 `PolicyFileError` whose message lists each problem as `path.to.field: reason`. Signal URLs may
 name the stack's ports as placeholders (`{metrics_host}`, `{metrics_port}`: where the replicas'
-Ray metrics listen); `PolicyFile.resolved(StackPorts)` fills them in (the entry point that
-started the stack knows them). Non-goals: running anything (see `build`).
+Ray metrics listen; `{prometheus_url}`: the Prometheus that scrapes them), and a PromQL `query`
+may name `{ray_selector}` (the label matcher of this stack's series, e.g. the Helm release's);
+`PolicyFile.resolved(StackPorts)` fills them in (the entry point that started the stack knows
+them). Non-goals: running anything (see `build`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from replicas.wire import Mode as ModeName, SpecAlgorithm  # the one vocabulary (torch-free)
+
 from .expr import compile_expression
 
-ModeName = Literal["ar", "diffusion", "self_spec"]
-SpecAlgorithm = Literal["linear", "quadratic"]
 
 
 class _Strict(BaseModel):
@@ -31,15 +33,24 @@ class _Strict(BaseModel):
 
 @dataclass(frozen=True)
 class StackPorts:
-    """Where this stack's services listen, for the placeholders of signal URLs. Built by the
-    entry point (`nld-gateway up`: 127.0.0.1 and its --metrics-port; `serve`: --replica-metrics-host and
-    --replica-metrics-port); the defaults are those of `nld-gateway up` without flags."""
+    """Where this stack's services listen (and which series are its own), for the placeholders
+    of signal URLs and queries. Built by the entry point (`nld-gateway up`: 127.0.0.1 and its
+    --metrics-port; `serve`: --replica-metrics-host, --replica-metrics-port, --prometheus-url and
+    --ray-selector); the defaults are those of `nld-gateway up` without flags."""
 
     metrics_host: str = "127.0.0.1"  # {metrics_host}: the replicas' Ray metrics port's host
     metrics_port: int = 8080  # {metrics_port}: the replicas' Ray metrics port
+    prometheus_url: str = "http://127.0.0.1:9090"  # {prometheus_url}: the Prometheus scraping the replicas
+    # {ray_selector} in PromQL queries: the label matcher of this stack's replica series (the chart:
+    # `{namespace="<ns>",app_kubernetes_io_instance="<release>"}`); empty: every series
+    ray_selector: str = ""
 
     def fill(self, url: str) -> str:
         return _PLACEHOLDER.sub(lambda m: str(getattr(self, m.group(1))), url)
+
+    def fill_query(self, query: str) -> str:
+        """A PromQL query with `{ray_selector}` filled in (other braces are PromQL's own)."""
+        return query.replace("{ray_selector}", self.ray_selector)
 
 
 PLACEHOLDERS = tuple(f.name for f in fields(StackPorts))
@@ -256,13 +267,13 @@ class PolicyFile(_Strict):
         return self.autoscaling.model_dump()
 
     def resolved(self, ports: StackPorts) -> "PolicyFile":
-        """This policy with the placeholders of its signal URLs filled in from `ports`."""
+        """This policy with the placeholders of its signal URLs and queries filled in from `ports`."""
         signals = []
         for s in self.signals:
             if isinstance(s, (ScrapeSignal, GoodputSignal)):
                 s = s.model_copy(update={"urls": [ports.fill(u) for u in s.urls]})
             elif isinstance(s, PrometheusSignal):
-                s = s.model_copy(update={"url": ports.fill(s.url)})
+                s = s.model_copy(update={"url": ports.fill(s.url), "query": ports.fill_query(s.query)})
             signals.append(s)
         return self.model_copy(update={"signals": signals})
 

@@ -1,7 +1,7 @@
 """Signal sources behind one interface, chosen by name in YAML, and the board that polls them.
 
 Contract: a source has `name`, `interval_s` (None: read on demand) and `stale_after_s` (None:
-never stale) and `async read() -> float` (raises on failure). `SOURCES` maps YAML `source:`
+never stale) and `async read() -> float` (raises on failure). `policies.sources.SOURCES` maps YAML `source:`
 names to builders. `SignalBoard` polls every polled source on its interval in asyncio tasks,
 keeps the last good value with its time, and answers `read(now)` with values and the set of
 stale names. Sources: `prometheus` (PromQL instant query; the vector's values are summed; an
@@ -157,20 +157,6 @@ class LocalSource:
 
     def read_now(self) -> float:
         return float(self.counter())
-
-
-SOURCES = {  # (spec, the policy's PageFetcher, local counters) -> source
-    "prometheus": lambda spec, pages, local: PrometheusSource(spec, pages.http),
-    "scrape": lambda spec, pages, local: ScrapeSource(spec, pages),
-    "local": lambda spec, pages, local: LocalSource(spec, local[spec.counter]),
-    "goodput": lambda spec, pages, local: _goodput_source(spec, pages),
-}
-
-
-def _goodput_source(spec, pages: PageFetcher):
-    from .cost_view import GoodputSource  # noqa: PLC0415 - cost_view imports this module
-
-    return GoodputSource(spec, pages)
 
 
 @dataclass

@@ -154,7 +154,7 @@ class NLDReplica:
         try:
             settings = EngineSettings.model_validate_json(await request.body())
         except ValidationError as e:
-            return validation_error(e)
+            return invalid_body(e)
         moved = await self.apply_settings(settings)
         tiers = [vars(t) for t in self.engine.config.draft_tiers]
         return JSONResponse({"draft_tiers": tiers, "moved": moved, "downgraded": self.downgraded,
@@ -207,7 +207,7 @@ class NLDReplica:
         try:
             req = GenerateRequest.model_validate_json(await request.body())
         except ValidationError as e:
-            return validation_error(e)
+            return invalid_body(e)
         if req.engine is not None:
             await self.apply_settings(req.engine)
         try:
@@ -220,7 +220,8 @@ class NLDReplica:
         return Response(result.model_dump_json(exclude_none=True), media_type="application/json")
 
 
-def validation_error(e: ValidationError) -> JSONResponse:
+def invalid_body(e: ValidationError) -> JSONResponse:
+    """400 for a request body that does not validate (its first error; `param` is its location)."""
     first = e.errors()[0]
     loc = ".".join(str(x) for x in first.get("loc", ())) or None
     return error(400, f"{loc}: {first.get('msg')}" if loc else str(first.get("msg")), "invalid_request_error", loc)

@@ -27,7 +27,7 @@ from typing import AsyncIterator
 
 from .engine import DecodeParams, EngineError, EngineOverloaded
 from .text import ChatTemplateError, Detokenizer, TextCodec
-from .wire import ErrorInfo, GenerateChunk, GenerateRequest, Usage
+from .wire import ErrorInfo, GenerateChunk, GenerateRequest, Usage, tokens_per_forward
 
 WIRE_TO_FIELD = {"max_new_tokens": "max_tokens"}  # engine field names that differ on the wire
 
@@ -170,7 +170,7 @@ class Generations:
         passes = chunk.forward_passes
         n = len(tokens)
         usage = Usage(prompt_tokens=s.prompt_tokens, completion_tokens=n, forward_passes=passes,
-                      tokens_per_forward=n / max(passes, 1))
+                      tokens_per_forward=tokens_per_forward(n, passes))
         stats = chunk.stats or {}
         accepted = stats.get("accepted_lengths", [])
         mode = chunk.mode or s.req.mode

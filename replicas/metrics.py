@@ -43,11 +43,12 @@ from typing import Callable
 
 from ray.serve import metrics as ray_metrics
 
+from .wire import RUNNING_KINDS
+
 TPF_BUCKETS = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]
 ACCEPT_BUCKETS = [0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 31.5]
 TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
-MODES = ("ar", "diffusion", "self_spec", "prefill")
 
 
 class ReplicaMetrics:
@@ -85,7 +86,7 @@ class ReplicaMetrics:
         return dict(self._tags, **extra)
 
     def sync(self, stats: dict) -> None:
-        for mode in MODES:
+        for mode in RUNNING_KINDS:
             self.running.set(stats["running_by_mode"].get(mode, 0), tags=self._t(mode=mode))
         self.waiting.set(stats["waiting"], tags=self._t())
         self.num_running.set(stats["running"], tags=self._t())

@@ -21,17 +21,35 @@ whenever they differ from its own (idempotent) and are not older (`since`) than 
 applied last.
 
 Closing the HTTP response aborts the request in the engine (its KV slot is freed).
+
+It is also the project's one vocabulary: `MODES` (the decoding modes, `Mode`), `REQUESTED_MODES`
+(what a client may ask for: `auto` or a mode), `SPEC_ALGORITHMS`, `FinishReason` /
+`FINISH_REASONS`, `RUNNING_KINDS` (prefill and the modes, as the engine's stats count running
+requests) and `tokens_per_forward()`. The engine, the replicas, the policies and the
+gateway all take them from here; this module imports nothing of the project (a leaf: any layer
+may import it, torch-free and ray-free).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 Mode = Literal["ar", "diffusion", "self_spec"]
+MODES: tuple[str, ...] = get_args(Mode)  # every decoding mode, in this order
+REQUESTED_MODES: tuple[str, ...] = ("auto",) + MODES  # what a client may ask for
 SpecAlgorithm = Literal["linear", "quadratic"]  # self_spec: two forwards per cycle, or one
+SPEC_ALGORITHMS: tuple[str, ...] = get_args(SpecAlgorithm)
 FinishReason = Literal["stop", "length", "abort", "error"]
+FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
+# what the engine counts in `running_by_mode`: requests still in prefill, then each mode
+RUNNING_KINDS: tuple[str, ...] = ("prefill",) + MODES
+
+
+def tokens_per_forward(tokens: int, forward_passes: int) -> float:
+    """Generated tokens per forward pass a request took part in (0 passes counts as 1)."""
+    return tokens / max(forward_passes, 1)
 
 
 class ChatMessage(BaseModel):

@@ -13,6 +13,7 @@ from importlib import import_module
 _WHERE = {
     "Engine": "engine",
     "BatchEngine": "batch_engine",
+    "load_batch_engine": "engine",
     "AsyncEngine": "async_engine",
     "EngineProcess": "process",
     "EngineSpec": "process",

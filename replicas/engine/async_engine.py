@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from .batch_engine import BatchEngine
+from .engine import load_batch_engine
 from .engine_config import EngineConfig
 from .errors import EngineError
 from .outputs import StreamingFrontend
@@ -39,7 +40,7 @@ class AsyncEngine(StreamingFrontend):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **load_kw) -> "AsyncEngine":
-        return cls(BatchEngine.from_pretrained(path, config, **load_kw))
+        return cls(load_batch_engine(path, config, **load_kw))
 
     @property
     def config(self) -> EngineConfig:

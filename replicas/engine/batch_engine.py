@@ -5,7 +5,7 @@ Contract: `submit` validates a request (ValueError naming the field) and queues 
 (EngineOverloaded when the queue is full); `abort`, `set_mode`, `update_draft_tiers` and
 `downgrade_self_spec` may be called from any thread and take effect at the start of the next
 step. `step()` = apply control (aborts, switches), prepare the running rows (switches and draft
-tiers at cycle boundaries), schedule (a `Plan` under the token budget, with KV blocks reserved),
+tiers at cycle boundaries), schedule (a `StepPlan` under the token budget, with KV blocks reserved),
 run the plan through the runner as one forward, advance every row; it returns a `StreamChunk`
 per request that made tokens final or finished. One error boundary surrounds the whole step:
 a request whose own prepare or advance raises ends alone, a failure anywhere else (scheduling,
@@ -20,23 +20,25 @@ import itertools
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .block_manager import BlockManager
 from .capacity import num_kv_blocks
 from .cost_model import CostModel
-from .engine import Engine
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .outputs import StreamChunk
-from .params import MODES, DecodeParams
+from .params import MODES, DecodeParams, tokens_per_forward
 from .running import Running
-from .scheduler import Plan, Scheduler
+from .scheduler import Scheduler, StepPlan
 from .stats import EngineStats, engine_snapshot
+
+if TYPE_CHECKING:  # the engine module builds batch engines (`load_batch_engine`), so no import back
+    from .engine import Engine
 
 
 class BatchEngine:
-    def __init__(self, engine: Engine, config: EngineConfig) -> None:
+    def __init__(self, engine: "Engine", config: EngineConfig) -> None:
         self.engine = engine
         self.config = config
         cfg = engine.config
@@ -64,19 +66,11 @@ class BatchEngine:
                                    watermark=self.config.kv_watermark)
         self.scheduler = Scheduler(self.config, self.blocks)
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, config: EngineConfig | None = None, **load_kw) -> "BatchEngine":
-        config = config or EngineConfig()
-        load_kw.setdefault("cuda_graphs", config.cuda_graphs)
-        engine = Engine.from_pretrained(path, device=config.device, dtype=config.dtype,
-                                        max_block_length=config.max_block_length, **load_kw)
-        return cls(engine, config)
-
     # ---- thread-safe control -------------------------------------------------------------
     def submit(self, prompt_ids, params: DecodeParams | None = None, request_id: str | None = None) -> str:
         params = self.engine.check_request(list(prompt_ids), params or DecodeParams(), self.config)
-        need = Engine.positions_needed(len(prompt_ids), params.max_new_tokens, params)
-        ahead = (f"one quadratic self-spec cycle ({Engine.lookahead(params)} columns)"
+        need = self.engine.positions_needed(len(prompt_ids), params.max_new_tokens, params)
+        ahead = (f"one quadratic self-spec cycle ({self.engine.lookahead(params)} columns)"
                  if params.spec_algorithm == "quadratic" else f"one block ({params.block_length})")
         if need > self.config.max_seq_len:
             raise ValueError(
@@ -162,7 +156,7 @@ class BatchEngine:
             self._unmeasured = None
             self._charge(shape, realized, t0 - start)
         out: list[StreamChunk] = []
-        plan: Plan | None = None
+        plan: StepPlan | None = None
         ok = False
         try:
             with self._lock:
@@ -194,7 +188,7 @@ class BatchEngine:
         modes = {r.mode_name for r in running if not r.prefilling}
         return (modes.pop(), len(running)) if len(modes) == 1 else None
 
-    def _measure(self, plan: Plan, t0: float, realized: tuple | None) -> None:
+    def _measure(self, plan: StepPlan, t0: float, realized: tuple | None) -> None:
         """Feed the cost model. A step followed at once by the next one (the loop stays busy) is
         charged the time from its start to the next step's start, so what the loop does between
         steps (sending the step's chunks, stats, control) counts; the last step before the loop
@@ -233,7 +227,7 @@ class BatchEngine:
             except Exception as e:
                 out.extend(self._fail([row], e))
 
-    def _advance(self, plan: Plan, logits, out: list[StreamChunk]) -> int:
+    def _advance(self, plan: StepPlan, logits, out: list[StreamChunk]) -> int:
         """Each row consumes its logits; returns the tokens the step made."""
         self.stats.forward_passes += 1
         made = 0
@@ -262,7 +256,7 @@ class BatchEngine:
                 with self._lock:
                     self.scheduler.remove(seq.request_id)
                 self.stats.finished_requests += 1
-                self.stats.tokens_per_forward.observe(len(seq.output) / max(seq.forward_passes, 1))
+                self.stats.tokens_per_forward.observe(tokens_per_forward(len(seq.output), seq.forward_passes))
                 out.append(StreamChunk(seq.request_id, new, finish_reason=seq.finish_reason,
                                        stats=request_stats(seq), forward_passes=seq.forward_passes,
                                        mode=seq.params.mode))
@@ -290,7 +284,7 @@ def request_stats(seq) -> dict:
         "prompt_tokens": len(seq.prompt_ids),
         "completion_tokens": len(seq.output),
         "forward_passes": seq.forward_passes,
-        "tokens_per_forward": len(seq.output) / max(seq.forward_passes, 1),
+        "tokens_per_forward": tokens_per_forward(len(seq.output), seq.forward_passes),
         # the self-spec algorithm that ran (None when no self-spec cycle ran)
         "spec_algorithm": seq.params.spec_algorithm if seq.params.mode == "self_spec" or seq.draft_blocks else None,
         "accepted_lengths": list(seq.accepted_lengths),

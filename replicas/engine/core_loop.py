@@ -21,6 +21,7 @@ import traceback
 from multiprocessing.connection import Connection
 
 from .batch_engine import BatchEngine
+from .engine import load_batch_engine
 from .errors import EngineOverloaded
 from .outputs import pack
 
@@ -31,7 +32,7 @@ def run_core(conn: Connection, spec) -> None:
             import torch
 
             torch.set_num_threads(spec.torch_threads)
-        core = BatchEngine.from_pretrained(spec.model_path, spec.config, lora=spec.lora)
+        core = load_batch_engine(spec.model_path, spec.config, lora=spec.lora)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return

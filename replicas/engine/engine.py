@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .batch_engine import BatchEngine
 from .config import ModelConfig
 from .engine_config import EngineConfig
 from .graph_runner import CudaGraphRunner
@@ -146,8 +147,6 @@ class Engine:
     def _core_for(self, max_len: int):
         """A one-sequence `BatchEngine` of at least `max_len` columns: the last one when it is big
         enough (its graphs stay captured, its prefix cache warm), else a new one."""
-        from .batch_engine import BatchEngine  # the batch engine is built on this class
-
         old = self._core
         stale = old is None or self._core_made_by is not self.runner_cls or old.has_work()  # has_work: interrupted
         if stale or old.config.max_seq_len < max_len:
@@ -188,3 +187,13 @@ class Engine:
             denoise_passes=st["denoise_passes"],
             seconds=time.perf_counter() - t0,
         )
+
+
+def load_batch_engine(path: str | Path, config: EngineConfig | None = None, **load_kw) -> BatchEngine:
+    """Load `path` (`Engine.from_pretrained`, `load_kw` passed on) and wrap it in a `BatchEngine`
+    with `config`: its device, dtype, block limit and CUDA graphs are the config's."""
+    config = config or EngineConfig()
+    load_kw.setdefault("cuda_graphs", config.cuda_graphs)
+    engine = Engine.from_pretrained(path, device=config.device, dtype=config.dtype,
+                                    max_block_length=config.max_block_length, **load_kw)
+    return BatchEngine(engine, config)

@@ -33,7 +33,7 @@ Wake = Literal["each", "final"]
 class StreamChunk:
     request_id: str
     token_ids: list[int]  # tokens this step made final
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last chunk
+    finish_reason: str | None = None  # a replicas.wire.FinishReason, on the last chunk
     stats: dict | None = field(default=None)  # on the last chunk: the request's own numbers
     error: str | None = None
     forward_passes: int = 0  # forward passes the request has taken part in so far

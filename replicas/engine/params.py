@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-MODES = ("ar", "diffusion", "self_spec")
-SPEC_ALGORITHMS = ("linear", "quadratic")  # self_spec: two forwards per cycle, or one (NLD.md)
+# the one vocabulary (a torch-free leaf module); self_spec algorithms: two forwards per cycle, or one (NLD.md)
+from replicas.wire import MODES, SPEC_ALGORITHMS, tokens_per_forward
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class DecodeParams:
 @dataclass
 class GenerationOutput:
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # a replicas.wire.FinishReason: "stop" | "length"
     forward_passes: int  # forward passes after prefill (NFE)
     mode: str
     prompt_tokens: int
@@ -71,4 +71,4 @@ class GenerationOutput:
 
     @property
     def tokens_per_forward(self) -> float:
-        return len(self.token_ids) / max(self.forward_passes, 1)
+        return tokens_per_forward(len(self.token_ids), self.forward_passes)

@@ -3,7 +3,7 @@ step runs, under a token budget.
 
 Contract: `Scheduler` owns the waiting queue (bounded by `max_waiting`; `add` raises
 `EngineOverloaded` past it), the running set (one slot, a row of the block tables, each) and the
-free slots, and takes blocks from the `BlockManager`. `schedule()` returns a `Plan` for one step
+free slots, and takes blocks from the `BlockManager`. `schedule()` returns a `StepPlan` for one step
 of at most `max_num_batched_tokens` tokens:
 1. every running row's pass (AR token, self-spec draft or verify, diffusion canvas or commit),
    so a running request advances on every step, whatever arrives;
@@ -52,7 +52,7 @@ class Row(Protocol):
 
 
 @dataclass
-class Plan:
+class StepPlan:
     """One step: `rows[i]` runs `passes[i]`."""
 
     rows: list[Row] = field(default_factory=list)
@@ -106,8 +106,8 @@ class Scheduler:
                 return row
         return None
 
-    def schedule(self) -> Plan:
-        plan = Plan()
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
         budget = self.config.max_num_batched_tokens
         order = sorted(self.running.values(), key=lambda r: r.seq.arrival)
         for row in order:
@@ -141,7 +141,7 @@ class Scheduler:
         self.running[row.request_id] = row
         return True
 
-    def _plan(self, plan: Plan, row: Row, p: ForwardPass) -> None:
+    def _plan(self, plan: StepPlan, row: Row, p: ForwardPass) -> None:
         """Reserve the pass's blocks, preempting the newest requests while the pool is dry."""
         while not self.blocks.reserve(row.seq.kv, p.start + len(p.tokens)):
             victim = max(self.running.values(), key=lambda r: r.seq.arrival)
@@ -150,7 +150,7 @@ class Scheduler:
                 return
         plan.add(row, p)
 
-    def preempt(self, row: Row, plan: Plan) -> None:
+    def preempt(self, row: Row, plan: StepPlan) -> None:
         plan.drop(row)
         plan.preempted.append(row.request_id)
         self.preemptions += 1

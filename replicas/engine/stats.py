@@ -13,6 +13,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
+from replicas.wire import RUNNING_KINDS
+
 
 @dataclass
 class Histogram:
@@ -59,7 +61,7 @@ def engine_snapshot(core) -> dict:
     """The stats dict of a `BatchEngine` (called under its lock)."""
     sched, blocks, cache, s = core.scheduler, core.blocks, core.cache, core.stats
     running = list(sched.running.values())
-    by_mode = {m: 0 for m in ("prefill", "ar", "diffusion", "self_spec")}
+    by_mode = {m: 0 for m in RUNNING_KINDS}
     for r in running:
         by_mode["prefill" if r.prefilling else r.mode_name] += 1
     alloc = blocks.allocator

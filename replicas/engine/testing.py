@@ -1,4 +1,8 @@
-"""Tiny checkpoints in the real NLD format, for tests, demos and benchmarks.
+"""Tiny checkpoints in the real NLD format, for tests, benchmarks and training.
+
+A `testing` module inside the package because users need it, not only tests: `make bench`
+writes its random-weights bench model with it, `training/` builds the tiny model's config and
+tokenizer with it, and `benchmarks/gpu_check.py` builds random configs on a GPU host.
 
 Contract: `write_random_checkpoint(out_dir, ...)` writes `config.json` (yarn `rope_parameters`
 as the 8B has them), `model.safetensors` with the NLD tensor names (or shards plus

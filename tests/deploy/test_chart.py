@@ -176,33 +176,68 @@ def _policy_text(objs) -> str:
 
 
 RAY_SELECTOR = f'{{namespace="{C.NAMESPACE}",app_kubernetes_io_instance="{C.RELEASE}"}}'
-SELECTOR_TEMPLATE = '{{ include "nld.raySelector" . }}'
+PRESETS = C.REPO_ROOT / "policies" / "presets"
+CHART_PRESETS = C.CHART_DIR / "files" / "policies"
 
 
-def test_policy_configmap_renders_the_policy_values(scenario):
-    """The policy file is `policy` from the values, less `autoscaling` (Serve's, in the
-    RayService), with Prometheus urls defaulted and queries rendered (the release's selector)."""
+def _gateway_args(objs):
+    from gateway.cli import build_parser
+
+    pod = C.one(objs, "Deployment")["spec"]["template"]["spec"]
+    return build_parser().parse_args(_container(pod, "gateway")["args"])
+
+
+def test_the_charts_presets_are_the_repositorys_byte_for_byte():
+    """Helm reads files inside the chart only: its copy of policies/presets/ must not drift."""
+    ours = {p.name: p.read_bytes() for p in sorted(CHART_PRESETS.glob("*.yaml"))}
+    theirs = {p.name: p.read_bytes() for p in sorted(PRESETS.glob("*.yaml"))}
+    assert ours.keys() == theirs.keys() and "cluster.yaml" in ours
+    assert ours == theirs, "copy policies/presets/*.yaml to deploy/helm/nld-gateway/files/policies/"
+    schema = json.loads((C.CHART_DIR / "values.schema.json").read_text())
+    assert sorted(schema["properties"]["policy"]["properties"]["preset"]["enum"]) == sorted(
+        p.removesuffix(".yaml") for p in theirs)
+
+
+def test_policy_configmap_is_the_preset_file_as_is(scenario):
+    """The policy file is the chosen preset, byte for byte (never templated); Serve's autoscaling
+    is `policy.autoscaling` from the values, in the RayService."""
     _, objs = C.render_scenario(scenario)
     values = C.merged_values(scenario)
-    policy = yaml.safe_load(_policy_text(objs))
-    expected = copy.deepcopy(values["policy"])
-    autoscaling = expected.pop("autoscaling", None)
-    for signal in expected["signals"]:
-        if signal["source"] == "prometheus":
-            signal.setdefault("url", values["monitoring"]["prometheus"]["url"])
-            signal["query"] = signal["query"].replace(SELECTOR_TEMPLATE, RAY_SELECTOR)
-    assert policy == expected
-    assert "{{" not in _policy_text(objs)
+    assert _policy_text(objs) == (PRESETS / f"{values['policy']['preset']}.yaml").read_text()
     (dep,) = C.serve_config(objs)["applications"][0]["deployments"]
-    assert dep.get("autoscaling_config") == autoscaling
+    assert dep.get("autoscaling_config") == values["policy"].get("autoscaling")
 
 
-def test_policy_configmap_validates_with_the_policy_schema(scenario):
+@pytest.mark.parametrize("preset", ["cluster", "adaptive", "latency", "throughput", "calibrating"])
+def test_every_preset_mounts_as_is(preset):
+    objs = C.objects(C.render({"policy": {"preset": preset}}))
+    assert _policy_text(objs) == (PRESETS / f"{preset}.yaml").read_text()
+
+
+def test_a_users_policy_file_replaces_the_preset():
+    mine = "signals: [{name: x, source: local}]\nmode: {signal: x, enter_loaded_above: 3, leave_loaded_below: 1}\n"
+    objs = C.objects(C.render({"policy": {"preset": "latency", "file": mine}}))
+    assert _policy_text(objs) == mine
+
+
+def test_policy_configmap_validates_and_resolves_with_the_gateways_flags(scenario):
+    """What the gateway runs: the mounted file, its placeholders filled from the container's
+    flags (`--prometheus-url`, `--ray-selector`): this Prometheus and this release's series."""
+    from gateway.cli import policy_spec
     from policies.schema import parse_policy
 
     _, objs = C.render_scenario(scenario)
+    values = C.merged_values(scenario)
     spec = parse_policy(_policy_text(objs))  # raises PolicyFileError with field paths
     assert spec.mode.enter_loaded_above > spec.mode.leave_loaded_below
+    ns = _gateway_args(objs)
+    if values["gateway"]["policy"]["source"] == "fixed":
+        return
+    resolved = spec.resolved(policy_spec(ns).ports)
+    prom = [s for s in resolved.signals if s.source == "prometheus"]
+    assert {s.name for s in prom} == {"fleet_concurrency", "replicas"}
+    assert all(s.url == values["monitoring"]["prometheus"]["url"] for s in prom)
+    assert all(f"ray_nld_replica_num_requests_running{RAY_SELECTOR}" in s.query for s in prom)
 
 
 def test_a_policy_change_rolls_the_gateway():
@@ -212,7 +247,9 @@ def test_a_policy_change_rolls_the_gateway():
 
     base = checksum({})
     assert checksum({}) == base
-    assert checksum({"policy": {"mode": {"enter_loaded_above": 12}}}) != base
+    assert checksum({"policy": {"preset": "latency"}}) != base
+    mine = (PRESETS / "cluster.yaml").read_text().replace("enter_loaded_above: 8", "enter_loaded_above: 12")
+    assert checksum({"policy": {"file": mine}}) != base
     assert checksum({"monitoring": {"prometheus": {"url": "http://prom.example:9090"}}}) != base
 
 
@@ -286,7 +323,8 @@ BAD_COMBINATIONS = [
     ({"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
      "gateway.autoscaling: minReplicas (5) must not exceed maxReplicas (2)"),
     ({"monitoring": {"prometheus": {"url": ""}}},
-     "policy.signals[0] (fleet_concurrency) reads Prometheus but has no url and monitoring.prometheus.url is empty"),
+     "the policy file reads Prometheus ({prometheus_url}) but monitoring.prometheus.url is empty"),
+    ({"policy": {"file": "- just\n- a list\n"}}, "policy.file is not a YAML mapping"),
     ({"replicas": {"serve": {"numReplicas": 2}, "workers": {"replicas": 2}}, "policy": {"autoscaling": {"max_replicas": 2}}},
      "replicas.serve.numReplicas and policy.autoscaling are both set: the Serve replica count has one source"),
     ({"replicas": {"workers": {"terminationGracePeriodSeconds": 30}}},
@@ -422,7 +460,8 @@ def test_gateway_args_parse_with_the_gateway_cli(scenario):
         assert ns.key_reload_interval == values["gateway"]["keyReloadIntervalSeconds"]
     if values["gateway"]["policy"]["source"] == "fixed":
         assert ns.mode == values["gateway"]["policy"]["fixedMode"]
-        assert ns.client_override == values["policy"]["mode"]["client_override"]
+        policy_file = yaml.safe_load((PRESETS / f"{values['policy']['preset']}.yaml").read_text())
+        assert ns.client_override == policy_file["mode"]["client_override"]
     else:
         assert ns.policy == "/etc/nld/policy/policy.yaml"
 
@@ -546,8 +585,9 @@ def test_service_monitor_pod_monitor_and_dashboard():
     assert dashboard_cm["metadata"]["namespace"] == "monitoring"
     assert dashboard_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard_cm["data"]["nld-gateway.json"]) == C.load_dashboard()
-    policy = yaml.safe_load(_policy_text(objs))
-    assert policy["signals"][0]["url"] == "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
+    # the policy file's {prometheus_url}: this scenario's Prometheus, passed to the gateway
+    assert _gateway_args(objs).prometheus_url == "http://kube-prometheus-stack-prometheus.monitoring.svc:9090"
+    assert "{prometheus_url}" in _policy_text(objs)
 
 
 def test_ingress_on():

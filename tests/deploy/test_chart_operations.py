@@ -526,8 +526,14 @@ def test_the_charts_fleet_signal_reads_per_replica_concurrency_in_a_real_prometh
     from policies.signals import PrometheusSource
     from tests.prometheus import PrometheusServer
 
+    from gateway.cli import build_parser, policy_spec
+
     _, objs = C.render_scenario("monitoring")
-    policy = parse_policy(C.one(objs, "ConfigMap", "-policy")["data"]["policy.yaml"])
+    pod = C.one(objs, "Deployment")["spec"]["template"]["spec"]
+    args = next(c for c in pod["containers"] if c["name"] == "gateway")["args"]
+    # the mounted file, its placeholders filled as the gateway fills them from its flags
+    ports = policy_spec(build_parser().parse_args(args)).ports
+    policy = parse_policy(C.one(objs, "ConfigMap", "-policy")["data"]["policy.yaml"]).resolved(ports)
     signals = {s.name: s for s in policy.signals if s.source == "prometheus"}
     assert set(signals) == {"fleet_concurrency", "replicas"}
 
@@ -576,7 +582,7 @@ def test_the_helm_test_pod_passes_against_a_real_gateway_and_fails_without_a_mod
     """The pod's script, run as the pod would (its env, its key mount layout), against a real
     gateway in front of the fake replica server."""
     from gateway import GatewayConfig, create_app
-    from gateway.testing import FakeReplicaState, fake_replica_app
+    from tests.gateway.fakes import FakeReplicaState, fake_replica_app
     from gateway.replica_client import HttpReplicaClient
     from policies import FixedModePolicy
     from tests.gateway.servers import serve_in_thread

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from replicas.engine import BatchEngine, DecodeParams, Engine, EngineConfig
+from replicas.engine import BatchEngine, DecodeParams, Engine, EngineConfig, load_batch_engine
 from replicas.engine.graph_runner import CudaGraphRunner, next_power_of_two
 from replicas.engine.kv_cache import KVCache
 from replicas.engine.runner import ModelRunner
@@ -103,7 +103,7 @@ def test_engine_reuses_its_runner_while_the_cache_fits(ckpt_dir):
 
 def test_batch_engine_picks_the_runner_from_its_config(ckpt_dir):
     """On a CPU the default is the eager runner; `cuda_graphs` only matters on CUDA."""
-    core = BatchEngine.from_pretrained(ckpt_dir, EngineConfig(max_batch_size=2, max_seq_len=64))
+    core = load_batch_engine(ckpt_dir, EngineConfig(max_batch_size=2, max_seq_len=64))
     assert type(core.runner) is ModelRunner
     assert EngineConfig().cuda_graphs and not EngineConfig(cuda_graphs=False).cuda_graphs
 

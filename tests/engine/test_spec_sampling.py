@@ -39,6 +39,7 @@ from scipy.stats import chi2
 
 from replicas.engine import DecodeParams, Engine
 from replicas.engine.batch_engine import BatchEngine
+from replicas.engine.engine import load_batch_engine
 from replicas.engine.engine_config import EngineConfig
 from replicas.engine.kv_cache import KVCache
 from replicas.engine.modes import base as modes_base
@@ -172,7 +173,7 @@ def batch_samples(engine_dir, n: int, params: DecodeParams, seed0: int = 0, max_
                   algorithm: str = "linear") -> list[Sample]:
     """`n` sampled self-spec requests (block 4, `algorithm`) among ar, diffusion and greedy self-spec
     neighbours (both algorithms), with and without the draft LoRA, arriving in waves while others run."""
-    engine = BatchEngine.from_pretrained(engine_dir, EngineConfig(max_batch_size=max_batch, max_seq_len=64,
+    engine = load_batch_engine(engine_dir, EngineConfig(max_batch_size=max_batch, max_seq_len=64,
                                                                   max_waiting=4 * n, prefill_chunk=3))
     tested: dict[str, tuple[list[int], DecodeParams]] = {}
     neighbours = [

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gateway import GatewayConfig, create_app
-from gateway.testing import FakeReplicaClient
+from tests.gateway.fakes import FakeReplicaClient
 from policies import FixedModePolicy
 
 from .servers import asgi_client

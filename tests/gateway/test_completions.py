@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.testing import fake_chunks
+from tests.gateway.fakes import fake_chunks
 from replicas.wire import GenerateRequest
 
 from .servers import asgi_client, sse_events

@@ -10,9 +10,9 @@ from pydantic import ValidationError
 
 from gateway import GatewayConfig
 from gateway.auth import ApiKeyAuth, load_api_keys
-from gateway.cli import build_parser, build_policy, main, serve_config
-from gateway.up import up_config
-from policies import StackPorts
+from gateway.bootstrap import open_policy
+from gateway.cli import build_parser, main, policy_spec, serve_config
+from gateway.up import up_config, up_policy
 
 
 def test_config_defaults_and_validation():
@@ -187,11 +187,13 @@ def test_serve_and_up_fill_the_policy_ports():
     from policies import PRESETS
 
     metrics = GatewayMetrics(InflightCounter())
-    policy = build_policy(args("--policy", str(PRESETS / "adaptive.yaml"), "--replica-metrics-host", "10.0.0.9",
-                               "--replica-metrics-port", "9100"), metrics)
+    policy = open_policy(policy_spec(args("--policy", str(PRESETS / "adaptive.yaml"), "--replica-metrics-host",
+                                          "10.0.0.9", "--replica-metrics-port", "9100")), metrics)
     urls = {u for s in policy.current.spec.signals if s.source == "scrape" for u in s.urls}
     assert urls == {"http://10.0.0.9:9100/metrics"}
     a = up_args("--policy", str(PRESETS / "adaptive.yaml"), "--metrics-port", "18080")
-    policy = build_policy(a, GatewayMetrics(InflightCounter()), StackPorts(metrics_port=a.metrics_port))
+    spec, autoscaling = up_policy(a)
+    assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 8)  # the preset's Serve autoscaling
+    policy = open_policy(spec, GatewayMetrics(InflightCounter()))
     assert {u for s in policy.current.spec.signals if s.source == "scrape" for u in s.urls} == {
         "http://127.0.0.1:18080/metrics"}

@@ -11,7 +11,7 @@ import pytest
 
 from gateway import GatewayConfig, create_app
 from gateway.replica_client import HttpReplicaClient
-from gateway.testing import FakeReplicaState, fake_replica_app
+from tests.gateway.fakes import FakeReplicaState, fake_replica_app
 from policies import FixedModePolicy
 
 from .servers import asgi_client, call_with_disconnect, serve_in_thread

@@ -13,7 +13,7 @@ from gateway import GatewayConfig, create_app
 from gateway.engine_push import EngineSettingsPusher
 from gateway.metrics import GatewayMetrics, InflightCounter
 from gateway.replica_client import HttpReplicaClient, ReplicaError
-from gateway.testing import FakeReplicaClient, FakeReplicaState, fake_replica_app
+from tests.gateway.fakes import FakeReplicaClient, FakeReplicaState, fake_replica_app
 from policies import FixedModePolicy, parse_policy
 from policies.build import build_policy
 from replicas.wire import EngineSettings, ErrorInfo

@@ -160,7 +160,7 @@ async def test_max_tokens_beyond_the_context_is_context_length_exceeded(client, 
 async def test_a_prompt_that_fits_with_its_max_tokens_is_sent():
     """The check uses the prompt's own length (token ids) and the request's block length."""
     from gateway import GatewayConfig, create_app
-    from gateway.testing import FakeReplicaClient
+    from tests.gateway.fakes import FakeReplicaClient
     from policies import FixedModePolicy
 
     fake = FakeReplicaClient()

@@ -11,7 +11,7 @@ import pytest
 
 from gateway import GatewayConfig, create_app
 from gateway.http_protocol import HTTP_PROTOCOL, EnvelopeH11Protocol
-from gateway.testing import FakeReplicaClient
+from tests.gateway.fakes import FakeReplicaClient
 from policies import FixedModePolicy
 
 from .servers import serve_in_thread

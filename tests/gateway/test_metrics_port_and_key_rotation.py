@@ -20,7 +20,7 @@ from gateway.cli import build_parser
 from gateway.key_reload import KeyFileWatcher
 from gateway.listeners import metrics_asgi
 from gateway.metrics import GatewayMetrics, InflightCounter
-from gateway.testing import FakeReplicaClient, FakeReplicaState, fake_replica_app
+from tests.gateway.fakes import FakeReplicaClient, FakeReplicaState, fake_replica_app
 from policies import FixedModePolicy
 from tests.serving import free_port
 

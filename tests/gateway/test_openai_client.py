@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from gateway import GatewayConfig, create_app
-from gateway.testing import FakeReplicaClient
+from tests.gateway.fakes import FakeReplicaClient
 from policies import FixedModePolicy
 
 from .servers import serve_in_thread

@@ -7,7 +7,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from gateway import GatewayConfig, create_app
-from gateway.testing import FakeReplicaClient
+from tests.gateway.fakes import FakeReplicaClient
 from policies import FixedModePolicy
 
 from .servers import asgi_client

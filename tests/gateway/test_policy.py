@@ -7,14 +7,14 @@ import pytest
 
 from gateway import GatewayConfig, create_app
 from gateway.metrics import GatewayMetrics, InflightCounter
-from policies import FixedModePolicy, ModeDecision, ModeRequest
+from policies import FixedModePolicy, ModeDecision, ModePolicyBase, ModeRequest
 
 from .servers import asgi_client
 
 pytestmark = pytest.mark.anyio
 
 
-class LoadAwarePolicy:
+class LoadAwarePolicy(ModePolicyBase):
     """A policy in the shape of the adaptive one: reads the gateway's in-flight counter."""
 
     def __init__(self, inflight: InflightCounter) -> None:

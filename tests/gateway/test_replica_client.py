@@ -12,7 +12,7 @@ import pytest
 
 from gateway import GatewayConfig
 from gateway.replica_client import HttpReplicaClient, ReplicaError
-from gateway.testing import FAKE_INFO, fake_chunks
+from tests.gateway.fakes import FAKE_INFO, fake_chunks
 from gateway.upstream import UpstreamConnectionError, UpstreamPool
 from replicas.wire import ErrorBody, ErrorInfo, GenerateRequest
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 from gateway import GatewayConfig, create_app
-from gateway.testing import FakeReplicaClient
+from tests.gateway.fakes import FakeReplicaClient
 from policies import FixedModePolicy
 
 # Auth off (the local default): 401s are covered by test_errors, and schemathesis' auth probes

@@ -52,7 +52,7 @@ async def test_gateway_reloads_the_file_and_reports_the_policy(tmp_path):
     from gateway.app import create_app
     from gateway.config import GatewayConfig
     from gateway.metrics import GatewayMetrics, InflightCounter
-    from gateway.testing import FakeReplicaClient
+    from tests.gateway.fakes import FakeReplicaClient
 
     path = tmp_path / "p.yaml"
     path.write_text(GOOD % 3)

@@ -115,3 +115,25 @@ def test_self_spec_algorithm_per_level():
         parse_policy(base % "sparse_self_spec_algorithm: cubic")
     with pytest.raises(PolicyFileError, match="middle.self_spec_algorithm is set"):
         parse_policy(base % "middle: {enter_above: 5, leave_below: 3, self_spec_algorithm: quadratic}")
+
+
+def test_the_cluster_preset_reads_the_stacks_prometheus_and_series():
+    """The chart's default policy file: Prometheus signals whose URL and series selector come from
+    the stack (`serve --prometheus-url --ray-selector`), never hard-coded; other braces in a
+    query are PromQL's own and stay."""
+    spec = load_policy_file(PRESETS / "cluster.yaml")
+    raw = [s for s in spec.signals if s.source == "prometheus"]
+    assert all(s.url == "{prometheus_url}" and "{ray_selector}" in s.query and "namespace" not in s.query for s in raw)
+    assert spec.mode.enter_loaded_above > spec.mode.leave_loaded_below
+    ports = StackPorts(prometheus_url="http://prom.monitoring:9090", ray_selector='{namespace="serving"}')
+    prom = [s for s in spec.resolved(ports).signals if s.source == "prometheus"]
+    assert {s.name for s in prom} == {"fleet_concurrency", "replicas"}
+    assert all(s.url == "http://prom.monitoring:9090" for s in prom)
+    assert all('ray_nld_replica_num_requests_running{namespace="serving"}' in s.query for s in prom)
+    unscoped = {s.name: s.query for s in spec.resolved(StackPorts()).signals if s.source == "prometheus"}
+    assert unscoped["replicas"] == "max(count by (ray_io_cluster) (ray_nld_replica_num_requests_running))"
+    own = parse_policy("signals: [{name: q, source: prometheus, url: 'http://p:9090', "
+                       "query: 'sum(up{job=\"ray\"}) + sum(x{ray_selector})'}]\n"
+                       "mode: {signal: q, enter_loaded_above: 8, leave_loaded_below: 4}\n")
+    (q,) = own.resolved(StackPorts(ray_selector='{a="b"}')).signals
+    assert q.query == 'sum(up{job="ray"}) + sum(x{a="b"})'

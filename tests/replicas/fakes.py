@@ -1,6 +1,6 @@
 """Fakes for running `NLDReplica` in-process, without Ray or weights.
 
-`FakeEngine` has the engine API a replica uses (`outputs.StreamingFrontend` plus settings,
+`FakeAsyncEngine` has the engine API a replica uses (`outputs.StreamingFrontend` plus settings,
 stats and health): each request produces `tokens_per_step` ids per "step", one step per event
 loop turn, taken in order from `script` (the tokens of a Python snippet, repeated); knobs make submissions fail (`reject`), the
 engine die mid-request (`die_after_steps`), or report itself unhealthy (`problem`). It records
@@ -24,7 +24,7 @@ from replicas.text import TextCodec
 SNIPPET = "def main():\n    for name in sorted(os.listdir(path)):\n        print(name, len(name))\n    return 0\n"
 
 
-class FakeEngine(StreamingFrontend):
+class FakeAsyncEngine(StreamingFrontend):
     def __init__(self, model_dir, tokens_per_step: int = 1) -> None:
         super().__init__()
         self.model_config = load_model_config(model_dir)

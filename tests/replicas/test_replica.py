@@ -14,16 +14,16 @@ from replicas.app import NLDReplica
 from replicas.engine.errors import EngineOverloaded
 from replicas.wire import GenerateChunk
 
-from .fakes import FakeEngine, RecordingMetrics, asgi
+from .fakes import FakeAsyncEngine, RecordingMetrics, asgi
 
 MODEL = Path(__file__).resolve().parents[2] / "models" / "nld-tiny-pystdlib"
 
 
 def make(engine_kw=None, **config):
-    engines: list[FakeEngine] = []
+    engines: list[FakeAsyncEngine] = []
 
     def factory(cfg):
-        engines.append(FakeEngine(cfg.model_path, **(engine_kw or {})))
+        engines.append(FakeAsyncEngine(cfg.model_path, **(engine_kw or {})))
         return engines[0]
 
     metrics = RecordingMetrics()

@@ -268,6 +268,13 @@ message naming the keys.
 {{- fail "replicas.upgradeStrategy.clusterUpgradeOptions: stepSizePercent must not exceed maxSurgePercent" }}
 {{- end }}
 {{- end }}
+{{- if and (contains "{prometheus_url}" (include "nld.policyFile" .)) (not $v.monitoring.prometheus.url) }}
+{{- fail "the policy file reads Prometheus ({prometheus_url}) but monitoring.prometheus.url is empty" }}
+{{- end }}
+{{- $policy := include "nld.policyFile" . | fromYaml }}
+{{- if or (not $policy) (hasKey $policy "Error") }}
+{{- fail "policy.file is not a YAML mapping (a policy file: signals, mode, engine)" }}
+{{- end }}
 {{- if and $r.gcsFaultTolerance.enabled (not $r.gcsFaultTolerance.redisAddress) }}
 {{- fail "replicas.gcsFaultTolerance.enabled needs replicas.gcsFaultTolerance.redisAddress (an external Redis, host:port)" }}
 {{- end }}
@@ -276,29 +283,17 @@ message naming the keys.
 {{/* Policy ---------------------------------------------------------------------------- */}}
 
 {{/*
-The policy YAML: `.Values.policy` without `autoscaling` (Serve reads that from the RayService),
-Prometheus signals defaulting their `url` and with their `query` rendered by `tpl`.
+The policy file the gateway runs, as it is (never templated): `policy.file` when set, else the
+preset `files/policies/<policy.preset>.yaml` (a byte-identical copy of policies/presets/).
 */}}
-{{- define "nld.policyYaml" -}}
-{{- $policy := omit (deepCopy .Values.policy) "autoscaling" }}
-{{- if hasKey $policy "signals" }}
-{{- $signals := list }}
-{{- range $i, $sig := $policy.signals }}
-{{- $sig = deepCopy $sig }}
-{{- if eq (toString $sig.source) "prometheus" }}
-{{- if not $sig.url }}
-{{- if not $.Values.monitoring.prometheus.url }}
-{{- fail (printf "policy.signals[%d] (%s) reads Prometheus but has no url and monitoring.prometheus.url is empty" $i (toString $sig.name)) }}
+{{- define "nld.policyFile" -}}
+{{- if .Values.policy.file }}{{ .Values.policy.file }}
+{{- else }}
+{{- $path := printf "files/policies/%s.yaml" .Values.policy.preset }}
+{{- $text := .Files.Get $path }}
+{{- if not $text }}{{ fail (printf "policy.preset %q: the chart has no %s" .Values.policy.preset $path) }}{{ end }}
+{{- $text }}
 {{- end }}
-{{- $_ := set $sig "url" $.Values.monitoring.prometheus.url }}
-{{- end }}
-{{- if $sig.query }}{{ $_ := set $sig "query" (tpl (toString $sig.query) $) }}{{ end }}
-{{- end }}
-{{- $signals = append $signals $sig }}
-{{- end }}
-{{- $_ := set $policy "signals" $signals }}
-{{- end }}
-{{- toYaml $policy }}
 {{- end }}
 
 {{/* Ray pods -------------------------------------------------------------------------- */}}

@@ -1,5 +1,8 @@
 """Fake replicas for tests and benchmarks: an in-process `ReplicaClient` and a wire-protocol server.
 
+(Test code: it lives under tests/, not in the `gateway` package; `benchmarks/gateway_overhead.py`
+imports it with the repository root on the path.)
+
 Contract: both fakes produce the same deterministic output from `fake_chunks(request)`: words
 from a fixed list (chosen by seed, prompt and position), cut at the first stop string, chunked
 per mode (ar 1 token per chunk, diffusion 2, self_spec 4; one chunk = one forward pass), the
@@ -21,9 +24,10 @@ import json
 import zlib
 from dataclasses import dataclass, field
 
-from replicas.wire import EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, Usage
+from replicas.wire import (EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, Usage,
+                          tokens_per_forward)
 
-from .replica_client import ReplicaError
+from gateway.replica_client import ReplicaError
 
 WORDS = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu")
 TOKENS_PER_CHUNK = {"ar": 1, "diffusion": 2, "self_spec": 4}
@@ -64,7 +68,7 @@ def fake_chunks(r: GenerateRequest, instant: bool = False) -> list[GenerateChunk
         sent = end
     chunks[-1].finish_reason = "stop" if visible_end is not None else "length"
     chunks[-1].usage = Usage(prompt_tokens=_prompt_tokens(r), completion_tokens=n_tokens, forward_passes=len(chunks),
-                             tokens_per_forward=round(n_tokens / len(chunks), 4))
+                             tokens_per_forward=round(tokens_per_forward(n_tokens, len(chunks)), 4))
     if r.mode == "self_spec":  # like the replica: the algorithm that ran (the engine's default: linear)
         chunks[-1].self_spec_algorithm = r.self_spec_algorithm or "linear"
     if not r.stream:  # the whole answer in one message
