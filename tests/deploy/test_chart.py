@@ -208,7 +208,7 @@ def test_policy_configmap_is_the_preset_file_as_is(scenario):
     assert dep.get("autoscaling_config") == values["policy"].get("autoscaling")
 
 
-@pytest.mark.parametrize("preset", ["cluster", "adaptive", "latency", "throughput", "calibrating"])
+@pytest.mark.parametrize("preset", ["cluster", "adaptive", "static", "latency", "throughput"])
 def test_every_preset_mounts_as_is(preset):
     objs = C.objects(C.render({"policy": {"preset": preset}}))
     assert _policy_text(objs) == (PRESETS / f"{preset}.yaml").read_text()
