@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Literal, Union
+from urllib.parse import quote
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -45,6 +46,14 @@ class StackPorts:
     # `{namespace="<ns>",app_kubernetes_io_instance="<release>"}`); empty: every series
     ray_selector: str = ""
 
+    @property
+    def ray_match(self) -> str:
+        """{ray_match}: Prometheus `/federate`'s `match[]` parameter, URL-encoded, selecting every
+        replica series (`ray_nld_replica_*`) of this stack (`ray_selector`'s labels)."""
+        inner = self.ray_selector.strip().removeprefix("{").removesuffix("}").strip()
+        selector = '{__name__=~"ray_nld_replica_.*"' + (f",{inner}" if inner else "") + "}"
+        return "match%5B%5D=" + quote(selector, safe="")
+
     def fill(self, url: str) -> str:
         return _PLACEHOLDER.sub(lambda m: str(getattr(self, m.group(1))), url)
 
@@ -53,7 +62,7 @@ class StackPorts:
         return query.replace("{ray_selector}", self.ray_selector)
 
 
-PLACEHOLDERS = tuple(f.name for f in fields(StackPorts))
+PLACEHOLDERS = (*(f.name for f in fields(StackPorts)), "ray_match")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 
 

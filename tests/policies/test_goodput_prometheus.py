@@ -22,17 +22,17 @@ from .test_presets import MetricsPage
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
-# match[]={__name__=~"ray_nld_replica_.*"}, URL-encoded (braces would read as a placeholder)
-FEDERATE = "/federate?match%5B%5D=%7B__name__%3D~%22ray_nld_replica_.%2A%22%7D"
+# the cluster preset's URL: {ray_match} is match[]={__name__=~"ray_nld_replica_.*",<ray_selector>}, URL-encoded
+FEDERATE = "{prometheus_url}/federate?{ray_match}"
 
 
-def source(url: str, http: httpx.AsyncClient) -> GoodputSource:
+def source(url: str, http: httpx.AsyncClient, ports: StackPorts = StackPorts()) -> GoodputSource:
     spec = parse_policy(f"""
 signals:
   - {{name: costs, source: goodput, urls: ["{url}"], per: replica}}
 mode: {{signal: costs, enter_loaded_above: 8, leave_loaded_below: 4, goodput: {{costs: costs}}}}
 """)
-    return GoodputSource(spec.resolved(StackPorts()).signals[0], PageFetcher(http))
+    return GoodputSource(spec.resolved(ports).signals[0], PageFetcher(http))
 
 
 async def test_the_goodput_source_reads_the_fleet_through_prometheus_federation():
@@ -48,7 +48,9 @@ async def test_the_goodput_source_reads_the_fleet_through_prometheus_federation(
         assert await direct.read() == 400
         prom = await asyncio.to_thread(PrometheusServer.start, [f"127.0.0.1:{page.port}"], 0.5)
         try:
-            federated = source(prom.url + FEDERATE, http)
+            # the release's series only: Prometheus labels the page's samples with job="nld"
+            federated = source(FEDERATE, http, StackPorts(prometheus_url=prom.url, ray_selector='{job="nld"}'))
+            other = source(FEDERATE, http, StackPorts(prometheus_url=prom.url, ray_selector='{job="another"}'))
             deadline = time.monotonic() + 30
             while True:  # until Prometheus has scraped the page once
                 try:
@@ -58,6 +60,7 @@ async def test_the_goodput_source_reads_the_fleet_through_prometheus_federation(
                     pass
                 assert time.monotonic() < deadline, "Prometheus never served the replicas' samples"
                 await asyncio.sleep(0.5)
+            assert await other.read() == 0 and other.view.replicas == 0  # another release's selector
         finally:
             prom.stop()
     a, b = direct.view, federated.view

@@ -137,3 +137,20 @@ def test_the_cluster_preset_reads_the_stacks_prometheus_and_series():
                        "mode: {signal: q, enter_loaded_above: 8, leave_loaded_below: 4}\n")
     (q,) = own.resolved(StackPorts(ray_selector='{a="b"}')).signals
     assert q.query == 'sum(up{job="ray"}) + sum(x{a="b"})'
+
+
+def test_the_cluster_preset_calibrates_from_prometheus_federation():
+    """The chart's default is calibrating: its `goodput` signal reads the release's replica series
+    from Prometheus's /federate, the selector URL-encoded from `--ray-selector`."""
+    from urllib.parse import parse_qs, urlsplit
+
+    spec = load_policy_file(PRESETS / "cluster.yaml")
+    assert spec.mode.goodput is not None and spec.mode.initial_mode == "ar"
+    ports = StackPorts(prometheus_url="http://prom.monitoring:9090", ray_selector='{namespace="serving",app="x"}')
+    (costs,) = [s for s in spec.resolved(ports).signals if s.source == "goodput"]
+    (url,) = costs.urls
+    parts = urlsplit(url)
+    assert f"{parts.scheme}://{parts.netloc}{parts.path}" == "http://prom.monitoring:9090/federate"
+    assert parse_qs(parts.query) == {"match[]": ['{__name__=~"ray_nld_replica_.*",namespace="serving",app="x"}']}
+    (bare,) = [s for s in spec.resolved(StackPorts()).signals if s.source == "goodput"]
+    assert parse_qs(urlsplit(bare.urls[0]).query) == {"match[]": ['{__name__=~"ray_nld_replica_.*"}']}
