@@ -80,8 +80,8 @@ def test_three_modes_generate_and_self_spec_equals_ar(engine, tokenizer, block):
 # measured values only move when the model (or the engine) changes; the floors sit a little
 # below them to absorb float32 differences between CPUs.
 HELDOUT_PROMPTS = Path(__file__).with_name("data") / "heldout_prompts.json"
-SELF_SPEC_FLOOR = 1.70  # measured 1.79 (self_spec B16, LoRA on)
-DIFFUSION_FLOOR = 1.35  # measured 1.44 (diffusion B16, tau 0.9)
+SELF_SPEC_FLOOR = 1.60  # measured 1.69 (self_spec B16, LoRA on)
+DIFFUSION_FLOOR = 1.40  # measured 1.48 (diffusion B16, tau 0.9)
 
 
 @pytest.fixture(scope="module")
