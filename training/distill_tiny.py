@@ -1,4 +1,5 @@
-"""Phase 3 of the tiny model's training: more self-distillation, from file starts too.
+"""Phases 3 and 4 of the tiny model's training: more self-distillation, from file starts
+(phase 3) or from all six prompt positions at lengths 8..200 (phase 4, `--prompt-mix positions`).
 
 Continues a checkpoint written by `train_tiny` (in place): each round the model writes greedy AR
 continuations of train-split prompts, a `--file-start-frac` share of them the first tokens of a
@@ -23,6 +24,7 @@ import torch
 
 from replicas.engine.loader import load_model
 
+from . import positions
 from . import train_tiny as tt
 
 
@@ -38,6 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--file-start-frac", type=float, default=0.75)
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=128)
+    p.add_argument("--prompt-mix", choices=["file-start", "positions"], default="file-start",
+                   help="file-start: --file-start-frac file starts, the rest random windows, --prompt tokens each "
+                        "(phase 3); positions: the six prompt positions of training.positions, uniform, lengths "
+                        "from --lengths, each continued to --total tokens (phase 4)")
+    p.add_argument("--lengths", default="8,16,32,64,128,200", help="prompt lengths of --prompt-mix positions")
+    p.add_argument("--total", type=int, default=256, help="sequence length of --prompt-mix positions")
     p.add_argument("--batch", type=int, default=8, help="corpus rows per step (L_AR + 0.3 L_diff)")
     p.add_argument("--distill-batch", type=int, default=8, help="self-generated rows per step (L_diff)")
     p.add_argument("--seq", type=int, default=256)
@@ -56,6 +64,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     t_start = time.time()
+    name = "phase 4" if args.prompt_mix == "positions" else "phase 3"
     from tokenizers import Tokenizer
 
     model = load_model(args.model, device, "float32").train().requires_grad_(True)
@@ -67,10 +76,12 @@ def main(argv=None) -> dict:
     train_stream = tt.encode_files(tok, train_texts)
     held_stream = tt.encode_files(tok, [tt.read_text(lib, f) for f in split["heldout"]])
     starts = tt.file_start_prompts(tok, train_texts, args.prompt)
+    encoded = positions.encode_with_offsets(tok, train_texts) if args.prompt_mix == "positions" else None
+    lengths = [int(x) for x in args.lengths.split(",")]
     log_path = args.model / "train_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {"train": [], "eval": []}
     first_step = log["train"][-1]["step"] if log["train"] else 0
-    print(f"phase 3 from step {first_step}: {len(starts)} file-start prompts, {len(train_stream)} train tokens",
+    print(f"{name} from step {first_step}: {len(starts)} file-start prompts, {len(train_stream)} train tokens",
           flush=True)
 
     opt = tt.make_optimizer(model, args.lr)
@@ -83,27 +94,32 @@ def main(argv=None) -> dict:
     for step in range(args.steps):
         if step % round_len == 0:
             t0 = time.time()
-            prompts = tt.sample_prompts(train_stream, args.samples, args.prompt, gen, file_starts=starts,
-                                        file_start_frac=args.file_start_frac)
-            distill = tt.generate_distill_set(model, prompts, args.new)
+            if encoded is not None:
+                prompts = positions.sample_position_prompts(encoded, train_texts, args.samples, lengths, gen)
+                distill, prompt_len = tt.generate_to_length(model, prompts, args.total)
+            else:
+                prompts = tt.sample_prompts(train_stream, args.samples, args.prompt, gen, file_starts=starts,
+                                            file_start_frac=args.file_start_frac)
+                distill, prompt_len = tt.generate_distill_set(model, prompts, args.new), args.prompt
             rnd = {"samples": int(distill.shape[0]), "length": int(distill.shape[1]),
                    "generate_seconds": round(time.time() - t0, 1), "from_step": first_step + step}
             phase["rounds"].append(rnd)
             log.setdefault("distill", []).append(rnd)
-            print(f"phase 3: {distill.shape[0]} self-generated sequences in {rnd['generate_seconds']:.0f}s", flush=True)
+            print(f"{name}: {distill.shape[0]} self-generated sequences in {rnd['generate_seconds']:.0f}s", flush=True)
         for g in opt.param_groups:  # short warm-up, cosine to a tenth
             g["lr"] = args.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         batch = tt.make_batch(train_stream, args.batch, args.seq, blocks, gen,
                               keep_first_prob=args.keep_first, suffix_prob=args.suffix_prob)
         loss, l_ar, l_diff = tt.joint_loss(model, batch, args.alpha, device)
-        dloss, l_dist = tt.self_distill_loss(model, distill, args.distill_batch, args.prompt, blocks, gen, args, device)
+        dloss, l_dist = tt.self_distill_loss(model, distill, args.distill_batch, prompt_len, blocks, gen, args, device)
         loss = loss + dloss
-        tt.take_step(model, opt, loss, f"phase 3 step {step}")
+        tt.take_step(model, opt, loss, f"{name} step {step}")
         acc = [acc[0] + l_ar, acc[1] + l_diff, acc[2] + l_dist, acc[3] + 1]
         if (step + 1) % 10 == 0 or step + 1 == args.steps:
             n = acc[3]
             rec = {"step": first_step + step + 1, "ar": acc[0] / n, "diff": acc[1] / n, "diff_self": acc[2] / n,
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t_start, 1), "phase": 3}
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t_start, 1),
+                   "phase": 4 if args.prompt_mix == "positions" else 3}
             log["train"].append(rec)
             acc = [0.0, 0.0, 0.0, 0]
             print(f"step {rec['step']:5d}  L_AR {rec['ar']:.3f}  L_diff {rec['diff']:.3f}  "
@@ -112,11 +128,11 @@ def main(argv=None) -> dict:
     log["eval"].append({"step": first_step + args.steps, "heldout_ar": ev})
     log["heldout_ar_final"] = ev
     phase["seconds"] = round(time.time() - t_start, 1)
-    log["phase3"] = phase
+    log["phase4" if args.prompt_mix == "positions" else "phase3"] = phase
     tt.save_checkpoint(model, raw_cfg, args.model)
     log_path.write_text(json.dumps(log, indent=1))
     tt.plot_losses(log, args.model / "loss_curves.png")
-    print(f"phase 3 done in {phase['seconds']:.0f}s; held-out L_AR {ev:.3f}", flush=True)
+    print(f"{name} done in {phase['seconds']:.0f}s; held-out L_AR {ev:.3f}", flush=True)
     return log
 
 

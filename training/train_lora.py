@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from replicas.engine.loader import LORA_SUBDIR, load_model
 
+from . import positions
 from . import train_tiny as tt
 
 
@@ -71,9 +72,10 @@ class OProjLoRA:
         }, indent=2))
 
 
-def full_draft_rows(seqs: torch.Tensor, blocks: list[int], gen: torch.Generator, loss_from: int) -> dict:
+def full_draft_rows(seqs: torch.Tensor, blocks: list[int], gen: torch.Generator, loss_from: int | list[int]) -> dict:
     """Every block a draft `[seed, MASK x (n-1)]` (random block size and offset per row); the loss
-    covers masked positions at or after loss_from (the generated part), unweighted (t = 1)."""
+    covers masked positions at or after loss_from (the generated part; one value or one per row),
+    unweighted (t = 1)."""
     b, t = seqs.shape
     noisy, masked, weight, masks = [], [], [], []
     for r in range(b):
@@ -83,7 +85,7 @@ def full_draft_rows(seqs: torch.Tensor, blocks: list[int], gen: torch.Generator,
         first = torch.ones(t, dtype=torch.bool)
         first[1:] = ids[1:] != ids[:-1]
         m = ~first
-        m[:loss_from] = False
+        m[: int(loss_from[r]) if isinstance(loss_from, list) else loss_from] = False
         noisy.append(torch.where(m, torch.full_like(seqs[r], tt.MASK_ID), seqs[r]))
         masked.append(m)
         weight.append(m.float())
@@ -110,6 +112,11 @@ def main(argv=None) -> dict:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--file-start-frac", type=float, default=0.75,
                    help="share of prompts that are the first tokens of a train file (the rest: random windows)")
+    p.add_argument("--prompt-mix", choices=["file-start", "positions"], default="file-start",
+                   help="positions: the six prompt positions of training.positions at --lengths, each continued "
+                        "to --total tokens (the phase-4 mix)")
+    p.add_argument("--lengths", default="8,16,32,64,128,200")
+    p.add_argument("--total", type=int, default=256)
     p.add_argument("--lib", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -125,9 +132,14 @@ def main(argv=None) -> dict:
     texts = [tt.read_text(lib, f) for f in split["train"]]
     stream = tt.encode_files(tok, texts)
     gen = torch.Generator().manual_seed(args.seed + 7)
-    prompts = tt.sample_prompts(stream, args.samples, args.prompt, gen, file_starts=tt.file_start_prompts(
-        tok, texts, args.prompt), file_start_frac=args.file_start_frac)
-    seqs = tt.generate_distill_set(model, prompts, args.new)
+    if args.prompt_mix == "positions":
+        prompts = positions.sample_position_prompts(positions.encode_with_offsets(tok, texts), texts, args.samples,
+                                                    [int(x) for x in args.lengths.split(",")], gen)
+        seqs, prompt_len = tt.generate_to_length(model, prompts, args.total)
+    else:
+        prompts = tt.sample_prompts(stream, args.samples, args.prompt, gen, file_starts=tt.file_start_prompts(
+            tok, texts, args.prompt), file_start_frac=args.file_start_frac)
+        seqs, prompt_len = tt.generate_distill_set(model, prompts, args.new), torch.full((args.samples,), args.prompt)
     t_gen = time.time() - t_start
     print(f"{seqs.shape[0]} self-generated sequences of {seqs.shape[1]} tokens in {t_gen:.0f}s", flush=True)
 
@@ -144,7 +156,7 @@ def main(argv=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         rows = torch.randint(0, seqs.shape[0], (args.batch,), generator=gen)
-        batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=args.prompt)
+        batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=prompt_len[rows].tolist())
         loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -182,19 +182,21 @@ def noise_blocks(
 
 
 def noise_rows(clean: torch.Tensor, blocks: list[int], gen: torch.Generator, *, keep_first_prob: float,
-               suffix_prob: float, loss_from: int = 0) -> dict:
+               suffix_prob: float, loss_from: int | list[int] = 0) -> dict:
     """Noise each row of clean [B, T] with its own block size and offset; the diffusion loss only
-    covers positions >= loss_from (there the noisy copy keeps the clean tokens)."""
+    covers positions >= loss_from (one value, or one per row; before it the noisy copy keeps the
+    clean tokens)."""
     batch, seq = clean.shape
     noisy, masked, weight, masks = [], [], [], []
     for r in range(batch):
         block = blocks[int(torch.randint(0, len(blocks), (), generator=gen))]
         offset = int(torch.randint(0, block, (), generator=gen))
         n, m, w = noise_blocks(clean[r], block, offset, gen, keep_first_prob=keep_first_prob, suffix_prob=suffix_prob)
-        if loss_from:
-            m[:loss_from] = False
-            w[:loss_from] = 0.0
-            n[:loss_from] = clean[r, :loss_from]
+        lf = int(loss_from[r]) if isinstance(loss_from, (list, tuple)) else loss_from
+        if lf:
+            m[:lf] = False
+            w[:lf] = 0.0
+            n[:lf] = clean[r, :lf]
         noisy.append(n), masked.append(m), weight.append(w)
         masks.append(joint_attention_mask(seq, block, offset))
     return {
@@ -250,6 +252,24 @@ def generate_distill_set(model: NLDModel, prompts: list[list[int]], new_tokens: 
         rows.append(torch.tensor(prompt + out[:new_tokens]))
     model.train(was_training)
     return torch.stack(rows)
+
+
+@torch.no_grad()
+def generate_to_length(model: NLDModel, prompts: list[list[int]], total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy AR continuations of prompts of any lengths (each < total), each continued to
+    `total` tokens: (sequences [n, total] long, prompt lengths [n] long)."""
+    from replicas.engine import DecodeParams, Engine
+
+    was_training = model.training
+    model.eval()
+    engine = Engine(model, max_block_length=64)
+    rows = []
+    for prompt in prompts:
+        new = total - len(prompt)
+        out = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=new, ignore_eos=True)).token_ids
+        rows.append(torch.tensor(prompt + out[:new]))
+    model.train(was_training)
+    return torch.stack(rows), torch.tensor([len(p) for p in prompts])
 
 
 # ----------------------------------------------------------------------------- model + loss
@@ -323,14 +343,20 @@ def take_step(model: NLDModel, opt: torch.optim.Optimizer, loss: torch.Tensor, w
     opt.step()
 
 
-def self_distill_loss(model: NLDModel, distill: torch.Tensor, rows: int, prompt_len: int, blocks: list[int],
-                      gen: torch.Generator, args, device) -> tuple[torch.Tensor, float]:
+def self_distill_loss(model: NLDModel, distill: torch.Tensor, rows: int, prompt_len: int | torch.Tensor,
+                      blocks: list[int], gen: torch.Generator, args, device) -> tuple[torch.Tensor, float]:
     """(alpha * L_diff, L_diff) on `rows` random self-generated sequences of `distill` [n, P + N]:
-    the usual noising, the loss only on the generated part (positions >= prompt_len)."""
+    the usual noising, the loss only on the generated part (positions >= prompt_len; an int, or
+    a [n] tensor of per-sequence prompt lengths)."""
     picked = torch.randint(0, distill.shape[0], (rows,), generator=gen)
+    if isinstance(prompt_len, torch.Tensor):
+        loss_from = prompt_len[picked].tolist()
+    else:
+        loss_from = prompt_len
     batch = noise_rows(distill[picked], blocks, gen, keep_first_prob=args.keep_first,
-                       suffix_prob=args.suffix_prob, loss_from=prompt_len)
-    batch["loss_tokens"] = rows * (distill.shape[1] - prompt_len)
+                       suffix_prob=args.suffix_prob, loss_from=loss_from)
+    batch["loss_tokens"] = (rows * distill.shape[1] - sum(loss_from)) if isinstance(loss_from, list) \
+        else rows * (distill.shape[1] - prompt_len)
     loss, _, l_diff = joint_loss(model, batch, args.alpha, device, ar=False)
     return loss, l_diff
 
