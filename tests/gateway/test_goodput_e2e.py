@@ -27,13 +27,24 @@ pytestmark = pytest.mark.slow
 
 EMBEDDED = Path(__file__).resolve().parents[2] / "models" / "nld-tiny-pystdlib"
 HIGH = 48
-# The embedded model continues this with more of the same, and its draft gets ~23 of 32 tokens
-# accepted per cycle: measured on this 2-core VM by the replica (realized tokens/s, one torch
-# thread), self_spec is about 5x ar at 1 request, and ar about 1.2-1.3x self_spec at 48 (3,300-3,800
-# vs 2,500-3,100 tok/s). The random model's draft is never accepted on it (1 token per cycle):
-# ar is 3x self_spec at 1. On held-out file starts the
-# embedded model accepts ~3 tokens per cycle and ar wins at 1 request too (docs/PERFORMANCE.md).
+# At one request the clients send PROMPT: the embedded model continues it with more of the same,
+# and its draft is accepted for most of each 32-token block, so self_spec wins on this CPU (about
+# 4x ar, measured by the replica); the random model's draft is never accepted on anything (1 token
+# per cycle), so ar wins (about 3x). Under load the clients send ordinary code instead (held-out
+# files cut mid-body, after a def, in a class...: tests/training/data/heldout_prompts.json), on
+# which the embedded model's 8-token drafts are accepted in part and ar wins. On PROMPT alone the
+# current model's 8-token drafts are accepted 8 of 8, and self_spec stays ahead even at 48
+# requests (measured 5,141 vs 4,726 tok/s): the policy then rightly keeps self_spec there.
 PROMPT = "import os\nimport os\nimport os\nimport os\n"
+
+
+def heldout_texts() -> list[str]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(EMBEDDED / "tokenizer.json"))
+    data = json.loads((Path(__file__).resolve().parents[1] / "training" / "data" / "heldout_prompts.json").read_text())
+    # 32 to 96 tokens (up to ~550 for the random model, whose tokenizer splits text finer: max_seq_len 1024)
+    return [tok.decode(p["prompt"]) for p in data["prompts"] if p["kind"] != "file_start" and 32 <= p["length"] <= 96]
 
 
 def scoped_preset(app: str, out: Path) -> Path:
@@ -60,27 +71,29 @@ def deploy(app: str, model: Path):
     from replicas.app import bind_app
 
     config = {"model_path": str(model), "torch_threads": 1, "model_name": "nld-test",
-              "engine": {"max_batch_size": HIGH, "max_seq_len": 512, "max_waiting": 2 * HIGH}}
+              "engine": {"max_batch_size": HIGH, "max_seq_len": 1024, "max_waiting": 2 * HIGH}}
     serve.run(bind_app(config, {"ray_actor_options": {"num_cpus": 1}}), name=app, route_prefix=f"/{app}")
 
 
-async def load(url: str, clients: int, seconds: float, prompt: str) -> dict:
-    body = {"model": "nld-test", "prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+async def load(url: str, clients: int, seconds: float, prompts: list[str]) -> dict:
     counts = {"ok": 0, "failed": 0}
     deadline = time.monotonic() + seconds
 
-    async def client(http):
+    async def client(http, k: int):
         while time.monotonic() < deadline:
+            body = {"model": "nld-test", "prompt": prompts[k % len(prompts)], "max_tokens": 48, "temperature": 0,
+                    "ignore_eos": True}
+            k += 1
             r = await http.post(url + "/v1/completions", json=body)
             counts["ok" if r.status_code == 200 else "failed"] += 1
 
     async with httpx.AsyncClient(timeout=120) as http:
-        await asyncio.gather(*(client(http) for _ in range(clients)))
+        await asyncio.gather(*(client(http, i) for i in range(clients)))
     return counts
 
 
-def run_level(url: str, clients: int, seconds: float, prompt: str) -> tuple[dict, dict]:
-    counts = asyncio.run(load(url, clients, seconds, prompt))
+def run_level(url: str, clients: int, seconds: float, prompts: list[str]) -> tuple[dict, dict]:
+    counts = asyncio.run(load(url, clients, seconds, prompts))
     return counts, httpx.get(url + "/v1/nld/policy", timeout=5).json()
 
 
@@ -97,16 +110,15 @@ def test_the_same_preset_calibrates_to_each_model(serve_stack, random_model_dir,
         holder = PolicyHolder(scoped_preset(app, tmp_path / "policy.yaml"),
                               local_counters={"inflight": lambda: metrics.inflight.value},
                               registry=metrics.registry, ports=StackPorts(metrics_port=port))
-        prompt = PROMPT
         with serve_in_thread(create_app(cfg, HttpReplicaClient(cfg), holder, metrics=metrics)) as url:
             trace = []
-            counts, state = run_level(url, 1, 25, prompt)  # cold start (thresholds), then measured
+            counts, state = run_level(url, 1, 25, [PROMPT])  # cold start (thresholds), then measured
             trace.append((1, counts, state["mode"], state["goodput"]))
             print(json.dumps(trace[-1]))
             assert counts["failed"] == 0, trace
             assert state["goodput"]["decided_by"] == "goodput", trace
             assert state["mode"] == expect_c1, trace
-            counts, state = run_level(url, HIGH, 25, prompt)
+            counts, state = run_level(url, HIGH, 25, heldout_texts())
             trace.append((HIGH, counts, state["mode"], state["goodput"]))
             print(json.dumps(trace[-1]))
             assert counts["failed"] == 0, trace
