@@ -8,6 +8,27 @@ from replicas.config import EngineLimits, ReplicaConfig
 
 from .nodes import array, boolean, enum, from_model, integer, literal_values, number, obj, ref, string
 
+
+def ray_pod_fields() -> dict:
+    """What the head and the worker group's pods both take."""
+    return {
+        'rayStartParams': ref('rayStartParams'),
+        'resources': ref('resources'),
+        'nodeSelector': ref('stringMap'),
+        'tolerations': array(obj(additional=None)),
+        'affinity': obj(additional=None),
+        'topologySpreadConstraints': ref('topologySpread'),
+        'runtimeClassName': ref('dnsName'),
+        'priorityClassName': ref('dnsName'),
+        'terminationGracePeriodSeconds': ref('nullableGrace'),
+        'extraVolumes': ref('volumeList'),
+        'extraVolumeMounts': ref('volumeMountList'),
+        'extraContainers': ref('containerList'),
+        'podLabels': ref('stringMap'),
+        'podAnnotations': ref('stringMap'),
+    }
+
+
 REPLICAS = obj(
     {
         'image': ref('image'),
@@ -52,47 +73,16 @@ REPLICAS = obj(
         'podSecurityContext': ref('podSecurityContext'),
         'securityContext': ref('securityContext'),
         'serviceAccount': ref('serviceAccount'),
-        'head': obj(
-            {
-                'rayStartParams': ref('rayStartParams'),
-                'resources': ref('resources'),
-                'nodeSelector': ref('stringMap'),
-                'tolerations': array(obj(additional=None)),
-                'affinity': obj(additional=None),
-                'topologySpreadConstraints': ref('topologySpread'),
-                'runtimeClassName': ref('dnsName'),
-                'priorityClassName': ref('dnsName'),
-                'terminationGracePeriodSeconds': ref('nullableGrace'),
-                'extraVolumes': ref('volumeList'),
-                'extraVolumeMounts': ref('volumeMountList'),
-                'extraContainers': ref('containerList'),
-                'podLabels': ref('stringMap'),
-                'podAnnotations': ref('stringMap'),
-            },
-            required=['resources'],
-        ),
+        'head': obj(ray_pod_fields(), required=['resources']),
         'workers': obj(
             {
-                'rayStartParams': ref('rayStartParams'),
-                'resources': ref('resources'),
-                'nodeSelector': ref('stringMap'),
-                'tolerations': array(obj(additional=None)),
-                'affinity': obj(additional=None),
+                **ray_pod_fields(),
                 'groupName': string(pattern='^[a-z0-9]([-a-z0-9]*[a-z0-9])?$', max_length=63),
                 'replicas': integer(minimum=0),
                 'minReplicas': integer(minimum=0),
                 'maxReplicas': integer(minimum=1),
                 'gpusPerWorker': integer(minimum=0),
                 'gpuResourceName': string(min_length=1),
-                'topologySpreadConstraints': ref('topologySpread'),
-                'runtimeClassName': ref('dnsName'),
-                'priorityClassName': ref('dnsName'),
-                'terminationGracePeriodSeconds': ref('nullableGrace'),
-                'extraVolumes': ref('volumeList'),
-                'extraVolumeMounts': ref('volumeMountList'),
-                'extraContainers': ref('containerList'),
-                'podLabels': ref('stringMap'),
-                'podAnnotations': ref('stringMap'),
                 'podDisruptionBudget': ref('pdb'),
             },
             required=['groupName', 'replicas', 'minReplicas', 'maxReplicas', 'gpusPerWorker', 'gpuResourceName',
