@@ -46,13 +46,17 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
         assert listening_addresses(metrics_port) == {"127.0.0.1"}  # never 0.0.0.0
         assert listening_addresses(replica_port) == {"127.0.0.1"}
         deadline = time.monotonic() + 30
-        while True:  # the preset scrapes this stack's metrics port: one replica, read fresh
+        while True:  # the preset scrapes this stack's metrics port: one replica and its cost model, read fresh
             policy = httpx.get(url + "/v1/nld/policy", headers=auth).json()
-            if policy["signals"]["replicas"]["value"] == 1.0 or time.monotonic() > deadline:
+            if (policy["signals"]["replicas"]["value"] == 1.0 and (policy["signals"]["costs"]["value"] or 0) > 0) \
+                    or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         assert policy["policy"] == "adaptive" and policy["signals"]["replicas"]["value"] == 1.0, policy
         assert policy["signals"]["fleet_running"]["error"] is None
+        # the calibrating default reads the replica's measured cost model from the same page
+        assert policy["signals"]["costs"]["error"] is None and policy["signals"]["costs"]["value"] > 0, policy
+        assert policy["goodput"]["model"]["replicas"] == 1 and policy["goodput"]["model"]["steps"] > 0, policy
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
