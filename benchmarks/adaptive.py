@@ -277,8 +277,8 @@ def main(argv=None) -> None:
     for c in levels:
         best = max(by["ar", c]["tokens_per_s"], by["self_spec", c]["tokens_per_s"])
         summary.append({"concurrency": c, "adaptive_over_best_fixed": by["adaptive", c]["tokens_per_s"] / best})
-    c1 = {key: by["adaptive", 1][key] / min(by["ar", 1][key], by["self_spec", 1][key])
-          for key in ("latency_p50_s", "latency_p50_balanced_s")}
+    c1 = {key: (by["adaptive", 1][key] / min(by["ar", 1][key], by["self_spec", 1][key]) if 1 in levels else None)
+          for key in ("latency_p50_s", "latency_p50_balanced_s")}  # only when concurrency 1 was measured
     result = {"adaptive_over_best_fixed": summary, "c1_p50_latency_over_best_fixed": c1["latency_p50_s"],
               "c1_balanced_p50_latency_over_best_fixed": c1["latency_p50_balanced_s"]}
     print(json.dumps(result, indent=2))

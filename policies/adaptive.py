@@ -22,6 +22,7 @@ Non-goals: polling (see `signals.SignalBoard`), HTTP.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -30,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .base import MODES, ModeDecision, ModePolicyBase, ModeRequest
 from .expr import compile_expression
-from .goodput import GoodputChooser
+from .goodput import STEADY_OCTAVES, GoodputChooser
 from .schema import PolicyFile
 from .signals import SignalBoard
 
@@ -89,6 +90,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.stale: set[str] = set()
         self.last_eval: float | None = None
         self.last_switch_clock = float("-inf")
+        self.tried_at: float | None = None  # the load at which the current mode was entered as a try
         self.last_switch: Switch | None = None
         self.switch_count = 0
         self.eval_interval_s = eval_interval_s
@@ -103,7 +105,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         if old.mode in modes:
             self.level = modes.index(old.mode)
         self.smoothed, self.last_switch_clock, self.last_switch = old.smoothed, old.last_switch_clock, old.last_switch
-        self.switch_count = old.switch_count
+        self.switch_count, self.tried_at = old.switch_count, old.tried_at
         self.attached_at = old.attached_at  # the view carries over; the new file's settings date from now
         self._publish_mode()
 
@@ -170,11 +172,17 @@ class AdaptiveModePolicy(ModePolicyBase):
             self.metrics.predicted.labels(mode=m).set(p["tokens_per_s"])
         target = [lv.mode for lv in self.levels].index(choice.mode)
         if target != self.level:
-            self._switch_to(target, now, choice.reason, choice.detail)
+            load = max(self.smoothed, self.raw)
+            void = self.tried_at is not None and abs(math.log2(max(load, 1.0) / max(self.tried_at, 1.0))) > STEADY_OCTAVES
+            self._switch_to(target, now, choice.reason, choice.detail, ignore_dwell=void)
+            if self.last_switch_clock == now:  # it switched: a try remembers its load, any other move forgets it
+                self.tried_at = load if choice.reason == "explore" else None
         return True
 
-    def _switch_to(self, target: int, now: float, reason: str, detail: str) -> None:
-        if target == self.level or now - self.last_switch_clock < self.spec.mode.min_dwell_s:
+    def _switch_to(self, target: int, now: float, reason: str, detail: str, ignore_dwell: bool = False) -> None:
+        """`ignore_dwell`: a try (goodput's `explore`) whose load has since moved away measures
+        nothing useful, so the policy leaves it at once instead of holding it for the dwell."""
+        if target == self.level or (not ignore_dwell and now - self.last_switch_clock < self.spec.mode.min_dwell_s):
             return
         old = self.mode
         self.level = target

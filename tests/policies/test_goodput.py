@@ -384,6 +384,26 @@ async def test_no_thrash_at_the_crossover_with_realized_rates_and_tries():
     assert switches <= 3, switches
 
 
+async def test_a_try_is_left_at_once_when_the_load_moves_away():
+    """A try is bound by the dwell only while the load stays where it is measuring: a step from
+    1 to 32 requests during a try of self_spec goes to ar at once (seen in a step-change run: 224
+    requests at 32 ran in the tried mode for the rest of the dwell)."""
+    policy, board, clock, load, costs = make()
+    v = view(tokens_per_cycle=6.0, steps=1000)
+    ss1 = predict(v, "self_spec", 1, tiers=TIERS, rule=RULE).tokens_per_s
+    # ar measured 1.2x the model's self_spec at 1 (so ar is chosen, and self_spec, never measured, is worth a try)
+    v.realized = {("ar", 1): (1.2 * ss1, MIN_WINDOWS), ("ar", 32): (50 * ss1, MIN_WINDOWS)}
+    costs.view = v
+    policy.level = [lv.mode for lv in policy.levels].index("ar")
+    modes = [await step(policy, board, clock, load, costs, 1, seconds=0.5) for _ in range(4)]
+    assert modes[-1] == "self_spec" and policy.snapshot()["last_switch"]["reason"] == "explore"
+    tried = clock.t
+    mode = await step(policy, board, clock, load, costs, 32, seconds=0.5)
+    assert mode == "ar" and clock.t - tried < policy.spec.mode.min_dwell_s  # within the dwell
+    # a switch that is not a try keeps the dwell: back at 1 request, no immediate move
+    assert await step(policy, board, clock, load, costs, 1, seconds=0.5) == "ar"
+
+
 async def test_before_its_first_view_the_calibrating_preset_sends_ar():
     """A gateway that just started has no view of the fleet: `initial_mode: ar`, not the sparse
     mode (on a model whose draft is never accepted, self_spec takes ~6x as long)."""
