@@ -89,14 +89,20 @@ MAX_OCTAVES = 2.0  # a cell corrects predictions up to this far from it (a facto
 CORRECTION_RANGE = (0.2, 5.0)  # the correction is clamped (a wild measurement cannot zero a mode)
 
 
+def measured_cells(view: CostView, mode: str, n: float) -> list[tuple[float, int, float]]:
+    """(distance in octaves from load `n`, load cell, tokens/s) of `mode`'s realized cells with
+    at least `MIN_WINDOWS` windows."""
+    return [(abs(math.log2(max(n, 1.0) / cell)), cell, rate) for (m, cell), (rate, windows) in view.realized.items()
+            if m == mode and windows >= MIN_WINDOWS]
+
+
 def corrected(view: CostView, mode: str, n: float, *, tiers: list[DraftTier], rule: GoodputRule) -> Prediction | None:
     """`predict`, scaled by realized / modelled tokens/s at the measured load cell of `mode`
     nearest to `n` (in log load; the lower cell on a tie)."""
     raw = predict(view, mode, n, tiers=tiers, rule=rule)
     if raw is None:
         return None
-    cells = [(abs(math.log2(max(n, 1.0) / cell)), cell, rate) for (m, cell), (rate, windows) in view.realized.items()
-             if m == mode and windows >= MIN_WINDOWS and rate > 0]
+    cells = [c for c in measured_cells(view, mode, n) if c[2] > 0]
     if not cells:
         return raw
     distance, cell, rate = min(cells)
@@ -199,8 +205,12 @@ STEADY_OCTAVES = 0.5  # exploring needs a steady load: current and projected wit
 
 def measured_near(view: CostView, mode: str, n: float, octaves: float = 1.0) -> bool:
     """Whether the replicas measured what `mode` delivers within `octaves` of load `n`."""
-    return any(m == mode and windows >= MIN_WINDOWS and abs(math.log2(max(n, 1.0) / cell)) <= octaves
-               for (m, cell), (_, windows) in view.realized.items())
+    return any(distance <= octaves for distance, _, _ in measured_cells(view, mode, n))
+
+
+def load_octave(n: float) -> int:
+    """The octave of a load that a try is remembered by."""
+    return round(math.log2(max(n, 1.0)))
 
 
 class GoodputChooser:
@@ -264,7 +274,7 @@ class GoodputChooser:
         if best != mode and keep and gain <= 1.0 + self.rule.margin:
             best = mode  # not enough gain to move
         n = max(current, projected)
-        here = (mode, round(math.log2(max(n, 1.0))))
+        here = (mode, load_octave(n))
         if not measured_near(view, mode, n) and now is not None and now - self.explored.get(here, -1e18) >= EXPLORE_RETRY_S:
             self.explored[here] = now  # running a mode not measured at this load: it is being tried
         detail = (f"{at} load {n:.2f}: " +
@@ -300,7 +310,7 @@ class GoodputChooser:
                 not measured_near(view, mode, n, octaves=0.5):
             return None
         for m in within:
-            key = (m, round(math.log2(max(n, 1.0))))
+            key = (m, load_octave(n))
             tried = self.explored.get(key)
             if m == mode or measured_near(view, m, n) or (tried is not None and now is not None
                                                           and now - tried < EXPLORE_RETRY_S):
