@@ -174,16 +174,18 @@ class AdaptiveModePolicy(ModePolicyBase):
         if target != self.level:
             load = max(self.smoothed, self.raw)
             void = self.tried_at is not None and abs(math.log2(max(load, 1.0) / max(self.tried_at, 1.0))) > STEADY_OCTAVES
-            self._switch_to(target, now, choice.reason, choice.detail, ignore_dwell=void)
-            if self.last_switch_clock == now:  # it switched: a try remembers its load, any other move forgets it
-                self.tried_at = load if choice.reason == "explore" else None
+            self._switch_to(target, now, choice.reason, choice.detail, ignore_dwell=void,
+                            tried_at=load if choice.reason == "explore" else None)
         return True
 
-    def _switch_to(self, target: int, now: float, reason: str, detail: str, ignore_dwell: bool = False) -> None:
+    def _switch_to(self, target: int, now: float, reason: str, detail: str, ignore_dwell: bool = False,
+                   tried_at: float | None = None) -> None:
         """`ignore_dwell`: a try (goodput's `explore`) whose load has since moved away measures
-        nothing useful, so the policy leaves it at once instead of holding it for the dwell."""
+        nothing useful, so the policy leaves it at once instead of holding it for the dwell.
+        `tried_at`: the load of a switch that is a try (every other switch forgets the last try)."""
         if target == self.level or (not ignore_dwell and now - self.last_switch_clock < self.spec.mode.min_dwell_s):
             return
+        self.tried_at = tried_at
         old = self.mode
         self.level = target
         self.last_switch_clock = now
