@@ -16,6 +16,7 @@ from policies.goodput import (EXPLORE_RATIO, EXPLORE_RETRY_S, MAX_OCTAVES, MIN_W
 from policies.schema import DraftTier, GoodputRule, PolicyFileError
 from policies.signals import PageFetcher, SignalBoard
 
+from .test_adaptive import Clock, FakeSource
 from .test_presets import MetricsPage
 
 pytestmark = pytest.mark.anyio
@@ -247,24 +248,6 @@ mode: {signal: fleet, enter_loaded_above: 8, leave_loaded_below: 4, goodput: {co
 
 
 # ---- the policy: cold start, staleness, no thrash ------------------------------------------------
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class Load:
-    name, interval_s, stale_after_s = "fleet", 1.0, 5.0
-
-    def __init__(self) -> None:
-        self.value = 0.0
-
-    async def read(self) -> float:
-        return self.value
-
-
 class Costs:
     """A goodput source whose cost view the test sets; `fail` makes reads raise (it goes stale)."""
 
@@ -297,7 +280,7 @@ engine:
 
 
 def make():
-    clock, load, costs = Clock(), Load(), Costs()
+    clock, load, costs = Clock(), FakeSource("fleet"), Costs()
     board = SignalBoard([load, costs], clock=clock)
     policy = AdaptiveModePolicy(parse_policy(POLICY), board, metrics=PolicyMetrics(CollectorRegistry()),
                                 clock=clock, wall=clock)
@@ -412,7 +395,7 @@ async def test_before_its_first_view_the_calibrating_preset_sends_ar():
     spec = load_policy_file(PRESETS / "adaptive.yaml")
     assert spec.mode.initial_mode == "ar" and spec.mode.sparse_mode == "self_spec"
     clock = Clock()
-    policy = AdaptiveModePolicy(spec, SignalBoard([Load(), Costs()], clock=clock), clock=clock, wall=clock)
+    policy = AdaptiveModePolicy(spec, SignalBoard([FakeSource("fleet"), Costs()], clock=clock), clock=clock, wall=clock)
     assert policy.decide(ModeRequest()).mode == "ar" and policy.engine_settings() is None
     with pytest.raises(PolicyFileError, match="initial_mode"):
         parse_policy(POLICY.replace("min_dwell_s: 10", "min_dwell_s: 10\n  initial_mode: diffusion"))
