@@ -40,18 +40,17 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(url + "/v1/models").status_code == 401  # the key file from the environment
         assert httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"] == serve_model_dir.name
+        policy = wait_for_policy(url, auth, lambda p: p["attached"] and p["signals"]["replicas"]["value"] == 1.0)
+        # the first view of the fleet is in (before it the preset's initial_mode, ar, decides): an idle
+        # cold fleet (no cost model yet) goes by the static thresholds, so one request gets self_spec
         r = httpx.post(url + "/v1/completions", json={"model": serve_model_dir.name, "prompt": "x", "max_tokens": 4},
                        timeout=60, headers=auth)
-        assert r.status_code == 200 and r.headers["x-nld-decoding-mode"] == "self_spec"
+        assert r.status_code == 200 and r.headers["x-nld-decoding-mode"] == "self_spec", (r.headers, policy)
         assert listening_addresses(metrics_port) == {"127.0.0.1"}  # never 0.0.0.0
         assert listening_addresses(replica_port) == {"127.0.0.1"}
-        deadline = time.monotonic() + 30
-        while True:  # the preset scrapes this stack's metrics port: one replica and its cost model, read fresh
-            policy = httpx.get(url + "/v1/nld/policy", headers=auth).json()
-            if (policy["signals"]["replicas"]["value"] == 1.0 and (policy["signals"]["costs"]["value"] or 0) > 0) \
-                    or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        # the preset scrapes this stack's metrics port: one replica and its cost model, read fresh
+        policy = wait_for_policy(url, auth, lambda p: p["signals"]["replicas"]["value"] == 1.0
+                                 and (p["signals"]["costs"]["value"] or 0) > 0)
         assert policy["policy"] == "adaptive" and policy["signals"]["replicas"]["value"] == 1.0, policy
         assert policy["signals"]["fleet_running"]["error"] is None
         # the calibrating default reads the replica's measured cost model from the same page
@@ -64,3 +63,13 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
     assert "stopping the replicas" in out and "Traceback" not in out
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{replica_port}/health", timeout=2)
+
+
+def wait_for_policy(url: str, auth: dict, ready, timeout_s: float = 30.0) -> dict:
+    """The gateway's policy view once `ready(view)` holds, or the last view after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        policy = httpx.get(url + "/v1/nld/policy", headers=auth).json()
+        if ready(policy) or time.monotonic() > deadline:
+            return policy
+        time.sleep(0.5)
