@@ -107,7 +107,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> dict:
     """Tokens/s (overlap-weighted), latency, TTFT and ITL percentiles over the requests that ended
-    inside the window, and every error, counted by status."""
+    inside the window; `errors`: the failures that ended inside it, `errors_total`: every failure
+    of the run (settle and tail included, none dropped), both by status; `sent`: every request."""
     w0, w1 = t0 + window[0], t0 + window[1]
     tokens = 0.0
     lat, ttft, gaps, tpot = [], [], [], []
@@ -130,8 +131,14 @@ def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> di
                 if r["tokens"] > 1:
                     tpot.append((r["end"] - r["first"]) / (r["tokens"] - 1))
             gaps.extend(r["gaps"])
+    errors_total: dict[str, int] = {}
+    for r in records:
+        if r["error"] is not None:
+            key = str(r["status"] or "transport")
+            errors_total[key] = errors_total.get(key, 0) + 1
     return {
-        "tokens_per_s": tokens / (w1 - w0), "requests": ok, "errors": errors,
+        "tokens_per_s": tokens / (w1 - w0), "requests": ok, "errors": errors, "errors_total": errors_total,
+        "sent": len(records),
         "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
         "itl_p50_s": percentile(gaps, 0.5), "itl_p99_s": percentile(gaps, 0.99),

@@ -140,15 +140,17 @@ def run_bare(model: str, prompts: Path, c: int, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: int, threads: int | None) -> dict:
-    """The ceiling: `BatchEngine` closed loop in this process, the stack's torch threads, time-windowed."""
+def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: int, threads: int | None,
+                engine=None) -> dict:
+    """The ceiling: `BatchEngine` closed loop in this process, the stack's torch threads, time-windowed.
+    `engine`: one already loaded (then drained before returning, so it can be measured again)."""
     import torch
 
     from replicas.engine import DecodeParams, EngineConfig, load_batch_engine
 
     if threads:
         torch.set_num_threads(threads)
-    be = load_batch_engine(model, EngineConfig(max_batch_size=max(c, 1), max_seq_len=512,
+    be = engine or load_batch_engine(model, EngineConfig(max_batch_size=max(c, 1), max_seq_len=512,
                                                          max_waiting=4 * c))
     params = DecodeParams(mode="ar", max_new_tokens=max_tokens, ignore_eos=True)
     k = 0
@@ -174,8 +176,11 @@ def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: i
             tokens += len(ch.token_ids)
             if ch.finish_reason:
                 submit()
-    return {"tokens_per_s": tokens / (time.monotonic() - t0), "step_p50_s": statistics.median(steps),
-            "requests": None, "errors": {}}
+    rate = tokens / (time.monotonic() - t0)
+    while be.has_work():  # drain: nothing of this window is left for the next one
+        be.step()
+    return {"tokens_per_s": rate, "step_p50_s": statistics.median(steps),
+            "requests": None, "errors": {}, "errors_total": {}}
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
@@ -192,11 +197,12 @@ def median_rows(rows: list[dict]) -> list[dict]:
             m[key] = statistics.median(vals) if vals else None
             if vals and key == "tokens_per_s":
                 m["tokens_per_s_min"], m["tokens_per_s_max"] = min(vals), max(vals)
-        errors: dict[str, int] = {}
-        for r in rs:
-            for code, n in (r.get("errors") or {}).items():
-                errors[code] = errors.get(code, 0) + n
-        m["errors"] = errors
+        for key in ("errors", "errors_total"):  # in the windows; in the whole runs (settle and tail too)
+            counted: dict[str, int] = {}
+            for r in rs:
+                for code, n in (r.get(key) or {}).items():
+                    counted[code] = counted.get(code, 0) + n
+            m[key] = counted
         m["requests"] = sum(r.get("requests") or 0 for r in rs)
         pooled: dict = {}
         for r in rs:
@@ -257,8 +263,8 @@ def print_tables(merged: list[dict], levels: list[int], systems: list[str]) -> d
             t, i50, i99 = (get(s, c, True, k) for k in ("ttft_p50_s", "itl_p50_s", "itl_p99_s"))
             cells.append("-" if t is None else f"{1000 * t:.0f}/{fmt(i50 and 1000 * i50)}/{fmt(i99 and 1000 * i99)}")
         print(f"{c:>5} " + " ".join(f"{x:>22}" for x in cells))
-    errs = {f"{r['system']}/c{r['concurrency']}/{'stream' if r['stream'] else 'json'}": r["errors"]
-            for r in merged if r["errors"]}
+    errs = {f"{r['system']}/c{r['concurrency']}/{'stream' if r['stream'] else 'json'}": r["errors_total"]
+            for r in merged if r["errors_total"]}
     print(f"\nerrors (every non-200 or failed request): {errs or 'none'}")
     return ratios
 

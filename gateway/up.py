@@ -44,6 +44,8 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="how HTTP reaches the replicas: Ray Serve's HAProxy (default) or its Python proxy")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the replica's engine process (default: torch's, one per core)")
+    p.add_argument("--control-loop-interval-s", type=float, default=None,
+                   help="Ray Serve controller's loop period (default: python -m replicas' 0.5 s)")
     p.add_argument("--api-key-file", default=None,
                    help="file (one key per line) or Secret mount directory; default $NLD_API_KEY_FILE; enables auth")
     p.add_argument("--no-auth", action="store_true", help="disable auth even when a key file is given")
@@ -57,6 +59,8 @@ def start_replicas(args, model_name: str, autoscaling: dict | None) -> subproces
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
     cmd += ["--ingress", args.ingress]
+    if args.control_loop_interval_s is not None:
+        cmd += ["--control-loop-interval-s", f"{args.control_loop_interval_s:g}"]
     if autoscaling:  # the policy's `autoscaling` block becomes Serve's autoscaling_config
         cmd += ["--autoscaling-json", json.dumps(autoscaling)]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

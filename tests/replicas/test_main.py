@@ -23,3 +23,25 @@ def test_the_variable_is_the_one_ray_reads():
     from ray._private import ray_constants
 
     assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR == RAY_LOCAL_NODE_ENV
+
+
+def test_the_controller_loop_period_is_the_one_serve_reads():
+    """Serve's controller reads its loop period at import from the environment it inherits."""
+    import subprocess
+    import sys
+
+    from replicas.__main__ import CONTROL_LOOP_INTERVAL_S, controller_environment
+
+    env = controller_environment(CONTROL_LOOP_INTERVAL_S)
+    out = subprocess.run([sys.executable, "-c", "from ray.serve._private import constants as c; "
+                          "print(c.CONTROL_LOOP_INTERVAL_S)"], env={**__import__("os").environ, **env},
+                         capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) == CONTROL_LOOP_INTERVAL_S == 0.5
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0])
+def test_a_non_positive_controller_loop_period_is_refused(bad):
+    from replicas.__main__ import controller_environment
+
+    with pytest.raises(ValueError, match="control-loop-interval-s"):
+        controller_environment(bad)

@@ -1,0 +1,227 @@
+"""Peer benchmark, finely interleaved: every system stays up, frozen while another is measured.
+
+    python benchmarks/peer_rotate.py [--levels 1,2,4,8,16,32] [--rounds 3] [--systems vllm,ar,self_spec,adaptive,bare]
+
+Why: this VM's speed drifts by up to 2x over minutes (the bare engine measured 2,082 then 4,385
+tok/s at concurrency 32 ten minutes apart), while `peer_vllm.py` measures each system for minutes
+at a time and restarts it per round, so its ratios carry that drift. Here every system is started
+once and kept: vLLM (`peer_vllm.start_vllm`), one `nld-gateway up` stack (with --policy, default
+the shipped calibrating preset) serving `ar` and `self_spec` fixed in the request and `adaptive`
+as `auto`, and the bare `BatchEngine` in a process of its own (`--bare-serve`: weights loaded
+once, one closed-loop window per command on stdin). For each round, for each level, the systems
+run one after another in a rotating order; a server not being measured is frozen (SIGSTOP to
+its whole process tree, SIGCONT after), so it takes no CPU from the one measured, and the bare
+process waits on its stdin. The systems of one (round, level) are thus measured within about a
+minute of each other, and besides medians over rounds the tables give the median of per-round
+ratios (each from one round's neighbouring windows). A 60 s freeze of the whole Ray stack was
+tried first: no error, no replica restart. Same client as `peer_vllm.py` (`loadgen.py`, its own
+process); every failed or non-200 request of a run is counted (`errors_total`), settle included.
+Saves JSON (`peer_rotate.json`) and a PNG. Kept out of CI and `make bench` (vLLM's venv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.engine_modes import heldout_prompts  # noqa: E402
+from benchmarks.peer_vllm import (PY, STACK_VARIANTS, bare_engine, check_identity, ensure_vllm_venv,  # noqa: E402
+                                  median_rows, plot, print_tables, run_load, start_stack, start_vllm)
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every descendant, from /proc (Ray's and vLLM's children included)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    for p in process_tree(pid):
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+class BareServer:
+    """The bare engine, loaded once: `measure(c)` runs one closed-loop window in the child."""
+
+    def __init__(self, model: str, args) -> None:
+        cmd = [PY, str(Path(__file__).resolve()), "--bare-serve", "--model", model, "--seconds", str(args.seconds),
+               "--max-tokens", str(args.max_tokens), "--prompts-file", str(args.prompts_file)]
+        if args.torch_threads:
+            cmd += ["--torch-threads", str(args.torch_threads)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+
+    def measure(self, c: int) -> dict:
+        self.proc.stdin.write(f"{c}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the bare engine process exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def serve_bare(args) -> None:
+    """Child side of `BareServer`: one engine (the stack's default batch limit), a window per stdin line."""
+    import torch
+
+    from replicas.engine import EngineConfig, load_batch_engine
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    prompts = json.loads(args.prompts_file.read_text())
+    engine = load_batch_engine(args.model, EngineConfig(max_batch_size=64, max_seq_len=512, max_waiting=256))
+    for line in sys.stdin:
+        r = bare_engine(args.model, prompts, int(line), args.seconds, args.max_tokens, None, engine=engine)
+        print(json.dumps(r), flush=True)
+
+
+def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
+    """Per level, the median over rounds of each round's own ratio (neighbouring windows)."""
+    by = {(r["system"], r["concurrency"], r["stream"], r["round"]): r["tokens_per_s"] for r in rows}
+    rounds = sorted({r["round"] for r in rows})
+    out: dict = {}
+    for c in levels:
+        row = {}
+        for num, den in (("ar", "vllm"), ("self_spec", "vllm"), ("adaptive", "vllm"), ("ar", "bare"),
+                         ("adaptive", "ar")):
+            vals = [by[num, c, False, k] / by[den, c, False, k] for k in rounds
+                    if by.get((num, c, False, k)) and by.get((den, c, False, k))]
+            if vals:
+                row[f"{num}/{den}"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+                                       "rounds": len(vals)}
+        out[c] = row
+    print("\nper-round ratios, non-streaming tokens/s: median (min-max) over rounds")
+    names = sorted({k for row in out.values() for k in row})
+    print(f"{'conc':>5} " + " ".join(f"{n:>20}" for n in names))
+    for c in levels:
+        cells = ["-" if x is None else "{median:.2f} ({min:.2f}-{max:.2f})".format(**x)
+                 for x in (out[c].get(n) for n in names)]
+        print(f"{c:>5} " + " ".join(f"{x:>20}" for x in cells))
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="models/nld-tiny-pystdlib")
+    p.add_argument("--policy", type=Path, default=ROOT / "policies" / "presets" / "adaptive.yaml",
+                   help="the stack's policy, used by `adaptive` (auto) requests")
+    p.add_argument("--levels", default="1,2,4,8,16,32")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--systems", default="vllm,ar,self_spec,adaptive,bare")
+    p.add_argument("--stream", default="both", choices=("both", "json", "sse"))
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--settle-seconds", type=float, default=2.0)
+    p.add_argument("--adaptive-settle-seconds", type=float, default=8.0,
+                   help="unmeasured load before an adaptive window: the policy must see the level first")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--port", type=int, default=8400)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_rotate.json")
+    p.add_argument("--bare-serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prompts-file", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.bare_serve:
+        serve_bare(args)
+        return
+    levels = [int(x) for x in args.levels.split(",")]
+    systems = args.systems.split(",")
+    streams = {"both": [False, True], "json": [False], "sse": [True]}[args.stream]
+    work = ROOT / ".cache" / "peer_rotate_run"
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model)
+    prompts = heldout_prompts(model / "split.json", model, 8, 64)
+    args.prompts_file = work / "prompts.json"
+    args.prompts_file.write_text(json.dumps(prompts))
+    vllm_port, stack_port = args.port, args.port + 10
+    policy = work / "policy.yaml"
+    policy.write_text(args.policy.read_text())
+    servers, urls = {}, {}
+    try:
+        if "vllm" in systems:
+            servers["vllm"] = start_vllm(ensure_vllm_venv(), str(model), vllm_port, work)
+            urls["vllm"] = f"http://127.0.0.1:{vllm_port}"
+        if set(systems) & set(STACK_VARIANTS):
+            servers["stack"] = start_stack(str(model), stack_port, policy, work, "stack", args.torch_threads)
+            urls.update({s: f"http://127.0.0.1:{stack_port}" for s in STACK_VARIANTS})
+        for name, server in servers.items():  # one at a time: the other is frozen while it loads
+            print(f"{server.name} ready in {server.wait_ready():.0f} s", flush=True)
+            signal_tree(server.proc.pid, signal.SIGSTOP)
+        bare = BareServer(str(model), args) if "bare" in systems else None
+        identity = None
+        if "vllm" in servers:
+            signal_tree(servers["vllm"].proc.pid, signal.SIGCONT)
+            identity = check_identity(urls["vllm"], str(model), prompts, args.max_tokens)
+            signal_tree(servers["vllm"].proc.pid, signal.SIGSTOP)
+            print(f"identity: {identity}", flush=True)
+        rows: list[dict] = []
+        for rnd in range(args.rounds):
+            for i, c in enumerate(levels):
+                k = (rnd + i) % len(systems)
+                for system in systems[k:] + systems[:k]:
+                    if system == "bare":
+                        r = bare.measure(c)
+                        rows.append({**r, "system": "bare", "concurrency": c, "stream": False, "round": rnd})
+                        print(f"round {rnd} bare c={c}: {r['tokens_per_s']:.0f} tok/s", flush=True)
+                        continue
+                    server = servers["vllm" if system == "vllm" else "stack"]
+                    signal_tree(server.proc.pid, signal.SIGCONT)
+                    try:
+                        settle = args.adaptive_settle_seconds if system == "adaptive" else args.settle_seconds
+                        level_args = argparse.Namespace(**{**vars(args), "settle_seconds": settle})
+                        for stream in streams:
+                            r = run_load(urls[system], args.prompts_file, c, stream, STACK_VARIANTS.get(system, {}),
+                                         level_args)
+                            rows.append({**r, "system": system, "concurrency": c, "stream": stream, "round": rnd})
+                            print(f"round {rnd} {system} c={c} {'sse ' if stream else 'json'}: "
+                                  f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s itl "
+                                  f"{1000 * (r['itl_p50_s'] or 0):.1f} ms errors {r['errors_total']}", flush=True)
+                    finally:
+                        signal_tree(server.proc.pid, signal.SIGSTOP)
+        merged = median_rows(rows)
+        ratios = print_tables(merged, levels, systems)
+        paired = paired_ratios(rows, levels)
+        args.out.write_text(json.dumps({"model": str(model), "levels": levels, "rounds": args.rounds,
+                                        "seconds": args.seconds, "max_tokens": args.max_tokens, "identity": identity,
+                                        "policy": policy.read_text(), "rows": merged, "ratios": ratios,
+                                        "paired_ratios": paired, "round_rows": rows}, indent=1))
+        plot(merged, levels, systems, args.out.with_suffix(".png"))
+        print(f"saved {args.out} and {args.out.with_suffix('.png')}")
+        if bare is not None:
+            bare.stop()
+    finally:
+        for server in servers.values():
+            signal_tree(server.proc.pid, signal.SIGCONT)
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

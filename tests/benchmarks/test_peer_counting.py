@@ -1,0 +1,79 @@
+"""The peer benchmarks' client and tables count every failed request (settle and tail included),
+and the rotating benchmark's per-round ratios pair windows of the same round."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from benchmarks.loadgen import summarise
+from benchmarks.peer_rotate import paired_ratios, process_tree, signal_tree
+from benchmarks.peer_vllm import median_rows
+
+
+def record(start, end, tokens=8, status=200, error=None, prompt=0):
+    return {"start": start, "end": end, "first": start + 0.01, "gaps": [], "tokens": tokens, "status": status,
+            "error": error, "prompt": prompt}
+
+
+def test_summarise_counts_failures_outside_the_window_too():
+    t0 = 100.0
+    records = [record(100.5, 100.9, status=503, error="http", tokens=0),  # in the settle
+               record(101.0, 101.5), record(101.5, 102.5, status=429, error="http", tokens=0),  # in the window
+               record(103.1, 103.4, status=None, error="ReadTimeout", tokens=0)]  # in the tail
+    s = summarise(records, t0, (1.0, 3.0))
+    assert s["errors"] == {"429": 1}  # ended inside the window
+    assert s["errors_total"] == {"503": 1, "429": 1, "transport": 1}  # none dropped
+    assert s["sent"] == 4 and s["requests"] == 1
+
+
+def test_median_rows_sums_every_failure_over_rounds():
+    def row(rnd, tps, errors, total):
+        return {"system": "ar", "concurrency": 4, "stream": False, "round": rnd, "tokens_per_s": tps,
+                "errors": errors, "errors_total": total, "requests": 10}
+
+    m = median_rows([row(0, 100.0, {}, {"503": 2}), row(1, 300.0, {"429": 1}, {"429": 1, "503": 1}),
+                     row(2, 200.0, {}, {})])[0]
+    assert m["tokens_per_s"] == 200.0 and (m["tokens_per_s_min"], m["tokens_per_s_max"]) == (100.0, 300.0)
+    assert m["errors_total"] == {"503": 3, "429": 1} and m["errors"] == {"429": 1} and m["requests"] == 30
+
+
+def test_paired_ratios_divide_within_a_round():
+    rows = [{"system": s, "concurrency": 8, "stream": False, "round": k, "tokens_per_s": v}
+            for k, (ar, vllm) in enumerate([(100, 200), (400, 200), (150, 100)])
+            for s, v in (("ar", ar), ("vllm", vllm))]
+    r = paired_ratios(rows, [8])[8]["ar/vllm"]
+    # per round 0.5, 2.0, 1.5: the median of the rounds' own ratios, not 150 / 200 of the medians
+    assert (r["median"], r["min"], r["max"], r["rounds"]) == (1.5, 0.5, 2.0, 3)
+
+
+def test_signal_tree_freezes_a_process_and_its_children():
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tree = process_tree(parent.pid)
+        assert len(tree) == 2 and tree[0] == parent.pid
+        signal_tree(parent.pid, signal.SIGSTOP)
+
+        def states():
+            return [open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] for p in tree]
+
+        deadline = time.monotonic() + 5
+        while states() != ["T", "T"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert states() == ["T", "T"]
+        signal_tree(parent.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while "T" in states() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "T" not in states()
+    finally:
+        for p in reversed(process_tree(parent.pid)):
+            os.kill(p, signal.SIGKILL)
+        parent.wait()
