@@ -4,7 +4,12 @@ Contract: `run_core(conn, spec)` builds the `BatchEngine` (a failure is sent as 
 answers ("ready", info), then loops until ("stop",) or the parent goes away (EOF): it applies
 every control message that arrived (a reader thread queues them, so the parent's writes never
 wait for a step), runs one `step()` when there is work, and sends that step's chunks as ONE
-("out", [...]) message. A busy loop pushes its stats snapshot every `spec.stats_interval_s`.
+("out", [...]) message. A request submitted `quiet` (its consumer wakes only on the last chunk:
+non-streaming, no stop strings) is held here and sent once, merged, with its last chunk, whose
+stats carry `first_token_at` (this process's `time.perf_counter()` at its first token; the
+parent's clock on Linux, CLOCK_MONOTONIC): the serving process then wakes per finished request,
+not per step. A busy loop pushes its stats snapshot every `spec.stats_interval_s`, which is also
+the parent's sign of progress while quiet requests run.
 An exception that escapes `step()` is sent as ("fatal", why) and ends the process, so the
 parent fails every open stream at once instead of letting them hang. See `process` for the
 message shapes. Non-goals: asyncio, HTTP, text.
@@ -23,7 +28,7 @@ from multiprocessing.connection import Connection
 from .batch_engine import BatchEngine
 from .engine import load_batch_engine
 from .errors import EngineOverloaded
-from .outputs import pack
+from .outputs import StreamChunk, pack
 
 
 def run_core(conn: Connection, spec) -> None:
@@ -50,6 +55,8 @@ class CoreLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.stopping = False
+        self.quiet: dict[str, StreamChunk | None] = {}  # quiet request -> what it made so far (held here)
+        self.first_token_at: dict[str, float] = {}  # quiet request -> perf_counter() at its first token
         threading.Thread(target=self._read, name="nld-core-reader", daemon=True).start()
 
     def _read(self) -> None:
@@ -79,12 +86,47 @@ class CoreLoop:
                 traceback.print_exc()
                 self._send(("fatal", f"{type(e).__name__}: {e}"))
                 return
-            if chunks:
-                self._send(("out", [pack(c) for c in chunks]))
+            out = self._release(chunks)
+            if out:
+                self._send(("out", [pack(c) for c in out]))
             now = time.monotonic()
             if now - last_stats >= self.stats_interval_s or not self.core.has_work():
                 self._send(("stats", self.core.stats_snapshot()))
                 last_stats = now
+
+    def _release(self, chunks: list[StreamChunk]) -> list[StreamChunk]:
+        """The chunks to send now: every chunk of a request that streams; a quiet request's
+        chunks are held and merged until its last one."""
+        out = []
+        for c in chunks:
+            rid = c.request_id
+            if rid not in self.quiet:
+                out.append(c)
+                continue
+            if c.token_ids and rid not in self.first_token_at:
+                self.first_token_at[rid] = time.perf_counter()
+            held = self.quiet[rid]
+            if held is None:
+                merged = StreamChunk(rid, list(c.token_ids), c.finish_reason, c.stats, c.error, c.forward_passes,
+                                     c.mode)
+            else:  # in place: a long request costs one list, not one copy per step
+                held.token_ids.extend(c.token_ids)
+                held.finish_reason, held.stats, held.error = c.finish_reason, c.stats, c.error
+                held.forward_passes, held.mode = c.forward_passes, c.mode
+                merged = held
+            if c.finish_reason is None:
+                self.quiet[rid] = merged
+                continue
+            del self.quiet[rid]
+            first = self.first_token_at.pop(rid, None)
+            if merged.stats is not None and first is not None:
+                merged.stats = {**merged.stats, "first_token_at": first}
+            out.append(merged)
+        return out
+
+    def _forget(self, rid: str) -> None:
+        self.quiet.pop(rid, None)
+        self.first_token_at.pop(rid, None)
 
     def _apply_control(self) -> None:
         while True:
@@ -97,6 +139,7 @@ class CoreLoop:
                 self._submit(*msg[1:])
             elif kind == "abort":
                 self.core.abort(msg[1])
+                self._forget(msg[1])  # its consumer is gone: nothing held is wanted
             elif kind == "set_mode":
                 try:
                     self.core.set_mode(msg[1], msg[2])
@@ -110,9 +153,11 @@ class CoreLoop:
                 self.stopping = True
                 return
 
-    def _submit(self, rid: str, ids: list[int], params) -> None:
+    def _submit(self, rid: str, ids: list[int], params, quiet: bool = False) -> None:
         try:
             self.core.submit(ids, params, request_id=rid)
+            if quiet:
+                self.quiet[rid] = None
         except ValueError as e:
             self._send(("reject", rid, "value", str(e)))
         except EngineOverloaded as e:

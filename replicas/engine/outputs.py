@@ -71,9 +71,11 @@ class Inbox:
         self.first_token_at: float | None = None  # perf_counter() when the first token arrived
 
     def put(self, chunk: StreamChunk) -> None:
+        # an engine process that held a quiet request's tokens says when they began (core_loop)
+        held = chunk.stats.pop("first_token_at", None) if chunk.stats else None
         if chunk.token_ids:
             if self.first_token_at is None:
-                self.first_token_at = time.perf_counter()
+                self.first_token_at = time.perf_counter() if held is None else held
             self._tokens.extend(chunk.token_ids)
         self._last = chunk
         if self.wake == "each" or chunk.finish_reason is not None:
@@ -140,6 +142,10 @@ class OutputRouter:
 
     def close(self, request_id: str) -> None:
         self._inboxes.pop(request_id, None)
+
+    def wake_of(self, request_id: str) -> Wake | None:
+        inbox = self._inboxes.get(request_id)
+        return None if inbox is None else inbox.wake
 
     def deliver(self, chunks: list[StreamChunk]) -> list[str]:
         """Append each chunk to its inbox; returns the ids nobody listens to (to abort)."""

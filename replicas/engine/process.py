@@ -13,7 +13,7 @@ If the child dies or its loop fails, every open stream raises `EngineError` at o
 `stall_timeout_s` while requests were in flight.
 
 Wire (pickled tuples over a socketpair, `multiprocessing.connection` framing):
-  parent -> child: ("submit", rid, ids, DecodeParams), ("abort", rid), ("set_mode", rid, mode),
+  parent -> child: ("submit", rid, ids, DecodeParams, quiet), ("abort", rid), ("set_mode", rid, mode),
                    ("tiers", tiers), ("call", id, name, args), ("stop",)
   child -> parent: ("ready", info), ("out", [packed chunk, ...]), ("reject", rid, kind, message),
                    ("reply", id, value, error), ("stats", snapshot), ("fatal", message)
@@ -94,7 +94,9 @@ class EngineProcess(StreamingFrontend):
 
     # ---- public API (the consumers' event loop; `stream` and `generate` come from the base) --
     def _submit(self, request_id: str, prompt_ids: list[int], params: DecodeParams) -> None:
-        self._send(("submit", request_id, prompt_ids, params))
+        # a consumer that wakes only at the end gets the request's tokens in one message (core_loop)
+        quiet = self._router.wake_of(request_id) == "final"
+        self._send(("submit", request_id, prompt_ids, params, quiet))
 
     def _check_alive(self) -> None:
         if self._dead is not None:

@@ -248,3 +248,50 @@ def test_flush_tokens_sends_a_chunk_before_the_interval_is_up(proc_engine, lora_
     expected = lora_engine.generate([1, 2, 3], DecodeParams(max_new_tokens=60, ignore_eos=True)).token_ids
     assert [t for c in chunks for t in c.token_ids] == expected
     assert len(chunks) >= 60 // 16 and all(len(c.token_ids) >= 8 for c in chunks[1:-1])  # a 10 s interval alone: 2 chunks
+
+
+def test_a_whole_answer_crosses_the_process_boundary_once(proc_engine, lora_engine, monkeypatch):
+    """`generate` (a consumer that wakes only at the end) gets its tokens in ONE message from the
+    engine process, with the same tokens and a first-token time inside the request; a stream of
+    the same request gets one chunk per step."""
+    seen: dict[str, list] = {}
+    dispatch = proc_engine._dispatch
+
+    def counting(msg):
+        if msg[0] == "out":
+            for packed in msg[1]:  # (a copy of the stats: the inbox takes first_token_at out of them)
+                seen.setdefault(packed[0], []).append((*packed[:3], dict(packed[3] or {})))
+        dispatch(msg)
+
+    monkeypatch.setattr(proc_engine, "_dispatch", counting)
+    params = DecodeParams(mode="ar", max_new_tokens=12, ignore_eos=True)
+
+    async def main():
+        whole = await proc_engine.generate([1, 2, 3], params, request_id="quiet-1")
+        last = None
+        async for last in proc_engine.stream([1, 2, 3], params, request_id="loud-1"):
+            pass
+        return whole, last
+
+    whole, last = run(main())
+    expected = lora_engine.generate([1, 2, 3], params).token_ids
+    assert whole.token_ids == expected and len(seen["quiet-1"]) == 1  # one message, every token
+    assert seen["quiet-1"][0][2] == "length" and "first_token_at" in seen["quiet-1"][0][3]  # the child's clock
+    assert len(seen["loud-1"]) >= 12  # per step (prefill makes the first token)
+    assert 0 < last.stats["first_token_seconds"] <= last.stats["seconds"]
+
+
+def test_a_held_answer_reports_when_its_first_token_came(proc_engine):
+    """The first-token time of a quiet request is the engine's, not the arrival of its one message."""
+    async def main():
+        chunks = [c async for c in proc_engine.stream([4, 5, 6], DecodeParams(mode="ar", max_new_tokens=40,
+                                                                              ignore_eos=True), wake="final")]
+        return chunks
+
+    chunks = run(main())
+    assert len(chunks) == 1 and len(chunks[0].token_ids) == 40
+    stats = chunks[0].stats
+    assert "first_token_at" not in stats  # consumed by the inbox, never passed on
+    assert 0 < stats["first_token_seconds"] < stats["seconds"]
+    # 39 more steps came after the first token: not the ~whole request that its one late message would say
+    assert stats["first_token_seconds"] < 0.5 * stats["seconds"]
