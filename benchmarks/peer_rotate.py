@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
 from benchmarks.peer_vllm import (PY, STACK_VARIANTS, bare_engine, check_identity, ensure_vllm_venv,  # noqa: E402
-                                  median_rows, plot, print_tables, run_load, start_stack, start_vllm)
+                                  median_rows, peer_arguments, plot, print_tables, run_load, start_stack,
+                                  start_vllm)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -130,24 +131,10 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="models/nld-tiny-pystdlib")
-    p.add_argument("--policy", type=Path, default=ROOT / "policies" / "presets" / "adaptive.yaml",
-                   help="the stack's policy, used by `adaptive` (auto) requests")
-    p.add_argument("--levels", default="1,2,4,8,16,32")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--systems", default="vllm,ar,self_spec,adaptive,bare")
-    p.add_argument("--stream", default="both", choices=("both", "json", "sse"))
-    p.add_argument("--seconds", type=float, default=6.0)
-    p.add_argument("--settle-seconds", type=float, default=2.0)
-    p.add_argument("--adaptive-settle-seconds", type=float, default=8.0,
-                   help="unmeasured load before an adaptive window: the policy must see the level first")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--torch-threads", type=int, default=None)
-    p.add_argument("--port", type=int, default=8400)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_rotate.json")
+    p = peer_arguments(__doc__.splitlines()[0], policy=ROOT / "policies" / "presets" / "adaptive.yaml",
+                       policy_help="the stack's policy, used by `adaptive` (auto) requests", seconds=6.0, port=8400,
+                       out=ROOT / "benchmarks" / "results" / "peer_rotate.json")
     p.add_argument("--bare-serve", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--prompts-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bare_serve:
         serve_bare(args)

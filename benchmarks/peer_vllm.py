@@ -309,28 +309,36 @@ def check_identity(url: str, model: str, prompts: list, max_tokens: int) -> dict
     return {"prompts": len(prompts), "identical": same}
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def peer_arguments(description: str, *, policy: Path, policy_help: str, seconds: float, port: int,
+                   out: Path) -> argparse.ArgumentParser:
+    """The options both peer benchmarks take (this one and `peer_rotate.py`)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="models/nld-tiny-pystdlib")
-    p.add_argument("--policy", type=Path, default=ROOT / "benchmarks" / "peer_adaptive_cpu.yaml",
-                   help="the adaptive policy of the `adaptive` system ({metrics_port} is filled in)")
+    p.add_argument("--policy", type=Path, default=policy, help=policy_help)
     p.add_argument("--levels", default="1,2,4,8,16,32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--systems", default="vllm,ar,self_spec,adaptive,bare")
     p.add_argument("--stream", default="both", choices=("both", "json", "sse"))
-    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--seconds", type=float, default=seconds)
     p.add_argument("--settle-seconds", type=float, default=2.0)
     p.add_argument("--adaptive-settle-seconds", type=float, default=8.0,
-                   help="unmeasured load before the adaptive system's window: its policy must first see the "
-                        "level (the fleet signal is scraped every 5 s) and may switch once (dwell 2 s)")
+                   help="unmeasured load before an adaptive window: its policy must first see the level "
+                        "and may switch once")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads of our engine, stack and bare (default: torch's, one per core, as a "
                         "deployment gets; vLLM's CPU backend binds one OMP thread per core)")
-    p.add_argument("--port", type=int, default=8300)
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "peer_vllm.json")
-    p.add_argument("--bare-level", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=port)
+    p.add_argument("--out", type=Path, default=out)
     p.add_argument("--prompts-file", type=Path, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> None:
+    p = peer_arguments(__doc__.splitlines()[0], policy=ROOT / "benchmarks" / "peer_adaptive_cpu.yaml",
+                       policy_help="the adaptive policy of the `adaptive` system ({metrics_port} is filled in)",
+                       seconds=8.0, port=8300, out=ROOT / "benchmarks" / "results" / "peer_vllm.json")
+    p.add_argument("--bare-level", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.bare_level is not None:  # internal: one bare-engine measurement in its own process
         prompts = json.loads(args.prompts_file.read_text())
