@@ -120,8 +120,10 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
                 row[f"{num}/{den}"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
                                        "rounds": len(vals)}
         out[c] = row
-    print("\nper-round ratios, non-streaming tokens/s: median (min-max) over rounds")
     names = sorted({k for row in out.values() for k in row})
+    if not names:
+        return out  # nothing non-streaming measured in pairs (e.g. --stream sse)
+    print("\nper-round ratios, non-streaming tokens/s: median (min-max) over rounds")
     print(f"{'conc':>5} " + " ".join(f"{n:>20}" for n in names))
     for c in levels:
         cells = ["-" if x is None else "{median:.2f} ({min:.2f}-{max:.2f})".format(**x)
