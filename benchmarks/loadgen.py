@@ -113,11 +113,13 @@ def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> di
     tokens = 0.0
     lat, ttft, gaps, tpot = [], [], [], []
     errors: dict[str, int] = {}
+    errors_total: dict[str, int] = {}
     ok = 0
     for r in records:
         if r["error"] is not None:
+            key = str(r["status"] or "transport")
+            errors_total[key] = errors_total.get(key, 0) + 1
             if w0 <= r["end"] <= w1:
-                key = str(r["status"] or "transport")
                 errors[key] = errors.get(key, 0) + 1
             continue
         overlap = min(r["end"], w1) - max(r["start"], w0)
@@ -131,11 +133,6 @@ def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> di
                 if r["tokens"] > 1:
                     tpot.append((r["end"] - r["first"]) / (r["tokens"] - 1))
             gaps.extend(r["gaps"])
-    errors_total: dict[str, int] = {}
-    for r in records:
-        if r["error"] is not None:
-            key = str(r["status"] or "transport")
-            errors_total[key] = errors_total.get(key, 0) + 1
     return {
         "tokens_per_s": tokens / (w1 - w0), "requests": ok, "errors": errors, "errors_total": errors_total,
         "sent": len(records),

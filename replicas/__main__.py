@@ -4,8 +4,9 @@
 
 Ray's metrics report interval is set to 500 ms (--metrics-report-interval-ms) so replica metrics
 are at most ~1 s old on Ray's metrics port (--metrics-port); the Serve controller loops every
-0.5 s (--control-loop-interval-s; Serve's default is 0.1 s, see `CONTROL_LOOP_INTERVAL_S`). With a loopback --host (127.0.0.1, localhost, ::1) Ray's
-metrics port listens on loopback too, never on 0.0.0.0 (see `ray_environment`). The ingress
+0.5 s (--control-loop-interval-s; Serve's default is 0.1 s, see `CONTROL_LOOP_INTERVAL_S`).
+With a loopback --host (127.0.0.1, localhost, ::1) Ray's metrics port listens on loopback too,
+never on 0.0.0.0 (see `ray_environment`). The ingress
 (--ingress, `replicas/ingress.py`) is HAProxy in front of replicas that serve HTTP themselves,
 unless `proxy` asks for Serve's Python proxy. The environment Ray reads is set here, before
 Ray starts. Prints `READY <url>` once the application answers. This module and

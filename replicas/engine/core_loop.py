@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection
 from .batch_engine import BatchEngine
 from .engine import load_batch_engine
 from .errors import EngineOverloaded
-from .outputs import StreamChunk, pack
+from .outputs import Inbox, StreamChunk, pack
 
 
 def run_core(conn: Connection, spec) -> None:
@@ -55,8 +55,7 @@ class CoreLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wake = threading.Event()
         self.stopping = False
-        self.quiet: dict[str, StreamChunk | None] = {}  # quiet request -> what it made so far (held here)
-        self.first_token_at: dict[str, float] = {}  # quiet request -> perf_counter() at its first token
+        self.quiet: dict[str, Inbox] = {}  # quiet request -> what it made so far (held here)
         threading.Thread(target=self._read, name="nld-core-reader", daemon=True).start()
 
     def _read(self) -> None:
@@ -96,37 +95,23 @@ class CoreLoop:
 
     def _release(self, chunks: list[StreamChunk]) -> list[StreamChunk]:
         """The chunks to send now: every chunk of a request that streams; a quiet request's
-        chunks are held and merged until its last one."""
+        chunks are held in its `Inbox` (tokens appended, end state kept, first-token time noted)
+        until its last one, then sent as one."""
         out = []
         for c in chunks:
-            rid = c.request_id
-            if rid not in self.quiet:
+            held = self.quiet.get(c.request_id)
+            if held is None:
                 out.append(c)
                 continue
-            if c.token_ids and rid not in self.first_token_at:
-                self.first_token_at[rid] = time.perf_counter()
-            held = self.quiet[rid]
-            if held is None:
-                merged = StreamChunk(rid, list(c.token_ids), c.finish_reason, c.stats, c.error, c.forward_passes,
-                                     c.mode)
-            else:  # in place: a long request costs one list, not one copy per step
-                held.token_ids.extend(c.token_ids)
-                held.finish_reason, held.stats, held.error = c.finish_reason, c.stats, c.error
-                held.forward_passes, held.mode = c.forward_passes, c.mode
-                merged = held
+            held.put(c)
             if c.finish_reason is None:
-                self.quiet[rid] = merged
                 continue
-            del self.quiet[rid]
-            first = self.first_token_at.pop(rid, None)
-            if merged.stats is not None and first is not None:
-                merged.stats = {**merged.stats, "first_token_at": first}
+            del self.quiet[c.request_id]
+            merged = held.take_now()
+            if merged.stats is not None and held.first_token_at is not None:
+                merged.stats = {**merged.stats, "first_token_at": held.first_token_at}
             out.append(merged)
         return out
-
-    def _forget(self, rid: str) -> None:
-        self.quiet.pop(rid, None)
-        self.first_token_at.pop(rid, None)
 
     def _apply_control(self) -> None:
         while True:
@@ -139,7 +124,7 @@ class CoreLoop:
                 self._submit(*msg[1:])
             elif kind == "abort":
                 self.core.abort(msg[1])
-                self._forget(msg[1])  # its consumer is gone: nothing held is wanted
+                self.quiet.pop(msg[1], None)  # its consumer is gone: nothing held is wanted
             elif kind == "set_mode":
                 try:
                     self.core.set_mode(msg[1], msg[2])
@@ -157,7 +142,7 @@ class CoreLoop:
         try:
             self.core.submit(ids, params, request_id=rid)
             if quiet:
-                self.quiet[rid] = None
+                self.quiet[rid] = Inbox(rid, "final")
         except ValueError as e:
             self._send(("reject", rid, "value", str(e)))
         except EngineOverloaded as e:
