@@ -22,7 +22,6 @@ Non-goals: polling (see `signals.SignalBoard`), HTTP.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -31,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .base import MODES, ModeDecision, ModePolicyBase, ModeRequest
 from .expr import compile_expression
-from .goodput import STEADY_OCTAVES, GoodputChooser
+from .goodput import STEADY_OCTAVES, GoodputChooser, octaves_between
 from .schema import PolicyFile
 from .signals import SignalBoard
 
@@ -173,7 +172,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         target = [lv.mode for lv in self.levels].index(choice.mode)
         if target != self.level:
             load = max(self.smoothed, self.raw)
-            void = self.tried_at is not None and abs(math.log2(max(load, 1.0) / max(self.tried_at, 1.0))) > STEADY_OCTAVES
+            void = self.tried_at is not None and octaves_between(load, self.tried_at) > STEADY_OCTAVES
             self._switch_to(target, now, choice.reason, choice.detail, ignore_dwell=void,
                             tried_at=load if choice.reason == "explore" else None)
         return True

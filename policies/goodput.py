@@ -89,10 +89,15 @@ MAX_OCTAVES = 2.0  # a cell corrects predictions up to this far from it (a facto
 CORRECTION_RANGE = (0.2, 5.0)  # the correction is clamped (a wild measurement cannot zero a mode)
 
 
+def octaves_between(a: float, b: float) -> float:
+    """How many octaves apart two loads are (a load below 1 counts as 1)."""
+    return abs(math.log2(max(a, 1.0) / max(b, 1.0)))
+
+
 def measured_cells(view: CostView, mode: str, n: float) -> list[tuple[float, int, float]]:
     """(distance in octaves from load `n`, load cell, tokens/s) of `mode`'s realized cells with
     at least `MIN_WINDOWS` windows."""
-    return [(abs(math.log2(max(n, 1.0) / cell)), cell, rate) for (m, cell), (rate, windows) in view.realized.items()
+    return [(octaves_between(n, cell), cell, rate) for (m, cell), (rate, windows) in view.realized.items()
             if m == mode and windows >= MIN_WINDOWS]
 
 
@@ -306,7 +311,7 @@ class GoodputChooser:
         `EXPLORE_RETRY_S` (`choose` records a try when it sees the mode running unmeasured; with
         no clock, every call may propose). The policy's dwell bounds how long a try lasts."""
         n = max(current, projected)
-        if abs(math.log2(max(projected, 1.0) / max(current, 1.0))) > STEADY_OCTAVES or \
+        if octaves_between(projected, current) > STEADY_OCTAVES or \
                 not measured_near(view, mode, n, octaves=0.5):
             return None
         for m in within:
