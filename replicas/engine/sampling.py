@@ -40,6 +40,13 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def greedy_token(logits: torch.Tensor, mask_id: int) -> int:
+    """The argmax of logits [V] (or [1, V]) with the mask token banned: the token greedy `select`
+    picks, without building the distribution (one argmax; a copy only when the mask token leads)."""
+    tok = int(logits.argmax())
+    return tok if tok != mask_id else int(ban_mask(logits, mask_id).argmax())
+
+
 def select(logits: torch.Tensor, params: DecodeParams, mask_id: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row: (tokens [N], their probability under the distribution [N])."""
     if params.greedy:

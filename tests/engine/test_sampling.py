@@ -10,8 +10,40 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 from replicas.engine import DecodeParams, Engine
-from replicas.engine.sampling import draw, probabilities, speculative_accept
+from replicas.engine.model import RMSNorm
+from replicas.engine.sampling import draw, greedy_token, probabilities, select, speculative_accept
 from replicas.engine.testing import write_random_checkpoint
+
+
+def test_greedy_token_is_the_token_greedy_select_picks():
+    """The fast greedy path (one argmax, no distribution) picks select's token, mask banned."""
+    g = torch.Generator().manual_seed(3)
+    params = DecodeParams(mode="ar", max_new_tokens=4)
+    assert params.greedy
+    for _ in range(50):
+        logits = torch.randn(1, 64, generator=g) * 4
+        expected, _ = select(logits, params, mask_id=7, generator=None)
+        assert greedy_token(logits, 7) == int(expected)
+        assert greedy_token(logits[0], 7) == int(expected)
+    logits = torch.zeros(1, 64)
+    logits[0, 7], logits[0, 30] = 9.0, 5.0  # the mask token leads: never chosen
+    assert int(logits.argmax()) == 7
+    assert greedy_token(logits, 7) == 30
+    assert logits[0, 7] == 9.0  # the caller's logits are not modified
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_reference_formula(dtype):
+    """RMSNorm's fused kernel computes x * rsqrt(mean(x^2) + eps) in float32, weight in x's dtype."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(32, 1e-5).to(dtype)
+    norm.weight.data = (torch.rand(32, generator=g) + 0.5).to(dtype)
+    x = (torch.randn(3, 5, 32, generator=g) * 3).to(dtype)
+    x32 = x.float()
+    ref = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    out = norm(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 def exact_match_accept(drafts, q, p, generator):

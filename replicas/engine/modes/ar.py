@@ -19,5 +19,4 @@ class ARMode(DecodeMode):
         s = self.seq
         s.forward_passes += 1
         s.kv.append(1)
-        tok, _ = self.choose(logits[-1:])
-        return s.emit([int(tok)])
+        return s.emit([self.choose_one(logits[-1:])])

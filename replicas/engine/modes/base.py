@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from ..sampling import ban_mask, probabilities, select, speculative_accept
+from ..sampling import ban_mask, greedy_token, probabilities, select, speculative_accept
 from ..sequence import ForwardPass, Sequence
 
 
@@ -39,12 +39,22 @@ class DecodeMode(ABC):
         s = self.seq
         return select(logits, s.params, s.mask_token_id, s.generator)
 
+    def choose_one(self, logits: torch.Tensor) -> int:
+        """One token for logits [1, V]; greedy skips the distribution (`greedy_token`)."""
+        return choose_token(self.seq, logits)
+
+
+def choose_token(seq: Sequence, logits: torch.Tensor) -> int:
+    """One token for logits [1, V] under the request's parameters (the same token `select` picks)."""
+    if seq.params.greedy:
+        return greedy_token(logits, seq.mask_token_id)
+    return int(select(logits, seq.params, seq.mask_token_id, seq.generator)[0])
+
 
 def finish_prefill(seq: Sequence, logits: torch.Tensor) -> list[int]:
     """Cache the (rest of the) prompt and emit the first token, establishing the boundary invariant."""
     seq.kv.append(len(seq.prompt_ids) - seq.kv.length)
-    tok, _ = select(logits[-1:], seq.params, seq.mask_token_id, seq.generator)
-    return seq.emit([int(tok)])
+    return seq.emit([choose_token(seq, logits[-1:])])
 
 
 def accept_drafts(seq: Sequence, drafts: list[int], verify: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:

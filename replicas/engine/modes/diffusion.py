@@ -47,8 +47,7 @@ class DiffusionMode(DecodeMode):
         if self.committing:
             s.kv.append(self.block)
             s.denoise_passes.append(self.passes)
-            tok, _ = self.choose(logits[-1:])
-            out = s.emit([int(tok)])
+            out = s.emit([self.choose_one(logits[-1:])])
             self._new_canvas()
             return out
         self.passes += 1
