@@ -43,7 +43,10 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
                    help="how HTTP reaches the replicas: Ray Serve's HAProxy (default) or its Python proxy")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="CPU threads of the replica's engine process (default: torch's, one per core)")
+                   help="CPU threads of the replica's engine process (default: the CPUs the replica reserves)")
+    p.add_argument("--replica-cpus", type=float, default=None,
+                   help="CPUs the replica reserves in Ray, hence its engine's threads (default: every CPU of "
+                        "this machine; python -m replicas --replica-cpus)")
     p.add_argument("--control-loop-interval-s", type=float, default=None,
                    help="Ray Serve controller's loop period (default: python -m replicas' 0.5 s)")
     p.add_argument("--api-key-file", default=None,
@@ -53,17 +56,24 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_up)
 
 
-def start_replicas(args, model_name: str, autoscaling: dict | None) -> subprocess.Popen:
+def replicas_command(args, model_name: str, autoscaling: dict | None) -> list[str]:
+    """The `python -m replicas` command line `up` runs, its options passed through."""
     cmd = [sys.executable, "-u", "-m", "replicas", "--model", args.model, "--model-name", model_name,
            "--host", REPLICA_HOST, "--port", str(args.replica_port), "--metrics-port", str(args.metrics_port)]
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
+    if args.replica_cpus is not None:
+        cmd += ["--replica-cpus", f"{args.replica_cpus:g}"]
     cmd += ["--ingress", args.ingress]
     if args.control_loop_interval_s is not None:
         cmd += ["--control-loop-interval-s", f"{args.control_loop_interval_s:g}"]
     if autoscaling:  # the policy's `autoscaling` block becomes Serve's autoscaling_config
         cmd += ["--autoscaling-json", json.dumps(autoscaling)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return cmd
+
+
+def start_replicas(args, model_name: str, autoscaling: dict | None) -> subprocess.Popen:
+    return subprocess.Popen(replicas_command(args, model_name, autoscaling), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 

@@ -9,7 +9,10 @@ With a loopback --host (127.0.0.1, localhost, ::1) Ray's metrics port listens on
 never on 0.0.0.0 (see `ray_environment`). The ingress
 (--ingress, `replicas/ingress.py`) is HAProxy in front of replicas that serve HTTP themselves,
 unless `proxy` asks for Serve's Python proxy. The environment Ray reads is set here, before
-Ray starts. Prints `READY <url>` once the application answers. This module and
+Ray starts. Each replica reserves the whole node's CPUs unless --replica-cpus (or the config's
+`ray_actor_options.num_cpus`) says otherwise: Ray sets the engine's torch threads to that number,
+and a replica count the node cannot hold is capped (`replica_cpus_options`). Prints
+`READY <url>` once the application answers. This module and
 `nld-gateway up` are the entry points that build `ReplicaConfig`.
 """
 
@@ -91,6 +94,36 @@ def controller_environment(interval_s: float) -> dict[str, str]:
     return {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": f"{interval_s:g}"}
 
 
+def replica_cpus_options(options: dict, node_cpus: int, replica_cpus: float | None) -> tuple[dict, list[str]]:
+    """Deployment options with each replica's CPUs set and the replica count kept within the node.
+
+    Ray starts a replica with OMP_NUM_THREADS = floor(its `num_cpus`) (1 when unset), and the
+    engine process inherits it, so the CPUs a replica reserves are its engine's torch threads.
+    Serve's default is one CPU: on a laptop the engine would run one thread on a multi-core
+    machine. Locally the default is therefore the whole node (`node_cpus`), unless the flag or
+    the config's `ray_actor_options.num_cpus` says otherwise; `num_replicas` and autoscaling's
+    `min_replicas` / `max_replicas` are capped at the replicas the node holds (a replica Ray
+    cannot place would stay pending). Returns (options, notes on what was capped)."""
+    out = {**options, "ray_actor_options": dict(options.get("ray_actor_options") or {})}
+    cpus = replica_cpus if replica_cpus is not None else out["ray_actor_options"].get("num_cpus", node_cpus)
+    if cpus <= 0:
+        raise ValueError(f"--replica-cpus must be positive, got {cpus:g}")
+    out["ray_actor_options"]["num_cpus"] = cpus
+    fits = max(int(node_cpus // cpus), 1)
+    notes = []
+    if isinstance(out.get("num_replicas"), int) and out["num_replicas"] > fits:
+        notes.append(f"num_replicas {out['num_replicas']} -> {fits}")
+        out["num_replicas"] = fits
+    auto = dict(out.get("autoscaling_config") or {})
+    for key in ("min_replicas", "max_replicas"):
+        if auto.get(key, 0) > fits:
+            notes.append(f"autoscaling {key} {auto[key]} -> {fits}")
+            auto[key] = fits
+    if auto:
+        out["autoscaling_config"] = auto
+    return out, [f"{n} (each replica takes {cpus:g} of this node's {node_cpus} CPUs)" for n in notes]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m replicas", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="NLD checkpoint directory (overrides the config file)")
@@ -99,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8080)
-    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray node (default: the CPUs "
+                   "this process may run on)")
+    p.add_argument("--replica-cpus", type=float, default=None,
+                   help="CPUs each replica reserves (Serve's ray_actor_options.num_cpus); Ray gives the engine "
+                        "that many torch threads. Default: the config's, else the whole node")
     p.add_argument("--torch-threads", type=int, default=None, help="CPU threads of the engine (overrides the config)")
     p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
                    help="haproxy (default): replicas serve HTTP themselves behind Ray Serve's HAProxy; "
@@ -116,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     config, options = replica_config_from(args)
     if args.autoscaling_json:
         options["autoscaling_config"] = json.loads(args.autoscaling_json)
+    node_cpus = args.num_cpus or len(os.sched_getaffinity(0))
+    options, notes = replica_cpus_options(options, node_cpus, args.replica_cpus)
+    for note in notes:
+        print(f"capped: {note}", flush=True)
 
     from .ingress import local_ingress, serve_env
 
@@ -128,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import bind_app
 
     print(f"starting Ray (metrics on :{args.metrics_port}, ingress {args.ingress}) ...", flush=True)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, _metrics_export_port=args.metrics_port,
+    ray.init(num_cpus=node_cpus, include_dashboard=False, _metrics_export_port=args.metrics_port,
              _system_config={"metrics_report_interval_ms": args.metrics_report_interval_ms}, log_to_driver=False)
     serve.start(http_options={"host": args.host, "port": args.port})
     print(f"loading {config.model_path} into the replicas ...", flush=True)

@@ -44,7 +44,8 @@ class ReplicaConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     engine: EngineLimits = Field(default_factory=EngineLimits)
     max_prompt_tokens: int | None = Field(default=None, ge=1, description="None: max_seq_len minus one block")
-    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch in the replica")
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch in the replica's engine; "
+                                       "None: Ray's OMP_NUM_THREADS, which it sets to the replica's num_cpus")
     engine_process: bool = Field(default=True, description="run the engine loop in its own process (off the "
                                  "serving process's GIL); false: on a thread of the replica process")
     stall_timeout_s: float = Field(default=120.0, gt=0, description="the replica reports unhealthy when its engine "

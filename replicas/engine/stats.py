@@ -13,6 +13,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
+import torch
+
 from replicas.wire import RUNNING_KINDS
 
 
@@ -83,6 +85,7 @@ def engine_snapshot(core) -> dict:
         "prefix_cache_hits": blocks.hits,
         "prefix_cache_hit_rate": blocks.hit_rate,
         "preemptions": sched.preemptions,
+        "torch_threads": torch.get_num_threads(),  # the engine's CPU threads (a replica: its Ray num_cpus)
         "forward_passes": s.forward_passes,
         "generated_tokens": s.generated_tokens,
         "finished_requests": s.finished_requests,

@@ -3,6 +3,7 @@ shown), and the CLI's `serve` configuration (the only place that reads the envir
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -12,7 +13,7 @@ from gateway import GatewayConfig
 from gateway.auth import ApiKeyAuth, load_api_keys
 from gateway.bootstrap import open_policy
 from gateway.cli import build_parser, main, policy_spec, serve_config
-from gateway.up import up_config, up_policy
+from gateway.up import replicas_command, up_config, up_policy
 
 
 def test_config_defaults_and_validation():
@@ -197,3 +198,12 @@ def test_serve_and_up_fill_the_policy_ports():
     policy = open_policy(spec, GatewayMetrics(InflightCounter()))
     assert {u for s in policy.current.spec.signals if s.source == "scrape" for u in s.urls} == {
         "http://127.0.0.1:18080/metrics"}
+
+
+def test_up_passes_the_replica_resources_through():
+    """`up`'s --replica-cpus and --torch-threads reach `python -m replicas`; absent, they are left to it."""
+    cmd = replicas_command(up_args(), "m", None)
+    assert "--replica-cpus" not in cmd and "--torch-threads" not in cmd
+    cmd = replicas_command(up_args("--replica-cpus", "1.5", "--torch-threads", "3"), "m", {"max_replicas": 2})
+    assert cmd[cmd.index("--replica-cpus") + 1] == "1.5" and cmd[cmd.index("--torch-threads") + 1] == "3"
+    assert json.loads(cmd[cmd.index("--autoscaling-json") + 1]) == {"max_replicas": 2}

@@ -48,6 +48,10 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
         assert r.status_code == 200 and r.headers["x-nld-decoding-mode"] == "self_spec", (r.headers, policy)
         assert listening_addresses(metrics_port) == {"127.0.0.1"}  # never 0.0.0.0
         assert listening_addresses(replica_port) == {"127.0.0.1"}
+        # the one local replica reserves the node's CPUs, so its engine runs that many torch threads
+        # (Serve's default of one CPU per replica would give it one thread, whatever the machine)
+        stats = httpx.get(f"http://127.0.0.1:{replica_port}/stats", timeout=10).json()
+        assert stats["torch_threads"] == len(os.sched_getaffinity(0)), stats
         # the preset scrapes this stack's metrics port: one replica and its cost model, read fresh
         policy = wait_for_policy(url, auth, lambda p: p["signals"]["replicas"]["value"] == 1.0
                                  and (p["signals"]["costs"]["value"] or 0) > 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from replicas.__main__ import RAY_LOCAL_NODE_ENV, is_loopback, ray_environment
+from replicas.__main__ import RAY_LOCAL_NODE_ENV, is_loopback, ray_environment, replica_cpus_options
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
@@ -45,3 +45,35 @@ def test_a_non_positive_controller_loop_period_is_refused(bad):
 
     with pytest.raises(ValueError, match="control-loop-interval-s"):
         controller_environment(bad)
+
+
+def test_a_local_replica_reserves_the_whole_node_by_default():
+    """Ray gives a replica's engine floor(num_cpus) torch threads; Serve's default is 1 CPU."""
+    out, notes = replica_cpus_options({}, node_cpus=8, replica_cpus=None)
+    assert out["ray_actor_options"]["num_cpus"] == 8 and notes == []
+
+
+def test_the_flag_beats_the_config_and_the_config_beats_the_default():
+    conf = {"ray_actor_options": {"num_cpus": 2, "num_gpus": 0}, "num_replicas": 2}
+    out, notes = replica_cpus_options(conf, node_cpus=8, replica_cpus=None)
+    assert out["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0} and out["num_replicas"] == 2 and notes == []
+    out, _ = replica_cpus_options(conf, node_cpus=8, replica_cpus=4)
+    assert out["ray_actor_options"]["num_cpus"] == 4
+    assert conf["ray_actor_options"]["num_cpus"] == 2  # the caller's options are not modified
+
+
+def test_replica_counts_the_node_cannot_hold_are_capped():
+    auto = {"min_replicas": 2, "max_replicas": 8, "target_ongoing_requests": 16}
+    out, notes = replica_cpus_options({"autoscaling_config": auto}, node_cpus=2, replica_cpus=None)
+    assert out["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 16}
+    assert len(notes) == 2 and "max_replicas 8 -> 1" in notes[1]
+    out, notes = replica_cpus_options({"autoscaling_config": auto}, node_cpus=8, replica_cpus=2)
+    assert out["autoscaling_config"]["max_replicas"] == 4 and out["autoscaling_config"]["min_replicas"] == 2
+    out, notes = replica_cpus_options({"num_replicas": 3}, node_cpus=4, replica_cpus=2)
+    assert out["num_replicas"] == 2 and notes == ["num_replicas 3 -> 2 (each replica takes 2 of this node's 4 CPUs)"]
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_a_non_positive_replica_cpu_count_is_refused(bad):
+    with pytest.raises(ValueError, match="--replica-cpus must be positive"):
+        replica_cpus_options({}, node_cpus=2, replica_cpus=bad)
