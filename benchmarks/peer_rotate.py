@@ -171,6 +171,14 @@ def main(argv=None) -> None:
             identity = check_identity(urls["vllm"], str(model), prompts, args.max_tokens)
             signal_tree(servers["vllm"].proc.pid, signal.SIGSTOP)
             print(f"identity: {identity}", flush=True)
+        warm = argparse.Namespace(**{**vars(args), "seconds": 3, "settle_seconds": 0})
+        for name, server in servers.items():  # unmeasured: a server's first requests after its freeze
+            signal_tree(server.proc.pid, signal.SIGCONT)  # (Serve's controller catching up) stay out of round 0
+            try:
+                run_load(urls["vllm" if name == "vllm" else "ar"], args.prompts_file, 4, False,
+                         {} if name == "vllm" else STACK_VARIANTS["ar"], warm)
+            finally:
+                signal_tree(server.proc.pid, signal.SIGSTOP)
         rows: list[dict] = []
         for rnd in range(args.rounds):
             for i, c in enumerate(levels):
