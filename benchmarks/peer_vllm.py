@@ -326,8 +326,9 @@ def peer_arguments(description: str, *, policy: Path, policy_help: str, seconds:
                         "and may switch once")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch threads of our engine, stack and bare (default: torch's, one per core, as a "
-                        "deployment gets; vLLM's CPU backend binds one OMP thread per core)")
+                   help="torch threads of our engine, stack and bare (default: one per core: the bare engine "
+                        "takes torch's default, the stack's one replica reserves every CPU; vLLM's CPU backend "
+                        "instead binds its engine's OpenMP threads to all cores but one, kept for its frontend)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--prompts-file", type=Path, default=None, help=argparse.SUPPRESS)
