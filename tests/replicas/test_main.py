@@ -77,3 +77,20 @@ def test_replica_counts_the_node_cannot_hold_are_capped():
 def test_a_non_positive_replica_cpu_count_is_refused(bad):
     with pytest.raises(ValueError, match="--replica-cpus must be positive"):
         replica_cpus_options({}, node_cpus=2, replica_cpus=bad)
+
+
+def test_the_node_stats_interval_is_the_one_rays_agent_reads():
+    """Ray's agent reads its statistics period at import from the environment it inherits."""
+    import os
+    import subprocess
+    import sys
+
+    from replicas.__main__ import NODE_STATS_INTERVAL_MS, agent_environment
+
+    env = agent_environment(NODE_STATS_INTERVAL_MS)
+    out = subprocess.run([sys.executable, "-c", "from ray.dashboard.modules.reporter import reporter_consts as c; "
+                          "print(c.REPORTER_UPDATE_INTERVAL_MS)"], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip().splitlines()[-1]) == NODE_STATS_INTERVAL_MS == 30_000
+    with pytest.raises(ValueError, match="node-stats-interval-ms"):
+        agent_environment(0)
