@@ -73,8 +73,8 @@ def replicas_command(args, model_name: str, autoscaling: dict | None) -> list[st
 
 
 def start_replicas(args, model_name: str, autoscaling: dict | None) -> subprocess.Popen:
-    return subprocess.Popen(replicas_command(args, model_name, autoscaling), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(replicas_command(args, model_name, autoscaling), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def wait_ready(proc: subprocess.Popen) -> bool:

@@ -106,13 +106,15 @@ def replica_cpus_options(options: dict, node_cpus: int, replica_cpus: float | No
     the config's `ray_actor_options.num_cpus` says otherwise; `num_replicas` and autoscaling's
     `min_replicas` / `max_replicas` are capped at the replicas the node holds (a replica Ray
     cannot place would stay pending). Returns (options, notes on what was capped)."""
+    if replica_cpus is not None and replica_cpus <= 0:
+        raise ValueError(f"--replica-cpus must be positive, got {replica_cpus:g}")
     out = {**options, "ray_actor_options": dict(options.get("ray_actor_options") or {})}
     cpus = replica_cpus if replica_cpus is not None else out["ray_actor_options"].get("num_cpus", node_cpus)
-    if cpus <= 0:
-        raise ValueError(f"--replica-cpus must be positive, got {cpus:g}")
     out["ray_actor_options"]["num_cpus"] = cpus
+    notes: list[str] = []
+    if cpus <= 0:  # a config's num_cpus: 0 (replicas that reserve no CPU): nothing to cap
+        return out, notes
     fits = max(int(node_cpus // cpus), 1)
-    notes = []
     if isinstance(out.get("num_replicas"), int) and out["num_replicas"] > fits:
         notes.append(f"num_replicas {out['num_replicas']} -> {fits}")
         out["num_replicas"] = fits

@@ -71,6 +71,8 @@ def test_replica_counts_the_node_cannot_hold_are_capped():
     assert out["autoscaling_config"]["max_replicas"] == 4 and out["autoscaling_config"]["min_replicas"] == 2
     out, notes = replica_cpus_options({"num_replicas": 3}, node_cpus=4, replica_cpus=2)
     assert out["num_replicas"] == 2 and notes == ["num_replicas 3 -> 2 (each replica takes 2 of this node's 4 CPUs)"]
+    zero = {"ray_actor_options": {"num_cpus": 0}, "num_replicas": 5}  # a config's CPU-free replicas: no cap
+    assert replica_cpus_options(zero, node_cpus=2, replica_cpus=None) == (zero, [])
 
 
 @pytest.mark.parametrize("bad", [0, -1])
