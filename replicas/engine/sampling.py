@@ -41,8 +41,10 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
 
 
 def greedy_token(logits: torch.Tensor, mask_id: int) -> int:
-    """The argmax of logits [V] (or [1, V]) with the mask token banned: the token greedy `select`
-    picks, without building the distribution (one argmax; a copy only when the mask token leads)."""
+    """The argmax of logits [V] (or [1, V]) with the mask token banned, without building the
+    distribution (one argmax; a copy only when the mask token leads). Greedy `select` takes the
+    argmax of the softmax: the same token, unless rounding makes two probabilities equal; this
+    one, like self-speculation's verification, compares the logits themselves."""
     tok = int(logits.argmax())
     return tok if tok != mask_id else int(ban_mask(logits, mask_id).argmax())
 
