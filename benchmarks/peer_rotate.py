@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,16 @@ def signal_tree(pid: int, sig: int) -> None:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+@contextmanager
+def thawed(pid: int):
+    """The process tree of `pid` runs inside the block and is frozen again after it, whatever happens."""
+    signal_tree(pid, signal.SIGCONT)
+    try:
+        yield
+    finally:
+        signal_tree(pid, signal.SIGSTOP)
 
 
 class BareServer:
@@ -167,18 +178,14 @@ def main(argv=None) -> None:
         bare = BareServer(str(model), args) if "bare" in systems else None
         identity = None
         if "vllm" in servers:
-            signal_tree(servers["vllm"].proc.pid, signal.SIGCONT)
-            identity = check_identity(urls["vllm"], str(model), prompts, args.max_tokens)
-            signal_tree(servers["vllm"].proc.pid, signal.SIGSTOP)
+            with thawed(servers["vllm"].proc.pid):
+                identity = check_identity(urls["vllm"], str(model), prompts, args.max_tokens)
             print(f"identity: {identity}", flush=True)
         warm = argparse.Namespace(**{**vars(args), "seconds": 3, "settle_seconds": 0})
         for name, server in servers.items():  # unmeasured: a server's first requests after its freeze
-            signal_tree(server.proc.pid, signal.SIGCONT)  # (Serve's controller catching up) stay out of round 0
-            try:
+            with thawed(server.proc.pid):  # (Serve's controller catching up) stay out of round 0
                 run_load(urls["vllm" if name == "vllm" else "ar"], args.prompts_file, 4, False,
                          {} if name == "vllm" else STACK_VARIANTS["ar"], warm)
-            finally:
-                signal_tree(server.proc.pid, signal.SIGSTOP)
         rows: list[dict] = []
         for rnd in range(args.rounds):
             for i, c in enumerate(levels):
@@ -190,8 +197,7 @@ def main(argv=None) -> None:
                         print(f"round {rnd} bare c={c}: {r['tokens_per_s']:.0f} tok/s", flush=True)
                         continue
                     server = servers["vllm" if system == "vllm" else "stack"]
-                    signal_tree(server.proc.pid, signal.SIGCONT)
-                    try:
+                    with thawed(server.proc.pid):
                         settle = args.adaptive_settle_seconds if system == "adaptive" else args.settle_seconds
                         level_args = argparse.Namespace(**{**vars(args), "settle_seconds": settle})
                         for stream in streams:
@@ -201,8 +207,6 @@ def main(argv=None) -> None:
                             print(f"round {rnd} {system} c={c} {'sse ' if stream else 'json'}: "
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s itl "
                                   f"{1000 * (r['itl_p50_s'] or 0):.1f} ms errors {r['errors_total']}", flush=True)
-                    finally:
-                        signal_tree(server.proc.pid, signal.SIGSTOP)
         merged = median_rows(rows)
         ratios = print_tables(merged, levels, systems)
         paired = paired_ratios(rows, levels)

@@ -10,7 +10,7 @@ import sys
 import time
 
 from benchmarks.loadgen import summarise
-from benchmarks.peer_rotate import paired_ratios, process_tree, signal_tree
+from benchmarks.peer_rotate import paired_ratios, process_tree, signal_tree, thawed
 from benchmarks.peer_vllm import median_rows
 
 
@@ -68,11 +68,15 @@ def test_signal_tree_freezes_a_process_and_its_children():
         while states() != ["T", "T"] and time.monotonic() < deadline:
             time.sleep(0.05)
         assert states() == ["T", "T"]
-        signal_tree(parent.pid, signal.SIGCONT)
+        with thawed(parent.pid):  # runs inside the block, frozen again after it
+            deadline = time.monotonic() + 5
+            while "T" in states() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "T" not in states()
         deadline = time.monotonic() + 5
-        while "T" in states() and time.monotonic() < deadline:
+        while states() != ["T", "T"] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "T" not in states()
+        assert states() == ["T", "T"]
     finally:
         for p in reversed(process_tree(parent.pid)):
             os.kill(p, signal.SIGKILL)
