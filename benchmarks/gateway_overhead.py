@@ -37,12 +37,14 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 
 # ---- server roles (run in subprocesses) --------------------------------------------------------
 
-def run_replica(port: int) -> None:
+def run_replica(port: int, chunk_delay_ms: float = 0.0) -> None:
+    """The fake replica: instant (one chunk per answer), or one chunk per token every `chunk_delay_ms`."""
     import uvicorn
 
     from tests.gateway.fakes import FakeReplicaState, fake_replica_app
 
-    uvicorn.run(fake_replica_app(FakeReplicaState(instant=True)), host="127.0.0.1", port=port,
+    state = FakeReplicaState(instant=chunk_delay_ms <= 0, chunk_delay_s=chunk_delay_ms / 1e3)
+    uvicorn.run(fake_replica_app(state), host="127.0.0.1", port=port,
                 log_level="warning", access_log=False, lifespan="off")
 
 
@@ -167,6 +169,36 @@ async def throughput(gateway_port: int, gateway_pid: int, concurrency: int, dura
             "requests_per_cpu_s": done / cpu if cpu else None, "cpu_us_per_request": cpu / done * 1e6}
 
 
+async def streaming(gateway_port: int, gateway_pid: int, concurrency: int, duration: float, tokens: int) -> dict:
+    """Streamed completions, one upstream chunk per token: the gateway's CPU per SSE event."""
+    raw = http_post("/v1/completions", {"model": "nld", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                                        "decoding_mode": "ar", "stream": True})
+    conns = [await Conn.open(gateway_port) for _ in range(concurrency)]
+    done = errors = events = 0
+    stop_at = 0.0
+
+    async def worker(c: Conn) -> None:
+        nonlocal done, errors, events
+        while time.perf_counter() < stop_at:
+            status, body = await c.request(raw)
+            done += 1
+            errors += status != 200 or not body.endswith(b"data: [DONE]\n\n")
+            events += body.count(b"data: ") - 1
+
+    stop_at = time.perf_counter() + 1.0  # warm up
+    await asyncio.gather(*(worker(c) for c in conns))
+    done = errors = events = 0
+    cpu0, t0 = cpu_seconds(gateway_pid), time.perf_counter()
+    stop_at = t0 + duration
+    await asyncio.gather(*(worker(c) for c in conns))
+    wall, cpu = time.perf_counter() - t0, cpu_seconds(gateway_pid) - cpu0
+    for c in conns:
+        c.close()
+    return {"requests": done, "errors": errors, "events": events, "seconds": wall, "events_per_s": events / wall,
+            "gateway_cpu_s": cpu, "gateway_cpu_utilisation": cpu / wall,
+            "cpu_us_per_event": cpu / max(events, 1) * 1e6, "cpu_us_per_request": cpu / max(done, 1) * 1e6}
+
+
 # ---- orchestration ---------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -201,13 +233,16 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of the throughput phase")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--stream-tokens", type=int, default=64, help="tokens per request of the streaming phase (0: skip)")
+    p.add_argument("--chunk-delay-ms", type=float, default=5.0,
+                   help="streaming phase: the fake replica sends one chunk per token this often (an engine step)")
     p.add_argument("--gateway-cpu", type=int, default=0, help="CPU the gateway is pinned to (-1: none)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gateway_overhead.json")
     p.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role:
         if args.role[0] == "replica":
-            run_replica(int(args.role[1]))
+            run_replica(int(args.role[1]), float(args.role[2]) if len(args.role) > 2 else 0.0)
         else:
             run_gateway(int(args.role[1]), args.role[2])
         return
@@ -229,8 +264,21 @@ def main() -> None:
         for proc in (gateway, replica):
             proc.terminate()
             proc.wait(10)
+    stream = None
+    if args.stream_tokens > 0:
+        rport, gport = free_port(), free_port()
+        replica = spawn(["replica", str(rport), str(args.chunk_delay_ms)], other)
+        gateway = spawn(["gateway", str(gport), f"http://127.0.0.1:{rport}"], gw_cpu)
+        try:
+            wait_http(rport, "/health")
+            wait_http(gport, "/health")
+            stream = asyncio.run(streaming(gport, gateway.pid, args.concurrency, args.duration, args.stream_tokens))
+        finally:
+            for proc in (gateway, replica):
+                proc.terminate()
+                proc.wait(10)
     result = {
-        "benchmark": "gateway_overhead", "latency": lat, "throughput": thr,
+        "benchmark": "gateway_overhead", "latency": lat, "throughput": thr, "streaming": stream,
         "params": {k: v for k, v in vars(args).items() if k not in ("role", "out")},
         "machine": {"cpus": ncpu, "gateway_pinned_cpu": gw_cpu, "python": platform.python_version(),
                     "platform": platform.platform(), "loadavg_1m": os.getloadavg()[0]},
@@ -246,6 +294,12 @@ def main() -> None:
     print(f"  {thr['requests_per_s']:.0f} requests/s measured ({thr['errors']} errors); gateway CPU "
           f"{thr['gateway_cpu_utilisation']:.0%} of one core, {thr['cpu_us_per_request']:.0f} us CPU per request "
           f"-> {thr['requests_per_cpu_s']:.0f} requests per CPU-second")
+    if stream is not None:
+        print(f"\nStreaming, {args.concurrency} connections, {args.stream_tokens} tokens, one upstream chunk per token "
+              f"every {args.chunk_delay_ms:g} ms:")
+        print(f"  {stream['events_per_s']:.0f} SSE events/s ({stream['errors']} errors); gateway CPU "
+              f"{stream['gateway_cpu_utilisation']:.0%} of one core, {stream['cpu_us_per_event']:.1f} us CPU per event, "
+              f"{stream['cpu_us_per_request']:.0f} us per request")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -7,7 +7,9 @@ stream holds exactly one chunk: the last, with every token, the whole text and u
 every failure before that raises `ReplicaError(status, ErrorInfo, retry_after)` with the
 status the client should see (400, 413, 429, 503 no replica, 504 timeout). Iterating the
 stream never raises: a failure after the first chunk is yielded as one last chunk with `error`
-set and `finish_reason="error"`. `ReplicaStream.aclose()` (idempotent) closes the upstream
+set and `finish_reason="error"`. A streamed request with `sse` set also yields ready SSE events
+(bytes: `data: ...` and its blank line) for the chunks between its first and its last, which
+are always `GenerateChunk`s. `ReplicaStream.aclose()` (idempotent) closes the upstream
 response, which makes the replica abort the request and free its KV slot; it must be called
 when the consumer stops early (client disconnect, error in a sibling choice).
 
@@ -48,7 +50,7 @@ class ReplicaError(Exception):
 
 
 class ReplicaStream(Protocol):
-    def __aiter__(self) -> AsyncIterator[GenerateChunk]: ...
+    def __aiter__(self) -> AsyncIterator[GenerateChunk | bytes]: ...
 
     async def aclose(self) -> None: ...
 
@@ -96,7 +98,12 @@ def error_of(upstream: int, raw: bytes, retry_after: float | None = None) -> Rep
 
 
 class _HttpStream:
-    """NDJSON lines of one upstream response as `GenerateChunk`s; see the module contract."""
+    """NDJSON lines of one upstream response as `GenerateChunk`s, and ready SSE events as bytes
+    (a request with `sse`: the replica renders its middle chunks); see the module contract.
+
+    The read timeout is a watchdog, not a timer per line: each line stamps the time, and one
+    timer per stream, re-armed only when it fires, aborts the connection once no line came for
+    `read_timeout_s` (the pending read then fails and the stream reports a timeout)."""
 
     def __init__(self, response: UpstreamResponse, request: GenerateRequest, read_timeout_s: float) -> None:
         self._response = response
@@ -106,15 +113,34 @@ class _HttpStream:
         self._mode = request.mode
         self._first: GenerateChunk | None = None
         self._done = False
+        self._loop = asyncio.get_running_loop()
+        self._last_line = self._loop.time()
+        self._timed_out = False
+        self._watchdog = self._loop.call_at(self._last_line + read_timeout_s, self._watch)
+
+    def _watch(self) -> None:
+        if self._done:
+            return
+        due = self._last_line + self._timeout
+        if self._loop.time() < due:
+            self._watchdog = self._loop.call_at(due, self._watch)
+            return
+        self._timed_out = True
+        self._response.abort()
 
     async def read_first(self) -> None:
-        """Read the first chunk; transport errors propagate (the caller may retry)."""
-        self._first = await self._read()
+        """Read the first chunk (a `GenerateChunk`, never an event); transport errors propagate
+        (the caller may retry)."""
+        first = await self._read()
+        if isinstance(first, bytes):
+            first = error_chunk(self._request_id, self._mode, "replica sent an event before its first chunk",
+                                "server_error", "bad_upstream_chunk")
+        self._first = first
 
     def __aiter__(self) -> "_HttpStream":
         return self
 
-    async def __anext__(self) -> GenerateChunk:
+    async def __anext__(self) -> GenerateChunk | bytes:
         if self._first is not None:
             chunk, self._first = self._first, None
         elif self._done:
@@ -128,21 +154,28 @@ class _HttpStream:
             except UpstreamConnectionError as e:
                 chunk = error_chunk(self._request_id, self._mode, f"connection to the replica lost: {e}",
                                     "service_unavailable_error", "replica_lost")
+            if type(chunk) is bytes:
+                return chunk
         if chunk.finish_reason is not None:
-            self._done = True
             await self._finish()
         return chunk
 
-    async def _read(self) -> GenerateChunk:
+    async def _read(self) -> GenerateChunk | bytes:
         while True:
             try:
-                async with asyncio.timeout(self._timeout):
-                    line = await anext(self._lines, None)
-            except TimeoutError as e:
-                raise UpstreamTimeout("no chunk from the replica in time") from e
+                line = await anext(self._lines, None)
+            except UpstreamConnectionError:
+                if self._timed_out:
+                    raise UpstreamTimeout("no chunk from the replica in time") from None
+                raise
+            if self._timed_out:
+                raise UpstreamTimeout("no chunk from the replica in time")
+            self._last_line = self._loop.time()
             if line is None:
                 return error_chunk(self._request_id, self._mode, "replica closed the stream before the last chunk",
                                    "service_unavailable_error", "replica_lost")
+            if line.startswith(b"data: "):
+                return line + b"\n\n"  # a ready SSE event (its empty line follows: skipped below)
             if not line.strip():
                 continue
             try:
@@ -153,6 +186,7 @@ class _HttpStream:
 
     async def _finish(self) -> None:
         """After the last chunk: read to the end so the connection goes back to the pool."""
+        self._stop()
         try:
             async with asyncio.timeout(self._timeout):
                 async for _ in self._lines:
@@ -161,8 +195,12 @@ class _HttpStream:
             pass
         await self._response.aclose()
 
-    async def aclose(self) -> None:
+    def _stop(self) -> None:
         self._done = True
+        self._watchdog.cancel()
+
+    async def aclose(self) -> None:
+        self._stop()
         await self._response.aclose()
 
 

@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from policies import ModePolicy, ModeRequest
-from replicas.wire import EngineSettings, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
+from replicas.wire import EngineSettings, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo, SSERender
 
 from .config import GatewayConfig
 from .errors import GatewayError
@@ -154,15 +154,20 @@ class CompletionService:
                       self_spec_algorithm=req.self_spec_algorithm or decision.spec_algorithm,
                       top_k=req.top_k or 0, ignore_eos=bool(req.ignore_eos), engine=self.engine_settings(),
                       stream=bool(req.stream))
+        created = int(time.time())
+        include_usage = req.wants_usage_chunk()
         requests = []
         for i, src in enumerate(sources):
             for j in range(req.n):
                 index = i * req.n + j
                 seed = None if req.seed is None else req.seed + index
-                requests.append(GenerateRequest(request_id=f"{rid}-{index}", seed=seed, **src, **common))
-        return Plan(id=rid, created=int(time.time()), chat=chat, model=cfg.model_name, mode=decision.mode,
+                # streamed: the replica renders the middle chunks as this choice's SSE events
+                sse = SSERender(id=rid, created=created, model=cfg.model_name, index=index, chat=chat,
+                                include_usage=include_usage) if req.stream else None
+                requests.append(GenerateRequest(request_id=f"{rid}-{index}", seed=seed, sse=sse, **src, **common))
+        return Plan(id=rid, created=created, chat=chat, model=cfg.model_name, mode=decision.mode,
                     reason=decision.reason, n=req.n, requests=requests, stream=bool(req.stream),
-                    include_usage=req.wants_usage_chunk(),
+                    include_usage=include_usage,
                     max_tokens_param="max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens")
 
     def engine_settings(self) -> EngineSettings | None:
@@ -259,6 +264,9 @@ class CompletionService:
         merged = self._merged(opened)
         try:
             async for index, c in merged:
+                if type(c) is bytes:  # an event the replica rendered: forwarded as it is
+                    yield c
+                    continue
                 if c.error is not None:
                     err = chunk_error(c.error)
                     opened.status = err.status
@@ -274,8 +282,8 @@ class CompletionService:
             yield event({**base, "choices": [], "usage": render.usage(plan, lasts)})
         yield DONE
 
-    async def _merged(self, opened: Opened) -> AsyncIterator[tuple[int, GenerateChunk]]:
-        """(choice index, chunk) from every stream, first chunks first, then as they arrive."""
+    async def _merged(self, opened: Opened) -> AsyncIterator[tuple[int, GenerateChunk | bytes]]:
+        """(choice index, chunk or ready event) from every stream, first chunks first, then as they arrive."""
         for i, c in enumerate(opened.firsts):
             yield i, c
         live = [i for i, d in enumerate(opened.done) if not d]
@@ -286,7 +294,7 @@ class CompletionService:
             i = live[0]
             async for c in iters[i]:
                 yield i, c
-                if c.finish_reason is not None:
+                if type(c) is not bytes and c.finish_reason is not None:
                     return
             return
         pending = {asyncio.ensure_future(anext(iters[i], None)): i for i in live}
@@ -299,7 +307,7 @@ class CompletionService:
                     if c is None:
                         continue
                     yield i, c
-                    if c.finish_reason is None:
+                    if type(c) is bytes or c.finish_reason is None:
                         pending[asyncio.ensure_future(anext(iters[i], None))] = i
         finally:
             for task in pending:

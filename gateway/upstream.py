@@ -107,6 +107,10 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         return b"".join([d async for d in self._chunks()])
 
+    def abort(self) -> None:
+        """Reset the connection now: a pending read fails (the caller's timeout watchdog)."""
+        self._conn.abort()
+
     async def aclose(self) -> None:
         if self._closed:
             return

@@ -12,7 +12,9 @@ byte is sent for a request that will not run. Then:
 - `req.stream` true: `ndjson(started)` yields NDJSON lines of `GenerateChunk` text deltas, at
   most one per `stream_interval_s` unless `stream_flush_tokens` tokens are waiting (tokens
   that arrive meanwhile join the next line); tokens made while the handler is busy are merged
-  anyway. A failure after the first line is one last chunk with `error`.
+  anyway. With `req.sse` set, the lines between the first and the last are the client's
+  OpenAI SSE events instead (`wire.SSERender`; empty deltas are skipped), so the gateway
+  forwards them without parsing. A failure after the first line is one last chunk with `error`.
 Metrics are recorded once per request (first token, inter-token, tokens per forward), not per
 chunk. Closing the stream, or cancelling the handler, aborts the engine request.
 Non-goals: HTTP routing (see `app`), OpenAI field names (the gateway).
@@ -20,6 +22,7 @@ Non-goals: HTTP routing (see `app`), OpenAI field names (the gateway).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -138,25 +141,30 @@ class Generations:
         text = "".join(parts) if s.req.stop else self.codec.decode(tokens)
         return self._last(s, chunk, tokens, text, "stop" if detok.stopped else chunk.finish_reason)
 
-    async def ndjson(self, s: Started) -> AsyncIterator[str]:
+    async def ndjson(self, s: Started) -> AsyncIterator[bytes]:
         detok = Detokenizer(self.codec, stop=list(s.req.stop))
-        tokens = 0
+        # with `sse`, chunks after the first are the client's events, ready to forward
+        head, tail = s.req.sse.event_parts() if s.req.sse is not None else (None, None)
         chunk = s.first
+        first = True
         try:
             while True:
-                tokens += len(chunk.token_ids)
                 final = chunk.finish_reason is not None
                 text = detok.push(chunk.token_ids, final=final)
                 if final or detok.stopped:
                     out = self._last(s, chunk, detok.ids, text, "stop" if detok.stopped else chunk.finish_reason)
-                    yield out.model_dump_json(exclude_none=True) + "\n"
+                    yield out.model_dump_json(exclude_none=True).encode() + b"\n"
                     return
-                out = GenerateChunk(request_id=s.request_id, mode=chunk.mode or s.req.mode, token_ids=chunk.token_ids,
-                                    text=text, forward_passes=chunk.forward_passes)
-                yield out.model_dump_json(exclude_none=True) + "\n"
+                if head is None or first:
+                    out = GenerateChunk(request_id=s.request_id, mode=chunk.mode or s.req.mode,
+                                        token_ids=chunk.token_ids, text=text, forward_passes=chunk.forward_passes)
+                    yield out.model_dump_json(exclude_none=True).encode() + b"\n"
+                    first = False
+                elif text:  # an empty delta is no event
+                    yield head + json.dumps(text).encode() + tail
                 chunk = await anext(s.stream)
         except EngineError as e:
-            yield self._failed(s, e).model_dump_json(exclude_none=True) + "\n"
+            yield self._failed(s, e).model_dump_json(exclude_none=True).encode() + b"\n"
         finally:
             await s.stream.aclose()  # aborts the engine request if it is still running
 

@@ -32,6 +32,7 @@ may import it, torch-free and ray-free).
 
 from __future__ import annotations
 
+import json
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +79,34 @@ class EngineSettings(BaseModel):
     since: float | None = None
 
 
+class SSERender(BaseModel):
+    """How a replica renders a streamed request's middle chunks as the client's OpenAI SSE events.
+
+    With `GenerateRequest.sse` set (and `stream: true`), every chunk between the first and the
+    last is sent as a ready `data: {...}` event followed by an empty line, which the gateway
+    forwards as it is; chunks whose text delta is empty are not sent. The first and the last
+    chunk stay `GenerateChunk` lines: the gateway needs the first to answer errors with a status
+    and to learn the mode, and the last for `finish_reason`, usage and errors."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str  # the client's completion id (cmpl-... / chatcmpl-...)
+    created: int
+    model: str
+    index: int = Field(ge=0)  # the choice index
+    chat: bool  # chat.completion.chunk with a `delta`, else text_completion with `text`
+    include_usage: bool = False  # `"usage": null` on every chunk (stream_options.include_usage)
+
+    def event_parts(self) -> tuple[bytes, bytes]:
+        """(head, tail): an event is head + the JSON string of the text delta + tail, the same
+        JSON (keys in the same order) as the gateway's own rendering of a middle chunk."""
+        head = json.dumps({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                           "created": self.created, "model": self.model}, separators=(",", ":"))[:-1]
+        opening = '"delta":{"content":' if self.chat else '"text":'
+        closing = ("}" if self.chat else "") + ',"finish_reason":null,"logprobs":null}]'
+        closing += ',"usage":null}' if self.include_usage else "}"
+        return (f'data: {head},"choices":[{{"index":{self.index},{opening}').encode(), (closing + "\n\n").encode()
+
+
 class GenerateRequest(BaseModel):
     """One completion. Exactly one of `prompt`, `prompt_ids`, `messages` is set."""
 
@@ -102,6 +131,7 @@ class GenerateRequest(BaseModel):
     self_spec_algorithm: SpecAlgorithm | None = None  # None: the replica's engine default
     engine: EngineSettings | None = None  # the policy's current engine settings; applied when they differ
     stream: bool = True  # False: the answer is ONE GenerateChunk JSON with every token, the text and usage
+    sse: SSERender | None = None  # stream: send the middle chunks as the client's SSE events (see SSERender)
 
 
 class Usage(BaseModel):

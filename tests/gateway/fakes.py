@@ -77,6 +77,16 @@ def fake_chunks(r: GenerateRequest, instant: bool = False) -> list[GenerateChunk
     return chunks
 
 
+def as_wire(r: GenerateRequest, chunks: list[GenerateChunk]) -> list[GenerateChunk | bytes]:
+    """What a replica sends for `chunks`: with `sse`, the middle chunks as ready SSE events
+    (empty deltas dropped), as `replicas.generation` does; else the chunks themselves."""
+    if r.sse is None or not r.stream or len(chunks) < 3:
+        return list(chunks)
+    head, tail = r.sse.event_parts()
+    middle = [head + json.dumps(c.text).encode() + tail for c in chunks[1:-1] if c.text]
+    return [chunks[0], *middle, chunks[-1]]
+
+
 def engine_failed(like: GenerateChunk) -> GenerateChunk:
     return GenerateChunk(request_id=like.request_id, mode=like.mode, finish_reason="error",
                          error=ErrorInfo(message="engine failed", type="server_error", code="engine_error"))
@@ -84,7 +94,8 @@ def engine_failed(like: GenerateChunk) -> GenerateChunk:
 
 class FakeStream:
     def __init__(self, owner: "FakeReplicaClient", request: GenerateRequest, chunks: list[GenerateChunk]) -> None:
-        self.owner, self.request, self.chunks = owner, request, chunks
+        self.owner, self.request = owner, request
+        self.chunks = as_wire(request, chunks) if owner.render_sse else list(chunks)
         self.sent = 0
         self.closed = False
         self.finished = False
@@ -96,7 +107,7 @@ class FakeStream:
     def __aiter__(self) -> "FakeStream":
         return self
 
-    async def __anext__(self) -> GenerateChunk:
+    async def __anext__(self) -> GenerateChunk | bytes:
         if self.closed or self.finished:
             raise StopAsyncIteration
         o = self.owner
@@ -111,7 +122,7 @@ class FakeStream:
             return engine_failed(self.chunks[0])
         chunk = self.chunks[self.sent]
         self.sent += 1
-        if chunk.finish_reason is not None:
+        if type(chunk) is not bytes and chunk.finish_reason is not None:
             self.finished = True
         return chunk
 
@@ -135,6 +146,7 @@ class FakeReplicaClient:
         self.closed = False
         self.engine_updates: list[EngineSettings] = []
         self.engine_error: ReplicaError | None = None
+        self.render_sse = True  # False: ignore `sse`, send every chunk as a GenerateChunk (the gateway renders)
 
     async def generate(self, request: GenerateRequest) -> FakeStream:
         self.requests.append(request)
@@ -231,7 +243,7 @@ def fake_replica_app(state: FakeReplicaState):
             err = ErrorBody(error=ErrorInfo(message="fake replica error", type="fake_error", code="fake"))
             await respond(send, state.error_status, err.model_dump_json().encode())
             return
-        chunks = fake_chunks(request, instant=state.instant)
+        chunks = as_wire(request, fake_chunks(request, instant=state.instant))
         if not request.stream:  # one message, as a real replica answers it
             await respond(send, 200, chunks[0].model_dump_json(exclude_none=True).encode())
             state.completed.append(request.request_id or "")
@@ -249,7 +261,7 @@ def fake_replica_app(state: FakeReplicaState):
         try:
             for k, c in enumerate(chunks):
                 if state.error_after_chunks is not None and k >= state.error_after_chunks:
-                    c = GenerateChunk(request_id=c.request_id, mode=c.mode, finish_reason="error",
+                    c = GenerateChunk(request_id=chunks[0].request_id, mode=chunks[0].mode, finish_reason="error",
                                       error=ErrorInfo(message="engine failed", type="server_error"))
                 if k and state.chunk_delay_s:
                     try:
@@ -259,6 +271,9 @@ def fake_replica_app(state: FakeReplicaState):
                 if disconnected.is_set():
                     state.aborted.append(request.request_id or "")
                     return
+                if type(c) is bytes:  # a ready SSE event
+                    await send({"type": "http.response.body", "body": c, "more_body": True})
+                    continue
                 last = c.finish_reason is not None
                 await send({"type": "http.response.body", "body": c.model_dump_json(exclude_none=True).encode() + b"\n",
                             "more_body": not last})

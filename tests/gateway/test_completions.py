@@ -3,6 +3,8 @@ usage (with NLD's forward_passes / tokens_per_forward), n, stop, extension field
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.gateway.fakes import fake_chunks
@@ -144,6 +146,30 @@ async def test_chat_stream_n_and_stop(client, fake):
         assert text == "".join(c.text for c in fake_chunks(req))
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"model": "nld", "prompt": ["a", "b"], "n": 2, "max_tokens": 9, "seed": 3,
+                         "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {**CHAT, "n": 2, "max_tokens": 11, "stop": "never", "decoding_mode": "self_spec"}),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 7, "decoding_mode": "ar", "stream_options": {"include_usage": True}}),
+])
+async def test_events_rendered_by_the_replica_are_the_events_the_gateway_would_render(make_app, fake, path, body):
+    """The replica renders the middle chunks (`GenerateRequest.sse`) and the gateway forwards
+    them: the client sees the same events as when the gateway renders every chunk itself."""
+    texts = {}
+    for render_sse in (True, False):
+        fake.render_sse = render_sse
+        async with asgi_client(make_app()) as c:
+            r = await c.post(path, json={**body, "stream": True})
+        assert r.status_code == 200
+        texts[render_sse] = r.text
+    assert all(q.sse is not None and q.sse.index == int(q.request_id.rsplit("-", 1)[1]) for q in fake.requests)
+    forwarded = [s for s in fake.streams[:len(fake.streams) // 2] for c in s.chunks if type(c) is bytes]
+    assert forwarded  # the first run did forward ready events
+    same = [{**e, "id": "x", "created": 0} if isinstance(e, dict) else e for e in sse_events(texts[True])]
+    other = [{**e, "id": "x", "created": 0} if isinstance(e, dict) else e for e in sse_events(texts[False])]
+    assert same == other
+
+
 async def test_stream_stop_ends_with_stop_reason(client, fake):
     probe = GenerateRequest(prompt="s", max_tokens=8, mode="ar", request_id="x-0")
     stop = "".join(c.text for c in fake_chunks(probe)).split()[2]
@@ -219,3 +245,23 @@ async def test_the_policy_level_names_the_algorithm_and_the_client_overrides_it(
         assert fake.requests[-1].self_spec_algorithm == "linear"
         await c.post("/v1/completions", json={"model": "nld", "prompt": "x", "max_tokens": 3, "decoding_mode": "ar"})
         assert fake.requests[-1].self_spec_algorithm is None  # an ar decision carries no algorithm
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_a_replica_rendered_event_is_byte_for_byte_the_gateways_own(chat, include_usage):
+    from gateway import render
+    from gateway.plan import Plan
+    from gateway.sse import event
+    from replicas.wire import GenerateChunk, SSERender
+
+    plan = Plan(id="cmpl-9", created=42, chat=chat, model="nld", mode="ar", reason="client", n=1, requests=[],
+                stream=True, include_usage=include_usage)
+    base = {"id": plan.id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": plan.created, "model": plan.model}
+    text = ' déjà "vu"\n\t\\'
+    ours = event(render.stream_chunk(plan, base, 2, GenerateChunk(request_id="r", mode="ar", text=text), [None] * 3,
+                                     {2}))  # choice 2 already started: no role
+    head, tail = SSERender(id="cmpl-9", created=42, model="nld", index=2, chat=chat,
+                           include_usage=include_usage).event_parts()
+    assert head + json.dumps(text).encode() + tail == ours

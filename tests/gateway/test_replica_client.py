@@ -12,9 +12,9 @@ import pytest
 
 from gateway import GatewayConfig
 from gateway.replica_client import HttpReplicaClient, ReplicaError
-from tests.gateway.fakes import FAKE_INFO, fake_chunks
+from tests.gateway.fakes import FAKE_INFO, as_wire, fake_chunks
 from gateway.upstream import UpstreamConnectionError, UpstreamPool
-from replicas.wire import ErrorBody, ErrorInfo, GenerateRequest
+from replicas.wire import ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, SSERender
 
 from .servers import ScriptedServer
 
@@ -260,3 +260,59 @@ async def test_a_malformed_non_streaming_answer_is_an_error_chunk():
     async with ScriptedServer(respond) as srv:
         chunks = await collect(await client_for(srv.url).generate(REQ.model_copy(update={"stream": False})))
         assert chunks[-1].finish_reason == "error" and chunks[-1].error.code == "bad_upstream_chunk"
+
+
+SSE_REQ = REQ.model_copy(update={"mode": "ar", "sse": SSERender(id="cmpl-1", created=3, model="nld", index=0, chat=False)})
+
+
+def wire_bytes(request: GenerateRequest) -> bytes:
+    return b"".join(c if type(c) is bytes else c.model_dump_json(exclude_none=True).encode() + b"\n"
+                    for c in as_wire(request, fake_chunks(request)))
+
+
+async def test_ready_sse_events_come_through_as_bytes_even_when_split_across_writes():
+    body = wire_bytes(SSE_REQ)
+
+    async def respond(req):
+        await req.start_chunked()
+        for i in range(0, len(body), 5):
+            await req.chunk(body[i:i + 5])
+        await req.end_chunked()
+    async with ScriptedServer(respond) as srv:
+        items = await collect(await client_for(srv.url).generate(SSE_REQ))
+    expected = as_wire(SSE_REQ, fake_chunks(SSE_REQ))
+    assert len(items) == len(expected) > 2 and isinstance(items[0], GenerateChunk)
+    assert items[1:-1] == expected[1:-1] and all(type(e) is bytes and e.endswith(b"}\n\n") for e in items[1:-1])
+    assert items[-1].finish_reason == "length" and items[-1].usage.completion_tokens == 9
+
+
+async def test_an_event_before_the_first_chunk_is_a_malformed_stream():
+    async def respond(req):
+        await req.start_chunked()
+        await req.chunk(b'data: {"choices": []}\n\n')
+        await req.end_chunked()
+    async with ScriptedServer(respond) as srv:
+        chunks = await collect(await client_for(srv.url).generate(SSE_REQ))
+        assert chunks[0].finish_reason == "error" and chunks[0].error.code == "bad_upstream_chunk"
+
+
+async def test_the_read_timeout_is_per_line_not_per_stream():
+    """The watchdog re-arms on every line: a stream longer than the timeout whose lines come
+    in time is not cut; one that then stalls is."""
+    lines = lines_for(REQ)
+
+    async def respond(req):
+        await req.start_chunked()
+        for line in lines[:-1]:
+            await req.chunk(line)
+            await asyncio.sleep(0.1)
+        if req.path.startswith("/stall"):
+            await asyncio.sleep(2)
+        await req.chunk(lines[-1])
+        await req.end_chunked()
+    async with ScriptedServer(respond) as srv:
+        assert len(lines) * 0.1 > 0.25
+        chunks = await collect(await client_for(srv.url, request_timeout_s=0.25).generate(REQ))
+        assert chunks[-1].finish_reason == "length" and chunks[-1].error is None
+        chunks = await collect(await client_for(srv.url + "/stall", request_timeout_s=0.25).generate(REQ))
+        assert chunks[-1].finish_reason == "error" and chunks[-1].error.code == "upstream_timeout"

@@ -61,6 +61,28 @@ def test_a_streaming_request_is_ndjson_whose_tokens_and_text_add_up():
     assert metrics.kinds().count("request") == 1 and metrics.kinds().count("inter_token") == 1
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_with_sse_the_middle_chunks_are_the_clients_events_and_first_and_last_stay_chunks(chat):
+    replica, engine, _ = make({"tokens_per_step": 1})
+    sse = {"id": "cmpl-7", "created": 11, "model": "m", "index": 3, "chat": chat, "include_usage": True}
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 10, "sse": sse}))
+    lines = r.content.split(b"\n")
+    first, last = GenerateChunk.model_validate_json(lines[0]), GenerateChunk.model_validate_json(
+        [x for x in lines if x][-1])
+    events = [json.loads(x[len(b"data: "):]) for x in lines if x.startswith(b"data: ")]
+    assert r.content.count(b"data: ") == len(events) and b"data: " not in lines[0]
+    assert all(e == {"id": "cmpl-7", "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": 11, "model": "m", "choices": e["choices"], "usage": None} for e in events)
+    choices = [e["choices"][0] for e in events]
+    assert all(c["index"] == 3 and c["finish_reason"] is None and c["logprobs"] is None for c in choices)
+    deltas = [c["delta"]["content"] if chat else c["text"] for c in choices]
+    assert all(deltas)  # empty deltas are not sent
+    # every token's text arrives once: first chunk + events + last chunk
+    assert first.text + "".join(deltas) + last.text == replica.codec.decode(engine.script[:10])
+    assert last.finish_reason == "length" and last.usage.completion_tokens == 10
+    assert r.content.endswith(b"\n") and all(x.endswith(b"}") for x in lines if x.startswith(b"data: "))
+
+
 @pytest.mark.parametrize("error, status, type_, param, code", [
     (ValueError("max_new_tokens: too many for the context"), 400, "invalid_request_error", "max_tokens", None),
     (ValueError("block_length: must be >= 2"), 400, "invalid_request_error", "block_length", None),
