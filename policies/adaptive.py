@@ -4,7 +4,9 @@ Each evaluation computes the `mode.signal` expression over the signals, smooths 
 a half-life in seconds), and moves between levels [sparse_mode, (middle band), loaded_mode]
 with hysteresis: up when the value exceeds a level's `enter_above`, down when it falls below
 its `leave_below`, and never sooner than `min_dwell_s` after the previous switch (so a load
-sitting on a threshold causes at most one switch per dwell window). When a signal the
+sitting on a threshold causes at most one switch per dwell window), except a move up once the
+load is an octave above both the load at the last switch and the level's threshold (a load
+step: a burst must not wait out the dwell in the sparse mode). When a signal the
 expression uses is stale, `on_stale: hold` keeps the mode and `fallback` moves to
 `stale_mode`. `decide()` re-evaluates at most every `eval_interval_s` (local counters are
 read instantly) and applies `client_override` to explicit modes: allow, deny, or clamp
@@ -90,6 +92,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.last_eval: float | None = None
         self.last_switch_clock = float("-inf")
         self.tried_at: float | None = None  # the load at which the current mode was entered as a try
+        self.switch_load: float | None = None  # the smoothed load at the last switch
         self.last_switch: Switch | None = None
         self.switch_count = 0
         self.eval_interval_s = eval_interval_s
@@ -104,7 +107,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         if old.mode in modes:
             self.level = modes.index(old.mode)
         self.smoothed, self.last_switch_clock, self.last_switch = old.smoothed, old.last_switch_clock, old.last_switch
-        self.switch_count, self.tried_at = old.switch_count, old.tried_at
+        self.switch_count, self.tried_at, self.switch_load = old.switch_count, old.tried_at, old.switch_load
         self.attached_at = old.attached_at  # the view carries over; the new file's settings date from now
         self._publish_mode()
 
@@ -150,7 +153,7 @@ class AdaptiveModePolicy(ModePolicyBase):
             reason = "rising" if target > self.level else "falling"
             edge = self.levels[target].enter_above if target > self.level else self.levels[self.level].leave_below
             detail = f"signal {self.smoothed:.2f} {'>' if target > self.level else '<'} {edge:g}"
-            self._switch_to(target, now, reason, detail)
+            self._switch_to(target, now, reason, detail, ignore_dwell=self._load_stepped_up(target, edge))
         return self.mode
 
     def _decide_by_goodput(self, now: float) -> bool:
@@ -173,7 +176,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         if target != self.level:
             load = max(self.smoothed, self.raw)
             void = self.tried_at is not None and octaves_between(load, self.tried_at) > STEADY_OCTAVES
-            self._switch_to(target, now, choice.reason, choice.detail, ignore_dwell=void,
+            self._switch_to(target, now, choice.reason, choice.detail, ignore_dwell=void or self._load_stepped_up(target),
                             tried_at=load if choice.reason == "explore" else None)
         return True
 
@@ -185,6 +188,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         if target == self.level or (not ignore_dwell and now - self.last_switch_clock < self.spec.mode.min_dwell_s):
             return
         self.tried_at = tried_at
+        self.switch_load = self.smoothed
         old = self.mode
         self.level = target
         self.last_switch_clock = now
@@ -193,6 +197,18 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.switch_count += 1
         self.metrics.switches.labels(**{"from": old, "to": self.mode, "reason": reason}).inc()
         self._publish_mode()
+
+    def _load_stepped_up(self, target: int, entry: float = 0.0) -> bool:
+        """A move to a more loaded level once the load (smoothed or raw, the larger) is at least
+        an octave above the load at the last switch and above `entry` (a threshold level's
+        `enter_above`): a load step, which the dwell must not hold in the sparse mode (an idle
+        fleet falls to self_spec; a burst of 32 requests then ran up to a dwell in it at 0.77x
+        ar's tokens/s, docs/PERFORMANCE.md). Noise around a threshold or a crossover moves the
+        load less, so the dwell still bounds switching there; every move down keeps the dwell."""
+        if target <= self.level or self.switch_load is None:
+            return False
+        load = max(self.smoothed or 0.0, self.raw or 0.0)
+        return load >= 2.0 * max(self.switch_load, entry, 1.0)
 
     def _publish_mode(self) -> None:
         for m in MODES:

@@ -223,17 +223,23 @@ class GoodputChooser:
         self.rule, self.modes, self.tiers = rule, modes, tiers
         self.smoothed: dict[str, float] = {}  # mode -> EWMA of log predicted tokens/s at the decision load
         self.last_t: float | None = None
+        self.last_n: float | None = None  # the load of the smoothed rates (reset by a load step)
         self._memo_view: CostView | None = None
         self._memo: dict[tuple, Prediction | None] = {}
         self.explored: dict[tuple[str, int], float] = {}  # (mode, load octave) -> when it was tried
 
-    def _smooth(self, options: dict[str, Prediction], now: float | None) -> dict[str, float]:
-        """EWMA (half-life `smoothing_s`) of each mode's log tokens/s: noise in the measured costs
-        does not flip the choice; a large change (a load step) still crosses the margin quickly."""
+    def _smooth(self, options: dict[str, Prediction], now: float | None, n: float) -> dict[str, float]:
+        """EWMA (half-life `smoothing_s`) of each mode's log tokens/s at load `n`: noise in the
+        measured costs does not flip the choice. A load step (`n` more than half an octave from the
+        load of the last decision) starts afresh: the rates at the old load say nothing about the
+        new one, and averaging them kept a burst of 32 requests in self_spec for about 3 s."""
         half = self.rule.smoothing_s
-        alpha = 1.0 if now is None or self.last_t is None or half <= 0 else 1.0 - 0.5 ** (
+        stepped = self.last_n is None or octaves_between(n, self.last_n) > STEADY_OCTAVES
+        alpha = 1.0 if now is None or self.last_t is None or half <= 0 or stepped else 1.0 - 0.5 ** (
             max(now - self.last_t, 0.0) / half)
         self.last_t = now
+        if stepped:
+            self.last_n = n  # the load the smoothed rates stand for (moved only by a step)
         for m, p in options.items():
             x = math.log(max(p.tokens_per_s, 1e-12))
             prev = self.smoothed.get(m)
@@ -267,7 +273,7 @@ class GoodputChooser:
             return None  # a mode never measured (e.g. no self-spec cycle yet): the thresholds explore
         at = "projected" if projected > current else "current"
         options = preds[at]
-        rate = self._smooth(options, now)
+        rate = self._smooth(options, now, projected if projected > current else current)
         slo = self.rule.latency_slo_s
         within = [m for m, p in options.items() if slo is None or p.latency_s <= slo]
         if not within:  # nothing meets the SLO: the fastest request wins

@@ -91,6 +91,25 @@ async def test_min_dwell_delays_the_next_switch():
     assert policy.evaluate() == "self_spec"
 
 
+async def test_a_load_step_moves_up_within_the_dwell_and_moves_down_never_do():
+    """An idle fleet falls to the sparse mode; a burst that arrives within the dwell goes to ar at
+    once (held for the dwell it ran at 0.77x ar's tokens/s). A rise to just above the threshold
+    still waits, and so does every move down."""
+    policy, src, clock, board, _ = make()
+    await feed(board, src, clock, 9)
+    assert policy.evaluate() == "ar"
+    await feed(board, src, clock, 0, seconds=11)
+    assert policy.evaluate() == "self_spec"  # idle: sparse (after the dwell)
+    await feed(board, src, clock, 9, seconds=2)
+    assert policy.evaluate() == "self_spec"  # above 8, but not an octave above it: the dwell holds
+    await feed(board, src, clock, 32, seconds=1)
+    assert policy.evaluate() == "ar" and policy.snapshot()["last_switch"]["reason"] == "rising"
+    await feed(board, src, clock, 0, seconds=1)
+    assert policy.evaluate() == "ar"  # down: the dwell holds
+    await feed(board, src, clock, 0, seconds=9.5)
+    assert policy.evaluate() == "self_spec"
+
+
 async def test_ewma_smoothing_ignores_a_short_spike():
     policy, src, clock, board, _ = make("smoothing: {ewma_half_life_s: 4}")
     await feed(board, src, clock, 1)

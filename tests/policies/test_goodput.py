@@ -317,7 +317,10 @@ async def test_a_stale_cost_model_holds_the_mode():
     costs.view = view(tokens_per_cycle=8.0, steps=500)
     assert await step(policy, board, clock, load, costs, 1) == "self_spec"
     costs.fail = True
-    for _ in range(8):  # stale after 5 s; the load rises far past any crossover meanwhile
+    for _ in range(3):  # stale after 5 s
+        mode = await step(policy, board, clock, load, costs, 1, seconds=2.0)
+    assert mode == "self_spec" and policy.snapshot()["stale"]
+    for _ in range(8):  # the load rises far past any crossover meanwhile
         mode = await step(policy, board, clock, load, costs, 40, seconds=2.0)
     assert mode == "self_spec" and policy.snapshot()["stale"]
     costs.fail = False
@@ -385,6 +388,26 @@ async def test_a_try_is_left_at_once_when_the_load_moves_away():
     assert mode == "ar" and clock.t - tried < policy.spec.mode.min_dwell_s  # within the dwell
     # a switch that is not a try keeps the dwell: back at 1 request, no immediate move
     assert await step(policy, board, clock, load, costs, 1, seconds=0.5) == "ar"
+
+
+async def test_a_burst_after_an_idle_switch_to_self_spec_goes_to_ar_within_the_dwell():
+    """The cost model rates self_spec best at 1 request and ar at 32: the fleet goes idle, the
+    policy moves to self_spec, and a burst of 32 requests a few seconds later is in ar at once."""
+    policy, board, clock, load, costs = make()
+    costs.view = view(tokens_per_cycle=6.0, steps=1000)
+    for _ in range(12):
+        await step(policy, board, clock, load, costs, 32)
+    assert policy.mode == "ar"
+    for _ in range(30):  # the smoothed load decays to 1 request
+        if await step(policy, board, clock, load, costs, 1) == "self_spec":
+            break
+    assert policy.mode == "self_spec"
+    switched = policy.last_switch_clock
+    await step(policy, board, clock, load, costs, 1, seconds=2.0)  # idle a little longer, within the dwell
+    modes = [await step(policy, board, clock, load, costs, 32, seconds=0.25) for _ in range(4)]
+    assert clock.t - switched < policy.spec.mode.min_dwell_s  # within the dwell
+    # at the first evaluation: the rates smoothed at 1 request do not hold self_spec at 32
+    assert modes == ["ar"] * 4 and policy.snapshot()["goodput"]["choice"] == "ar"
 
 
 async def test_before_its_first_view_the_calibrating_preset_sends_ar():
