@@ -131,7 +131,11 @@ class _HttpStream:
     async def read_first(self) -> None:
         """Read the first chunk (a `GenerateChunk`, never an event); transport errors propagate
         (the caller may retry)."""
-        first = await self._read()
+        try:
+            first = await self._read()
+        except BaseException:
+            self._stop()  # the caller drops this stream: no watchdog left behind
+            raise
         if isinstance(first, bytes):
             first = error_chunk(self._request_id, self._mode, "replica sent an event before its first chunk",
                                 "server_error", "bad_upstream_chunk")
