@@ -11,6 +11,9 @@ asyncio sockets with keep-alive connections, so the client costs little).
 - throughput: --concurrency connections in a closed loop for --duration seconds of
   non-streaming requests; requests/s measured, plus the gateway process's CPU seconds, giving
   requests per CPU-second (what one fully used core sustains; the 2-core CI box is shared).
+- streaming (--stream-tokens, 0 skips it): the same closed loop of streamed completions against
+  a fake replica that sends one chunk per token every --chunk-delay-ms, rendered as the client's
+  SSE events as a real replica does; the gateway's CPU per SSE event it forwards.
 
 Prints a table and writes JSON (default benchmarks/results/gateway_overhead.json).
 
@@ -140,63 +143,52 @@ async def latency(replica_port: int, gateway_port: int, n: int, max_tokens: int)
     return out
 
 
-async def throughput(gateway_port: int, gateway_pid: int, concurrency: int, duration: float, max_tokens: int) -> dict:
-    raw = http_post("/v1/completions", {"model": "nld", "prompt": PROMPT, "max_tokens": max_tokens,
-                                        "temperature": 0, "decoding_mode": "ar"})
+async def closed_loop(gateway_port: int, gateway_pid: int, concurrency: int, duration: float, raw: bytes,
+                      stream: bool) -> dict:
+    """`concurrency` keep-alive connections sending `raw` back to back: a 1 s warm-up, then
+    `duration` measured. Counts requests, failures (non-200; streamed: no final [DONE]), SSE
+    events, and the gateway process's CPU seconds over the measured part."""
     conns = [await Conn.open(gateway_port) for _ in range(concurrency)]
-    done = 0
-    errors = 0
+    n = {"requests": 0, "errors": 0, "events": 0}
     stop_at = 0.0
 
     async def worker(c: Conn) -> None:
-        nonlocal done, errors
         while time.perf_counter() < stop_at:
-            status, _ = await c.request(raw)
-            done += 1
-            errors += status != 200
+            status, body = await c.request(raw)
+            n["requests"] += 1
+            n["errors"] += status != 200 or (stream and not body.endswith(b"data: [DONE]\n\n"))
+            n["events"] += max(body.count(b"data: ") - 1, 0) if stream else 0
 
     stop_at = time.perf_counter() + 1.0  # warm up
     await asyncio.gather(*(worker(c) for c in conns))
-    done = errors = 0
+    n = dict.fromkeys(n, 0)
     cpu0, t0 = cpu_seconds(gateway_pid), time.perf_counter()
     stop_at = t0 + duration
     await asyncio.gather(*(worker(c) for c in conns))
     wall, cpu = time.perf_counter() - t0, cpu_seconds(gateway_pid) - cpu0
     for c in conns:
         c.close()
-    return {"requests": done, "errors": errors, "seconds": wall, "requests_per_s": done / wall,
-            "gateway_cpu_s": cpu, "gateway_cpu_utilisation": cpu / wall,
-            "requests_per_cpu_s": done / cpu if cpu else None, "cpu_us_per_request": cpu / done * 1e6}
+    return {**n, "seconds": wall, "gateway_cpu_s": cpu, "gateway_cpu_utilisation": cpu / wall}
+
+
+async def throughput(gateway_port: int, gateway_pid: int, concurrency: int, duration: float, max_tokens: int) -> dict:
+    raw = http_post("/v1/completions", {"model": "nld", "prompt": PROMPT, "max_tokens": max_tokens,
+                                        "temperature": 0, "decoding_mode": "ar"})
+    r = await closed_loop(gateway_port, gateway_pid, concurrency, duration, raw, stream=False)
+    r.pop("events")
+    done, cpu = r["requests"], r["gateway_cpu_s"]
+    return {**r, "requests_per_s": done / r["seconds"], "requests_per_cpu_s": done / cpu if cpu else None,
+            "cpu_us_per_request": cpu / max(done, 1) * 1e6}
 
 
 async def streaming(gateway_port: int, gateway_pid: int, concurrency: int, duration: float, tokens: int) -> dict:
     """Streamed completions, one upstream chunk per token: the gateway's CPU per SSE event."""
     raw = http_post("/v1/completions", {"model": "nld", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
                                         "decoding_mode": "ar", "stream": True})
-    conns = [await Conn.open(gateway_port) for _ in range(concurrency)]
-    done = errors = events = 0
-    stop_at = 0.0
-
-    async def worker(c: Conn) -> None:
-        nonlocal done, errors, events
-        while time.perf_counter() < stop_at:
-            status, body = await c.request(raw)
-            done += 1
-            errors += status != 200 or not body.endswith(b"data: [DONE]\n\n")
-            events += body.count(b"data: ") - 1
-
-    stop_at = time.perf_counter() + 1.0  # warm up
-    await asyncio.gather(*(worker(c) for c in conns))
-    done = errors = events = 0
-    cpu0, t0 = cpu_seconds(gateway_pid), time.perf_counter()
-    stop_at = t0 + duration
-    await asyncio.gather(*(worker(c) for c in conns))
-    wall, cpu = time.perf_counter() - t0, cpu_seconds(gateway_pid) - cpu0
-    for c in conns:
-        c.close()
-    return {"requests": done, "errors": errors, "events": events, "seconds": wall, "events_per_s": events / wall,
-            "gateway_cpu_s": cpu, "gateway_cpu_utilisation": cpu / wall,
-            "cpu_us_per_event": cpu / max(events, 1) * 1e6, "cpu_us_per_request": cpu / max(done, 1) * 1e6}
+    r = await closed_loop(gateway_port, gateway_pid, concurrency, duration, raw, stream=True)
+    cpu = r["gateway_cpu_s"]
+    return {**r, "events_per_s": r["events"] / r["seconds"], "cpu_us_per_event": cpu / max(r["events"], 1) * 1e6,
+            "cpu_us_per_request": cpu / max(r["requests"], 1) * 1e6}
 
 
 # ---- orchestration ---------------------------------------------------------------------------

@@ -6,7 +6,8 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
 - `POST /generate` with a `GenerateRequest` JSON body. On success: HTTP 200 and, with
   `stream: false`, ONE `GenerateChunk` JSON (every token id, the whole text, `finish_reason`,
   `usage`); with `stream: true` (the default), NDJSON lines, one `GenerateChunk` (a text delta)
-  each, the last with `finish_reason` and `usage`. On
+  each, the last with `finish_reason` and `usage`; with `sse` set as well, the lines between
+  the first and the last are the client's ready OpenAI SSE events (`SSERender`). On
   a request error before streaming: an `ErrorBody` JSON with status 400 (bad parameters,
   `param` set; code `context_length_exceeded` for a prompt that is too long), 404 (no such
   route), 429 (engine overloaded) or 503 (engine error). A failure
