@@ -18,7 +18,8 @@ proxy over `gateway.upstream.UpstreamPool` (kept-alive HTTP/1.1 connections): a 
 failure before the first byte is retried `config.connect_retries` times (the proxy may route
 the retry to another replica), then 503; an upstream status is mapped as above; `info()` is
 cached for `config.info_ttl_s`; `update_engine(EngineSettings)` POSTs /engine (the replica the
-proxy picks applies them; see `gateway.engine_push`). Non-goals: load balancing (Ray Serve does it), request
+proxy picks applies them; see `gateway.engine_push`). The streams it returns are
+`gateway.replica_stream`'s. Non-goals: load balancing (Ray Serve does it), request
 validation (the app and the replica do).
 """
 
@@ -35,6 +36,7 @@ from pydantic import ValidationError
 from replicas.wire import EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
 
 from .config import GatewayConfig
+from .replica_stream import HttpStream, WholeAnswer, error_chunk
 from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 GENERATE_HEADERS = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
@@ -69,11 +71,6 @@ class ReplicaClient(Protocol):
     async def aclose(self) -> None: ...
 
 
-def error_chunk(request_id: str, mode: str, message: str, type: str, code: str) -> GenerateChunk:
-    return GenerateChunk(request_id=request_id, mode=mode, finish_reason="error",
-                         error=ErrorInfo(message=message, type=type, code=code))
-
-
 def upstream_status(status: int) -> int:
     """The status the client sees for an upstream (proxy or replica) error status."""
     if status in (400, 413, 429, 503):
@@ -97,136 +94,6 @@ def error_of(upstream: int, raw: bytes, retry_after: float | None = None) -> Rep
     return ReplicaError(status, info, retry_after)
 
 
-class _HttpStream:
-    """NDJSON lines of one upstream response as `GenerateChunk`s, and ready SSE events as bytes
-    (a request with `sse`: the replica renders its middle chunks); see the module contract.
-
-    The read timeout is a watchdog, not a timer per line: each line stamps the time, and one
-    timer per stream, re-armed only when it fires, aborts the connection once no line came for
-    `read_timeout_s` (the pending read then fails and the stream reports a timeout)."""
-
-    def __init__(self, response: UpstreamResponse, request: GenerateRequest, read_timeout_s: float) -> None:
-        self._response = response
-        self._lines = response.lines()
-        self._timeout = read_timeout_s
-        self._request_id = request.request_id or ""
-        self._mode = request.mode
-        self._first: GenerateChunk | None = None
-        self._done = False
-        self._loop = asyncio.get_running_loop()
-        self._last_line = self._loop.time()
-        self._timed_out = False
-        self._watchdog = self._loop.call_at(self._last_line + read_timeout_s, self._watch)
-
-    def _watch(self) -> None:
-        if self._done:
-            return
-        due = self._last_line + self._timeout
-        if self._loop.time() < due:
-            self._watchdog = self._loop.call_at(due, self._watch)
-            return
-        self._timed_out = True
-        self._response.abort()
-
-    async def read_first(self) -> None:
-        """Read the first chunk (a `GenerateChunk`, never an event); transport errors propagate
-        (the caller may retry)."""
-        try:
-            first = await self._read()
-        except BaseException:
-            self._stop()  # the caller drops this stream: no watchdog left behind
-            raise
-        if isinstance(first, bytes):
-            first = error_chunk(self._request_id, self._mode, "replica sent an event before its first chunk",
-                                "server_error", "bad_upstream_chunk")
-        self._first = first
-
-    def __aiter__(self) -> "_HttpStream":
-        return self
-
-    async def __anext__(self) -> GenerateChunk | bytes:
-        if self._first is not None:
-            chunk, self._first = self._first, None
-        elif self._done:
-            raise StopAsyncIteration
-        else:
-            try:
-                chunk = await self._read()
-            except UpstreamTimeout:
-                chunk = error_chunk(self._request_id, self._mode, "replica stopped sending (read timeout)",
-                                    "timeout_error", "upstream_timeout")
-            except UpstreamConnectionError as e:
-                chunk = error_chunk(self._request_id, self._mode, f"connection to the replica lost: {e}",
-                                    "service_unavailable_error", "replica_lost")
-            if type(chunk) is bytes:
-                return chunk
-        if chunk.finish_reason is not None:
-            await self._finish()
-        return chunk
-
-    async def _read(self) -> GenerateChunk | bytes:
-        while True:
-            try:
-                line = await anext(self._lines, None)
-            except UpstreamConnectionError:
-                if self._timed_out:
-                    raise UpstreamTimeout("no chunk from the replica in time") from None
-                raise
-            if self._timed_out:
-                raise UpstreamTimeout("no chunk from the replica in time")
-            self._last_line = self._loop.time()
-            if line is None:
-                return error_chunk(self._request_id, self._mode, "replica closed the stream before the last chunk",
-                                   "service_unavailable_error", "replica_lost")
-            if line.startswith(b"data: "):
-                return line + b"\n\n"  # a ready SSE event (its empty line follows: skipped below)
-            if not line.strip():
-                continue
-            try:
-                return GenerateChunk.model_validate_json(line)
-            except ValidationError:
-                return error_chunk(self._request_id, self._mode, "replica sent a malformed chunk",
-                                   "server_error", "bad_upstream_chunk")
-
-    async def _finish(self) -> None:
-        """After the last chunk: read to the end so the connection goes back to the pool."""
-        self._stop()
-        try:
-            async with asyncio.timeout(self._timeout):
-                async for _ in self._lines:
-                    pass
-        except (TimeoutError, UpstreamConnectionError):
-            pass
-        await self._response.aclose()
-
-    def _stop(self) -> None:
-        self._done = True
-        self._watchdog.cancel()
-
-    async def aclose(self) -> None:
-        self._stop()
-        await self._response.aclose()
-
-
-class _WholeAnswer:
-    """A non-streaming answer: ONE `GenerateChunk` (every token, the text, usage) as a stream."""
-
-    def __init__(self, chunk: GenerateChunk) -> None:
-        self._chunk: GenerateChunk | None = chunk
-
-    def __aiter__(self) -> "_WholeAnswer":
-        return self
-
-    async def __anext__(self) -> GenerateChunk:
-        if self._chunk is None:
-            raise StopAsyncIteration
-        chunk, self._chunk = self._chunk, None
-        return chunk
-
-    async def aclose(self) -> None:
-        self._chunk = None
-
-
 class HttpReplicaClient:
     def __init__(self, config: GatewayConfig, pool: UpstreamPool | None = None,
                  clock: Callable[[], float] = time.monotonic, on_retry: Callable[[], None] | None = None) -> None:
@@ -239,7 +106,7 @@ class HttpReplicaClient:
         self._info_at = float("-inf")
         self._info_lock = asyncio.Lock()
 
-    async def generate(self, request: GenerateRequest) -> _HttpStream:
+    async def generate(self, request: GenerateRequest) -> HttpStream:
         body = request.model_dump_json(exclude_none=True).encode()
         timeout = self._config.request_timeout_s
         attempts = 1 + self._config.connect_retries
@@ -251,7 +118,7 @@ class HttpReplicaClient:
                     raise await self._error_from(response)
                 if not request.stream:
                     return await self._whole(response, request)
-                stream = _HttpStream(response, request, timeout)
+                stream = HttpStream(response, request, timeout)
                 await stream.read_first()
                 return stream
             except UpstreamConnectionError as e:
@@ -274,7 +141,7 @@ class HttpReplicaClient:
                 raise
         raise AssertionError("unreachable")
 
-    async def _whole(self, response: UpstreamResponse, request: GenerateRequest) -> _WholeAnswer:
+    async def _whole(self, response: UpstreamResponse, request: GenerateRequest) -> WholeAnswer:
         """Read a non-streaming answer (transport errors propagate: the caller may retry)."""
         try:
             async with asyncio.timeout(self._config.request_timeout_s):
@@ -284,9 +151,9 @@ class HttpReplicaClient:
         finally:
             await response.aclose()
         try:
-            return _WholeAnswer(GenerateChunk.model_validate_json(raw))
+            return WholeAnswer(GenerateChunk.model_validate_json(raw))
         except ValidationError:
-            return _WholeAnswer(error_chunk(request.request_id or "", request.mode, "replica sent a malformed answer",
+            return WholeAnswer(error_chunk(request.request_id or "", request.mode, "replica sent a malformed answer",
                                             "server_error", "bad_upstream_chunk"))
 
     async def _error_from(self, response: UpstreamResponse) -> ReplicaError:

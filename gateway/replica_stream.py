@@ -1,0 +1,158 @@
+"""The streams `HttpReplicaClient.generate` returns: one upstream `/generate` response, read.
+
+Contract: `HttpStream(response, request, read_timeout_s)` yields the NDJSON `GenerateChunk`s
+of a streamed answer and, for a request with `sse`, the replica's ready SSE events as bytes
+(`data: ...` and its blank line) between the first and the last chunk; it never raises while
+iterating: a lost connection, a read timeout (no line for `read_timeout_s`), a malformed line
+or a stream that ends early is yielded as one last chunk with `error` and
+`finish_reason="error"` (`error_chunk`). After the last chunk it reads the body to its end so
+the connection returns to the pool; `aclose()` resets it, so the replica aborts the request.
+`WholeAnswer(chunk)` is a non-streaming answer (ONE `GenerateChunk`) as a one-item stream.
+Non-goals: connecting, retrying, status mapping (`gateway.replica_client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from pydantic import ValidationError
+
+from replicas.wire import ErrorInfo, GenerateChunk, GenerateRequest
+
+from .upstream import UpstreamConnectionError, UpstreamResponse, UpstreamTimeout
+
+
+def error_chunk(request_id: str, mode: str, message: str, type: str, code: str) -> GenerateChunk:
+    return GenerateChunk(request_id=request_id, mode=mode, finish_reason="error",
+                         error=ErrorInfo(message=message, type=type, code=code))
+
+
+
+class HttpStream:
+    """NDJSON lines of one upstream response as `GenerateChunk`s, and ready SSE events as bytes
+    (a request with `sse`: the replica renders its middle chunks); see the module contract.
+
+    The read timeout is a watchdog, not a timer per line: each line stamps the time, and one
+    timer per stream, re-armed only when it fires, aborts the connection once no line came for
+    `read_timeout_s` (the pending read then fails and the stream reports a timeout)."""
+
+    def __init__(self, response: UpstreamResponse, request: GenerateRequest, read_timeout_s: float) -> None:
+        self._response = response
+        self._lines = response.lines()
+        self._timeout = read_timeout_s
+        self._request_id = request.request_id or ""
+        self._mode = request.mode
+        self._first: GenerateChunk | None = None
+        self._done = False
+        self._loop = asyncio.get_running_loop()
+        self._last_line = self._loop.time()
+        self._timed_out = False
+        self._watchdog = self._loop.call_at(self._last_line + read_timeout_s, self._watch)
+
+    def _watch(self) -> None:
+        if self._done:
+            return
+        due = self._last_line + self._timeout
+        if self._loop.time() < due:
+            self._watchdog = self._loop.call_at(due, self._watch)
+            return
+        self._timed_out = True
+        self._response.abort()
+
+    async def read_first(self) -> None:
+        """Read the first chunk (a `GenerateChunk`, never an event); transport errors propagate
+        (the caller may retry)."""
+        try:
+            first = await self._read()
+        except BaseException:
+            self._stop()  # the caller drops this stream: no watchdog left behind
+            raise
+        if isinstance(first, bytes):
+            first = error_chunk(self._request_id, self._mode, "replica sent an event before its first chunk",
+                                "server_error", "bad_upstream_chunk")
+        self._first = first
+
+    def __aiter__(self) -> "HttpStream":
+        return self
+
+    async def __anext__(self) -> GenerateChunk | bytes:
+        if self._first is not None:
+            chunk, self._first = self._first, None
+        elif self._done:
+            raise StopAsyncIteration
+        else:
+            try:
+                chunk = await self._read()
+            except UpstreamTimeout:
+                chunk = error_chunk(self._request_id, self._mode, "replica stopped sending (read timeout)",
+                                    "timeout_error", "upstream_timeout")
+            except UpstreamConnectionError as e:
+                chunk = error_chunk(self._request_id, self._mode, f"connection to the replica lost: {e}",
+                                    "service_unavailable_error", "replica_lost")
+            if type(chunk) is bytes:
+                return chunk
+        if chunk.finish_reason is not None:
+            await self._finish()
+        return chunk
+
+    async def _read(self) -> GenerateChunk | bytes:
+        while True:
+            try:
+                line = await anext(self._lines, None)
+            except UpstreamConnectionError:
+                if self._timed_out:
+                    raise UpstreamTimeout("no chunk from the replica in time") from None
+                raise
+            if self._timed_out:
+                raise UpstreamTimeout("no chunk from the replica in time")
+            self._last_line = self._loop.time()
+            if line is None:
+                return error_chunk(self._request_id, self._mode, "replica closed the stream before the last chunk",
+                                   "service_unavailable_error", "replica_lost")
+            if line.startswith(b"data: "):
+                return line + b"\n\n"  # a ready SSE event (its empty line follows: skipped below)
+            if not line.strip():
+                continue
+            try:
+                return GenerateChunk.model_validate_json(line)
+            except ValidationError:
+                return error_chunk(self._request_id, self._mode, "replica sent a malformed chunk",
+                                   "server_error", "bad_upstream_chunk")
+
+    async def _finish(self) -> None:
+        """After the last chunk: read to the end so the connection goes back to the pool."""
+        self._stop()
+        try:
+            async with asyncio.timeout(self._timeout):
+                async for _ in self._lines:
+                    pass
+        except (TimeoutError, UpstreamConnectionError):
+            pass
+        await self._response.aclose()
+
+    def _stop(self) -> None:
+        self._done = True
+        self._watchdog.cancel()
+
+    async def aclose(self) -> None:
+        self._stop()
+        await self._response.aclose()
+
+
+class WholeAnswer:
+    """A non-streaming answer: ONE `GenerateChunk` (every token, the text, usage) as a stream."""
+
+    def __init__(self, chunk: GenerateChunk) -> None:
+        self._chunk: GenerateChunk | None = chunk
+
+    def __aiter__(self) -> "WholeAnswer":
+        return self
+
+    async def __anext__(self) -> GenerateChunk:
+        if self._chunk is None:
+            raise StopAsyncIteration
+        chunk, self._chunk = self._chunk, None
+        return chunk
+
+    async def aclose(self) -> None:
+        self._chunk = None
