@@ -166,8 +166,8 @@ class BatchEngine:
                 load = self._load_mode()
             if plan.rows:
                 slots = [row.seq.kv.slot for row in plan.rows]
-                logits = self.runner.run(list(zip(slots, plan.passes)))
-                made = self._advance(plan, logits, out)
+                logits, greedy = self.runner.run_with_greedy(list(zip(slots, plan.passes)))
+                made = self._advance(plan, logits, greedy, out)
                 ok = True
         except Exception as e:  # the error boundary: end this step's requests, keep serving
             rows = plan.rows if plan is not None else list(self.scheduler.running.values())
@@ -227,15 +227,15 @@ class BatchEngine:
             except Exception as e:
                 out.extend(self._fail([row], e))
 
-    def _advance(self, plan: StepPlan, logits, out: list[StreamChunk]) -> int:
-        """Each row consumes its logits; returns the tokens the step made."""
+    def _advance(self, plan: StepPlan, logits, greedy: list[int], out: list[StreamChunk]) -> int:
+        """Each row consumes its logits (and the batch's greedy pick for it); returns the tokens the step made."""
         self.stats.forward_passes += 1
         made = 0
-        for row, p, lg in zip(plan.rows, plan.passes, logits):
+        for row, p, lg, top in zip(plan.rows, plan.passes, logits, greedy):
             seq = row.seq
             try:
                 was_prefilling = row.prefilling
-                new = row.advance(p, lg)
+                new = row.advance(p, lg, top)
                 if was_prefilling:
                     row.published = self.blocks.register(seq.kv, row.prefix_keys, row.published)
                 if row.at_boundary:

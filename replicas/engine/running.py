@@ -76,11 +76,12 @@ class Running:
         done = self.seq.kv.length
         return ForwardPass(tokens=self.prefill_tokens[done : done + chunk], start=done, causal=True, all_logits=False)
 
-    def advance(self, p: ForwardPass, logits: torch.Tensor) -> list[int]:
-        """Consume the logits of pass `p` (the one this row ran); returns the tokens made final."""
+    def advance(self, p: ForwardPass, logits: torch.Tensor, greedy: int | None = None) -> list[int]:
+        """Consume the logits of pass `p` (the one this row ran); returns the tokens made final.
+        `greedy`: the argmax of its last position with the mask banned (see `DecodeMode`)."""
         seq = self.seq
         if self.prefill_tokens is None:
-            return self.mode.advance(logits)
+            return self.mode.advance(logits, greedy)
         seq.kv.append(len(p.tokens))
         if seq.kv.length < len(self.prefill_tokens):
             return []
@@ -91,7 +92,7 @@ class Running:
         if self.switch_to:
             seq.params = seq.params.with_(mode=self.switch_to)
             self.switch_to = None
-        out = finish_prefill(seq, logits)
+        out = finish_prefill(seq, logits, greedy)
         self.mode = mode_class(seq.params)(seq)
         return out
 

@@ -19,10 +19,10 @@ class CountingRunner(ModelRunner):
     calls: list[int] = []
     threads: set[str] = set()
 
-    def run(self, items):
+    def run_with_greedy(self, items):
         CountingRunner.calls.append(len(items))
         CountingRunner.threads.add(threading.current_thread().name)
-        return super().run(items)
+        return super().run_with_greedy(items)
 
 
 def random_params(rng: random.Random, engine) -> DecodeParams:

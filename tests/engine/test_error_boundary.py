@@ -86,11 +86,11 @@ def test_a_fault_in_the_forward_ends_that_steps_requests(engine, monkeypatch):
     be, jobs = start(engine)
     waiting = be.submit([5, 6, 7], PARAMS["ar"])  # admitted at the faulting step: part of it
     jobs[waiting] = ([5, 6, 7], PARAMS["ar"], [])
-    original = be.runner.run
-    monkeypatch.setattr(be.runner, "run", lambda items: (_ for _ in ()).throw(Boom("injected in the forward")))
+    original = be.runner.run_with_greedy
+    monkeypatch.setattr(be.runner, "run_with_greedy", lambda items: (_ for _ in ()).throw(Boom("injected in the forward")))
     reasons = collect(be, jobs)
     assert set(reasons) == set(jobs) and set(reasons.values()) == {"error"}
-    monkeypatch.setattr(be.runner, "run", original)
+    monkeypatch.setattr(be.runner, "run_with_greedy", original)
     check_the_rest_and_the_next(engine, be, jobs, set(jobs), reasons)
 
 
@@ -117,7 +117,7 @@ def test_a_broken_engine_state_ends_every_request_and_starts_clean(engine, monke
     be, jobs = start(engine)
     queued = be.submit([5, 6, 7], PARAMS["ar"])
     jobs[queued] = ([5, 6, 7], PARAMS["ar"], [])
-    monkeypatch.setattr(be.runner, "run", lambda items: (_ for _ in ()).throw(Boom("injected in the forward")))
+    monkeypatch.setattr(be.runner, "run_with_greedy", lambda items: (_ for _ in ()).throw(Boom("injected in the forward")))
     monkeypatch.setattr(be.scheduler, "remove", lambda rid: (_ for _ in ()).throw(Boom("and in cleanup")))
     reasons = collect(be, jobs)
     assert reasons == {rid: "error" for rid in jobs}

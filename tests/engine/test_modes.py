@@ -52,6 +52,35 @@ def test_lora_changes_drafts_not_output(lora_engine):
     assert not torch.allclose(with_lora, without, atol=1e-4)
 
 
+def test_the_batchs_greedy_tokens_are_each_rows_own(tmp_path):
+    """`run_with_greedy` picks every item's last-position token in one batched argmax: the same
+    token `greedy_token` picks from that item's logits alone, the mask token banned even where
+    it leads, for prefill, one-token and all-logits canvas passes in one forward."""
+    from replicas.engine import Engine
+    from replicas.engine.kv_cache import KVCache
+    from replicas.engine.runner import ModelRunner
+    from replicas.engine.sampling import greedy_token
+    from replicas.engine.sequence import ForwardPass
+    from replicas.engine.testing import write_random_checkpoint
+
+    engine = Engine.from_pretrained(write_random_checkpoint(tmp_path / "m", seed=5))
+    cfg = engine.config
+    cache = KVCache(num_layers=cfg.num_hidden_layers, num_slots=3, num_kv_heads=cfg.num_key_value_heads,
+                    max_len=32, head_dim=cfg.head_dim)
+    runner = ModelRunner(engine.model, cache)
+    runner.run([(1, ForwardPass([3, 4, 5, 6], 0, True)), (2, ForwardPass([9, 8], 0, True))])
+    items = [(0, ForwardPass([1, 17, 23, 99, 5], 0, True, all_logits=False)),  # a prefill
+             (1, ForwardPass([7], 4, True, all_logits=False)),  # an AR step
+             (2, ForwardPass([11] + [cfg.mask_token_id] * 5, 2, False))]  # a canvas, every position's logits
+    for boost in (0.0, 8.0):  # 8: the mask token leads on most rows
+        engine.model.diffusion_head.weight[cfg.mask_token_id] += boost
+        logits, greedy = runner.run_with_greedy(items)
+        assert [len(lg) for lg in logits] == [1, 1, 6]
+        assert greedy == [greedy_token(lg[-1:], cfg.mask_token_id) for lg in logits]
+        assert cfg.mask_token_id not in greedy
+    assert any(int(lg[-1].argmax()) == cfg.mask_token_id for lg in logits)  # the ban was exercised
+
+
 def test_prompts_one_after_another_match_each_alone(engine):
     rng = random.Random(7)
     prompts = [random_prompt(rng, engine.config.vocab_size) for _ in range(6)]

@@ -15,8 +15,8 @@ class ARMode(DecodeMode):
         s = self.seq
         return ForwardPass(tokens=[s.pending], start=s.kv.length, causal=True, all_logits=False)
 
-    def advance(self, logits: torch.Tensor) -> list[int]:
+    def advance(self, logits: torch.Tensor, greedy: int | None = None) -> list[int]:
         s = self.seq
         s.forward_passes += 1
         s.kv.append(1)
-        return s.emit([self.choose_one(logits[-1:])])
+        return s.emit([self.choose_one(logits[-1:], greedy)])

@@ -2,8 +2,10 @@
 
 Contract: a mode wraps a `Sequence` that satisfies the boundary invariant (see `sequence`).
 `next_pass()` says what the next batched forward must compute for this sequence;
-`advance(logits)` consumes that pass's logits ([T, V] float32, or [1, V] when only the last
-position was asked for), updates the KV length, emits final tokens and returns them.
+`advance(logits, greedy)` consumes that pass's logits ([T, V] float32, or [1, V] when only the last
+position was asked for), updates the KV length, emits final tokens and returns them; `greedy`,
+when given, is the argmax of the last position's logits with the mask token banned (the runner
+computes it for the whole batch at once), which a greedy request may take instead of its own.
 `at_boundary` is True when the invariant holds, i.e. the request may switch mode now.
 Non-goals: batching, scheduling, tokenisation.
 """
@@ -32,29 +34,30 @@ class DecodeMode(ABC):
     def next_pass(self) -> ForwardPass: ...
 
     @abstractmethod
-    def advance(self, logits: torch.Tensor) -> list[int]: ...
+    def advance(self, logits: torch.Tensor, greedy: int | None = None) -> list[int]: ...
 
     def choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens [N], probabilities [N]) for logits [N, V] under the request's parameters."""
         s = self.seq
         return select(logits, s.params, s.mask_token_id, s.generator)
 
-    def choose_one(self, logits: torch.Tensor) -> int:
+    def choose_one(self, logits: torch.Tensor, greedy: int | None = None) -> int:
         """One token for logits [1, V]; greedy skips the distribution (`greedy_token`)."""
-        return choose_token(self.seq, logits)
+        return choose_token(self.seq, logits, greedy)
 
 
-def choose_token(seq: Sequence, logits: torch.Tensor) -> int:
-    """One token for logits [1, V] under the request's parameters (the same token `select` picks)."""
+def choose_token(seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> int:
+    """One token for logits [1, V] under the request's parameters (the same token `select` picks).
+    `greedy`: these logits' argmax with the mask banned, already computed (the batch's)."""
     if seq.params.greedy:
-        return greedy_token(logits, seq.mask_token_id)
+        return greedy if greedy is not None else greedy_token(logits, seq.mask_token_id)
     return int(select(logits, seq.params, seq.mask_token_id, seq.generator)[0])
 
 
-def finish_prefill(seq: Sequence, logits: torch.Tensor) -> list[int]:
+def finish_prefill(seq: Sequence, logits: torch.Tensor, greedy: int | None = None) -> list[int]:
     """Cache the (rest of the) prompt and emit the first token, establishing the boundary invariant."""
     seq.kv.append(len(seq.prompt_ids) - seq.kv.length)
-    return seq.emit([choose_token(seq, logits[-1:])])
+    return seq.emit([choose_token(seq, logits[-1:], greedy)])
 
 
 def accept_drafts(seq: Sequence, drafts: list[int], verify: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:

@@ -41,7 +41,7 @@ class DiffusionMode(DecodeMode):
             tokens=list(self.canvas), start=self.seq.kv.length, causal=self.committing, all_logits=not self.committing
         )
 
-    def advance(self, logits: torch.Tensor) -> list[int]:
+    def advance(self, logits: torch.Tensor, greedy: int | None = None) -> list[int]:
         s = self.seq
         s.forward_passes += 1
         if self.committing:

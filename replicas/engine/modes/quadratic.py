@@ -77,7 +77,7 @@ class QuadraticSpecMode(DecodeMode):
             lora_tokens=[False] * groups + [lora] * (groups * masks),
         )
 
-    def advance(self, logits: torch.Tensor) -> list[int]:
+    def advance(self, logits: torch.Tensor, greedy: int | None = None) -> list[int]:
         s = self.seq
         s.forward_passes += 1
         if self.shape is None:  # initial draft: logits [B, V], slots 1..B-1 are the drafts

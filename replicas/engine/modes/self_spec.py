@@ -41,7 +41,7 @@ class SelfSpecMode(DecodeMode):
             return ForwardPass(tokens=tokens, start=s.kv.length, causal=False, lora=bool(s.params.draft_lora))
         return ForwardPass(tokens=[s.pending] + self.drafts, start=s.kv.length, causal=True)
 
-    def advance(self, logits: torch.Tensor) -> list[int]:
+    def advance(self, logits: torch.Tensor, greedy: int | None = None) -> list[int]:
         s = self.seq
         s.forward_passes += 1
         if self.drafts is None:
