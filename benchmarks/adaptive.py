@@ -12,8 +12,9 @@ and the JSON: none is dropped. The policies run interleaved level by level, in a
 order, for --rounds rounds, and each (policy, level) reports the median over rounds: on a shared
 machine, drift over the minutes of a run then hits every policy alike. Then a ramp (concurrency
 up and down) runs under the adaptive policy, recording the policy's mode over time. Output: a
-table, JSON and a PNG plot. The replicas stay up throughout; only the gateway (in-process, on a
-loopback port) is rebuilt per run.
+table, JSON and a PNG plot. The replicas stay up throughout; only the gateway is restarted per
+run: an `nld-gateway serve` process of its own on a loopback port (`--gateway process`, the
+default, as deployed), or served in this process beside the clients (`--gateway thread`).
 
 A step change (--step-change, default 1 -> 32 -> 1, --step-seconds each) runs one adaptive
 gateway through the levels and counts the requests that ran in the worse fixed mode of their
@@ -37,10 +38,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +58,7 @@ from gateway.config import GatewayConfig  # noqa: E402
 from policies import parse_policy  # noqa: E402
 from tests.gateway.servers import serve_in_thread  # noqa: E402
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
+from benchmarks.peer_vllm import Server  # noqa: E402
 from tests.serving import free_port  # noqa: E402
 
 
@@ -154,6 +158,36 @@ def gateway_app(replica_url: str, policy_name: str, policy_files: dict[str, Path
     return build_gateway(cfg, spec).app
 
 
+class Gateways:
+    """Opens a fresh gateway per run: `process` (the default) runs `nld-gateway serve` as its own
+    process, as a deployment does, so the benchmark's clients and the gateway do not share one
+    interpreter; `thread` serves it in this process (the layout of runs 1-5 in docs/PERFORMANCE.md)."""
+
+    def __init__(self, replica_url: str, policy_files: dict[str, Path], layout: str, metrics_port: int,
+                 logs: Path) -> None:
+        self.replica_url, self.policy_files, self.layout = replica_url, policy_files, layout
+        self.metrics_port, self.logs = metrics_port, logs
+
+    @contextlib.contextmanager
+    def open(self, name: str):
+        """The base URL of a gateway with fixed mode `name`, or with the policy file of `name`."""
+        if self.layout == "thread":
+            with serve_in_thread(gateway_app(self.replica_url, name, self.policy_files)) as url:
+                yield url
+            return
+        port = free_port()
+        cmd = [sys.executable, "-m", "gateway", "serve", "--replica-url", self.replica_url, "--port", str(port),
+               "--model-name", "bench", "--no-auth", "--log-level", "warning",
+               "--replica-metrics-port", str(self.metrics_port)]
+        cmd += ["--policy", str(self.policy_files[name])] if name in self.policy_files else ["--mode", name]
+        server = Server(f"gateway {name}", cmd, f"http://127.0.0.1:{port}/ready", self.logs / f"gateway_{name}.log")
+        try:
+            server.wait_ready(120)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.stop()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -189,6 +223,9 @@ def main(argv=None) -> None:
                    help="after the sweep, one adaptive gateway through these levels (--step-seconds each), counting "
                         "the requests that ran in the worse fixed mode of their level; empty: none")
     p.add_argument("--step-seconds", type=float, default=15.0)
+    p.add_argument("--gateway", choices=["process", "thread"], default="process",
+                   help="process: each gateway is an `nld-gateway serve` process (as deployed); thread: in this "
+                        "process beside the clients (runs 1-5 of docs/PERFORMANCE.md)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/adaptive.json"))
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -227,13 +264,15 @@ def main(argv=None) -> None:
     print(f"prompts: {len(tune_prompts)} tune, {len(measure_prompts)} measure (disjoint held-out file starts)")
     header = (f"{'round':>5} {'policy':<10} {'conc':>5} {'tok/s':>9} {'p50 s':>8} {'bal p50':>8} {'requests':>8} "
               f"{'errors':>8}  modes")
+    gateways = Gateways(replica_url, policy_files, args.gateway, metrics_port,
+                        Path(tempfile.mkdtemp(prefix="adaptive_gateways_")))
     for name in policies:  # first use of each gateway path (imports, first scrapes), unmeasured
-        with serve_in_thread(gateway_app(replica_url, name, policy_files)) as url:
+        with gateways.open(name) as url:
             asyncio.run(closed_loop(url, 4, 3.0, tune_bodies))
     tuning = None
     if args.tune and "adaptive" in policies:
         print("tuning sweep (fixed modes, tuning prompts):\n" + header)
-        tune_rows = sweep(replica_url, ["ar", "self_spec"], policy_files, levels, args.tune_rounds, tune_bodies, args)
+        tune_rows = sweep(gateways, ["ar", "self_spec"], levels, args.tune_rounds, tune_bodies, args)
         thresholds = tune_thresholds(merge_rounds(tune_rows, ["ar", "self_spec"], levels), levels)
         texts["adaptive"] = tuned_policy_text(texts["adaptive"], thresholds)
         policy_files["adaptive"].write_text(texts["adaptive"])
@@ -242,15 +281,13 @@ def main(argv=None) -> None:
         print(f"tuned: {thresholds}")
     calibration = None
     if args.calibrate_seconds > 0 and "adaptive" in policies:
-        calibration = calibrate(replica_url, policy_files, [min(levels), max(levels)], args.calibrate_seconds,
-                                tune_bodies)
+        calibration = calibrate(gateways, [min(levels), max(levels)], args.calibrate_seconds, tune_bodies)
     print("measured sweep (measuring prompts):\n" + header)
-    rows = sweep(replica_url, policies, policy_files, levels, args.rounds, bodies, args)
-    ramp = run_ramp(replica_url, policy_files, ramp_levels, args.ramp_seconds, bodies) if ramp_levels else []
+    rows = sweep(gateways, policies, levels, args.rounds, bodies, args)
+    ramp = run_ramp(gateways, ramp_levels, args.ramp_seconds, bodies) if ramp_levels else []
     best_fixed = {r["concurrency"]: max(("ar", "self_spec"), key=lambda m: r[m])
                   for r in fixed_rates(merge_rounds(rows, policies, levels), levels)}
-    step = (step_change(replica_url, policy_files, step_levels, args.step_seconds, bodies, best_fixed)
-            if step_levels else [])
+    step = step_change(gateways, step_levels, args.step_seconds, bodies, best_fixed) if step_levels else []
     serve.shutdown()
     ray.shutdown()
     merged = merge_rounds(rows, policies, levels)
@@ -277,14 +314,22 @@ def main(argv=None) -> None:
     for c in levels:
         best = max(by["ar", c]["tokens_per_s"], by["self_spec", c]["tokens_per_s"])
         summary.append({"concurrency": c, "adaptive_over_best_fixed": by["adaptive", c]["tokens_per_s"] / best})
-    c1 = {key: (by["adaptive", 1][key] / min(by["ar", 1][key], by["self_spec", 1][key]) if 1 in levels else None)
-          for key in ("latency_p50_s", "latency_p50_balanced_s")}  # only when concurrency 1 was measured
+    c1 = {key: c1_latency_ratio(by, key) if 1 in levels else None  # only when concurrency 1 was measured
+          for key in ("latency_p50_s", "latency_p50_balanced_s")}
     result = {"adaptive_over_best_fixed": summary, "c1_p50_latency_over_best_fixed": c1["latency_p50_s"],
               "c1_balanced_p50_latency_over_best_fixed": c1["latency_p50_balanced_s"]}
     print(json.dumps(result, indent=2))
     args.out.write_text(json.dumps({**common, "policy": texts["adaptive"], "ramp": ramp, **result}, indent=2))
     plot(merged, ramp, levels, args.out.with_suffix(".png"))
     print(f"saved {args.out} and {args.out.with_suffix('.png')}")
+
+
+def c1_latency_ratio(by: dict, key: str) -> float | None:
+    """Adaptive's p50 latency at concurrency 1 over the lower of the fixed modes' (a fixed mode
+    with no request ended in its window has none and is left out; None when nothing compares)."""
+    fixed = [by[m, 1][key] for m in ("ar", "self_spec") if by[m, 1][key] is not None]
+    ours = by["adaptive", 1][key]
+    return ours / min(fixed) if fixed and ours is not None else None
 
 
 def write_policy_files(spec: str, adaptive: Path, metrics_port: int, out_dir: Path):
@@ -304,15 +349,15 @@ def write_policy_files(spec: str, adaptive: Path, metrics_port: int, out_dir: Pa
     return labels, files, texts
 
 
-def sweep(replica_url: str, policies: list[str], policy_files: dict[str, Path], levels: list[int], rounds: int,
-          bodies: list[dict], args) -> list[dict]:
+def sweep(gateways: Gateways, policies: list[str], levels: list[int], rounds: int, bodies: list[dict],
+          args) -> list[dict]:
     """Every (policy, level) `rounds` times, policies interleaved per level in a rotating order."""
     rows = []
     for rnd in range(rounds):
         for i, c in enumerate(levels):
             k = (i + rnd) % len(policies)  # rotate the order, so drift over time hits every policy alike
             for name in policies[k:] + policies[:k]:
-                with serve_in_thread(gateway_app(replica_url, name, policy_files)) as url:  # a fresh gateway
+                with gateways.open(name) as url:  # a fresh gateway
                     settle = args.settle_seconds
                     r = asyncio.run(closed_loop(url, c, settle + args.seconds, bodies,
                                                 window=(settle, settle + args.seconds), tail=args.tail_seconds))
@@ -373,10 +418,10 @@ def tuned_policy_text(text: str, thresholds: dict) -> str:
     return out
 
 
-def run_ramp(replica_url: str, policy_files: dict[str, Path], levels: list[int], seconds: float, bodies: list[dict]) -> list[dict]:
+def run_ramp(gateways: Gateways, levels: list[int], seconds: float, bodies: list[dict]) -> list[dict]:
     """One adaptive gateway through the concurrency `levels`; the policy's mode after each."""
     ramp = []
-    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_files)) as url:
+    with gateways.open("adaptive") as url:
         t_start = time.monotonic()
         for c in levels:
             r = asyncio.run(closed_loop(url, c, seconds, bodies))
@@ -389,11 +434,10 @@ def run_ramp(replica_url: str, policy_files: dict[str, Path], levels: list[int],
     return ramp
 
 
-def calibrate(replica_url: str, policy_files: dict[str, Path], levels: list[int], seconds: float,
-              bodies: list[dict]) -> list[dict]:
+def calibrate(gateways: Gateways, levels: list[int], seconds: float, bodies: list[dict]) -> list[dict]:
     """Load the adaptive gateway at each level with the tuning prompts; the policy's state after."""
     out = []
-    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_files)) as url:
+    with gateways.open("adaptive") as url:
         for c in levels:
             r = asyncio.run(closed_loop(url, c, seconds, bodies))
             state = httpx.get(url + "/v1/nld/policy").json()
@@ -411,14 +455,14 @@ def fixed_rates(merged: list[dict], levels: list[int]) -> list[dict]:
             for c in levels if ("ar", c) in rate and ("self_spec", c) in rate]
 
 
-def step_change(replica_url: str, policy_files: dict[str, Path], levels: list[int], seconds: float,
-                bodies: list[dict], best_fixed: dict[int, str]) -> list[dict]:
+def step_change(gateways: Gateways, levels: list[int], seconds: float, bodies: list[dict],
+                best_fixed: dict[int, str]) -> list[dict]:
     """One adaptive gateway through `levels` (e.g. 1 -> 32 -> 1), `seconds` each; per phase the
     requests by the mode the gateway gave them (x-nld-decoding-mode), and how many of them ran in
     a mode other than the better fixed mode at that level in the measured sweep (None: that
     level was not swept). A request the replica downgrades mid-flight counts by its first mode."""
     phases = []
-    with serve_in_thread(gateway_app(replica_url, "adaptive", policy_files)) as url:
+    with gateways.open("adaptive") as url:
         for c in levels:
             r = asyncio.run(closed_loop(url, c, seconds, bodies))
             state = httpx.get(url + "/v1/nld/policy").json()

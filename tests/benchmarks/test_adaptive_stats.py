@@ -39,3 +39,15 @@ def test_policy_variants_are_written_with_the_metrics_port(tmp_path):
     assert labels == ["ar", "adaptive", "local"] and set(files) == {"adaptive", "local"}
     assert files["adaptive"].read_text() == "url: http://127.0.0.1:4321/metrics\n" == texts["adaptive"]
     assert texts["local"] == "local only\n"
+
+
+def test_c1_latency_ratio_leaves_out_a_fixed_mode_with_no_request_in_its_window():
+    from benchmarks.adaptive import c1_latency_ratio
+
+    row = lambda v: {"latency_p50_s": v}  # noqa: E731
+    by = {("ar", 1): row(0.5), ("self_spec", 1): row(None), ("adaptive", 1): row(0.45)}
+    assert c1_latency_ratio(by, "latency_p50_s") == 0.45 / 0.5
+    by["self_spec", 1] = row(0.4)
+    assert c1_latency_ratio(by, "latency_p50_s") == 0.45 / 0.4
+    by["adaptive", 1] = row(None)
+    assert c1_latency_ratio(by, "latency_p50_s") is None
