@@ -311,9 +311,11 @@ def main(argv=None) -> None:
         print(f"(a partial sweep: no summary) saved {args.out}")
         return
     summary = []
+    paired = paired_over_best_fixed(rows, levels)
     for c in levels:
         best = max(by["ar", c]["tokens_per_s"], by["self_spec", c]["tokens_per_s"])
-        summary.append({"concurrency": c, "adaptive_over_best_fixed": by["adaptive", c]["tokens_per_s"] / best})
+        summary.append({"concurrency": c, "adaptive_over_best_fixed": by["adaptive", c]["tokens_per_s"] / best,
+                        **paired[c]})
     c1 = {key: c1_latency_ratio(by, key) if 1 in levels else None  # only when concurrency 1 was measured
           for key in ("latency_p50_s", "latency_p50_balanced_s")}
     result = {"adaptive_over_best_fixed": summary, "c1_p50_latency_over_best_fixed": c1["latency_p50_s"],
@@ -322,6 +324,19 @@ def main(argv=None) -> None:
     args.out.write_text(json.dumps({**common, "policy": texts["adaptive"], "ramp": ramp, **result}, indent=2))
     plot(merged, ramp, levels, args.out.with_suffix(".png"))
     print(f"saved {args.out} and {args.out.with_suffix('.png')}")
+
+
+def paired_over_best_fixed(rows: list[dict], levels: list[int]) -> dict[int, dict]:
+    """Per level, adaptive's tokens/s over the better fixed mode's IN THE SAME ROUND (the three ran
+    back to back, so the machine's drift between rounds cancels), for each round, and their median."""
+    out = {}
+    for c in levels:
+        rate = {(r["policy"], r["round"]): r["tokens_per_s"] for r in rows if r["concurrency"] == c}
+        rounds = sorted({k for (name, k) in rate if ("adaptive", k) in rate and ("ar", k) in rate
+                         and ("self_spec", k) in rate})
+        ratios = [rate["adaptive", k] / max(rate["ar", k], rate["self_spec", k]) for k in rounds]
+        out[c] = {"paired_per_round": ratios, "paired_median": statistics.median(ratios) if ratios else None}
+    return out
 
 
 def c1_latency_ratio(by: dict, key: str) -> float | None:

@@ -51,3 +51,15 @@ def test_c1_latency_ratio_leaves_out_a_fixed_mode_with_no_request_in_its_window(
     assert c1_latency_ratio(by, "latency_p50_s") == 0.45 / 0.4
     by["adaptive", 1] = row(None)
     assert c1_latency_ratio(by, "latency_p50_s") is None
+
+
+def test_paired_ratios_compare_rounds_with_themselves():
+    from benchmarks.adaptive import paired_over_best_fixed
+
+    rows = [{"policy": p, "round": k, "concurrency": 4, "tokens_per_s": v}
+            for k, (ar, ss, ad) in enumerate([(100, 50, 95), (200, 60, 198), (150, 160, 160)])
+            for p, v in (("ar", ar), ("self_spec", ss), ("adaptive", ad))]
+    rows.append({"policy": "adaptive", "round": 3, "concurrency": 4, "tokens_per_s": 1})  # no fixed runs in round 3
+    out = paired_over_best_fixed(rows, [4])[4]
+    assert out["paired_per_round"] == [0.95, 0.99, 1.0]
+    assert out["paired_median"] == 0.99
