@@ -32,9 +32,9 @@ class RecordingRunner(ModelRunner):
 
     log: list = []
 
-    def run(self, items):
+    def run_with_greedy(self, items):  # what BatchEngine calls (run() goes through it too)
         RecordingRunner.log.append((self.cache, *self.build_inputs(items), items))
-        return super().run(items)
+        return super().run_with_greedy(items)
 
 
 def bare_seconds(engine: Engine, log: list) -> float:
