@@ -72,10 +72,13 @@ class OProjLoRA:
         }, indent=2))
 
 
-def full_draft_rows(seqs: torch.Tensor, blocks: list[int], gen: torch.Generator, loss_from: int | list[int]) -> dict:
+def full_draft_rows(seqs: torch.Tensor, blocks: list[int], gen: torch.Generator, loss_from: int | list[int],
+                    decay: float = 1.0) -> dict:
     """Every block a draft `[seed, MASK x (n-1)]` (random block size and offset per row); the loss
-    covers masked positions at or after loss_from (the generated part; one value or one per row),
-    unweighted (t = 1)."""
+    covers masked positions at or after loss_from (the generated part; one value or one per row).
+    A mask d positions after its block's seed weighs decay ** (d - 1): verification accepts only a
+    prefix of the draft, so with decay < 1 the adapter's capacity goes to the first positions
+    (1.0: unweighted, t = 1)."""
     b, t = seqs.shape
     noisy, masked, weight, masks = [], [], [], []
     for r in range(b):
@@ -88,7 +91,9 @@ def full_draft_rows(seqs: torch.Tensor, blocks: list[int], gen: torch.Generator,
         m[: int(loss_from[r]) if isinstance(loss_from, list) else loss_from] = False
         noisy.append(torch.where(m, torch.full_like(seqs[r], tt.MASK_ID), seqs[r]))
         masked.append(m)
-        weight.append(m.float())
+        i = torch.arange(t)
+        after_seed = torch.minimum((i + (block - offset) % block) % block, i)  # [t] d: 0 at the seed (row start too)
+        weight.append(m.float() * decay ** (after_seed - 1).clamp(min=0).float())
         masks.append(tt.joint_attention_mask(t, block, offset))
     return {"clean": seqs, "noisy": torch.stack(noisy), "masked": torch.stack(masked),
             "weight": torch.stack(weight), "mask": torch.stack(masks)[:, None],
@@ -118,6 +123,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths", default="8,16,32,64,128,200")
     p.add_argument("--total", type=int, default=256)
     p.add_argument("--lib", type=Path, default=None)
+    p.add_argument("--position-decay", type=float, default=1.0,
+                   help="weight decay ** (d - 1) on a mask d positions after its draft's seed (1.0: unweighted)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -156,7 +163,8 @@ def main(argv=None) -> dict:
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         rows = torch.randint(0, seqs.shape[0], (args.batch,), generator=gen)
-        batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=prompt_len[rows].tolist())
+        batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=prompt_len[rows].tolist(),
+                                decay=args.position_decay)
         loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -247,3 +247,17 @@ def test_lora_hook_touches_only_the_noisy_half():
     with_lora = model(tokens, pos, None, attn)
     assert torch.allclose(base[:, t:], with_lora[:, t:])  # clean half: LoRA off
     assert not torch.allclose(base[:, :t], with_lora[:, :t])
+
+
+def test_draft_rows_weigh_each_mask_by_its_distance_from_the_seed():
+    """--position-decay: a mask d positions after its draft's seed weighs decay ** (d - 1) (a row's
+    first, cut block counts from the row's first token); decay 1.0 keeps the unweighted loss."""
+    seqs = torch.randint(200, 300, (3, 13))
+    for decay in (1.0, 0.5):
+        batch = train_lora.full_draft_rows(seqs, [4], torch.Generator().manual_seed(1), 0, decay=decay)
+        for m, w in zip(batch["masked"], batch["weight"]):
+            seeds = [i for i in range(13) if not m[i]]
+            assert seeds[0] == 0 and all(b - a <= 4 for a, b in zip(seeds, seeds[1:] + [13]))
+            for i in range(13):
+                d = i - max(s for s in seeds if s <= i)
+                assert float(w[i]) == (decay ** (d - 1) if m[i] else 0.0)
