@@ -53,6 +53,8 @@ bench: $(STAMP) $(BENCH_MODEL)/config.json
 	  --algorithms linear --out benchmarks/results/engine_modes_bench_random.json
 	$(PY) benchmarks/engine_modes.py --model $(MODEL) --heldout $(MODEL)/split.json --block-lengths 16,32 \
 	  --algorithms linear --threads 1 --out benchmarks/results/engine_modes_tiny.json
+	# does self-speculation pay on prompts cut anywhere in a file (issue 20)
+	$(PY) benchmarks/positions_speed.py --model $(MODEL)
 	# quadratic self-speculation (issue 15) next to linear at B 4, 8, 16
 	$(PY) benchmarks/engine_modes.py --model $(MODEL) --heldout $(MODEL)/split.json --block-lengths 4,8,16 \
 	  --no-diffusion --threads 1 --out benchmarks/results/engine_modes_quadratic.json
