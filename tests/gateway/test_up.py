@@ -53,8 +53,11 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
         stats = httpx.get(f"http://127.0.0.1:{replica_port}/stats", timeout=10).json()
         assert stats["torch_threads"] == len(os.sched_getaffinity(0)), stats
         # the preset scrapes this stack's metrics port: one replica and its cost model, read fresh
+        # (the signal board takes the page first, the next evaluation, within 0.1 s, the goodput view:
+        # wait for both, or a poll that lands between them sees the new signal and the old view)
         policy = wait_for_policy(url, auth, lambda p: p["signals"]["replicas"]["value"] == 1.0
-                                 and (p["signals"]["costs"]["value"] or 0) > 0)
+                                 and (p["signals"]["costs"]["value"] or 0) > 0
+                                 and (p["goodput"] or {}).get("model", {}).get("steps", 0) > 0)
         assert policy["policy"] == "adaptive" and policy["signals"]["replicas"]["value"] == 1.0, policy
         assert policy["signals"]["fleet_running"]["error"] is None
         # the calibrating default reads the replica's measured cost model from the same page
