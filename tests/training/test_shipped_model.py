@@ -80,7 +80,7 @@ def test_three_modes_generate_and_self_spec_equals_ar(engine, tokenizer, block):
 # measured values only move when the model (or the engine) changes; the floors sit a little
 # below them to absorb float32 differences between CPUs.
 HELDOUT_PROMPTS = Path(__file__).with_name("data") / "heldout_prompts.json"
-SELF_SPEC_FLOOR = 1.60  # measured 1.69 (self_spec B16, LoRA on)
+SELF_SPEC_FLOOR = 1.95  # measured 2.07 (self_spec B16, the position-weighted LoRA on; 1.69 with the one before)
 DIFFUSION_FLOOR = 1.40  # measured 1.48 (diffusion B16, tau 0.9)
 
 
