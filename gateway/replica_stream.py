@@ -27,7 +27,6 @@ def error_chunk(request_id: str, mode: str, message: str, type: str, code: str) 
                          error=ErrorInfo(message=message, type=type, code=code))
 
 
-
 class HttpStream:
     """NDJSON lines of one upstream response as `GenerateChunk`s, and ready SSE events as bytes
     (a request with `sse`: the replica renders its middle chunks); see the module contract.

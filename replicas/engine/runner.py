@@ -16,7 +16,8 @@ column 0 only, so it stays finite. A group reads S = max over its rows of start 
 Contract: `run(items)` takes (slot, ForwardPass) pairs, the slot naming the block-table row of
 the pass's sequence, and returns per item float32 logits [T_b, V] (or [1, V]: last only);
 `run_with_greedy(items)` also returns each item's greedy token at its last position.
-Non-goals: deciding which passes run (the scheduler), owning blocks (the block manager), sampling.
+Non-goals: deciding which passes run (the scheduler), owning blocks (the block manager), sampling
+(the greedy pick is `sampling.greedy_tokens`, applied to the batch).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from .kv_cache import KVCache
 from .model import AttentionGroup, AttentionInputs, NLDModel
+from .sampling import greedy_tokens
 from .sequence import ForwardPass
 
 Items = list[tuple[int, ForwardPass]]
@@ -125,14 +127,24 @@ class ModelRunner:
         tokens, positions, attn, offsets = self.build_inputs(items)
         return self.model(tokens, positions, self.cache, attn)[0], offsets  # [N, hidden]
 
+    @torch.inference_mode()
     def run(self, items: Items) -> list[torch.Tensor]:
-        return self.run_with_greedy(items)[0]
+        logits, counts = self._logits(items)
+        return list(logits.split(counts))
 
     @torch.inference_mode()
     def run_with_greedy(self, items: Items) -> tuple[list[torch.Tensor], list[int]]:
         """(each item's logits, each item's greedy token at its last position). The greedy tokens
-        (argmax with the mask token banned) come from ONE argmax over the batch's last rows and
-        one transfer to the host, instead of an argmax and a device sync per request."""
+        (argmax with the mask token banned, `sampling.greedy_tokens`) come from ONE argmax over the
+        batch's last rows and one transfer to the host, instead of an argmax and a device sync per
+        request."""
+        logits, counts = self._logits(items)
+        last = torch.tensor(counts).cumsum(0).sub_(1).to(logits.device)  # [items] each item's last row
+        tails = logits.index_select(0, last)  # [items, V], a copy: the returned logits keep the mask's logit
+        return list(logits.split(counts)), greedy_tokens(tails, self.model.config.mask_token_id)
+
+    def _logits(self, items: Items) -> tuple[torch.Tensor, list[int]]:
+        """(the logits of every item's asked positions [sum n_b, V], one head matmul; their count per item)."""
         hidden, offsets = self.forward(items)
         index, counts = [], []
         for (_, p), off in zip(items, offsets):
@@ -141,8 +153,4 @@ class ModelRunner:
             index.extend(range(first, off + n))
             counts.append(off + n - first)
         picked = hidden.index_select(0, torch.tensor(index, device=hidden.device))  # [sum n_b, hidden]
-        logits = self.model.logits(picked)  # [sum n_b, V], one head matmul
-        last = torch.tensor(counts).cumsum(0).sub_(1).to(logits.device)  # [items] each item's last row
-        tails = logits.index_select(0, last)  # [items, V], a copy: the returned logits keep the mask's logit
-        tails[:, self.model.config.mask_token_id] = float("-inf")
-        return list(logits.split(counts)), tails.argmax(-1).tolist()
+        return self.model.logits(picked), counts

@@ -49,6 +49,14 @@ def greedy_token(logits: torch.Tensor, mask_id: int) -> int:
     return tok if tok != mask_id else int(ban_mask(logits, mask_id).argmax())
 
 
+def greedy_tokens(rows: torch.Tensor, mask_id: int) -> list[int]:
+    """`greedy_token` of every row of rows [N, V] (rows of DIFFERENT requests: the engine's batch
+    of last positions) in ONE argmax and one transfer to the host; `rows` is modified in place
+    (its mask column set to -inf), so pass a copy of logits that are used again."""
+    rows[:, mask_id] = float("-inf")
+    return rows.argmax(-1).tolist()
+
+
 def select(logits: torch.Tensor, params: DecodeParams, mask_id: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row: (tokens [N], their probability under the distribution [N])."""
     if params.greedy:

@@ -11,7 +11,7 @@ from scipy.stats import chi2_contingency, chisquare
 
 from replicas.engine import DecodeParams, Engine
 from replicas.engine.model import RMSNorm
-from replicas.engine.sampling import draw, greedy_token, probabilities, select, speculative_accept
+from replicas.engine.sampling import draw, greedy_token, greedy_tokens, probabilities, select, speculative_accept
 from replicas.engine.testing import write_random_checkpoint
 
 
@@ -30,6 +30,14 @@ def test_greedy_token_is_the_token_greedy_select_picks():
     assert int(logits.argmax()) == 7
     assert greedy_token(logits, 7) == 30
     assert logits[0, 7] == 9.0  # the caller's logits are not modified
+
+
+def test_greedy_tokens_is_greedy_token_of_each_row():
+    """The batched pick (one argmax over many requests' last rows) is each row's own greedy token."""
+    rows = torch.randn(6, 64, generator=torch.Generator().manual_seed(4)) * 4
+    rows[2, 7] = 99.0  # the mask token leads on one row
+    expected = [greedy_token(r[None], 7) for r in rows]
+    assert greedy_tokens(rows.clone(), 7) == expected and expected[2] != 7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
