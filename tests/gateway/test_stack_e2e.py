@@ -101,9 +101,10 @@ def test_error_statuses_use_the_envelope_and_the_stack_keeps_serving(gw, serve_s
     with gateway("http://127.0.0.1:9", connect_timeout_s=1) as dead:
         envelope(httpx.post(dead + "/v1/completions", json=body, timeout=30), 503)
     with gateway(serve_stack.url, request_timeout_s=0.05) as impatient:
+        # 200 tokens, one per denoise pass, and no early end at an EOS: far longer than 50 ms
         envelope(httpx.post(impatient + "/v1/completions",
                             json={**body, "max_tokens": 200, "decoding_mode": "diffusion",
-                                  "confidence_threshold": 1.0}, timeout=30), 504)
+                                  "confidence_threshold": 1.0, "ignore_eos": True}, timeout=30), 504)
     assert client.completions.create(model="nld-test", prompt="still here", max_tokens=4).choices
 
 
