@@ -18,7 +18,9 @@ policy adopted them, so a replica can ignore settings older than the ones it app
 None until the first evaluation on fresh signals ("attached"): a gateway that just started
 has no view of the fleet yet, and must not overwrite, with a newer date, what a running
 gateway decided (a rollout or a scale-up of gateways would otherwise reset the fleet to sparse).
-Non-goals: polling (see `signals.SignalBoard`), HTTP.
+With a goodput rule, a load step the chooser sees (an octave) also asks the board for one
+extra poll of the signals `settle_s` later, so the cost model it decides on has measured the new
+load without waiting for the next interval. Non-goals: polling (see `signals.SignalBoard`), HTTP.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.chooser = (GoodputChooser(rule.goodput, [lv.mode for lv in self.levels], spec.engine.draft_tiers)
                         if rule.goodput is not None else None)
         self.goodput: dict | None = None  # the last goodput evaluation (for the snapshot)
+        self.load_steps = 0  # the chooser's load steps already answered with a re-poll of the signals
         self.attached_at: float | None = None  # wall clock of the first evaluation on fresh signals
         self.settings_since = wall()
         self.smoothed: float | None = None
@@ -166,7 +169,12 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.goodput = {"decided_by": "thresholds" if choice is None else "goodput", "cold": cold,
                         "load": {"current": self.smoothed, "projected": self.raw},
                         "choice": None if choice is None else choice.mode,
-                        "predictions": None if choice is None else choice.predictions, "model": view.as_dict()}
+                        "predictions": None if choice is None else choice.predictions, "model": view.as_dict(),
+                        "load_step": {"load": self.chooser.step_n, "steps": self.chooser.steps,
+                                      "margin_holds": self.chooser.merit}}
+        if self.chooser.steps != self.load_steps:  # a load step: re-poll once the replicas measured the new load
+            self.load_steps = self.chooser.steps
+            self.board.refresh_after(self.spec.mode.goodput.settle_s)
         if choice is None:
             return False
         at = "projected" if self.raw > self.smoothed else "current"

@@ -14,7 +14,10 @@ serving processes' CPU and misfit of the step model are in the realized rate, no
 loads, keeps those within the latency SLO, and picks the best tokens/s at the higher of the two
 loads (a rising load acts early; a falling one waits for the smoothing), smoothed over time
 (EWMA of log tokens/s, half-life `smoothing_s`); it leaves the current mode only for a gain
-above `margin`. It returns None (cold: the caller keeps its static thresholds) until the view
+above `margin`, and only a mode it picked at this load holds by that margin: a load step (an
+octave, `STEP_OCTAVES`) clears it, and until a cost view first seen `settle_s` after the step
+picks a mode, nothing holds by it (views polled before the step predicted the new load from
+other loads' measurements; `step_at` tells the caller to re-poll). It returns None (cold: the caller keeps its static thresholds) until the view
 has `min_steps` steps and a yield for every mode it needs.
 Non-goals: reading the metrics (`policies.cost_view`), measuring (the engine:
 `replicas/engine/cost_model.py`), dwell and staleness (the policy), torch.
@@ -203,9 +206,10 @@ class Choice:
     reason: str = "goodput"  # or "explore": a mode not measured near this load, tried to measure it
 
 
-EXPLORE_RATIO = 0.5  # an unmeasured mode is tried when its modelled tokens/s is at least this share of the current's
+EXPLORE_RATIO = 0.75  # an unmeasured mode is tried when its modelled tokens/s is at least this share of the current's
 EXPLORE_RETRY_S = 300.0  # the same mode is not tried again at the same load cell sooner
 STEADY_OCTAVES = 0.5  # exploring needs a steady load: current and projected within this (a factor of 1.41)
+STEP_OCTAVES = 1.0  # a load this far from the load of the last step clears the margin's hold (a step)
 
 
 def measured_near(view: CostView, mode: str, n: float, octaves: float = 1.0) -> bool:
@@ -227,6 +231,13 @@ class GoodputChooser:
         self._memo_view: CostView | None = None
         self._memo: dict[tuple, Prediction | None] = {}
         self.explored: dict[tuple[str, int], float] = {}  # (mode, load octave) -> when it was tried
+        self.step_n: float | None = None  # the load of the last load step (STEP_OCTAVES)
+        self.step_at: float | None = None  # when it happened (None: no clock)
+        self.steps = 0  # load steps seen (the caller re-polls the cost model after each)
+        self.merit: str | None = None  # the mode picked on a settled view since the last step: the margin holds it
+        self._seen_view: CostView | None = None
+        self._seen_at: float | None = None  # when the current view was first seen
+        self._settled_step = 0  # the last step whose settled view has been seen
 
     def _smooth(self, options: dict[str, Prediction], now: float | None, n: float) -> dict[str, float]:
         """EWMA (half-life `smoothing_s`) of each mode's log tokens/s at load `n`: noise in the
@@ -256,6 +267,23 @@ class GoodputChooser:
             self._memo[key] = corrected(view, mode, key[1], tiers=self.tiers, rule=self.rule)
         return self._memo[key]
 
+    def _track(self, view: CostView, n: float, now: float | None) -> bool:
+        """Note a load step (clears the margin's hold) and a new view; whether the view is settled:
+        first seen at least `settle_s` after the last step (always, with no clock). The first
+        settled view after a step restarts the smoothing: the rates smoothed since the step came
+        from views that had not measured the new load."""
+        if view is not self._seen_view:
+            self._seen_view, self._seen_at = view, now
+        if self.step_n is None or octaves_between(n, self.step_n) >= STEP_OCTAVES:
+            self.step_n, self.step_at, self.merit = n, now, None
+            self.steps += 1
+        settled = (now is None or self._seen_at is None or self.step_at is None
+                   or self._seen_at >= self.step_at + self.rule.settle_s)
+        if settled and self._settled_step != self.steps:
+            self._settled_step = self.steps
+            self.last_n = None  # `_smooth` starts afresh
+        return settled
+
     def ready(self, view: CostView) -> str | None:
         """None when the view can decide; else why not (the cold start)."""
         if view.steps < self.rule.min_steps or not view.coef:
@@ -273,7 +301,9 @@ class GoodputChooser:
             return None  # a mode never measured (e.g. no self-spec cycle yet): the thresholds explore
         at = "projected" if projected > current else "current"
         options = preds[at]
-        rate = self._smooth(options, now, projected if projected > current else current)
+        n = max(current, projected)
+        settled = self._track(view, n, now)
+        rate = self._smooth(options, now, n)
         slo = self.rule.latency_slo_s
         within = [m for m, p in options.items() if slo is None or p.latency_s <= slo]
         if not within:  # nothing meets the SLO: the fastest request wins
@@ -282,9 +312,10 @@ class GoodputChooser:
             best = max(within, key=lambda m: rate[m])
         keep = mode in within or not within
         gain = rate[best] / max(rate[mode], 1e-12) if mode in rate else float("inf")
-        if best != mode and keep and gain <= 1.0 + self.rule.margin:
+        if best != mode and keep and self.merit == mode and gain <= 1.0 + self.rule.margin:
             best = mode  # not enough gain to move
-        n = max(current, projected)
+        elif settled:
+            self.merit = best  # picked on a view that has seen this load: the margin holds it from now
         here = (mode, load_octave(n))
         if not measured_near(view, mode, n) and now is not None and now - self.explored.get(here, -1e18) >= EXPLORE_RETRY_S:
             self.explored[here] = now  # running a mode not measured at this load: it is being tried

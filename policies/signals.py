@@ -9,7 +9,8 @@ empty vector is 0), `scrape` (Prometheus text from metrics endpoints: filter by 
 labels, sum per `per` label, then mean/sum/max across, or count the groups, e.g. replicas),
 `local` (a gateway counter), `goodput` (the replicas' measured cost models, `policies.goodput`;
 its value is their step count). The scrape sources of one policy fetch pages through one
-`PageFetcher`: sources that poll the same URL at the same moment share one GET. Non-goals:
+`PageFetcher`: sources that poll the same URL at the same moment share one GET. `refresh_after`
+polls every source once more, off its interval (the policy's re-poll after a load step). Non-goals:
 deciding modes (see `adaptive`).
 """
 
@@ -172,6 +173,8 @@ class SignalBoard:
         self.states = {s.name: SignalState() for s in sources}
         self.clock = clock
         self._tasks: list[asyncio.Task] = []
+        self._refresh: asyncio.Task | None = None
+        self.refreshes = 0  # extra polls run by `refresh_after`
 
     async def poll_once(self, name: str) -> None:
         source, state = self.sources[name], self.states[name]
@@ -190,6 +193,23 @@ class SignalBoard:
             await self.poll_once(name)
             await asyncio.sleep(interval)
 
+    def refresh_after(self, delay_s: float) -> bool:
+        """Poll every polled source once, `delay_s` from now, besides their intervals (e.g. the
+        cost model after a load step, once the replicas have measured the new load). Sources that
+        read one page share its fetch. A later call replaces a pending refresh. False (nothing
+        scheduled) outside an event loop or before `start`."""
+        if not self._tasks:
+            return False
+        if self._refresh is not None:
+            self._refresh.cancel()
+        self._refresh = asyncio.get_running_loop().create_task(self._refresh_later(delay_s), name="signal-refresh")
+        return True
+
+    async def _refresh_later(self, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        self.refreshes += 1
+        await asyncio.gather(*(self.poll_once(n) for n, s in self.sources.items() if s.interval_s is not None))
+
     def start(self) -> None:
         if not self._tasks:
             self._tasks = [asyncio.create_task(self._loop(n), name=f"signal-{n}")
@@ -197,6 +217,9 @@ class SignalBoard:
 
     def cancel(self) -> list[asyncio.Task]:
         tasks, self._tasks = self._tasks, []
+        if self._refresh is not None:
+            tasks.append(self._refresh)
+            self._refresh = None
         for t in tasks:
             t.cancel()
         return tasks

@@ -118,12 +118,64 @@ def test_the_margin_holds_near_ties_and_the_slo_follows_throughput():
     free = GoodputChooser(RULE.model_copy(update={"margin": 0.0}), ["self_spec", "ar"], TIERS)
     assert free.choose(v, n, n, "self_spec").mode == "ar"
     held = GoodputChooser(RULE.model_copy(update={"margin": gain - 1 + 0.01}), ["self_spec", "ar"], TIERS)
+    assert held.choose(v, n - 0.5, n - 0.5, "self_spec").mode == "self_spec"  # picked on its merit, just below
     assert held.choose(v, n, n, "self_spec").mode == "self_spec"  # a gain below the margin: stay
+    # the margin holds only a mode the chooser picked: one it never picked (e.g. the thresholds' at a
+    # cold start) is left for any gain
+    fresh = GoodputChooser(RULE.model_copy(update={"margin": gain - 1 + 0.01}), ["self_spec", "ar"], TIERS)
+    assert fresh.choose(v, n, n, "self_spec").mode == "ar"
     # at one load, a request's latency is load / tokens/s (Little's law): the faster mode is also
     # the lower-latency one, so an SLO never vetoes the goodput choice in favour of another mode
     assert (ar.latency_s < ss.latency_s) == (ar.tokens_per_s > ss.tokens_per_s)
     strict = GoodputChooser(RULE.model_copy(update={"latency_slo_s": ar.latency_s / 2}), ["self_spec", "ar"], TIERS)
     assert strict.choose(v, n, n, "self_spec").mode == "ar"  # nothing meets it: the fastest request
+
+
+def test_a_load_step_clears_the_margin_until_a_view_polled_after_it_decides():
+    """Traced in a peer run: idle in self_spec, then 8 requests. The view polled before the step
+    (no self_spec measured near 8) rated self_spec far ahead; the first view polled after it put ar
+    4% ahead, inside the 5% margin, which held self_spec for ~10 s. A step (an octave) clears the
+    hold: views first seen within `settle_s` of it decide on their merit, and a mode keeps the
+    margin's hold only once a view first seen after that has picked it."""
+    v = view(tokens_per_cycle=6.0)
+    ar8 = predict(v, "ar", 8, tiers=TIERS, rule=RULE)
+    ss8 = predict(v, "self_spec", 8, tiers=TIERS, rule=RULE)
+    rule = RULE.model_copy(update={"settle_s": 5.0})
+    chooser = GoodputChooser(rule, ["self_spec", "ar"], TIERS)
+    assert chooser.choose(v, 1, 1, "ar", now=0.0).mode == "self_spec" and chooser.steps == 1
+    assert chooser.choose(v, 1, 1, "self_spec", now=10.0).mode == "self_spec"
+    assert chooser.merit is None  # the view of the step (a view is one poll), however long ago
+    assert chooser.choose(view(tokens_per_cycle=6.0), 1, 1, "self_spec", now=30.0).mode == "self_spec"
+    assert chooser.merit == "self_spec"  # a poll first seen 30 s after the step: settled
+    # the load steps to 8; the old view (polled before the step) still rates self_spec ahead
+    stale = view(tokens_per_cycle=6.0)
+    stale.realized = {("self_spec", 8): (1.5 * ar8.tokens_per_s, MIN_WINDOWS), ("ar", 8): (ar8.tokens_per_s, MIN_WINDOWS)}
+    assert chooser.choose(stale, 8, 8, "self_spec", now=40.0).mode == "self_spec"
+    assert chooser.steps == 2 and chooser.merit is None  # a step: nothing holds by the margin
+    # the view polled after the step measured self_spec at 8: ar 4% ahead, inside a 5% margin
+    fresh = view(tokens_per_cycle=6.0)
+    fresh.realized = {("self_spec", 8): (ar8.tokens_per_s / 1.04, MIN_WINDOWS), ("ar", 8): (ar8.tokens_per_s, MIN_WINDOWS)}
+    assert ss8.tokens_per_s != ar8.tokens_per_s / 1.04
+    assert chooser.choose(fresh, 8, 8, "self_spec", now=45.5).mode == "ar"  # not held: ar on its merit
+    assert chooser.merit == "ar"
+    # from now on the margin holds ar against a 4% swing back (no thrash at a near-tie)
+    swing = view(tokens_per_cycle=6.0)
+    swing.realized = {("self_spec", 8): (ar8.tokens_per_s * 1.04, MIN_WINDOWS), ("ar", 8): (ar8.tokens_per_s, MIN_WINDOWS)}
+    assert chooser.choose(swing, 8, 8, "ar", now=50.0).mode == "ar"
+    # a view first seen within settle_s of a step decides, but gives no hold
+    early = GoodputChooser(rule, ["self_spec", "ar"], TIERS)
+    early.choose(v, 1, 1, "self_spec", now=0.0)
+    early.choose(view(tokens_per_cycle=6.0), 1, 1, "self_spec", now=10.0)
+    assert early.choose(stale, 8, 8, "self_spec", now=20.0).mode == "self_spec" and early.merit is None
+    assert early.choose(swing, 8, 8, "self_spec", now=21.0).mode == "self_spec"  # seen 1 s after: no hold either
+    assert early.merit is None
+    # noise inside an octave is no step: a mode picked at 6 keeps its hold at 10
+    noisy = GoodputChooser(rule, ["self_spec", "ar"], TIERS)
+    noisy.choose(v, 6, 6, "ar", now=0.0)
+    noisy.choose(view(tokens_per_cycle=6.0), 6, 6, "ar", now=10.0)
+    steps = noisy.steps
+    noisy.choose(v, 10, 10, "ar", now=11.0)
+    assert noisy.steps == steps
 
 
 def test_realized_throughput_corrects_each_modes_prediction_near_its_load():
@@ -422,3 +474,49 @@ async def test_before_its_first_view_the_calibrating_preset_sends_ar():
     assert policy.decide(ModeRequest()).mode == "ar" and policy.engine_settings() is None
     with pytest.raises(PolicyFileError, match="initial_mode"):
         parse_policy(POLICY.replace("min_dwell_s: 10", "min_dwell_s: 10\n  initial_mode: diffusion"))
+
+
+async def test_a_load_step_re_polls_the_cost_model_after_settle_s():
+    """The policy answers a load step with one extra poll of its signals `settle_s` later (the
+    preset polls every 10 s), so a view that measured the new load decides within seconds."""
+    import asyncio
+
+    class Counting(Costs):
+        interval_s = 30.0  # far longer than the test: only the refresh can poll it again
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.reads = 0
+
+        async def read(self) -> float:
+            self.reads += 1
+            self.view = view(tokens_per_cycle=6.0, steps=1000)  # each poll: a new view
+            return await super().read()
+
+    load, costs = FakeSource("fleet"), Counting()
+    load.interval_s = 0.05
+    board = SignalBoard([load, costs])
+    spec = parse_policy(POLICY.replace("min_cycles: 10}", "min_cycles: 10, settle_s: 0.3}")
+                        .replace("ewma_half_life_s: 2", "ewma_half_life_s: 0"))
+    policy = AdaptiveModePolicy(spec, board, metrics=PolicyMetrics(CollectorRegistry()), eval_interval_s=0.05)
+    load.value = 1.0
+    policy.start()
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if policy.chooser.steps == 1 and board.refreshes == 1:
+                break
+        assert policy.chooser.steps == 1 and board.refreshes == 1  # the first view is a step too
+        reads = costs.reads
+        load.value = 16.0  # a step of four octaves
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if board.refreshes == 2:
+                break
+        assert policy.chooser.steps == 2 and board.refreshes == 2 and costs.reads == reads + 1
+        assert policy.mode == "ar"
+        load.value = 20.0  # within an octave of the step: no step, no extra poll
+        await asyncio.sleep(0.6)
+        assert policy.chooser.steps == 2 and board.refreshes == 2
+    finally:
+        await policy.stop()
