@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--alpha", type=float, default=0.3)
+    p.add_argument("--self-alpha", type=float, default=None,
+                   help="weight of the self-generated diffusion term (default --alpha)")
     p.add_argument("--blocks", default="16,32")
     p.add_argument("--keep-first", type=float, default=0.75)
     p.add_argument("--suffix-prob", type=float, default=0.5)
@@ -111,7 +113,8 @@ def main(argv=None) -> dict:
         batch = tt.make_batch(train_stream, args.batch, args.seq, blocks, gen,
                               keep_first_prob=args.keep_first, suffix_prob=args.suffix_prob)
         loss, l_ar, l_diff = tt.joint_loss(model, batch, args.alpha, device)
-        dloss, l_dist = tt.self_distill_loss(model, distill, args.distill_batch, prompt_len, blocks, gen, args, device)
+        dloss, l_dist = tt.self_distill_loss(model, distill, args.distill_batch, prompt_len, blocks, gen, args, device,
+                                             alpha=args.self_alpha)
         loss = loss + dloss
         tt.take_step(model, opt, loss, f"{name} step {step}")
         acc = [acc[0] + l_ar, acc[1] + l_diff, acc[2] + l_dist, acc[3] + 1]

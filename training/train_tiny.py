@@ -344,10 +344,11 @@ def take_step(model: NLDModel, opt: torch.optim.Optimizer, loss: torch.Tensor, w
 
 
 def self_distill_loss(model: NLDModel, distill: torch.Tensor, rows: int, prompt_len: int | torch.Tensor,
-                      blocks: list[int], gen: torch.Generator, args, device) -> tuple[torch.Tensor, float]:
+                      blocks: list[int], gen: torch.Generator, args, device,
+                      alpha: float | None = None) -> tuple[torch.Tensor, float]:
     """(alpha * L_diff, L_diff) on `rows` random self-generated sequences of `distill` [n, P + N]:
     the usual noising, the loss only on the generated part (positions >= prompt_len; an int, or
-    a [n] tensor of per-sequence prompt lengths)."""
+    a [n] tensor of per-sequence prompt lengths). `alpha`: the term's weight (default args.alpha)."""
     picked = torch.randint(0, distill.shape[0], (rows,), generator=gen)
     if isinstance(prompt_len, torch.Tensor):
         loss_from = prompt_len[picked].tolist()
@@ -357,7 +358,7 @@ def self_distill_loss(model: NLDModel, distill: torch.Tensor, rows: int, prompt_
                        suffix_prob=args.suffix_prob, loss_from=loss_from)
     batch["loss_tokens"] = (rows * distill.shape[1] - sum(loss_from)) if isinstance(loss_from, list) \
         else rows * (distill.shape[1] - prompt_len)
-    loss, _, l_diff = joint_loss(model, batch, args.alpha, device, ar=False)
+    loss, _, l_diff = joint_loss(model, batch, args.alpha if alpha is None else alpha, device, ar=False)
     return loss, l_diff
 
 

@@ -17,7 +17,7 @@ length. `RealizedRates.observe(mode, running, tokens, seconds)` records what a s
 while every decoding request ran one mode: per (mode, load cell) it sums tokens and wall seconds
 (prefill steps, request turnover and the CPU the serving processes take included) and folds
 each `WINDOW_S` of them into an EWMA of tokens/s; the policy scales its model's prediction for a
-mode by realized / modelled at the nearest cell it measured (`policies.goodput.corrected`).
+mode by realized / modelled at the nearest cell it measured (`policies.predict.corrected`).
 `CostModel.snapshot()` is the plain dict the engine's stats carry under "cost_model".
 Non-goals: predicting goodput or choosing modes (the policy does, in `policies.goodput`),
 context-length effects (attention over long contexts is not a feature), per-prompt classes.

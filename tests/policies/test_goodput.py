@@ -11,8 +11,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from policies import AdaptiveModePolicy, ModeRequest, PolicyMetrics, parse_policy
-from policies.goodput import (EXPLORE_RATIO, EXPLORE_RETRY_S, MAX_OCTAVES, MIN_WINDOWS, CostView, GoodputChooser,
-                              GoodputSource, acceptance, corrected, predict, step_seconds, tokens_per_cycle)
+from policies.cost_view import CostView, GoodputSource
+from policies.goodput import EXPLORE_RATIO, EXPLORE_RETRY_S, GoodputChooser
+from policies.predict import (MAX_OCTAVES, MIN_WINDOWS, acceptance, corrected, predict, step_seconds,
+                              tokens_per_cycle)
 from policies.schema import DraftTier, GoodputRule, PolicyFileError
 from policies.signals import PageFetcher, SignalBoard
 
@@ -176,6 +178,31 @@ def test_a_load_step_clears_the_margin_until_a_view_polled_after_it_decides():
     steps = noisy.steps
     noisy.choose(v, 10, 10, "ar", now=11.0)
     assert noisy.steps == steps
+
+
+def test_a_first_measurement_near_the_load_replaces_the_smoothed_extrapolation():
+    """Traced in a peer run: at 8 requests the view rated self_spec (measured only at 1 request,
+    extrapolated) at 3,158 tok/s and ar (measured at 8) at 2,613; the first view with self_spec
+    measured at 8 said 2,450 vs 2,648. Smoothing the log rates (half-life 2 s) and the margin's hold
+    on the extrapolated pick kept self_spec 4 s longer. A change of basis restarts the mode's
+    smoothing and clears the hold: ar at the first evaluation on that view."""
+    v = view(tokens_per_cycle=6.0)
+    ar8 = predict(v, "ar", 8, tiers=TIERS, rule=RULE).tokens_per_s
+    ss1 = predict(v, "self_spec", 1, tiers=TIERS, rule=RULE).tokens_per_s
+    ss8 = predict(v, "self_spec", 8, tiers=TIERS, rule=RULE).tokens_per_s
+    chooser = GoodputChooser(RULE, ["self_spec", "ar"], TIERS)
+    cells = {("self_spec", 1): (ss1, MIN_WINDOWS), ("ar", 8): (ss8 / 1.2, MIN_WINDOWS)}
+    for t in (0.0, 10.0, 20.0):  # a poll every 10 s (a new view each)
+        extrapolated = view(tokens_per_cycle=6.0)
+        extrapolated.realized = dict(cells)
+        assert chooser.choose(extrapolated, 8, 8, "self_spec", now=t).mode == "self_spec"
+    assert chooser.merit == "self_spec" and not chooser.basis["self_spec"] and chooser.unmeasured
+    measured = view(tokens_per_cycle=6.0)
+    measured.realized = dict(cells)
+    measured.realized[("self_spec", 8)] = (ss8 / 1.2 / 1.08, MIN_WINDOWS)  # ar 8% ahead
+    choice = chooser.choose(measured, 8, 8, "self_spec", now=20.1)
+    assert choice.mode == "ar" and chooser.basis["self_spec"] and not chooser.unmeasured
+    assert ar8 > 0
 
 
 def test_realized_throughput_corrects_each_modes_prediction_near_its_load():
@@ -478,7 +505,8 @@ async def test_before_its_first_view_the_calibrating_preset_sends_ar():
 
 async def test_a_load_step_re_polls_the_cost_model_after_settle_s():
     """The policy answers a load step with one extra poll of its signals `settle_s` later (the
-    preset polls every 10 s), so a view that measured the new load decides within seconds."""
+    preset polls every 10 s), so a view that measured the new load decides within seconds; and
+    while the running mode is newly unmeasured at the load, it re-polls every settle_s."""
     import asyncio
 
     class Counting(Costs):
@@ -490,10 +518,13 @@ async def test_a_load_step_re_polls_the_cost_model_after_settle_s():
 
         async def read(self) -> float:
             self.reads += 1
-            self.view = view(tokens_per_cycle=6.0, steps=1000)  # each poll: a new view
+            self.view = v = view(tokens_per_cycle=6.0, steps=1000)  # each poll: a new view
+            v.realized = {(m, n): (predict(v, m, n, tiers=TIERS, rule=RULE).tokens_per_s, MIN_WINDOWS)
+                          for m in ("ar", "self_spec") for n in self.cells}  # measured where the test's load goes
             return await super().read()
 
     load, costs = FakeSource("fleet"), Counting()
+    costs.cells = (1, 16)
     load.interval_s = 0.05
     board = SignalBoard([load, costs])
     spec = parse_policy(POLICY.replace("min_cycles: 10}", "min_cycles: 10, settle_s: 0.3}")
@@ -518,5 +549,14 @@ async def test_a_load_step_re_polls_the_cost_model_after_settle_s():
         load.value = 20.0  # within an octave of the step: no step, no extra poll
         await asyncio.sleep(0.6)
         assert policy.chooser.steps == 2 and board.refreshes == 2
+        # the running mode not measured near the load: re-polled every settle_s, for a bounded time
+        costs.cells = (1,)
+        await board.poll_once("costs")
+        await asyncio.sleep(1.0)
+        assert policy.chooser.unmeasured and 4 <= board.refreshes <= 6
+        reads = costs.reads
+        costs.cells = (1, 16)  # measured now: no more extra polls
+        await asyncio.sleep(0.8)
+        assert not policy.chooser.unmeasured and board.refreshes <= 7 and costs.reads <= reads + 1
     finally:
         await policy.stop()

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from policies import parse_policy
-from policies.goodput import GoodputSource
+from policies.cost_view import GoodputSource
 from policies.schema import StackPorts
 from policies.signals import PageFetcher
 
