@@ -136,6 +136,9 @@ class LocalSignal(_Strict):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     source: Literal["local"]
     counter: Literal["inflight"] = "inflight"
+    repoll_after_s: float | None = Field(default=None, gt=0, description="when this counter moves an octave "
+                                         "from where it was, poll the polled signals again this many seconds "
+                                         "later (a fleet signal polled every 10 s then follows a load step)")
 
 
 Signal = Annotated[Union[PrometheusSignal, ScrapeSignal, GoodputSignal, LocalSignal], Field(discriminator="source")]

@@ -10,7 +10,8 @@ labels, sum per `per` label, then mean/sum/max across, or count the groups, e.g.
 `local` (a gateway counter), `goodput` (the replicas' measured cost models, `policies.goodput`;
 its value is their step count). The scrape sources of one policy fetch pages through one
 `PageFetcher`: sources that poll the same URL at the same moment share one GET. `refresh_after`
-polls every source once more, off its interval (the policy's re-poll after a load step). Non-goals:
+polls every source once more, off its interval (the policy's re-poll after a load step; a local
+counter with `repoll_after_s` asks for one when it moves an octave). Non-goals:
 deciding modes (see `adaptive`).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -152,6 +154,7 @@ class LocalSource:
     def __init__(self, spec: LocalSignal, counter: Callable[[], float]) -> None:
         self.name, self.counter = spec.name, counter
         self.interval_s = self.stale_after_s = None
+        self.repoll_after_s = spec.repoll_after_s
 
     async def read(self) -> float:
         return self.read_now()
@@ -173,8 +176,9 @@ class SignalBoard:
         self.states = {s.name: SignalState() for s in sources}
         self.clock = clock
         self._tasks: list[asyncio.Task] = []
-        self._refresh: asyncio.Task | None = None
+        self._refreshes: set[asyncio.Task] = set()
         self.refreshes = 0  # extra polls run by `refresh_after`
+        self._local_base: dict[str, float] = {}  # a local counter's value at its last octave move
 
     async def poll_once(self, name: str) -> None:
         source, state = self.sources[name], self.states[name]
@@ -196,13 +200,12 @@ class SignalBoard:
     def refresh_after(self, delay_s: float) -> bool:
         """Poll every polled source once, `delay_s` from now, besides their intervals (e.g. the
         cost model after a load step, once the replicas have measured the new load). Sources that
-        read one page share its fetch. A later call replaces a pending refresh. False (nothing
-        scheduled) outside an event loop or before `start`."""
+        read one page share its fetch. False (nothing scheduled) before `start`."""
         if not self._tasks:
             return False
-        if self._refresh is not None:
-            self._refresh.cancel()
-        self._refresh = asyncio.get_running_loop().create_task(self._refresh_later(delay_s), name="signal-refresh")
+        task = asyncio.get_running_loop().create_task(self._refresh_later(delay_s), name="signal-refresh")
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
         return True
 
     async def _refresh_later(self, delay_s: float) -> None:
@@ -216,16 +219,23 @@ class SignalBoard:
                            for n, s in self.sources.items() if s.interval_s is not None]
 
     def cancel(self) -> list[asyncio.Task]:
-        tasks, self._tasks = self._tasks, []
-        if self._refresh is not None:
-            tasks.append(self._refresh)
-            self._refresh = None
+        tasks, self._tasks = self._tasks + list(self._refreshes), []
+        self._refreshes.clear()
         for t in tasks:
             t.cancel()
         return tasks
 
     async def stop(self) -> None:
         await asyncio.gather(*self.cancel(), return_exceptions=True)
+
+    def _follow(self, source: LocalSource, value: float) -> None:
+        """A local counter an octave from its last base (counts below 1 count as 1): re-poll the
+        polled signals `repoll_after_s` later, so a polled view of the same load follows."""
+        if source.repoll_after_s is None:
+            return
+        base = self._local_base.setdefault(source.name, value)
+        if abs(math.log2(max(value, 1.0) / max(base, 1.0))) >= 1.0 and self.refresh_after(source.repoll_after_s):
+            self._local_base[source.name] = value
 
     def read(self, now: float) -> tuple[dict[str, float], set[str]]:
         """(values by name, names that are stale or never read)."""
@@ -235,6 +245,7 @@ class SignalBoard:
             if isinstance(source, LocalSource):
                 values[name] = source.read_now()
                 self.states[name].value, self.states[name].updated_at = values[name], now
+                self._follow(source, values[name])
                 continue
             st = self.states[name]
             if st.value is None or now - st.updated_at > source.stale_after_s:

@@ -121,3 +121,49 @@ async def test_a_failed_fetch_whose_readers_were_cancelled_is_not_reported_as_lo
         assert lost == []
     finally:
         loop.set_exception_handler(None)
+
+
+async def test_a_local_counter_that_moves_an_octave_re_polls_the_polled_signals():
+    """`repoll_after_s`: the fleet signal (polled every 10 s in the preset) follows a local load
+    step within seconds, in both directions; moves within an octave poll nothing extra."""
+    import asyncio
+
+    from policies.schema import LocalSignal
+    from policies.signals import LocalSource, SignalBoard
+
+    class Polled:
+        name, interval_s, stale_after_s = "fleet", 30.0, 60.0
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        async def read(self) -> float:
+            self.reads += 1
+            return 1.0
+
+    inflight = {"n": 8}
+    local = LocalSource(LocalSignal(name="local", source="local", repoll_after_s=0.1), lambda: inflight["n"])
+    polled = Polled()
+    board = SignalBoard([polled, local])
+    board.start()
+    try:
+        await asyncio.sleep(0.05)
+        assert polled.reads == 1  # the interval's first poll
+        board.read(0.0)  # the base: 8
+        inflight["n"] = 5  # within an octave
+        board.read(0.0)
+        await asyncio.sleep(0.2)
+        assert polled.reads == 1 and board.refreshes == 0
+        inflight["n"] = 1  # an octave (and more) down: one extra poll 0.1 s later
+        board.read(0.0)
+        board.read(0.0)  # the same move read twice: still one
+        await asyncio.sleep(0.25)
+        assert polled.reads == 2 and board.refreshes == 1
+        inflight["n"] = 0  # below 1 counts as 1: no move
+        board.read(0.0)
+        inflight["n"] = 2  # an octave up from the new base
+        board.read(0.0)
+        await asyncio.sleep(0.25)
+        assert polled.reads == 3 and board.refreshes == 2
+    finally:
+        await board.stop()
