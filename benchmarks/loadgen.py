@@ -8,7 +8,7 @@ C clients each keep one `/v1/completions` request in flight (greedy, `ignore_eos
 unmeasured, --seconds measured and --tail-seconds more, over kept-alive HTTP/1.1 connections
 (one per client). Every request is recorded: start, first content byte (TTFT), the gaps
 between content chunks (ITL, streaming), end, completion tokens (from `usage`), HTTP status,
-and the error if any: nothing is dropped. Tokens/s credits each request with the share of its
+the decoding mode our gateway reports (`x-nld-decoding-mode`), and the error if any: nothing is dropped. Tokens/s credits each request with the share of its
 lifetime inside the measured window. Prints one JSON object (see `summarise`); --out also
 saves the raw records. The same client measures every system of a comparison, so its own
 cost, which shares the machine, is the same for all.
@@ -38,6 +38,7 @@ async def one_request(pool: UpstreamPool, body: bytes, stream: bool, timeout: fl
     try:
         response = await pool.request("POST", "/v1/completions", body, HEADERS, timeout)
         rec["status"] = response.status
+        rec["mode"] = response.headers.get("x-nld-decoding-mode")  # the mode our gateway ran it in
         if response.status != 200:
             raw = await response.read()
             await response.aclose()
@@ -114,6 +115,7 @@ def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> di
     lat, ttft, gaps, tpot = [], [], [], []
     errors: dict[str, int] = {}
     errors_total: dict[str, int] = {}
+    modes: dict[str, int] = {}
     ok = 0
     for r in records:
         if r["error"] is not None:
@@ -127,6 +129,8 @@ def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> di
             tokens += r["tokens"] * overlap / max(r["end"] - r["start"], 1e-9)
         if w0 <= r["end"] <= w1:
             ok += 1
+            if r.get("mode"):
+                modes[r["mode"]] = modes.get(r["mode"], 0) + 1
             lat.append(r["end"] - r["start"])
             if r["first"] is not None:
                 ttft.append(r["first"] - r["start"])
@@ -140,6 +144,7 @@ def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> di
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
         "itl_p50_s": percentile(gaps, 0.5), "itl_p99_s": percentile(gaps, 0.99),
         "tpot_p50_s": percentile(tpot, 0.5),
+        "modes": modes,  # measured requests per `x-nld-decoding-mode` (empty for servers without it)
         "latency_by_prompt": by_prompt(records, w0, w1),
     }
 

@@ -206,7 +206,8 @@ def main(argv=None) -> None:
                             rows.append({**r, "system": system, "concurrency": c, "stream": stream, "round": rnd})
                             print(f"round {rnd} {system} c={c} {'sse ' if stream else 'json'}: "
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s itl "
-                                  f"{1000 * (r['itl_p50_s'] or 0):.1f} ms errors {r['errors_total']}", flush=True)
+                                  f"{1000 * (r['itl_p50_s'] or 0):.1f} ms errors {r['errors_total']}"
+                                  + (f" modes {r['modes']}" if r.get("modes") else ""), flush=True)
         merged = median_rows(rows)
         ratios = print_tables(merged, levels, systems)
         paired = paired_ratios(rows, levels)

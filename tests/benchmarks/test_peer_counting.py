@@ -30,6 +30,14 @@ def test_summarise_counts_failures_outside_the_window_too():
     assert s["sent"] == 4 and s["requests"] == 1
 
 
+def test_summarise_counts_the_modes_measured_requests_ran_in():
+    t0 = 100.0
+    records = [dict(record(100.2, 100.9), mode="self_spec"),  # ended in the settle: not counted
+               dict(record(101.0, 101.5), mode="self_spec"), dict(record(101.5, 102.0), mode="ar"),
+               dict(record(102.0, 102.5), mode="ar"), record(102.5, 102.9)]  # a server without the header
+    assert summarise(records, t0, (1.0, 3.0))["modes"] == {"self_spec": 1, "ar": 2}
+
+
 def test_median_rows_sums_every_failure_over_rounds():
     def row(rnd, tps, errors, total):
         return {"system": "ar", "concurrency": 4, "stream": False, "round": rnd, "tokens_per_s": tps,
