@@ -230,6 +230,25 @@ def test_phase3_distillation_continues_the_checkpoint_and_its_log(tiny_run, tmp_
     assert ss.token_ids == ar.token_ids
 
 
+def test_the_self_distillation_term_takes_its_own_weight():
+    """distill_tiny --self-alpha: the self-generated term's weight, apart from the corpus's --alpha."""
+    import argparse
+
+    cfg = tt.ModelConfig.from_dict(tt.random_config(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8,
+                                                    intermediate=64, vocab=400))
+    model = tt.init_model(cfg, 0)
+    distill = torch.randint(200, 300, (4, 16), generator=torch.Generator().manual_seed(1))
+    args = argparse.Namespace(alpha=0.3, keep_first=0.75, suffix_prob=0.5)
+
+    def term(alpha):
+        return tt.self_distill_loss(model, distill, 2, 4, [4], torch.Generator().manual_seed(0), args, "cpu",
+                                    alpha=alpha)
+
+    (default, l0), (same, l1), (double, l2) = term(None), term(0.3), term(0.6)
+    assert l0 == l1 == l2 and l0 > 0  # the same rows and noise: the same L_diff
+    assert float(default) == pytest.approx(float(same)) and float(double) == pytest.approx(2 * float(same))
+
+
 def test_lora_hook_touches_only_the_noisy_half():
     cfg = tt.ModelConfig.from_dict(tt.random_config(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8,
                                                     intermediate=64, vocab=400))
