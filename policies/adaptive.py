@@ -18,10 +18,10 @@ policy adopted them, so a replica can ignore settings older than the ones it app
 None until the first evaluation on fresh signals ("attached"): a gateway that just started
 has no view of the fleet yet, and must not overwrite, with a newer date, what a running
 gateway decided (a rollout or a scale-up of gateways would otherwise reset the fleet to sparse).
-With a goodput rule, a load step the chooser sees (an octave) also asks the board for one
-extra poll of the signals `settle_s` later, so the cost model it decides on has measured the new
-load without waiting for the next interval; so does a running mode the chooser finds unmeasured
-at the load (every `settle_s`, for a bounded time). Non-goals: polling (see `signals.SignalBoard`), HTTP.
+With a goodput rule, while the chooser finds the running mode unmeasured at the load (a load
+step into a load it never ran at, for a bounded time) the policy asks the board for an extra poll
+of the signals every `settle_s`, so the cost model it decides on has measured the new load
+without waiting for the next interval. Non-goals: polling (see `signals.SignalBoard`), HTTP.
 """
 
 from __future__ import annotations
@@ -86,7 +86,6 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.chooser = (GoodputChooser(rule.goodput, [lv.mode for lv in self.levels], spec.engine.draft_tiers)
                         if rule.goodput is not None else None)
         self.goodput: dict | None = None  # the last goodput evaluation (for the snapshot)
-        self.load_steps = 0  # the chooser's load steps already answered with a re-poll of the signals
         self.repoll_due = float("-inf")  # when the pending re-poll fires (no second one before it)
         self.attached_at: float | None = None  # wall clock of the first evaluation on fresh signals
         self.settings_since = wall()
@@ -175,11 +174,7 @@ class AdaptiveModePolicy(ModePolicyBase):
                         "load_step": {"load": self.chooser.step_n, "steps": self.chooser.steps,
                                       "margin_holds": self.chooser.merit}}
         settle = self.spec.mode.goodput.settle_s
-        if self.chooser.steps != self.load_steps:  # a load step: re-poll once the replicas measured the new load
-            self.load_steps = self.chooser.steps
-            if self.board.refresh_after(settle):
-                self.repoll_due = now + settle
-        elif self.chooser.unmeasured and now >= self.repoll_due and self.board.refresh_after(settle):
+        if self.chooser.unmeasured and now >= self.repoll_due and self.board.refresh_after(settle):
             self.repoll_due = now + settle  # the running mode is new at this load: see its measurement soon
         if choice is None:
             return False

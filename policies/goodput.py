@@ -7,8 +7,8 @@ for the smoothing), smoothed over time (EWMA of log tokens/s, half-life `smoothi
 leaves the current mode only for a gain above `margin`, and only a mode it picked at this load
 holds by that margin: a load step (an octave, `STEP_OCTAVES`) clears it, and until a cost view
 first seen `settle_s` after the step picks a mode, nothing holds by it (views polled before the
-step predicted the new load from other loads' measurements; `steps` counts the steps, and the
-policy re-polls after each). A mode whose prediction changes basis (extrapolated from other loads
+step predicted the new load from other loads' measurements; `steps` counts the steps). A mode
+whose prediction changes basis (extrapolated from other loads
 <-> measured near this one) restarts its smoothing and clears the hold; while the running mode
 is newly unmeasured at the load (`unmeasured`, for `UNMEASURED_REPOLL_S`) the policy re-polls
 every `settle_s`. A mode not measured near a steady load may be proposed as a try (`explore`). It returns None (cold: the caller keeps its static thresholds) until the view has
@@ -63,7 +63,7 @@ class GoodputChooser:
         self.explored: dict[tuple[str, int], float] = {}  # (mode, load octave) -> when it was tried
         self.step_n: float | None = None  # the load of the last load step (STEP_OCTAVES)
         self.step_at: float | None = None  # when it happened (None: no clock)
-        self.steps = 0  # load steps seen (the caller re-polls the cost model after each)
+        self.steps = 0  # load steps seen
         self.merit: str | None = None  # the mode picked on a settled view since the last step: the margin holds it
         self._seen_view: CostView | None = None
         self._seen_at: float | None = None  # when the current view was first seen

@@ -172,8 +172,8 @@ class GoodputRule(_Strict):
     smoothing_s: float = Field(default=2.0, ge=0, description="half-life of the EWMA of each mode's predicted "
                                "tokens/s (0: none)")
     settle_s: float = Field(default=5.0, ge=0, description="after a load step (an octave), the margin holds no mode "
-                            "until a cost view first seen this long after the step picks it; the policy re-polls "
-                            "the cost model this long after the step")
+                            "until a cost view first seen this long after the step picks it; while the running "
+                            "mode is unmeasured at the load, the policy re-polls the cost model this often")
     latency_slo_s: float | None = Field(default=None, gt=0, description="max predicted latency of a request "
                                         "of request_tokens tokens; modes above it are not chosen")
     request_tokens: int = Field(default=256, ge=1)

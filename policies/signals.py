@@ -10,8 +10,8 @@ labels, sum per `per` label, then mean/sum/max across, or count the groups, e.g.
 `local` (a gateway counter), `goodput` (the replicas' measured cost models, `policies.goodput`;
 its value is their step count). The scrape sources of one policy fetch pages through one
 `PageFetcher`: sources that poll the same URL at the same moment share one GET. `refresh_after`
-polls every source once more, off its interval (the policy's re-poll after a load step; a local
-counter with `repoll_after_s` asks for one when it moves an octave). Non-goals:
+polls every source once more, off its interval (the policy's re-poll while its running mode is
+unmeasured at the load; a local counter with `repoll_after_s` asks for one when it falls an octave). Non-goals:
 deciding modes (see `adaptive`).
 """
 
@@ -229,12 +229,15 @@ class SignalBoard:
         await asyncio.gather(*self.cancel(), return_exceptions=True)
 
     def _follow(self, source: LocalSource, value: float) -> None:
-        """A local counter an octave from its last base (counts below 1 count as 1): re-poll the
-        polled signals `repoll_after_s` later, so a polled view of the same load follows."""
+        """A local counter an octave below its base (its value at its last octave move; counts
+        below 1 count as 1): re-poll the polled signals `repoll_after_s` later, so a polled view
+        of the same load follows the fall. A rise only moves the base: a `max()` of the local and
+        the polled view already follows a rise, and a poll costs the metrics agent CPU."""
         if source.repoll_after_s is None:
             return
         base = self._local_base.setdefault(source.name, value)
-        if abs(math.log2(max(value, 1.0) / max(base, 1.0))) >= 1.0 and self.refresh_after(source.repoll_after_s):
+        octaves = math.log2(max(value, 1.0) / max(base, 1.0))
+        if octaves >= 1.0 or (octaves <= -1.0 and self.refresh_after(source.repoll_after_s)):
             self._local_base[source.name] = value
 
     def read(self, now: float) -> tuple[dict[str, float], set[str]]:

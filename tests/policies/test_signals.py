@@ -123,9 +123,10 @@ async def test_a_failed_fetch_whose_readers_were_cancelled_is_not_reported_as_lo
         loop.set_exception_handler(None)
 
 
-async def test_a_local_counter_that_moves_an_octave_re_polls_the_polled_signals():
-    """`repoll_after_s`: the fleet signal (polled every 10 s in the preset) follows a local load
-    step within seconds, in both directions; moves within an octave poll nothing extra."""
+async def test_a_local_counter_that_falls_an_octave_re_polls_the_polled_signals():
+    """`repoll_after_s`: the fleet signal (polled every 10 s in the preset) follows a fall of the
+    local load within seconds; moves within an octave, and rises (which `max()` of the two already
+    follows), poll nothing extra."""
     import asyncio
 
     from policies.schema import LocalSignal
@@ -161,7 +162,11 @@ async def test_a_local_counter_that_moves_an_octave_re_polls_the_polled_signals(
         assert polled.reads == 2 and board.refreshes == 1
         inflight["n"] = 0  # below 1 counts as 1: no move
         board.read(0.0)
-        inflight["n"] = 2  # an octave up from the new base
+        inflight["n"] = 32  # a rise moves the base, polls nothing
+        board.read(0.0)
+        await asyncio.sleep(0.25)
+        assert polled.reads == 2 and board.refreshes == 1
+        inflight["n"] = 12  # an octave below the new base (32)
         board.read(0.0)
         await asyncio.sleep(0.25)
         assert polled.reads == 3 and board.refreshes == 2
