@@ -199,11 +199,15 @@ class SignalBoard:
 
     def refresh_after(self, delay_s: float) -> bool:
         """Poll every polled source once, `delay_s` from now, besides their intervals (e.g. the
-        cost model after a load step, once the replicas have measured the new load). Sources that
-        read one page share its fetch. False (nothing scheduled) before `start`."""
+        cost model while the running mode has no measurement at a new load). Sources that read one
+        page share its fetch. False (nothing scheduled) before `start` or outside the event loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
         if not self._tasks:
             return False
-        task = asyncio.get_running_loop().create_task(self._refresh_later(delay_s), name="signal-refresh")
+        task = loop.create_task(self._refresh_later(delay_s), name="signal-refresh")
         self._refreshes.add(task)
         task.add_done_callback(self._refreshes.discard)
         return True
