@@ -68,6 +68,8 @@ bench: $(STAMP) $(BENCH_MODEL)/config.json
 	$(PY) benchmarks/gateway_overhead.py
 	$(PY) benchmarks/bf16_agreement.py --model $(MODEL)
 	$(PY) benchmarks/adaptive.py --model $(MODEL)
+	# where the full stack's latency tail comes from (slow requests against each process's CPU)
+	$(PY) benchmarks/tail_profile.py --model $(MODEL)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
