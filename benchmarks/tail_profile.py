@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
 from benchmarks.peer_vllm import PY, start_stack  # noqa: E402
+from benchmarks.serving_profile import cpu_by_group  # noqa: E402
 
 GROUPS = [  # (group, substring of the command line), first match wins
     ("engine", "replicas.engine.core_loop"), ("replica", "ServeReplica"), ("haproxy", "haproxy"),
@@ -38,29 +38,11 @@ GROUPS = [  # (group, substring of the command line), first match wins
     ("controller", "ServeController"), ("gcs", "gcs_server"), ("raylet", "raylet"), ("ray", "ray::"),
     ("ray", "/ray/"),
 ]
-HZ = os.sysconf("SC_CLK_TCK")
 BURST_CORES = 0.3  # an interval in which the agent kept this many cores busy is one of its bursts
 
 
 def group_of(cmd: str) -> str | None:
     return next((g for g, key in GROUPS if key in cmd), None)
-
-
-def cpu_by_group() -> dict[str, float]:
-    """CPU seconds so far of every process, summed by group (processes of no group left out)."""
-    out: dict[str, float] = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        group = group_of(cmd)
-        if group is not None:
-            out[group] = out.get(group, 0.0) + (int(stat[11]) + int(stat[12])) / HZ
-    return out
 
 
 def intervals(samples: list[tuple[float, dict[str, float]]]) -> list[tuple[float, float, dict[str, float]]]:
@@ -156,7 +138,7 @@ def main(argv=None) -> dict:
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append((time.monotonic(), cpu_by_group()))
+            samples.append((time.monotonic(), cpu_by_group(GROUPS)))
             stop.wait(args.interval)
 
     try:
