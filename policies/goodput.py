@@ -8,11 +8,12 @@ leaves the current mode only for a gain above `margin`, and only a mode it picke
 holds by that margin: a load step (an octave, `STEP_OCTAVES`) clears it, and until a cost view
 first seen `settle_s` after the step picks a mode, nothing holds by it (views polled before the
 step predicted the new load from other loads' measurements; `steps` counts the steps). A mode
-whose prediction changes basis (extrapolated from other loads
-<-> measured near this one) restarts its smoothing and clears the hold; while the running mode
-is newly unmeasured at the load (`unmeasured`, for `UNMEASURED_REPOLL_S`) the policy re-polls
-every `settle_s`. A mode not measured near a steady load may be proposed as a try (`explore`). It returns None (cold: the caller keeps its static thresholds) until the view has
-`min_steps` steps and a yield for every mode it needs.
+whose prediction changes basis (extrapolated from other loads <-> measured near this one)
+restarts its smoothing and clears the hold; while the running mode is newly unmeasured at the
+load (`unmeasured`, for `UNMEASURED_REPOLL_S`) the policy re-polls every `settle_s`. A mode not
+measured near a steady load may be proposed as a try (`explore`). It returns None (cold: the
+caller keeps its static thresholds) until the view has `min_steps` steps and a yield for every
+mode it needs.
 Non-goals: predicting (`policies.predict`), reading the metrics (`policies.cost_view`),
 measuring (the engine: `replicas/engine/cost_model.py`), dwell and staleness (the policy), torch.
 """
