@@ -195,7 +195,8 @@ class GoodputChooser:
         off; a mode it rates far worse is not tried), and its ceiling (`_ceiling`) beats ar's by the
         margin (the draft's measured yield bounds self-spec whatever the step costs). Each (mode, load octave) once per
         `EXPLORE_RETRY_S` (`choose` records a try when it sees the mode running unmeasured; with
-        no clock, every call may propose). The policy's dwell bounds how long a try lasts."""
+        no clock, every call may propose). The policy's dwell bounds how long a try lasts. Called by
+        `choose` after `_rebase`, so `self.basis` holds each mode's measured-near-`n` answer."""
         n = max(current, projected)
         if octaves_between(projected, current) > STEADY_OCTAVES or \
                 not measured_near(view, mode, n, octaves=0.5):
@@ -203,7 +204,7 @@ class GoodputChooser:
         for m in within:
             key = (m, load_octave(n))
             tried = self.explored.get(key)
-            if m == mode or measured_near(view, m, n) or (tried is not None and now is not None
+            if m == mode or self.basis[m] or (tried is not None and now is not None
                                                           and now - tried < EXPLORE_RETRY_S):
                 continue
             if options[m].tokens_per_s >= EXPLORE_RATIO * options[mode].tokens_per_s and \
