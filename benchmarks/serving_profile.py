@@ -46,6 +46,11 @@ GROUPS = [  # (group, substring of the command line), first match wins
 HZ = os.sysconf("SC_CLK_TCK")
 
 
+def group_of(cmd: str, groups: list[tuple[str, str]] = GROUPS) -> str | None:
+    """The first of `groups` whose substring the command line contains (None: no group)."""
+    return next((g for g, key in groups if key in cmd), None)
+
+
 def cpu_by_group(groups: list[tuple[str, str]] = GROUPS) -> dict[str, float]:
     """CPU seconds so far of every process, summed by the first of `groups` whose substring its
     command line contains (processes of no group left out)."""
@@ -58,7 +63,7 @@ def cpu_by_group(groups: list[tuple[str, str]] = GROUPS) -> dict[str, float]:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        group = next((g for g, key in groups if key in cmd), None)
+        group = group_of(cmd, groups)
         if group is not None:
             out[group] = out.get(group, 0.0) + (int(stat[11]) + int(stat[12])) / HZ
     return out

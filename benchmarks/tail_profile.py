@@ -41,10 +41,6 @@ GROUPS = [  # (group, substring of the command line), first match wins
 BURST_CORES = 0.3  # an interval in which the agent kept this many cores busy is one of its bursts
 
 
-def group_of(cmd: str) -> str | None:
-    return next((g for g, key in GROUPS if key in cmd), None)
-
-
 def intervals(samples: list[tuple[float, dict[str, float]]]) -> list[tuple[float, float, dict[str, float]]]:
     """(start, end, CPU seconds per group) between consecutive samples."""
     out = []

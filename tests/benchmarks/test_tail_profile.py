@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.tail_profile import attribute, bursts, busy, group_of, intervals
+from benchmarks.serving_profile import group_of
+from benchmarks.tail_profile import GROUPS, attribute, bursts, busy, intervals
 
 
 def test_process_groups_follow_the_command_lines():
-    assert group_of("/x/python -m replicas.engine.core_loop 5") == "engine"
-    assert group_of("ray::DashboardAgent") == "agent"
-    assert group_of("ray::ServeReplica:nld:NLDReplica") == "replica"
-    assert group_of("/x/ray/core/src/ray/gcs/gcs_server --a") == "gcs"
-    assert group_of("/x/python -m gateway up --port 1") == "gateway"
-    assert group_of("/x/.venv/bin/nld-gateway serve --port 1") == "gateway"
-    assert group_of("/x/python -u -m replicas --port 2") == "driver"
-    assert group_of("bash") is None
+    assert group_of("/x/python -m replicas.engine.core_loop 5", GROUPS) == "engine"
+    assert group_of("ray::DashboardAgent", GROUPS) == "agent"
+    assert group_of("ray::ServeReplica:nld:NLDReplica", GROUPS) == "replica"
+    assert group_of("/x/ray/core/src/ray/gcs/gcs_server --a", GROUPS) == "gcs"
+    assert group_of("/x/python -m gateway up --port 1", GROUPS) == "gateway"
+    assert group_of("/x/.venv/bin/nld-gateway serve --port 1", GROUPS) == "gateway"
+    assert group_of("/x/python -u -m replicas --port 2", GROUPS) == "driver"
+    assert group_of("bash", GROUPS) is None
 
 
 def test_slow_requests_are_attributed_to_the_burst_they_overlapped():
