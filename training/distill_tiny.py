@@ -34,6 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the loss (as train_tiny --amp)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--rounds", type=int, default=2, help="self-generated sets, remade from the current model")
     p.add_argument("--samples", type=int, default=256)
@@ -112,10 +113,11 @@ def main(argv=None) -> dict:
             g["lr"] = args.lr * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         batch = tt.make_batch(train_stream, args.batch, args.seq, blocks, gen,
                               keep_first_prob=args.keep_first, suffix_prob=args.suffix_prob)
-        loss, l_ar, l_diff = tt.joint_loss(model, batch, args.alpha, device)
-        dloss, l_dist = tt.self_distill_loss(model, distill, args.distill_batch, prompt_len, blocks, gen, args, device,
-                                             alpha=args.self_alpha)
-        loss = loss + dloss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, l_ar, l_diff = tt.joint_loss(model, batch, args.alpha, device)
+            dloss, l_dist = tt.self_distill_loss(model, distill, args.distill_batch, prompt_len, blocks, gen, args,
+                                                 device, alpha=args.self_alpha)
+            loss = loss + dloss
         tt.take_step(model, opt, loss, f"{name} step {step}")
         acc = [acc[0] + l_ar, acc[1] + l_diff, acc[2] + l_dist, acc[3] + 1]
         if (step + 1) % 10 == 0 or step + 1 == args.steps:

@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast for the loss (as train_tiny --amp)")
     p.add_argument("--steps", type=int, default=480)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
@@ -165,7 +166,8 @@ def main(argv=None) -> dict:
         rows = torch.randint(0, seqs.shape[0], (args.batch,), generator=gen)
         batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=prompt_len[rows].tolist(),
                                 decay=args.position_decay)
-        loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)

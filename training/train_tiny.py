@@ -425,6 +425,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast on CPU too (always on cuda): about 1.4x faster steps where the CPU has "
+                        "AMX/AVX512-BF16; generation and the saved weights are unchanged")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
@@ -502,7 +505,7 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(args.seed + 1)
     blocks = [int(x) for x in args.blocks.split(",")]
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "params": n_params, "train": [], "eval": []}
-    use_amp = device.type == "cuda"
+    use_amp = device.type == "cuda" or args.amp
     acc_ar = acc_diff = acc_dist = 0.0
     acc_n = 0
     distill = None

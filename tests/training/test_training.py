@@ -281,3 +281,37 @@ def test_draft_rows_weigh_each_mask_by_its_distance_from_the_seed():
             for i in range(13):
                 d = i - max(s for s in seeds if s <= i)
                 assert float(w[i]) == (decay ** (d - 1) if m[i] else 0.0)
+
+
+def test_amp_runs_every_training_script_under_bfloat16_autocast_on_cpu(tiny_run, tmp_path, monkeypatch):
+    """--amp: the losses are computed under CPU bfloat16 autocast (seen inside joint_loss), stay finite,
+    and the checkpoint and adapter still load and decode (self_spec == ar)."""
+    lib, out, _ = tiny_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(out, ckpt)
+    seen = []
+    real = tt.joint_loss
+
+    def spy(*a, **k):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tt, "joint_loss", spy)
+    log = tt.main(["--out", str(tmp_path / "fresh"), "--lib", str(lib), "--steps", "2", "--distill-steps", "0",
+                   "--layers", "2", "--hidden", "64", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                   "--intermediate", "128", "--vocab", "512", "--seq", "32", "--batch", "2", "--warmup", "1",
+                   "--eval-windows", "2", "--log-every", "1", "--threads", "1", "--amp"])
+    assert all(math.isfinite(r["ar"]) and math.isfinite(r["diff"]) for r in log["train"])
+    log = distill_tiny.main(["--model", str(ckpt), "--lib", str(lib), "--steps", "1", "--rounds", "1",
+                             "--samples", "2", "--prompt", "8", "--new", "8", "--batch", "2", "--distill-batch", "2",
+                             "--seq", "32", "--eval-windows", "2", "--threads", "1", "--amp"])
+    assert math.isfinite(log["train"][-1]["diff_self"])
+    log = train_lora.main(["--model", str(ckpt), "--lib", str(lib), "--steps", "1", "--samples", "2", "--prompt", "8",
+                           "--new", "8", "--batch", "2", "--rank", "4", "--alpha", "8", "--threads", "1", "--amp"])
+    assert math.isfinite(log["train"][-1]["draft_ce"])
+    assert len(seen) >= 4 and all(seen)
+    engine = Engine.from_pretrained(ckpt)
+    prompt = [1, 200, 201, 202, 203]
+    ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
+    ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
+    assert ss.token_ids == ar.token_ids
