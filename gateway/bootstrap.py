@@ -3,8 +3,9 @@
 Contract: `build_gateway(config, policy_spec, *, metrics=None, client=None, **app_options)`
 returns a `Gateway` (its FastAPI `app`, `metrics`, `policy` and replica `client`): the metrics
 (a fresh `GatewayMetrics` unless given), the replica client (`HttpReplicaClient` on
-`config.replica_url` unless given; retries counted in the metrics), the mode policy from
-`policy_spec` (`open_policy`) and the app (`gateway.app.create_app`). `nld-gateway serve`,
+`config.replica_url` unless given; retries counted in the metrics; the replicas' reports on its
+answers collected into one `ReplicaReports`), the mode policy from `policy_spec` (`open_policy`,
+reading those reports as its `reports:` page) and the app (`gateway.app.create_app`). `nld-gateway serve`,
 `nld-gateway up` and the benchmarks all build their gateway here, so they are wired alike.
 A `PolicySpec` names the policy: a policy file (hot-reloaded, its signal URLs' placeholders
 filled from `ports`) or, without one, a fixed mode. Invalid configuration raises one of
@@ -23,7 +24,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from policies import FixedModePolicy, ModePolicy, PolicyHolder, StackPorts
+from policies import FixedModePolicy, ModePolicy, PolicyHolder, ReplicaReports, StackPorts
 from replicas.wire import MODES
 
 from .app import create_app
@@ -59,13 +60,14 @@ class Gateway:
     client: ReplicaClient
 
 
-def open_policy(spec: PolicySpec, metrics: GatewayMetrics) -> ModePolicy:
+def open_policy(spec: PolicySpec, metrics: GatewayMetrics, reports: ReplicaReports | None = None) -> ModePolicy:
     """The running mode policy of `spec`: a `PolicyHolder` on the file (its `local` signals read
-    the gateway's in-flight counter, its metrics go to the gateway's registry), else a
-    `FixedModePolicy`. Raises `PolicyFileError` (a ValueError) for a bad file."""
+    the gateway's in-flight counter, its `reports:` page the replicas' reports, its metrics go to
+    the gateway's registry), else a `FixedModePolicy`. Raises `PolicyFileError` (a ValueError)
+    for a bad file."""
     if spec.file is not None:
         return PolicyHolder(spec.file, local_counters={"inflight": lambda: metrics.inflight.value},
-                            registry=metrics.registry, ports=spec.ports)
+                            registry=metrics.registry, ports=spec.ports, reports=reports)
     return FixedModePolicy(mode=spec.mode, client_override=spec.client_override)
 
 
@@ -73,8 +75,9 @@ def build_gateway(config: GatewayConfig, policy_spec: PolicySpec, *, metrics: Ga
                   client: ReplicaClient | None = None, **app_options) -> Gateway:
     """Wire one gateway (see the module contract); `app_options` go to `create_app`."""
     metrics = metrics or GatewayMetrics(InflightCounter())
-    policy = open_policy(policy_spec, metrics)
-    client = client or HttpReplicaClient(config, on_retry=metrics.retries.inc)
+    reports = ReplicaReports(keep_s=config.replica_report_keep_s)
+    policy = open_policy(policy_spec, metrics, reports)
+    client = client or HttpReplicaClient(config, on_retry=metrics.retries.inc, on_report=reports.offer)
     app = create_app(config, client, policy, metrics=metrics, **app_options)
     return Gateway(app=app, metrics=metrics, policy=policy, client=client)
 

@@ -41,6 +41,9 @@ class GatewayConfig(BaseModel):
     info_ttl_s: float = Field(default=10.0, ge=0, description="how long GET /info of the replicas is cached")
     ready_timeout_s: float = Field(default=2.0, gt=0, description="/ready waits this long for a replica")
     max_idle_connections: int = Field(default=256, ge=0, description="kept-alive idle connections to the proxy")
+    replica_report_keep_s: float = Field(default=120.0, gt=0, description="how long a replica's last report (the "
+                                         "header on its answers; the policy's `reports:` page) counts after it "
+                                         "answered last")
 
     @field_validator("replica_url")
     @classmethod

@@ -18,8 +18,9 @@ proxy over `gateway.upstream.UpstreamPool` (kept-alive HTTP/1.1 connections): a 
 failure before the first byte is retried `config.connect_retries` times (the proxy may route
 the retry to another replica), then 503; an upstream status is mapped as above; `info()` is
 cached for `config.info_ttl_s`; `update_engine(EngineSettings)` POSTs /engine (the replica the
-proxy picks applies them; see `gateway.engine_push`). The streams it returns are
-`gateway.replica_stream`'s. Non-goals: load balancing (Ray Serve does it), request
+proxy picks applies them; see `gateway.engine_push`). Each /generate answer's report header
+(`replicas.wire.REPORT_HEADER`) goes to `on_report` (the policy's `policies.reports.
+ReplicaReports.offer`). The streams it returns are `gateway.replica_stream`'s. Non-goals: load balancing (Ray Serve does it), request
 validation (the app and the replica do).
 """
 
@@ -33,7 +34,8 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from replicas.wire import EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest, ReplicaInfo
+from replicas.wire import (REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest,
+                           ReplicaInfo)
 
 from .config import GatewayConfig
 from .replica_stream import HttpStream, WholeAnswer, error_chunk
@@ -96,8 +98,10 @@ def error_of(upstream: int, raw: bytes, retry_after: float | None = None) -> Rep
 
 class HttpReplicaClient:
     def __init__(self, config: GatewayConfig, pool: UpstreamPool | None = None,
-                 clock: Callable[[], float] = time.monotonic, on_retry: Callable[[], None] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, on_retry: Callable[[], None] | None = None,
+                 on_report: Callable[[str | None], None] | None = None) -> None:
         self._config = config
+        self._on_report = on_report
         self._pool = pool or UpstreamPool(config.replica_url, connect_timeout_s=config.connect_timeout_s,
                                           max_idle=config.max_idle_connections)
         self._clock = clock
@@ -114,6 +118,8 @@ class HttpReplicaClient:
             response: UpstreamResponse | None = None
             try:
                 response = await self._pool.request("POST", "/generate", body, GENERATE_HEADERS, timeout)
+                if self._on_report is not None:
+                    self._on_report(response.headers.get(REPORT_HEADER))
                 if response.status != 200:
                     raise await self._error_from(response)
                 if not request.stream:

@@ -1,9 +1,10 @@
 """Build a running mode policy from a policy file: YAML parse, validate, build.
 
-Contract: `build_policy(spec, *, local_counters, metrics, http, ports)` returns an
+Contract: `build_policy(spec, *, local_counters, metrics, http, ports, reports)` returns an
 `AdaptiveModePolicy` whose signal URLs are filled in from `ports` (`StackPorts`) and whose
 signal sources come from the `SOURCES` registry (`policies.sources`) (scrape sources of one policy share their page
-fetches: `PageFetcher`); `PolicyHolder`
+fetches: `PageFetcher`; the URL `reports:` reads `reports`, the replicas' reports the gateway
+collected from their answers: `policies.reports`); `PolicyHolder`
 is the `ModePolicy` the gateway holds: it delegates to the current policy and swaps in a new
 one on `reload(path)` (the new policy adopts the old one's mode and dwell clock), keeping the
 old one and returning the error when the file is bad. Non-goals: watching files or signals
@@ -23,6 +24,7 @@ from prometheus_client import CollectorRegistry
 from .adaptive import AdaptiveModePolicy, PolicyMetrics
 from .base import ModeDecision, ModePolicyBase, ModeRequest
 from .schema import PolicyFile, PolicyFileError, StackPorts, load_policy_file
+from .reports import ReplicaReports
 from .signals import PageFetcher, SignalBoard
 from .sources import SOURCES
 
@@ -33,11 +35,11 @@ PRESETS = Path(__file__).parent / "presets"
 def build_policy(spec: PolicyFile, *, local_counters: dict[str, Callable[[], float]] | None = None,
                  metrics: PolicyMetrics | None = None, http: httpx.AsyncClient | None = None,
                  clock: Callable[[], float] = time.monotonic, ports: StackPorts = StackPorts(),
-                 **policy_kw) -> AdaptiveModePolicy:
+                 reports: ReplicaReports | None = None, **policy_kw) -> AdaptiveModePolicy:
     http = http or httpx.AsyncClient()
     counters = local_counters or {"inflight": lambda: 0.0}
     spec = spec.resolved(ports)
-    pages = PageFetcher(http)
+    pages = PageFetcher(http, reports)
     sources = [SOURCES[s.source](s, pages, counters) for s in spec.signals]
     return AdaptiveModePolicy(spec, SignalBoard(sources, clock=clock), metrics=metrics, clock=clock, **policy_kw)
 
@@ -46,9 +48,11 @@ class PolicyHolder(ModePolicyBase):
     """The gateway's policy: hot-reloadable, one registry and HTTP client for its lifetime."""
 
     def __init__(self, path: str | Path, *, local_counters: dict[str, Callable[[], float]],
-                 registry: CollectorRegistry, ports: StackPorts = StackPorts()) -> None:
+                 registry: CollectorRegistry, ports: StackPorts = StackPorts(),
+                 reports: ReplicaReports | None = None) -> None:
         self.path = Path(path)
         self.local_counters, self.registry, self.ports = local_counters, registry, ports
+        self.reports = reports if reports is not None else ReplicaReports()
         self.http = httpx.AsyncClient()
         self.metrics = PolicyMetrics(registry)
         self.current = self._build(load_policy_file(self.path))
@@ -64,7 +68,7 @@ class PolicyHolder(ModePolicyBase):
 
     def _build(self, spec: PolicyFile) -> AdaptiveModePolicy:
         return build_policy(spec, local_counters=self.local_counters, metrics=self.metrics, http=self.http,
-                            ports=self.ports)
+                            ports=self.ports, reports=self.reports)
 
     def decide(self, request: ModeRequest) -> ModeDecision:
         return self.current.decide(request)

@@ -27,6 +27,7 @@ from typing import Callable, Protocol
 
 import httpx
 
+from .reports import REPORTS_URL, ReplicaReports
 from .schema import LocalSignal, PrometheusSignal, ScrapeSignal
 
 log = logging.getLogger("policies.signals")
@@ -71,12 +72,17 @@ class PageFetcher:
     one fetch per poll: their sources poll on the same interval, and a shared fetch ends for both
     at once, which keeps them in step."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, http: httpx.AsyncClient, reports: "ReplicaReports | None" = None) -> None:
         self.http = http
+        self.reports = reports
         self._inflight: dict[str, asyncio.Future] = {}
         self.fetches = 0  # GETs actually sent
 
     async def text(self, url: str, timeout_s: float) -> str:
+        if url == REPORTS_URL:  # the replicas' reports on their answers: no fetch
+            if self.reports is None:
+                raise RuntimeError(f"{REPORTS_URL} names the replicas' reports, and this policy was built without them")
+            return self.reports.page()
         fut = self._inflight.get(url)
         if fut is None:
             fut = asyncio.ensure_future(self._get(url, timeout_s))

@@ -7,8 +7,10 @@ speaks the wire protocol of `replicas.wire` over Ray Serve HTTP (`/generate`, `/
 `/info`, `/stats`, `/engine`): `replicas.generation` turns text or chat messages into token ids,
 runs them on the engine, and answers a non-streaming request with ONE `GenerateChunk` JSON and a
 streaming one with NDJSON `GenerateChunk`s. Errors before the answer are `ErrorBody` JSON with
-400 / 404 / 429 / 503 status; after a stream began, a last chunk with `error`. A client that
-goes away cancels the handler, which aborts the engine request and frees its KV.
+400 / 404 / 429 / 503 status; after a stream began, a last chunk with `error`. Every `/generate`
+answer carries the replica's report header (`replicas.report`: its load and cost model, which
+the gateway's policy reads instead of Ray's metrics page). A client that goes away cancels the
+handler, which aborts the engine request and frees its KV.
 
 The engine runs in its own process (`EngineProcess`, the default; `engine_process: false` runs
 it on a thread of the replica process). `check_health` (Ray Serve's health check) and `/health`
@@ -30,8 +32,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .config import ReplicaConfig
 from .generation import Generations, Rejected
+from .report import Reporter
 from .text import TextCodec
-from .wire import EngineSettings, ErrorBody, ErrorInfo, GenerateRequest, ReplicaInfo
+from .wire import REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateRequest, ReplicaInfo
 
 log = logging.getLogger("nld.replica")
 
@@ -94,6 +97,7 @@ class NLDReplica:
         self._watcher: asyncio.Task | None = None
         self.board = board  # engine settings shared by the application's replicas (settings_board)
         app, self.replica_id = serve_identity()
+        self.reporter = Reporter(self.replica_id, cfg.model_name, self.engine.stats, application=app)
         if self.board is None and app is not None:
             from .settings_board import board_for
 
@@ -204,6 +208,12 @@ class NLDReplica:
         return moved
 
     async def generate(self, request: Request) -> Response:
+        """Every answer carries the replica's report (`REPORT_HEADER`; `replicas.report`)."""
+        response = await self._generate(request)
+        response.headers[REPORT_HEADER] = self.reporter.header()
+        return response
+
+    async def _generate(self, request: Request) -> Response:
         try:
             req = GenerateRequest.model_validate_json(await request.body())
         except ValidationError as e:

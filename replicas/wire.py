@@ -14,6 +14,9 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
   after streaming began is one last chunk with `error` set and `finish_reason` "error".
 - `GET /health` -> `{"status": "ok"}`; `GET /info` -> `ReplicaInfo`; `GET /stats` -> the engine's
   stats dict and `downgraded`; `POST /engine` with `EngineSettings` -> the applied settings.
+- Every `/generate` answer (200 or error) carries the `REPORT_HEADER` header: the replica's id,
+  the sequence number of its engine's last stats snapshot, and a compact JSON of that snapshot's
+  load (running, waiting, by mode, KV usage) and measured cost model.
 
 The gateway POSTs `/engine` when the policy's settings change. Engine settings also ride on
 every `GenerateRequest.engine`: Ray Serve's proxy reaches one replica per call, so the policy
@@ -47,6 +50,9 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 # what the engine counts in `running_by_mode`: requests still in prefill, then each mode
 RUNNING_KINDS: tuple[str, ...] = ("prefill",) + MODES
+# every /generate answer's report of the replica's load and cost model: `<replica id>;<seq>;<JSON>`
+# (made by `replicas.report`, collected by the gateway into `policies.reports.ReplicaReports`)
+REPORT_HEADER = "x-nld-replica-report"
 
 
 def tokens_per_forward(tokens: int, forward_passes: int) -> float:

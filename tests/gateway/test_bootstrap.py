@@ -16,7 +16,7 @@ from gateway.metrics import GatewayMetrics, InflightCounter
 from gateway.openai_api import ChatCompletionRequest, CompletionRequest
 from gateway.replica_client import HttpReplicaClient
 from gateway.service import CompletionService
-from policies import PRESETS, FixedModePolicy, PolicyHolder, StackPorts
+from policies import FixedModePolicy, PolicyHolder, StackPorts
 from tests.gateway.fakes import FakeReplicaClient
 
 from .servers import asgi_client
@@ -32,8 +32,16 @@ def test_build_gateway_wires_a_fixed_policy_and_an_http_client():
     assert gw.app.state.inflight is gw.metrics.inflight
 
 
-def test_build_gateway_opens_a_policy_file_with_the_stack_ports():
-    gw = build_gateway(GatewayConfig(), PolicySpec(file=PRESETS / "adaptive.yaml",
+RAY_PAGE_POLICY = """signals:
+  - {name: fleet, source: scrape, urls: ["http://{metrics_host}:{metrics_port}/metrics"],
+     metric: ray_nld_replica_num_requests_running}
+mode: {signal: fleet, enter_loaded_above: 8, leave_loaded_below: 4}
+"""
+
+
+def test_build_gateway_opens_a_policy_file_with_the_stack_ports(tmp_path):
+    (tmp_path / "ray_page.yaml").write_text(RAY_PAGE_POLICY)
+    gw = build_gateway(GatewayConfig(), PolicySpec(file=tmp_path / "ray_page.yaml",
                                                    ports=StackPorts(metrics_host="10.1.2.3", metrics_port=9191)))
     assert isinstance(gw.policy, PolicyHolder)
     urls = {u for s in gw.policy.current.spec.signals if s.source == "scrape" for u in s.urls}

@@ -7,6 +7,7 @@ import json
 import logging
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from gateway import GatewayConfig
@@ -182,17 +183,24 @@ def test_up_bad_key_file_in_a_real_process(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "neither a file nor a directory" in r.stderr
 
 
-def test_serve_and_up_fill_the_policy_ports():
-    """A policy's {metrics_host}/{metrics_port}: `serve`'s flags, `up`'s own metrics port."""
+def test_serve_and_up_fill_the_policy_ports(tmp_path):
+    """A policy's {metrics_host}/{metrics_port}: `serve`'s flags, `up`'s own metrics port (the
+    presets read the replicas' reports instead; a policy reading Ray's metrics page names them)."""
     from gateway.metrics import GatewayMetrics, InflightCounter
     from policies import PRESETS
 
+    preset = yaml.safe_load((PRESETS / "adaptive.yaml").read_text())
+    for s in preset["signals"]:
+        if s["source"] in ("scrape", "goodput"):
+            s["urls"] = ["http://{metrics_host}:{metrics_port}/metrics"]
+    ray_page = tmp_path / "ray_page.yaml"
+    ray_page.write_text(yaml.safe_dump(preset))
     metrics = GatewayMetrics(InflightCounter())
-    policy = open_policy(policy_spec(args("--policy", str(PRESETS / "adaptive.yaml"), "--replica-metrics-host",
+    policy = open_policy(policy_spec(args("--policy", str(ray_page), "--replica-metrics-host",
                                           "10.0.0.9", "--replica-metrics-port", "9100")), metrics)
     urls = {u for s in policy.current.spec.signals if s.source == "scrape" for u in s.urls}
     assert urls == {"http://10.0.0.9:9100/metrics"}
-    a = up_args("--policy", str(PRESETS / "adaptive.yaml"), "--metrics-port", "18080")
+    a = up_args("--policy", str(ray_page), "--metrics-port", "18080")
     spec, autoscaling = up_policy(a)
     assert (autoscaling["min_replicas"], autoscaling["max_replicas"]) == (1, 8)  # the preset's Serve autoscaling
     policy = open_policy(spec, GatewayMetrics(InflightCounter()))

@@ -2,7 +2,8 @@
 embedded model (its draft is accepted) and a random-weights model (its draft is not). The same
 `policies/presets/adaptive.yaml` (the default, calibrating; scoped to each model's Serve application) picks self_spec at
 concurrency 1 only for the first, and ar at high concurrency for both, and says the cost model
-decided (`/v1/nld/policy` -> goodput.decided_by)."""
+decided (`/v1/nld/policy` -> goodput.decided_by), from the reports on the replicas' answers alone
+(no metrics page fetched)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,9 @@ import httpx
 import pytest
 import yaml
 
-from gateway.app import create_app
+from gateway.bootstrap import PolicySpec, build_gateway
 from gateway.config import GatewayConfig
-from gateway.metrics import GatewayMetrics, InflightCounter
-from gateway.replica_client import HttpReplicaClient
-from policies import PRESETS, PolicyHolder, StackPorts
+from policies import PRESETS, StackPorts
 
 from .servers import serve_in_thread
 
@@ -49,7 +48,8 @@ def heldout_texts() -> list[str]:
 
 def scoped_preset(app: str, out: Path) -> Path:
     """The shipped preset, its signals limited to one Serve application's replicas (the shared
-    test stack runs several); nothing else changed."""
+    test stack runs several; the reports carry the `application` label as Ray's page does);
+    nothing else changed."""
     doc = yaml.safe_load((PRESETS / "adaptive.yaml").read_text())
     for s in doc["signals"]:
         if s["source"] in ("scrape", "goodput"):
@@ -106,11 +106,10 @@ def test_the_same_preset_calibrates_to_each_model(serve_stack, random_model_dir,
     try:
         port = int(serve_stack.metrics_url.split(":")[-1].split("/")[0])
         cfg = GatewayConfig(replica_url=f"{serve_stack.url}/{app}", model_name="nld-test")
-        metrics = GatewayMetrics(InflightCounter())
-        holder = PolicyHolder(scoped_preset(app, tmp_path / "policy.yaml"),
-                              local_counters={"inflight": lambda: metrics.inflight.value},
-                              registry=metrics.registry, ports=StackPorts(metrics_port=port))
-        with serve_in_thread(create_app(cfg, HttpReplicaClient(cfg), holder, metrics=metrics)) as url:
+        gw = build_gateway(cfg, PolicySpec(file=scoped_preset(app, tmp_path / "policy.yaml"),
+                                           ports=StackPorts(metrics_port=port)))
+        holder = gw.policy
+        with serve_in_thread(gw.app) as url:
             trace = []
             counts, state = run_level(url, 1, 25, [PROMPT])  # cold start (thresholds), then measured
             trace.append((1, counts, state["mode"], state["goodput"]))
@@ -133,5 +132,10 @@ def test_the_same_preset_calibrates_to_each_model(serve_stack, random_model_dir,
             assert counts["failed"] == 0, trace
             assert state["goodput"]["decided_by"] == "goodput", trace
             assert state["mode"] == "ar", trace
+            # the cost model and the load came from the replica's reports on its answers: no page fetched
+            reports = holder.reports
+            assert reports.replicas() and reports.parsed >= 10 and reports.rejected == 0
+            pages = next(s.pages for s in holder.current.board.sources.values() if hasattr(s, "pages"))
+            assert pages.fetches == 0
     finally:
         serve.delete(app)

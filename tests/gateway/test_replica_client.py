@@ -316,3 +316,31 @@ async def test_the_read_timeout_is_per_line_not_per_stream():
         assert chunks[-1].finish_reason == "length" and chunks[-1].error is None
         chunks = await collect(await client_for(srv.url + "/stall", request_timeout_s=0.25).generate(REQ))
         assert chunks[-1].finish_reason == "error" and chunks[-1].error.code == "upstream_timeout"
+
+
+async def test_every_answers_report_header_goes_to_on_report_ok_or_error():
+    """The replicas' reports (`x-nld-replica-report`) ride on their answers, 200 or not; an
+    answer without one (an older replica) reports None."""
+    report = 'r7;3;{"running":2,"model":"m"}'
+    answers = iter([(200, True), (429, True), (200, False)])
+
+    async def respond(req):
+        status, with_report = next(answers)
+        extra = f"x-nld-replica-report: {report}\r\n" if with_report else ""
+        if status == 200:
+            [chunk] = fake_chunks(GenerateRequest.model_validate_json(req.body))
+            body = chunk.model_dump_json(exclude_none=True)
+        else:
+            body = ErrorBody(error=ErrorInfo(message="busy", type="rate_limit_error")).model_dump_json()
+        await req.json_response(status, body, extra=extra)
+    seen = []
+    async with ScriptedServer(respond) as srv:
+        client = HttpReplicaClient(GatewayConfig(replica_url=srv.url), on_report=seen.append)
+        whole = REQ.model_copy(update={"stream": False})
+        assert [c.finish_reason async for c in await client.generate(whole)] == ["length"]
+        with pytest.raises(ReplicaError) as e:
+            await client.generate(whole)
+        assert e.value.status == 429
+        await client.generate(whole)
+        await client.aclose()
+    assert seen == [report, report, None]

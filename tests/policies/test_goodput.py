@@ -19,7 +19,7 @@ from policies.schema import DraftTier, GoodputRule, PolicyFileError
 from policies.signals import PageFetcher, SignalBoard
 
 from .test_adaptive import Clock, FakeSource
-from .test_presets import MetricsPage
+from .pages import MetricsPage
 
 pytestmark = pytest.mark.anyio
 

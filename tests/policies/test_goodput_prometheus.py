@@ -18,7 +18,7 @@ from policies.schema import StackPorts
 from policies.signals import PageFetcher
 
 from .test_goodput import CPU, cost_page
-from .test_presets import MetricsPage
+from .pages import MetricsPage
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

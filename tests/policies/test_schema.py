@@ -90,8 +90,9 @@ def test_signal_urls_take_the_stack_ports_as_placeholders():
 
 
 @pytest.mark.parametrize("name", ["adaptive", "static", "latency", "throughput"])
-def test_presets_follow_the_stack_ports_and_count_the_replicas(name):
-    """No preset hard-codes a metrics address, and none divides by a constant replica count."""
+def test_presets_read_the_replicas_reports_and_count_the_replicas(name):
+    """No preset hard-codes a metrics address or fetches a page (they read the replicas' reports,
+    `reports:`), and none divides by a constant replica count."""
     text = (PRESETS / f"{name}.yaml").read_text()
     assert "8080" not in text and "127.0.0.1" not in text
     spec = load_policy_file(PRESETS / f"{name}.yaml")
@@ -100,8 +101,7 @@ def test_presets_follow_the_stack_ports_and_count_the_replicas(name):
     assert by_name["replicas"].source == "scrape" and by_name["replicas"].aggregate == "count"
     assert by_name["replicas"].per == "replica"
     resolved = spec.resolved(StackPorts(metrics_port=18123))
-    assert all(u == "http://127.0.0.1:18123/metrics" for s in resolved.signals if s.source == "scrape"
-               for u in s.urls)
+    assert all(u == "reports:" for s in resolved.signals if s.source in ("scrape", "goodput") for u in s.urls)
 
 
 def test_self_spec_algorithm_per_level():

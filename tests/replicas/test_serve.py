@@ -172,6 +172,33 @@ def test_a_non_streaming_request_is_answered_in_one_message(serve_stack):
     assert r.json()["finish_reason"] == "stop"
 
 
+def test_every_answer_carries_the_replicas_report_through_the_ingress(serve_stack):
+    """The report header (load, cost model) survives Serve's ingress on 200, streamed and error
+    answers, and reads back as the replica's series (`policies.reports`)."""
+    from policies.reports import ReplicaReports
+
+    reports = ReplicaReports()
+    body = {"prompt": "def main():", "mode": "ar", "max_tokens": 16, "ignore_eos": True}
+    for extra in ({"stream": False}, {"stream": True}, {"max_tokens": -3}):
+        with httpx.stream("POST", serve_stack.url + "/generate", json={**body, **extra}, timeout=60) as r:
+            r.read()
+            assert r.status_code == (400 if "max_tokens" in extra else 200)
+            value = r.headers["x-nld-replica-report"]
+        rid, seq, payload = value.split(";", 2)
+        report = json.loads(payload)
+        assert rid and int(seq) >= 1 and report["model"] == "nld-test" and report["application"]
+        assert report["running"] >= 0 and report["waiting"] >= 0
+        reports.offer(value)
+    assert reports.rejected == 0 and len(reports.replicas()) >= 1
+    # a report is the engine's last pushed snapshot (pushed while busy and when it idles), read at
+    # most every 0.25 s: once those passed, an answer carries the steps measured above
+    time.sleep(0.6)
+    r = httpx.post(serve_stack.url + "/generate", json={**body, "stream": False}, timeout=60)
+    report = json.loads(r.headers["x-nld-replica-report"].split(";", 2)[2])
+    reports.offer(r.headers["x-nld-replica-report"])
+    assert report["cost_model"]["steps"] > 0 and "ray_nld_replica_cost_model_steps{" in reports.page()
+
+
 @pytest.fixture
 def fragile_app(serve_stack, serve_model_dir):
     """An application of its own under /fragile, health-checked every second."""
