@@ -111,9 +111,12 @@ def start_vllm(vpy: Path, model: str, port: int, logs: Path) -> Server:
                   env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
-def start_stack(model: str, port: int, policy: Path | None, logs: Path, label: str, threads: int | None) -> Server:
+def start_stack(model: str, port: int, policy: Path | None, logs: Path, label: str, threads: int | None,
+                extra: list[str] | tuple[str, ...] = ()) -> Server:
+    """`nld-gateway up` on `port` (replicas on port + 1, Ray metrics on port + 2); `extra`: more
+    `up` options."""
     cmd = [PY, "-m", "gateway", "up", "--model", model, "--model-name", "nld", "--port", str(port),
-           "--replica-port", str(port + 1), "--metrics-port", str(port + 2)]
+           "--replica-port", str(port + 1), "--metrics-port", str(port + 2), *extra]
     if threads:
         cmd += ["--torch-threads", str(threads)]
     if policy is not None:

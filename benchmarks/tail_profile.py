@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -119,6 +120,8 @@ def main(argv=None) -> dict:
     p.add_argument("--slow", type=float, default=1.3, help="a request slower than this x the median is slow")
     p.add_argument("--port", type=int, default=8830)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tail_profile.json")
+    p.add_argument("--stack-args", default="", help="more `nld-gateway up` options, e.g. "
+                   "'--metrics-report-interval-ms 10000'")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="tail_profile_"))
     model = ROOT / args.model
@@ -128,7 +131,7 @@ def main(argv=None) -> dict:
     load = [PY, str(ROOT / "benchmarks" / "loadgen.py"), "--url", url, "--model", "nld", "--prompts", str(prompts),
             "--concurrency", str(args.concurrency), "--settle-seconds", "0", "--tail-seconds", "0",
             "--extra-body", json.dumps({"decoding_mode": "ar"})]
-    stack = start_stack(str(model), args.port, args.policy, work, "tail", None)
+    stack = start_stack(str(model), args.port, args.policy, work, "tail", None, shlex.split(args.stack_args))
     samples: list = []
     stop = threading.Event()
 
@@ -153,6 +156,7 @@ def main(argv=None) -> dict:
     records = json.loads((work / "raw.json").read_text())["records"]
     rep = attribute(records, intervals(samples), args.slow)
     rep.update({"concurrency": args.concurrency, "seconds": args.seconds, "policy": str(args.policy),
+                "stack_args": args.stack_args,
                 "errors": sum(r.get("error") is not None for r in records)})
     print_report(rep)
     args.out.write_text(json.dumps(rep, indent=1))

@@ -49,6 +49,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                         "this machine; python -m replicas --replica-cpus)")
     p.add_argument("--control-loop-interval-s", type=float, default=None,
                    help="Ray Serve controller's loop period (default: python -m replicas' 0.5 s)")
+    p.add_argument("--metrics-report-interval-ms", type=int, default=None,
+                   help="how often Ray's processes report metrics to the metrics port (default: python -m "
+                        "replicas'; the presets read the replicas' reports, not that page)")
     p.add_argument("--api-key-file", default=None,
                    help="file (one key per line) or Secret mount directory; default $NLD_API_KEY_FILE; enables auth")
     p.add_argument("--no-auth", action="store_true", help="disable auth even when a key file is given")
@@ -67,6 +70,8 @@ def replicas_command(args, model_name: str, autoscaling: dict | None) -> list[st
     cmd += ["--ingress", args.ingress]
     if args.control_loop_interval_s is not None:
         cmd += ["--control-loop-interval-s", f"{args.control_loop_interval_s:g}"]
+    if args.metrics_report_interval_ms is not None:
+        cmd += ["--metrics-report-interval-ms", str(args.metrics_report_interval_ms)]
     if autoscaling:  # the policy's `autoscaling` block becomes Serve's autoscaling_config
         cmd += ["--autoscaling-json", json.dumps(autoscaling)]
     return cmd

@@ -211,7 +211,9 @@ def test_serve_and_up_fill_the_policy_ports(tmp_path):
 def test_up_passes_the_replica_resources_through():
     """`up`'s --replica-cpus and --torch-threads reach `python -m replicas`; absent, they are left to it."""
     cmd = replicas_command(up_args(), "m", None)
-    assert "--replica-cpus" not in cmd and "--torch-threads" not in cmd
-    cmd = replicas_command(up_args("--replica-cpus", "1.5", "--torch-threads", "3"), "m", {"max_replicas": 2})
+    assert "--replica-cpus" not in cmd and "--torch-threads" not in cmd and "--metrics-report-interval-ms" not in cmd
+    cmd = replicas_command(up_args("--replica-cpus", "1.5", "--torch-threads", "3", "--metrics-report-interval-ms",
+                                   "10000"), "m", {"max_replicas": 2})
     assert cmd[cmd.index("--replica-cpus") + 1] == "1.5" and cmd[cmd.index("--torch-threads") + 1] == "3"
+    assert cmd[cmd.index("--metrics-report-interval-ms") + 1] == "10000"
     assert json.loads(cmd[cmd.index("--autoscaling-json") + 1]) == {"max_replicas": 2}
