@@ -75,7 +75,7 @@ class PolicyHolder(ModePolicyBase):
 
     def snapshot(self) -> dict:
         snap = self.current.snapshot()
-        snap.update(file=str(self.path), reload_error=self.last_error)
+        snap.update(file=str(self.path), reload_error=self.last_error, reports=self.reports.snapshot())
         return snap
 
     def engine_settings(self) -> dict | None:

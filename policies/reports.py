@@ -139,6 +139,10 @@ class ReplicaReports:
         if self.rejected == 1 or self.rejected % 1000 == 0:
             log.warning("ignoring a malformed replica report (%d so far): %s: %.80s", self.rejected, why, value)
 
+    def snapshot(self) -> dict:
+        """For `/v1/nld/policy`: the replicas heard from and the headers taken, parsed, rejected."""
+        return {"replicas": self.replicas(), "offers": self.offers, "parsed": self.parsed, "rejected": self.rejected}
+
     def replicas(self, now: float | None = None) -> list[str]:
         """Ids of the replicas heard from within `keep_s` (older reports are dropped)."""
         now = self.clock() if now is None else now

@@ -44,6 +44,7 @@ async def decide_with(reports: ReplicaReports, preset: str, inflight: int) -> tu
 async def test_presets_read_the_replicas_reports_without_a_fetch(preset):
     mode, snap, fetches = await decide_with(reports_of([1, 1, 1]), preset, inflight=0)
     assert fetches == 0
+    assert snap["reports"] == {"replicas": ["r0", "r1", "r2"], "offers": 3, "parsed": 3, "rejected": 0}
     assert snap["signals"]["replicas"]["value"] == 3.0  # three replicas, not 3 x 4 mode series
     assert snap["signals"]["fleet_running"]["value"] == 1.0
     assert all(s["error"] is None and not s["stale"] for s in snap["signals"].values())
