@@ -1,14 +1,17 @@
 """Where a steady load's latency tail comes from: slow requests against each process group's CPU.
 
     python benchmarks/tail_profile.py [--concurrency 8] [--seconds 40] [--policy policies/presets/adaptive.yaml]
+                                      [--stack-args '--metrics-report-interval-ms 10000']
 
 Starts `nld-gateway up` on the embedded model (the given policy), sends closed-loop `ar`
 completions (held-out prompts, 64 tokens, greedy) with `benchmarks/loadgen.py`, and meanwhile
 samples every process's CPU time from /proc every --interval seconds, by process group. A request
 is slow above --slow x the median latency, fast at or below 1.1x. For each group: the mean cores
 it kept busy while slow requests ran and while fast ones ran. And Ray's dashboard agent (which
-renders the metrics page the mode policy polls) gets its bursts listed: the share of slow and of
-fast requests that overlapped one, and when they came. Output: a table, JSON (--out).
+renders Ray's metrics page for whoever polls it: a policy reading that page, e.g.
+benchmarks/adaptive_ray_page.yaml; the presets read the replicas' reports instead) gets its
+bursts listed: the share of slow and of fast requests that overlapped one, and when they came.
+`--stack-args` passes more `nld-gateway up` options. Output: a table, JSON (--out).
 Non-goals: throughput (`peer_rotate.py`), CPU per request (`serving_profile.py`).
 """
 
