@@ -40,7 +40,8 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(url + "/v1/models").status_code == 401  # the key file from the environment
         assert httpx.get(url + "/v1/models", headers=auth).json()["data"][0]["id"] == serve_model_dir.name
-        policy = wait_for_policy(url, auth, lambda p: p["attached"] and p["signals"]["replicas"]["value"] == 1.0)
+        policy = wait_for_policy(url, auth, lambda p: p["attached"] and p["signals"]["replicas"]["value"] is not None)
+        assert policy["signals"]["replicas"]["value"] == 0.0, policy  # no answer yet: no replica reported
         # the first view of the fleet is in (before it the preset's initial_mode, ar, decides): an idle
         # cold fleet (no cost model yet) goes by the static thresholds, so one request gets self_spec
         r = httpx.post(url + "/v1/completions", json={"model": serve_model_dir.name, "prompt": "x", "max_tokens": 4},
@@ -52,17 +53,23 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
         # (Serve's default of one CPU per replica would give it one thread, whatever the machine)
         stats = httpx.get(f"http://127.0.0.1:{replica_port}/stats", timeout=10).json()
         assert stats["torch_threads"] == len(os.sched_getaffinity(0)), stats
-        # the preset scrapes this stack's metrics port: one replica and its cost model, read fresh
-        # (the signal board takes the page first, the next evaluation, within 0.1 s, the goodput view:
-        # wait for both, or a poll that lands between them sees the new signal and the old view)
+        # the preset reads the reports on the replica's answers: a report is the engine's last stats
+        # snapshot (read at most every 0.25 s), so the answer after the first one carries the steps the
+        # first one measured; then one replica and its cost model (the signal board takes the page
+        # first, the next evaluation, within 0.1 s, the goodput view: wait for both)
+        time.sleep(0.6)
+        r = httpx.post(url + "/v1/completions", json={"model": serve_model_dir.name, "prompt": "x", "max_tokens": 4},
+                       timeout=60, headers=auth)
+        assert r.status_code == 200
         policy = wait_for_policy(url, auth, lambda p: p["signals"]["replicas"]["value"] == 1.0
                                  and (p["signals"]["costs"]["value"] or 0) > 0
                                  and (p["goodput"] or {}).get("model", {}).get("steps", 0) > 0)
         assert policy["policy"] == "adaptive" and policy["signals"]["replicas"]["value"] == 1.0, policy
         assert policy["signals"]["fleet_running"]["error"] is None
-        # the calibrating default reads the replica's measured cost model from the same page
+        # the calibrating default reads the replica's measured cost model from the same reports
         assert policy["signals"]["costs"]["error"] is None and policy["signals"]["costs"]["value"] > 0, policy
         assert policy["goodput"]["model"]["replicas"] == 1 and policy["goodput"]["model"]["steps"] > 0, policy
+        assert policy["reports"]["rejected"] == 0 and len(policy["reports"]["replicas"]) == 1, policy
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
