@@ -19,9 +19,10 @@ failure before the first byte is retried `config.connect_retries` times (the pro
 the retry to another replica), then 503; an upstream status is mapped as above; `info()` is
 cached for `config.info_ttl_s`; `update_engine(EngineSettings)` POSTs /engine (the replica the
 proxy picks applies them; see `gateway.engine_push`). Each /generate answer's report header
-(`replicas.wire.REPORT_HEADER`) goes to `on_report` (the policy's `policies.reports.
-ReplicaReports.offer`). The streams it returns are `gateway.replica_stream`'s. Non-goals: load balancing (Ray Serve does it), request
-validation (the app and the replica do).
+(`replicas.wire.REPORT_HEADER`) goes to `on_report` (the policy's
+`policies.reports.ReplicaReports.offer`). The streams it returns are
+`gateway.replica_stream`'s. Non-goals: load balancing (Ray Serve does it), request validation
+(the app and the replica do).
 """
 
 from __future__ import annotations
