@@ -153,7 +153,8 @@ def test_a_silent_replica_reads_idle_then_is_forgotten():
 
 
 @pytest.mark.parametrize("value", ["garbage", "r0;1;", "r0;1;[1, 2]", "r0;1;{bad json", ";1;{}",
-                                   'r0;1;{"running": "many"}', 'r0;1;{"cost_model": {"coef": {"a": 1}, "buckets": [[1]]}}'])
+                                   'r0;1;{"running": "many"}',
+                                   'r0;1;{"cost_model": {"coef": {"a": 1}, "buckets": [[1]]}}'])
 def test_a_malformed_report_is_counted_and_ignored(value):
     reports = ReplicaReports()
     reports.offer(Reporter("ok", "m", lambda: stats(1, CostModel())).header())
