@@ -97,7 +97,10 @@ class NLDReplica:
         self._watcher: asyncio.Task | None = None
         self.board = board  # engine settings shared by the application's replicas (settings_board)
         app, self.replica_id = serve_identity()
-        self.reporter = Reporter(self.replica_id, cfg.model_name, self.engine.stats, application=app)
+        # the engine process's stats() is its last pushed snapshot (free to read on every answer); the
+        # in-thread engine's builds one per call, so that variant reads it at most every 0.25 s
+        self.reporter = Reporter(self.replica_id, cfg.model_name, self.engine.stats, application=app,
+                                 min_interval_s=0.0 if cfg.engine_process else 0.25)
         if self.board is None and app is not None:
             from .settings_board import board_for
 

@@ -2,9 +2,11 @@
 
 Contract: `Reporter(replica_id, model, read_stats)` makes the `REPORT_HEADER` value
 (`replicas.wire`): `<replica id>;<seq>;<JSON>`. `header()` reads the engine's last stats snapshot
-(`read_stats()`) at most every `min_interval_s` and renders it only when the snapshot object
-changed (the engine process pushes one at most every stats interval), so most answers cost a
-clock read and the render happens at most once per snapshot. The JSON holds
+(`read_stats()`) at most every `min_interval_s` (0 for the engine process, whose snapshot is a
+cached dict) and renders it only when the snapshot object changed (the engine process pushes one
+every stats interval while busy and one when it goes idle, after the outputs that idled it: the
+answer that ends a burst carries the snapshot before its last step), so the render happens at
+most once per snapshot. The JSON holds
 `running`, `waiting`, `running_by_mode`, `kv_usage`, `model`, under Ray Serve `application` and
 `deployment`, and `cost_model` (the engine's `CostModel.snapshot()`, compacted: the step-shape
 buckets of decode steps only, as the policy reads them, numbers to 6 significant digits, and the

@@ -54,8 +54,8 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
         stats = httpx.get(f"http://127.0.0.1:{replica_port}/stats", timeout=10).json()
         assert stats["torch_threads"] == len(os.sched_getaffinity(0)), stats
         # the preset reads the reports on the replica's answers: a report is the engine's last stats
-        # snapshot (read at most every 0.25 s), so the answer after the first one carries the steps the
-        # first one measured; then one replica and its cost model (the signal board takes the page
+        # snapshot (pushed when it idles, after the outputs that idled it), so the answer after the
+        # first one carries the steps the first one measured; then one replica and its cost model (the signal board takes the page
         # first, the next evaluation, within 0.1 s, the goodput view: wait for both)
         time.sleep(0.6)
         r = httpx.post(url + "/v1/completions", json={"model": serve_model_dir.name, "prompt": "x", "max_tokens": 4},

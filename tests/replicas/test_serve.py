@@ -190,8 +190,8 @@ def test_every_answer_carries_the_replicas_report_through_the_ingress(serve_stac
         assert report["running"] >= 0 and report["waiting"] >= 0
         reports.offer(value)
     assert reports.rejected == 0 and len(reports.replicas()) >= 1
-    # a report is the engine's last pushed snapshot (pushed while busy and when it idles), read at
-    # most every 0.25 s: once those passed, an answer carries the steps measured above
+    # a report is the engine's last pushed snapshot (pushed while busy, and when it idles after the
+    # outputs that idled it): once that push is in, an answer carries the steps measured above
     time.sleep(0.6)
     r = httpx.post(serve_stack.url + "/generate", json={**body, "stream": False}, timeout=60)
     report = json.loads(r.headers["x-nld-replica-report"].split(";", 2)[2])
