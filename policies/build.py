@@ -52,7 +52,7 @@ class PolicyHolder(ModePolicyBase):
                  reports: ReplicaReports | None = None) -> None:
         self.path = Path(path)
         self.local_counters, self.registry, self.ports = local_counters, registry, ports
-        self.reports = reports if reports is not None else ReplicaReports()
+        self.reports = reports  # None: a `reports:` signal reports that it has none (goes stale)
         self.http = httpx.AsyncClient()
         self.metrics = PolicyMetrics(registry)
         self.current = self._build(load_policy_file(self.path))
@@ -75,7 +75,8 @@ class PolicyHolder(ModePolicyBase):
 
     def snapshot(self) -> dict:
         snap = self.current.snapshot()
-        snap.update(file=str(self.path), reload_error=self.last_error, reports=self.reports.snapshot())
+        snap.update(file=str(self.path), reload_error=self.last_error,
+                    reports=self.reports.snapshot() if self.reports is not None else None)
         return snap
 
     def engine_settings(self) -> dict | None:

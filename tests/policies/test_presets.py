@@ -62,3 +62,19 @@ async def test_no_replica_reported_yet_does_not_divide_by_zero():
     mode, snap, _ = await decide_with(ReplicaReports(), "adaptive", inflight=9)
     assert snap["signals"]["replicas"]["value"] == 0.0
     assert (mode, snap["raw_value"]) == ("ar", 9.0)  # max(replicas, 1)
+
+
+async def test_a_holder_without_the_gateways_reports_says_so_on_its_signals():
+    """A preset run outside the gateway (no reports wired in) does not read zeros: its report
+    signals carry an error naming the missing reports and no value (the board counts them stale)."""
+    holder = PolicyHolder(PRESETS / "adaptive.yaml", local_counters={"inflight": lambda: 0},
+                          registry=CollectorRegistry())
+    try:
+        board = holder.current.board
+        await asyncio.gather(*(board.poll_once(name) for name, s in board.sources.items() if s.interval_s))
+        snap = holder.snapshot()
+    finally:
+        await holder.stop()
+    assert snap["reports"] is None
+    for name in ("fleet_running", "replicas", "costs"):
+        assert "reports:" in snap["signals"][name]["error"] and snap["signals"][name]["value"] is None
