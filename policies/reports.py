@@ -37,41 +37,53 @@ REPORTS_URL = "reports:"  # the page of the collected reports, in a signal's `ur
 PREFIX = "ray_nld_replica_"  # the names the replicas' series carry on Ray's metrics page
 
 
-LOAD = ("num_requests_running", "waiting_requests", "running_requests")  # zeroed once a replica idles
-
-
 @dataclass
 class _Report:
     seq: str
     seen_at: float
-    labels: str  # 'replica="..",model="..",...'
-    lines: list[str] = field(default_factory=list)
-    idle_lines: list[str] = field(default_factory=list)  # the same, its load at zero
+    load: list[str] = field(default_factory=list)  # running, waiting, by mode, KV usage
+    idle_load: list[str] = field(default_factory=list)  # the same, running and waiting at zero
+    costs: list[str] = field(default_factory=list)  # the cost model (the same whether idle or not)
 
 
 def _label(value: object) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render_lines(labels: str, body: dict) -> list[str]:
-    """The Prometheus sample lines of one report body (`replicas.report.report_body`'s dict)."""
-    out: list[str] = []
+class _Lines:
+    """Prometheus sample lines of one replica's series (`labels` on each)."""
 
-    def add(name: str, value, **extra) -> None:
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            if value is None:
-                return
+    def __init__(self, labels: str) -> None:
+        self.labels, self.out = labels, []
+
+    def add(self, name: str, value, **extra) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-        tags = labels + "".join(f',{k}="{_label(v)}"' for k, v in extra.items())
-        out.append(f"{PREFIX}{name}{{{tags}}} {float(value)!r}")
+        tags = self.labels + "".join(f',{k}="{_label(v)}"' for k, v in extra.items())
+        self.out.append(f"{PREFIX}{name}{{{tags}}} {float(value)!r}")
 
-    add("num_requests_running", body.get("running"))
-    add("waiting_requests", body.get("waiting"))
-    add("kv_cache_usage_ratio", body.get("kv_usage"))
+
+def render_load(labels: str, body: dict, idle: bool = False) -> list[str]:
+    """The load lines of one report body (`replicas.report.report_body`'s dict); `idle`: its
+    running and waiting counts at zero."""
+    lines = _Lines(labels)
+    zero = (lambda v: 0) if idle else (lambda v: v)
+    lines.add("num_requests_running", zero(body.get("running")))
+    lines.add("waiting_requests", zero(body.get("waiting")))
+    lines.add("kv_cache_usage_ratio", body.get("kv_usage"))
     for mode, n in sorted((body.get("running_by_mode") or {}).items()):
-        add("running_requests", n, mode=mode)
+        lines.add("running_requests", zero(n), mode=mode)
+    return lines.out
+
+
+def render_costs(labels: str, body: dict) -> list[str]:
+    """The cost-model lines of one report body; none before the model has a fit (as Ray's page)."""
+    lines = _Lines(labels)
+    add = lines.add
     costs = body.get("cost_model") or {}
-    if costs.get("coef"):  # as Ray's page: the cost series appear once the model has a fit
+    if costs.get("coef"):
         for term, value in costs["coef"].items():
             add("step_cost_seconds", value, term=term)
         add("cost_model_steps", costs.get("steps"))
@@ -87,7 +99,7 @@ def render_lines(labels: str, body: dict) -> list[str]:
         for block, y in sorted((costs.get("diffusion") or {}).items()):
             add("diffusion_tokens_per_pass", y["tokens_per_pass"], block=block)
             add("diffusion_blocks", y["blocks"], block=block)
-    return out
+    return lines.out
 
 
 class ReplicaReports:
@@ -124,14 +136,13 @@ class ReplicaReports:
                 raise ValueError("not a JSON object")
             labels = f'replica="{_label(rid)}",model="{_label(body.get("model", ""))}"' + "".join(
                 f',{k}="{_label(body[k])}"' for k in ("application", "deployment") if body.get(k))
-            lines = render_lines(labels, body)
-            idle_lines = render_lines(labels, {**body, "running": 0, "waiting": 0,
-                                               "running_by_mode": {m: 0 for m in body.get("running_by_mode") or {}}})
+            report = _Report(seq, now, render_load(labels, body), render_load(labels, body, idle=True),
+                             render_costs(labels, body))
         except (ValueError, TypeError, KeyError) as e:
             self._reject(value, f"{type(e).__name__}: {e}")
             return
         self.parsed += 1
-        self._reports[rid] = _Report(seq, now, labels, lines, idle_lines)
+        self._reports[rid] = report
         self._page = None
 
     def _reject(self, value: str, why: str) -> None:
@@ -157,6 +168,9 @@ class ReplicaReports:
         ids = tuple((rid, now - self._reports[rid].seen_at > self.idle_after_s) for rid in self.replicas(now))
         if self._page is None or ids != self._page_ids:
             self._page_ids = ids
-            self._page = "".join(line + "\n" for rid, idle in ids
-                                 for line in (self._reports[rid].idle_lines if idle else self._reports[rid].lines))
+            lines = []
+            for rid, idle in ids:
+                report = self._reports[rid]
+                lines += (report.idle_load if idle else report.load) + report.costs
+            self._page = "".join(line + "\n" for line in lines)
         return self._page
