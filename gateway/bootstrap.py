@@ -75,9 +75,11 @@ def build_gateway(config: GatewayConfig, policy_spec: PolicySpec, *, metrics: Ga
                   client: ReplicaClient | None = None, **app_options) -> Gateway:
     """Wire one gateway (see the module contract); `app_options` go to `create_app`."""
     metrics = metrics or GatewayMetrics(InflightCounter())
-    reports = ReplicaReports(keep_s=config.replica_report_keep_s)
+    # the replicas' reports feed a policy file's `reports:` signals; a fixed mode reads none
+    reports = ReplicaReports(keep_s=config.replica_report_keep_s) if policy_spec.file is not None else None
     policy = open_policy(policy_spec, metrics, reports)
-    client = client or HttpReplicaClient(config, on_retry=metrics.retries.inc, on_report=reports.offer)
+    client = client or HttpReplicaClient(config, on_retry=metrics.retries.inc,
+                                         on_report=reports.offer if reports is not None else None)
     app = create_app(config, client, policy, metrics=metrics, **app_options)
     return Gateway(app=app, metrics=metrics, policy=policy, client=client)
 
