@@ -4,7 +4,7 @@ Contract: `build_gateway(config, policy_spec, *, metrics=None, client=None, **ap
 returns a `Gateway` (its FastAPI `app`, `metrics`, `policy` and replica `client`): the metrics
 (a fresh `GatewayMetrics` unless given), the replica client (`HttpReplicaClient` on
 `config.replica_url` unless given; retries counted in the metrics; the replicas' reports on its
-answers collected into one `ReplicaReports`), the mode policy from `policy_spec` (`open_policy`,
+answers collected into one `ReplicaReports` when a policy file is given), the mode policy from `policy_spec` (`open_policy`,
 reading those reports as its `reports:` page) and the app (`gateway.app.create_app`). `nld-gateway serve`,
 `nld-gateway up` and the benchmarks all build their gateway here, so they are wired alike.
 A `PolicySpec` names the policy: a policy file (hot-reloaded, its signal URLs' placeholders
