@@ -54,6 +54,17 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--self-alpha", type=float, default=None,
                    help="weight of the self-generated diffusion term (default --alpha)")
+    p.add_argument("--self-mode", choices=["ar", "diffusion"], default="ar",
+                   help="how the model writes its own continuations: greedy AR (phases 2-4) or its own diffusion "
+                        "trajectory (block --self-block, threshold --self-threshold; phase 5)")
+    p.add_argument("--self-block", type=int, default=16)
+    p.add_argument("--self-threshold", type=float, default=0.9)
+    p.add_argument("--certainty", type=float, default=0.0,
+                   help="weight of the certainty-forcing term on the self-generated set: the mean entropy of "
+                        "the masked predictions whose argmax is already right (train_tiny.certainty_entropy)")
+    p.add_argument("--anchor", type=float, default=0.0,
+                   help="weight of KL(checkpoint as found || model) on the corpus's next-token distributions "
+                        "(training.certainty.anchor_kl): keeps the AR head where it was")
     p.add_argument("--blocks", default="16,32")
     p.add_argument("--keep-first", type=float, default=0.75)
     p.add_argument("--suffix-prob", type=float, default=0.5)
@@ -67,10 +78,13 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     t_start = time.time()
-    name = "phase 4" if args.prompt_mix == "positions" else "phase 3"
+    phase_no = 5 if (args.self_mode != "ar" or args.certainty > 0 or args.anchor > 0) else 4 if args.prompt_mix == "positions" else 3
+    name = f"phase {phase_no}"
+    gen_kw = {"mode": args.self_mode, "block": args.self_block, "threshold": args.self_threshold}
     from tokenizers import Tokenizer
 
     model = load_model(args.model, device, "float32").train().requires_grad_(True)
+    teacher = load_model(args.model, device, "float32").eval().requires_grad_(False) if args.anchor > 0 else None
     raw_cfg = json.loads((args.model / "config.json").read_text())
     split = json.loads((args.model / "split.json").read_text())
     tok = Tokenizer.from_file(str(args.model / "tokenizer.json"))
@@ -92,18 +106,19 @@ def main(argv=None) -> dict:
     blocks = [int(x) for x in args.blocks.split(",")]
     round_len = max(1, math.ceil(args.steps / max(1, args.rounds)))
     phase = {"args": {k: str(v) for k, v in vars(args).items()}, "from_step": first_step, "rounds": []}
-    acc = [0.0, 0.0, 0.0, 0]
+    acc = [0.0, 0.0, 0.0, 0, 0.0, 0.0]
     distill = None
     for step in range(args.steps):
         if step % round_len == 0:
             t0 = time.time()
             if encoded is not None:
                 prompts = positions.sample_position_prompts(encoded, train_texts, args.samples, lengths, gen)
-                distill, prompt_len = tt.generate_to_length(model, prompts, args.total)
+                distill, prompt_len = tt.generate_to_length(model, prompts, args.total, **gen_kw)
             else:
                 prompts = tt.sample_prompts(train_stream, args.samples, args.prompt, gen, file_starts=starts,
                                             file_start_frac=args.file_start_frac)
-                distill, prompt_len = tt.generate_distill_set(model, prompts, args.new), args.prompt
+                distill = tt.generate_to_length(model, prompts, args.prompt + args.new, **gen_kw)[0]
+                prompt_len = args.prompt
             rnd = {"samples": int(distill.shape[0]), "length": int(distill.shape[1]),
                    "generate_seconds": round(time.time() - t0, 1), "from_step": first_step + step}
             phase["rounds"].append(rnd)
@@ -114,26 +129,36 @@ def main(argv=None) -> dict:
         batch = tt.make_batch(train_stream, args.batch, args.seq, blocks, gen,
                               keep_first_prob=args.keep_first, suffix_prob=args.suffix_prob)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss, l_ar, l_diff = tt.joint_loss(model, batch, args.alpha, device)
+            stats: dict = {}
+            loss, l_ar, l_diff = tt.joint_loss(model, batch, args.alpha, device, teacher=teacher, anchor=args.anchor,
+                                               stats=stats)
             dloss, l_dist = tt.self_distill_loss(model, distill, args.distill_batch, prompt_len, blocks, gen, args,
-                                                 device, alpha=args.self_alpha)
+                                                 device, alpha=args.self_alpha, certainty=args.certainty,
+                                                 stats=stats)
             loss = loss + dloss
         tt.take_step(model, opt, loss, f"{name} step {step}")
-        acc = [acc[0] + l_ar, acc[1] + l_diff, acc[2] + l_dist, acc[3] + 1]
+        acc = [acc[0] + l_ar, acc[1] + l_diff, acc[2] + l_dist, acc[3] + 1, acc[4] + stats.get("certainty", 0.0),
+               acc[5] + stats.get("anchor", 0.0)]
         if (step + 1) % 10 == 0 or step + 1 == args.steps:
             n = acc[3]
             rec = {"step": first_step + step + 1, "ar": acc[0] / n, "diff": acc[1] / n, "diff_self": acc[2] / n,
-                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t_start, 1),
-                   "phase": 4 if args.prompt_mix == "positions" else 3}
+                   "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t_start, 1), "phase": phase_no}
+            if args.certainty > 0:
+                rec["certainty_entropy"] = acc[4] / n
+            if args.anchor > 0:
+                rec["anchor_kl"] = acc[5] / n
             log["train"].append(rec)
-            acc = [0.0, 0.0, 0.0, 0]
+            acc = [0.0, 0.0, 0.0, 0, 0.0, 0.0]
             print(f"step {rec['step']:5d}  L_AR {rec['ar']:.3f}  L_diff {rec['diff']:.3f}  "
-                  f"L_diff(self) {rec['diff_self']:.3f}  {rec['seconds']:.0f}s", flush=True)
+                  f"L_diff(self) {rec['diff_self']:.3f}"
+                  + (f"  H(right) {rec['certainty_entropy']:.3f}" if args.certainty > 0 else "")
+                  + (f"  KL(anchor) {rec['anchor_kl']:.4f}" if args.anchor > 0 else "")
+                  + f"  {rec['seconds']:.0f}s", flush=True)
     ev = tt.heldout_ar_loss(model, held_stream, args.seq, args.eval_windows, device)
     log["eval"].append({"step": first_step + args.steps, "heldout_ar": ev})
     log["heldout_ar_final"] = ev
     phase["seconds"] = round(time.time() - t_start, 1)
-    log["phase4" if args.prompt_mix == "positions" else "phase3"] = phase
+    log[f"phase{phase_no}"] = phase
     tt.save_checkpoint(model, raw_cfg, args.model)
     log_path.write_text(json.dumps(log, indent=1))
     tt.plot_losses(log, args.model / "loss_curves.png")

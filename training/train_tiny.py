@@ -47,6 +47,8 @@ from replicas.engine.config import ModelConfig
 from replicas.engine.model import AttentionInputs, NLDModel
 from replicas.engine.testing import N_SPECIAL, SPECIAL_NAMES, random_config, write_tokenizer_config
 
+from .certainty import anchor_kl, certainty_entropy
+
 BOS_ID, EOS_ID, MASK_ID = 1, 11, 100
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "encodings", "pydoc_data", "__pycache__"}
 MAX_FILE_BYTES = 300_000
@@ -255,18 +257,21 @@ def generate_distill_set(model: NLDModel, prompts: list[list[int]], new_tokens: 
 
 
 @torch.no_grad()
-def generate_to_length(model: NLDModel, prompts: list[list[int]], total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy AR continuations of prompts of any lengths (each < total), each continued to
-    `total` tokens: (sequences [n, total] long, prompt lengths [n] long)."""
+def generate_to_length(model: NLDModel, prompts: list[list[int]], total: int, *, mode: str = "ar",
+                       block: int = 16, threshold: float = 0.9) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy continuations of prompts of any lengths (each < total), each continued to `total`
+    tokens: (sequences [n, total] long, prompt lengths [n] long). `mode` "ar" (the default) or
+    "diffusion" (the model's own denoising trajectory: canvases of `block`, threshold `threshold`)."""
     from replicas.engine import DecodeParams, Engine
 
     was_training = model.training
     model.eval()
-    engine = Engine(model, max_block_length=64)
+    engine = Engine(model, max_block_length=max(64, block))
     rows = []
     for prompt in prompts:
         new = total - len(prompt)
-        out = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=new, ignore_eos=True)).token_ids
+        params = DecodeParams(mode=mode, max_new_tokens=new, ignore_eos=True, block_length=block, threshold=threshold)
+        out = engine.generate(prompt, params).token_ids
         rows.append(torch.tensor(prompt + out[:new]))
     model.train(was_training)
     return torch.stack(rows), torch.tensor([len(p) for p in prompts])
@@ -299,8 +304,16 @@ def init_model(cfg: ModelConfig, seed: int) -> NLDModel:
     return model
 
 
-def joint_loss(model: NLDModel, batch: dict, alpha: float, device, ar: bool = True) -> tuple[torch.Tensor, float, float]:
-    """(L_AR + alpha * L_diff, L_AR, L_diff) for one batch (ar=False: alpha * L_diff only)."""
+def joint_loss(model: NLDModel, batch: dict, alpha: float, device, ar: bool = True, certainty: float = 0.0,
+               teacher: NLDModel | None = None, anchor: float = 0.0,
+               stats: dict | None = None) -> tuple[torch.Tensor, float, float]:
+    """(L_AR + alpha * L_diff [+ certainty * H] [+ anchor * KL], L_AR, L_diff) for one batch
+    (ar=False: no L_AR and no KL).
+
+    `certainty` > 0 adds the certainty-forcing term H (`training.certainty.certainty_entropy`) of
+    the masked positions; `anchor` > 0 with a `teacher` adds KL(teacher || model) of the clean
+    half's next-token distributions (`training.certainty.anchor_kl`). Their values go to
+    `stats["certainty"]` / `stats["anchor"]` when a dict is given."""
     clean = batch["clean"].to(device)
     noisy = batch["noisy"].to(device)
     b, t = clean.shape
@@ -312,8 +325,17 @@ def joint_loss(model: NLDModel, batch: dict, alpha: float, device, ar: bool = Tr
     if ar:
         ar_logits = model.logits(h[:, t:-1])  # [B, T-1, V]
         l_ar = F.cross_entropy(ar_logits.reshape(-1, ar_logits.shape[-1]), clean[:, 1:].reshape(-1))
+        if anchor > 0 and teacher is not None:
+            with torch.no_grad():
+                t_logits = teacher.logits(teacher(tokens, pos, None, attn)[:, t:-1])  # [B, T-1, V]
+            kl = anchor_kl(ar_logits, t_logits)
+            l_ar_total = l_ar + anchor * kl
+            if stats is not None:
+                stats["anchor"] = float(kl.detach())
+        else:
+            l_ar_total = l_ar
     else:
-        l_ar = torch.zeros((), device=device)
+        l_ar = l_ar_total = torch.zeros((), device=device)
     # diffusion: noisy logit at i predicts the clean token at i, on masked positions, weighted 1/t
     masked = batch["masked"].to(device)
     weight = batch["weight"].to(device)
@@ -321,7 +343,13 @@ def joint_loss(model: NLDModel, batch: dict, alpha: float, device, ar: bool = Tr
     ce = F.cross_entropy(d_logits, clean[masked], reduction="none")  # [M]
     n_loss = int(batch.get("loss_tokens", b * t))
     l_diff = (ce * weight[masked]).sum() / n_loss
-    return l_ar + alpha * l_diff, float(l_ar.detach()), float(l_diff.detach())
+    loss = l_ar_total + alpha * l_diff
+    if certainty > 0:
+        h_cert = certainty_entropy(d_logits, clean[masked])
+        loss = loss + certainty * h_cert
+        if stats is not None:
+            stats["certainty"] = float(h_cert.detach())
+    return loss, float(l_ar.detach()), float(l_diff.detach())
 
 
 def make_optimizer(model: NLDModel, lr: float, fused: bool | None = None) -> torch.optim.AdamW:
@@ -345,10 +373,12 @@ def take_step(model: NLDModel, opt: torch.optim.Optimizer, loss: torch.Tensor, w
 
 def self_distill_loss(model: NLDModel, distill: torch.Tensor, rows: int, prompt_len: int | torch.Tensor,
                       blocks: list[int], gen: torch.Generator, args, device,
-                      alpha: float | None = None) -> tuple[torch.Tensor, float]:
-    """(alpha * L_diff, L_diff) on `rows` random self-generated sequences of `distill` [n, P + N]:
-    the usual noising, the loss only on the generated part (positions >= prompt_len; an int, or
-    a [n] tensor of per-sequence prompt lengths). `alpha`: the term's weight (default args.alpha)."""
+                      alpha: float | None = None, certainty: float = 0.0,
+                      stats: dict | None = None) -> tuple[torch.Tensor, float]:
+    """(alpha * L_diff [+ certainty * H], L_diff) on `rows` random self-generated sequences of
+    `distill` [n, P + N]: the usual noising, the loss only on the generated part (positions >=
+    prompt_len; an int, or a [n] tensor of per-sequence prompt lengths). `alpha`: the term's
+    weight (default args.alpha); `certainty`, `stats`: as `joint_loss`."""
     picked = torch.randint(0, distill.shape[0], (rows,), generator=gen)
     if isinstance(prompt_len, torch.Tensor):
         loss_from = prompt_len[picked].tolist()
@@ -358,7 +388,8 @@ def self_distill_loss(model: NLDModel, distill: torch.Tensor, rows: int, prompt_
                        suffix_prob=args.suffix_prob, loss_from=loss_from)
     batch["loss_tokens"] = (rows * distill.shape[1] - sum(loss_from)) if isinstance(loss_from, list) \
         else rows * (distill.shape[1] - prompt_len)
-    loss, _, l_diff = joint_loss(model, batch, args.alpha if alpha is None else alpha, device, ar=False)
+    loss, _, l_diff = joint_loss(model, batch, args.alpha if alpha is None else alpha, device, ar=False,
+                                 certainty=certainty, stats=stats)
     return loss, l_diff
 
 
