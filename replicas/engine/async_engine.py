@@ -58,6 +58,10 @@ class AsyncEngine(StreamingFrontend):
     def has_lora(self) -> bool:
         return self.core.engine.has_lora
 
+    @property
+    def has_denoise_lora(self) -> bool:
+        return self.core.engine.has_denoise_lora
+
     # ---- public API ----------------------------------------------------------------------
     def _submit(self, request_id: str, prompt_ids: list[int], params: DecodeParams) -> None:
         self.core.submit(prompt_ids, params, request_id=request_id)

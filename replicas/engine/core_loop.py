@@ -37,12 +37,13 @@ def run_core(conn: Connection, spec) -> None:
             import torch
 
             torch.set_num_threads(spec.torch_threads)
-        core = load_batch_engine(spec.model_path, spec.config, lora=spec.lora)
+        core = load_batch_engine(spec.model_path, spec.config, lora=spec.lora, denoise_lora=spec.denoise_lora)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("fatal", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", {"model_config": core.engine.config, "config": core.config,
                          "max_block_length": core.engine.max_block_length, "has_lora": core.engine.has_lora,
+                         "has_denoise_lora": core.engine.has_denoise_lora,
                          "stats": core.stats_snapshot()}))
     CoreLoop(conn, core, spec.stats_interval_s).run()
 

@@ -23,8 +23,8 @@ from .config import ModelConfig
 from .engine_config import EngineConfig
 from .graph_runner import CudaGraphRunner
 from .kv_cache import SequenceKV
-from .loader import LORA_SUBDIR, load_lora, load_model, resolve_dtype
-from .model import NLDModel
+from .loader import DIFFUSION_LORA_SUBDIR, LORA_SUBDIR, load_lora, load_model, resolve_dtype
+from .model import DENOISE_ADAPTER, DRAFT_ADAPTER, NLDModel
 from .params import DecodeParams, GenerationOutput
 from .runner import ModelRunner
 from .sequence import Sequence
@@ -63,22 +63,31 @@ class Engine:
         dtype: str | torch.dtype = "float32",
         *,
         lora: str | Path | bool | None = None,
+        denoise_lora: str | Path | bool | None = None,
         max_block_length: int | None = None,
         runner_cls: type[ModelRunner] | None = None,
         cuda_graphs: bool = True,
     ) -> "Engine":
-        """Load `path`. `lora`: None = `linear_spec_lora/` when present, False = none, or a directory."""
+        """Load `path`. `lora` (the self-spec draft adapter): None = `linear_spec_lora/` when
+        present, True = it must be, False = none, or a directory; `denoise_lora` (diffusion's
+        denoise-pass adapter) the same with `diffusion_lora/`."""
         model = load_model(path, device, dtype)
-        adapter = Path(path) / LORA_SUBDIR if lora is None or lora is True else lora
-        if lora is True and not Path(adapter).is_dir():
-            raise FileNotFoundError(f"no LoRA adapter at {adapter}")
-        if adapter and Path(adapter).is_dir():
-            model.set_lora(load_lora(adapter, model.config, device, resolve_dtype(dtype)))
+        for choice, subdir, slot in ((lora, LORA_SUBDIR, DRAFT_ADAPTER), (denoise_lora, DIFFUSION_LORA_SUBDIR,
+                                                                         DENOISE_ADAPTER)):
+            adapter = Path(path) / subdir if choice is None or choice is True else choice
+            if choice is True and not Path(adapter).is_dir():
+                raise FileNotFoundError(f"no LoRA adapter at {adapter}")
+            if adapter and Path(adapter).is_dir():
+                model.set_lora(load_lora(adapter, model.config, device, resolve_dtype(dtype)), slot)
         return cls(model, max_block_length=max_block_length, runner_cls=runner_cls, cuda_graphs=cuda_graphs)
 
     @property
     def has_lora(self) -> bool:
         return self.model.has_lora
+
+    @property
+    def has_denoise_lora(self) -> bool:
+        return self.model.has_adapter(DENOISE_ADAPTER)
 
     def check_request(self, prompt_ids, params: DecodeParams, defaults: EngineConfig | None = None) -> DecodeParams:
         """Validate against the model; return params with defaults resolved (the self-spec
@@ -104,13 +113,17 @@ class Engine:
         if params.draft_lora and not self.has_lora:
             raise ValueError("draft_lora: no LoRA adapter is loaded")
         draft_lora = self.has_lora if params.draft_lora is None else params.draft_lora
+        if params.denoise_lora and not self.has_denoise_lora:
+            raise ValueError("denoise_lora: no denoise adapter is loaded")
+        denoise_lora = self.has_denoise_lora if params.denoise_lora is None else params.denoise_lora
         ahead = 2 * block if algorithm == "quadratic" else block  # quadratic masks reach 2B - 1 past
         if len(prompt_ids) + params.max_new_tokens + ahead > cfg.max_position_embeddings:
             raise ValueError(
                 f"max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({params.max_new_tokens}) "
                 f"+ one block exceeds max_position_embeddings ({cfg.max_position_embeddings})"
             )
-        return params.with_(block_length=block, draft_lora=draft_lora, spec_algorithm=algorithm)
+        return params.with_(block_length=block, draft_lora=draft_lora, denoise_lora=denoise_lora,
+                            spec_algorithm=algorithm)
 
     @staticmethod
     def positions_needed(prompt_len: int, max_new_tokens: int, params: DecodeParams) -> int:

@@ -88,7 +88,7 @@ class CudaGraphRunner(ModelRunner):
             return None
         s = max(p.start + len(p.tokens) for _, p in items)
         columns = min(-(-s // self.column_step) * self.column_step, self.cache.max_len + 1)
-        lora = any(p.wants_lora for _, p in items) and self.model.has_lora
+        lora = any(p.wants_lora and self.model.has_adapter(p.adapter) for _, p in items)
         return next_power_of_two(b), next_power_of_two(t), columns, lora
 
     def worth_a_graph(self, items: list[tuple[int, ForwardPass]], key: tuple[int, int, int, bool]) -> bool:

@@ -25,6 +25,7 @@ from .rope import compute_inv_freq
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA_SUBDIR = "linear_spec_lora"
+DIFFUSION_LORA_SUBDIR = "diffusion_lora"  # ours: the tiny model's denoise-pass adapter (docs/TRAINING.md)
 
 
 class CheckpointError(ValueError):

@@ -11,8 +11,9 @@ their block tables and applies its boolean mask [rows, 1, tokens, S] in one
 `scaled_dot_product_attention`. So one forward can pack AR tokens, canvases and prefill chunks
 without padding them to one length. Without a cache, attention covers only the call's tokens
 under `attn.mask` [B, 1, T, T]. The model knows no decoding mode: causal, bidirectional or any
-other pattern is entirely the caller's mask. The optional `o_proj` LoRA delta applies only to
-the tokens weighted by `AttentionInputs.lora_weight`.
+other pattern is entirely the caller's mask. Optional `o_proj` LoRA adapters (the self-spec
+draft adapter, and our denoise adapter for diffusion passes) apply only to the tokens whose
+`AttentionInputs.lora_weight` names them (0 = none, `DRAFT_ADAPTER`, `DENOISE_ADAPTER`).
 Non-goals: weight loading (see `loader`), sampling, training-time dropout.
 """
 
@@ -40,6 +41,10 @@ class AttentionGroup:
     mask: torch.Tensor  # [rows, 1, tokens, S] bool, True = may attend; S = columns read
 
 
+DRAFT_ADAPTER = 1  # the checkpoint's `linear_spec_lora/`: self-speculation draft passes
+DENOISE_ADAPTER = 2  # ours (`diffusion_lora/`): diffusion denoise passes
+
+
 @dataclass
 class AttentionInputs:
     """Per-forward attention metadata built by the runner (or a training loop, cache-free)."""
@@ -47,7 +52,7 @@ class AttentionInputs:
     mask: torch.Tensor | None = None  # cache-free: [B, 1, T, T] bool over the call's own tokens
     write_index: torch.Tensor | None = None  # with a cache: [B, T] flat cache location of each token
     groups: tuple[AttentionGroup, ...] = ()  # with a cache: tile the flattened B x T tokens in order
-    lora_weight: torch.Tensor | None = None  # [B, T] 1.0 on tokens that take the o_proj LoRA delta, else 0.0
+    lora_weight: torch.Tensor | None = None  # [B, T] float: the adapter each token takes (0.0 = none)
 
 
 class RMSNorm(nn.Module):
@@ -72,8 +77,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
-        self.lora_a: torch.Tensor | None = None  # [r, heads * head_dim]
-        self.lora_b: torch.Tensor | None = None  # [hidden, r], already multiplied by the LoRA scale
+        # every loaded adapter's ranks side by side: A [R, heads * head_dim], scale * B [hidden, R],
+        # and the adapter id of each rank [R] (set by NLDModel.set_lora)
+        self.lora_a: torch.Tensor | None = None
+        self.lora_b: torch.Tensor | None = None
+        self.lora_slot: torch.Tensor | None = None
 
     def forward(
         self,
@@ -99,10 +107,11 @@ class Attention(nn.Module):
             out = self.attend_groups(q, cache, attn).view(b, t, self.n_heads * self.head_dim)
         y = self.o_proj(out)
         if self.lora_a is not None and attn.lora_weight is not None:
-            # every token computes the rank-r delta and its weight keeps or zeroes it: no
+            # every token computes all adapters' ranks and keeps those of the adapter it names: no
             # data-dependent indexing, so no host sync (and the pass can be a CUDA graph)
-            delta = (out @ self.lora_a.T) @ self.lora_b.T  # [B, T, hidden]
-            y = y + delta * attn.lora_weight.to(y.dtype)[..., None]
+            u = out @ self.lora_a.T  # [B, T, R]
+            keep = attn.lora_weight.to(u.dtype)[..., None] == self.lora_slot  # [B, T, R]
+            y = y + (u * keep.to(u.dtype)) @ self.lora_b.T  # [B, T, hidden]
         return y
 
     def attend(self, q, keys, values, mask) -> torch.Tensor:
@@ -166,6 +175,7 @@ class NLDModel(nn.Module):
         self.diffusion_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", compute_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
         self.attention_factor = cfg.rope.resolved_attention_factor()
+        self._adapters: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # adapter id -> per-layer deltas
 
     def forward(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, attn: AttentionInputs
@@ -185,12 +195,32 @@ class NLDModel(nn.Module):
         """hidden [..., hidden] -> float32 logits [..., vocab]."""
         return self.diffusion_head(hidden).float()
 
-    def set_lora(self, deltas: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-        """Install per-layer (A [r, in], scale * B [out, r]) o_proj deltas, or remove them."""
+    def set_lora(self, deltas: list[tuple[torch.Tensor, torch.Tensor]] | None, adapter: int = DRAFT_ADAPTER) -> None:
+        """Install one adapter's per-layer (A [r, in], scale * B [out, r]) o_proj deltas under
+        `adapter` (DRAFT_ADAPTER or DENOISE_ADAPTER), or remove it (None); others stay."""
+        if adapter not in (DRAFT_ADAPTER, DENOISE_ADAPTER):
+            raise ValueError(f"adapter: unknown adapter id {adapter!r}")
+        adapters = dict(self._adapters)
+        if deltas is None:
+            adapters.pop(adapter, None)
+        else:
+            adapters[adapter] = deltas
+        self._adapters = adapters
         for i, layer in enumerate(self.encoder.layers):
             attn = layer.self_attn
-            attn.lora_a, attn.lora_b = (None, None) if deltas is None else deltas[i]
+            if not adapters:
+                attn.lora_a = attn.lora_b = attn.lora_slot = None
+                continue
+            parts = [(a_id, *adapters[a_id][i]) for a_id in sorted(adapters)]
+            attn.lora_a = torch.cat([a for _, a, _ in parts])  # [R, in]
+            attn.lora_b = torch.cat([b for _, _, b in parts], dim=1)  # [out, R]
+            attn.lora_slot = torch.cat([torch.full((a.shape[0],), float(a_id), dtype=a.dtype, device=a.device)
+                                        for a_id, a, _ in parts])  # [R]
+
+    def has_adapter(self, adapter: int) -> bool:
+        return adapter in self._adapters
 
     @property
     def has_lora(self) -> bool:
-        return self.encoder.layers[0].self_attn.lora_a is not None
+        """The self-speculation draft adapter is loaded."""
+        return self.has_adapter(DRAFT_ADAPTER)

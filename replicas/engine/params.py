@@ -27,6 +27,7 @@ class DecodeParams:
     block_length: int | None = None  # diffusion canvas / self-spec draft; None = config block_size
     threshold: float = 0.9  # diffusion confidence threshold
     draft_lora: bool | None = None  # self-spec draft LoRA; None = on when an adapter is loaded
+    denoise_lora: bool | None = None  # diffusion denoise-pass adapter (diffusion_lora/); None = on when loaded
     spec_algorithm: str | None = None  # self_spec: "linear" | "quadratic"; None = EngineConfig's default
 
     def __post_init__(self) -> None:

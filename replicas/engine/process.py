@@ -48,6 +48,7 @@ class EngineSpec:
     model_path: str
     config: EngineConfig
     lora: str | bool | None = None  # None: <model>/linear_spec_lora when present; False: none
+    denoise_lora: str | bool | None = None  # None: <model>/diffusion_lora when present; False: none
     torch_threads: int | None = None
     stats_interval_s: float = 0.5  # how often a busy child pushes its stats snapshot
 
@@ -73,6 +74,7 @@ class EngineProcess(StreamingFrontend):
         self.config: EngineConfig = info["config"]
         self.max_block_length: int = info["max_block_length"]
         self.has_lora: bool = info["has_lora"]
+        self.has_denoise_lora: bool = info["has_denoise_lora"]
         self._stats: dict = info["stats"]
         self._last_progress = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop, name="nld-engine-reader", daemon=True)

@@ -117,7 +117,7 @@ class ModelRunner:
                 return parts[0][name].reshape(1, -1).to(dev)  # [1, N]
             return torch.cat([h[name].reshape(-1) for h in parts])[None].to(dev)  # [1, N]
 
-        wants_lora = any(p.wants_lora for _, p in items) and self.model.has_lora
+        wants_lora = any(p.wants_lora and self.model.has_adapter(p.adapter) for _, p in items)
         attn = AttentionInputs(write_index=flat("write_index"), groups=tuple(groups),
                                lora_weight=flat("lora") if wants_lora else None)
         return flat("tokens"), flat("positions"), attn, offsets

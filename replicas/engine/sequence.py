@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .kv_cache import SequenceKV
+from .model import DRAFT_ADAPTER
 from .params import DecodeParams
 
 
@@ -25,7 +26,7 @@ class ForwardPass:
     tokens: list[int]  # [T] token ids, tokens[0] at position `start`
     start: int
     causal: bool  # False: bidirectional over these tokens (plus the whole cached prefix)
-    lora: bool = False  # apply the o_proj LoRA delta (self-spec drafts only)
+    lora: bool = False  # apply the o_proj adapter `adapter` (self-spec drafts; diffusion denoise passes)
     all_logits: bool = True  # False: only the last position's logits are needed
     mask: torch.Tensor | None = None  # [T, T] bool: which of this pass's tokens each token sees
     # (overrides `causal`; the cached prefix is always visible; each query must see something)
@@ -33,16 +34,16 @@ class ForwardPass:
     # position (quadratic self-spec puts several mask groups at overlapping positions)
     positions: list[int] | None = None
     lora_tokens: list[bool] | None = None  # [T] per-token LoRA (overrides `lora`)
+    adapter: int = DRAFT_ADAPTER  # which adapter `lora` / `lora_tokens` turn on (model.DRAFT_ADAPTER, DENOISE_ADAPTER)
 
     @property
     def wants_lora(self) -> bool:
         return any(self.lora_tokens) if self.lora_tokens is not None else self.lora
 
     def lora_weights(self) -> list[float]:
-        """[T] 1.0 where the o_proj LoRA delta applies, else 0.0."""
-        if self.lora_tokens is not None:
-            return [float(x) for x in self.lora_tokens]
-        return [float(self.lora)] * len(self.tokens)
+        """[T] the adapter id where the o_proj adapter applies, else 0.0 (`AttentionInputs.lora_weight`)."""
+        on = self.lora_tokens if self.lora_tokens is not None else [self.lora] * len(self.tokens)
+        return [float(self.adapter) if x else 0.0 for x in on]
 
 
 class Sequence:

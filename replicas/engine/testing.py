@@ -8,7 +8,8 @@ Contract: `write_random_checkpoint(out_dir, ...)` writes `config.json` (yarn `ro
 as the 8B has them), `model.safetensors` with the NLD tensor names (or shards plus
 `model.safetensors.index.json` with `shards > 1`), `tokenizer.json` + `tokenizer_config.json`
 (a byte-level tokenizer with the NLD special ids and a simple chat template) and, with
-`lora_rank > 0`, a PEFT `linear_spec_lora/` adapter on `o_proj`. Deterministic in `seed`.
+`lora_rank > 0`, a PEFT `linear_spec_lora/` adapter on `o_proj` (`denoise_lora_rank > 0`: also a
+`diffusion_lora/` one). Deterministic in `seed`.
 Non-goals: meaningful weights (see `training/` for a trained tiny model).
 """
 
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .loader import DTYPES, LORA_SUBDIR, expected_shapes
+from .loader import DIFFUSION_LORA_SUBDIR, DTYPES, LORA_SUBDIR, expected_shapes
 
 BOS_ID, EOS_ID, MASK_ID = 1, 11, 100
 N_SPECIAL = 128  # ids [0, 128) are special tokens; the 256 byte tokens follow
@@ -137,6 +138,7 @@ def write_random_checkpoint(
     dtype: str = "float32",
     lora_rank: int = 0,
     lora_alpha: float | None = None,
+    denoise_lora_rank: int = 0,
     init_std: float = 0.02,
     shards: int = 1,
     tokenizer: bool = True,
@@ -164,6 +166,9 @@ def write_random_checkpoint(
         write_tokenizer(out, vocab)
     if lora_rank > 0:
         write_random_lora(out / LORA_SUBDIR, cfg, rank=lora_rank, alpha=lora_alpha or 4.0 * lora_rank, seed=seed + 1)
+    if denoise_lora_rank > 0:
+        write_random_lora(out / DIFFUSION_LORA_SUBDIR, cfg, rank=denoise_lora_rank, alpha=4.0 * denoise_lora_rank,
+                          seed=seed + 2)
     return out
 
 

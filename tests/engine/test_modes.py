@@ -93,20 +93,25 @@ def test_prompts_one_after_another_match_each_alone(engine):
     assert mixed == alone
 
 
-def brute_force_diffusion(engine, prompt: list[int], *, n: int, block: int, threshold: float) -> tuple[list[int], int]:
+def brute_force_diffusion(engine, prompt: list[int], *, n: int, block: int, threshold: float,
+                          adapter: int = 0) -> tuple[list[int], int]:
     """The diffusion algorithm recomputing every pass from scratch with no KV cache.
 
     Each pass runs the whole sequence [prompt, committed blocks, canvas] with a mask that is
-    causal over the committed part and, for a denoise pass, bidirectional over the canvas."""
+    causal over the committed part and, for a denoise pass, bidirectional over the canvas, whose
+    tokens (only) take the o_proj adapter `adapter` (0: none)."""
     cfg = engine.config
     mask_id, eos = cfg.mask_token_id, set(cfg.eos_token_ids)
 
     def run(tokens, bidir_from):
         t = len(tokens)
         m = torch.tril(torch.ones(t, t, dtype=torch.bool))
+        weight = torch.zeros(1, t)
         if bidir_from is not None:
             m[bidir_from:, bidir_from:] = True
-        attn = AttentionInputs(write_index=torch.zeros(1, t, dtype=torch.long), mask=m[None, None])
+            weight[0, bidir_from:] = float(adapter)
+        attn = AttentionInputs(write_index=torch.zeros(1, t, dtype=torch.long), mask=m[None, None],
+                               lora_weight=weight if adapter else None)
         with torch.no_grad():
             h = engine.model(torch.tensor([tokens]), torch.arange(t)[None], None, attn)
             logits = engine.model.logits(h)[0]

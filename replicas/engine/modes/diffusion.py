@@ -7,12 +7,15 @@ and always the single most confident one. Revealed tokens are frozen; the contig
 prefix is emitted as soon as it grows (so EOS stops the block early). A finished block gets
 one causal commit pass that caches it and yields the next seed.
 NFE per block = denoise passes + 1 commit (no commit after the final block).
+With `params.denoise_lora`, denoise passes take the model's denoise adapter (`diffusion_lora/`,
+ours; never the commit pass, which writes the KV the other modes read).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..model import DENOISE_ADAPTER
 from ..sequence import ForwardPass
 from .base import DecodeMode
 
@@ -38,7 +41,8 @@ class DiffusionMode(DecodeMode):
 
     def next_pass(self) -> ForwardPass:
         return ForwardPass(
-            tokens=list(self.canvas), start=self.seq.kv.length, causal=self.committing, all_logits=not self.committing
+            tokens=list(self.canvas), start=self.seq.kv.length, causal=self.committing, all_logits=not self.committing,
+            lora=bool(self.seq.params.denoise_lora) and not self.committing, adapter=DENOISE_ADAPTER,
         )
 
     def advance(self, logits: torch.Tensor, greedy: int | None = None) -> list[int]:
