@@ -92,6 +92,8 @@ class _SamplingRequest(BaseModel):
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0,
                                                description="NLD: diffusion unmasking threshold (default 0.9)")
     draft_lora: bool | None = Field(default=None, description="NLD: self_spec drafts with the LoRA (default: when loaded)")
+    denoise_lora: bool | None = Field(default=None, description="NLD: diffusion denoise passes with the model's "
+                                      "denoise adapter, diffusion_lora/ (default: when loaded)")
     self_spec_algorithm: Literal["linear", "quadratic"] | None = Field(
         default=None, description="NLD: self_spec algorithm: linear (draft, then verify: two forwards per cycle) or "
         "quadratic (draft and verify in one forward); default: the policy level's, else the replica's")

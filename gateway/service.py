@@ -151,6 +151,7 @@ class CompletionService:
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         common = dict(mode=decision.mode, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stops,
                       block_length=req.block_length, threshold=req.confidence_threshold, draft_lora=req.draft_lora,
+                      denoise_lora=req.denoise_lora,
                       self_spec_algorithm=req.self_spec_algorithm or decision.spec_algorithm,
                       top_k=req.top_k or 0, ignore_eos=bool(req.ignore_eos), engine=self.engine_settings(),
                       stream=bool(req.stream))

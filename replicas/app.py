@@ -52,14 +52,16 @@ def build_engine(cfg: ReplicaConfig):
     from .engine import AsyncEngine, EngineProcess, EngineSpec
 
     lora = False if not cfg.use_lora else (cfg.lora_path or None)
+    denoise_lora = None if cfg.use_lora else False
     if cfg.engine_process:
-        spec = EngineSpec(cfg.model_path, cfg.engine_config(), lora=lora, torch_threads=cfg.torch_threads)
+        spec = EngineSpec(cfg.model_path, cfg.engine_config(), lora=lora, denoise_lora=denoise_lora,
+                          torch_threads=cfg.torch_threads)
         return EngineProcess(spec, stall_timeout_s=cfg.stall_timeout_s)
     if cfg.torch_threads:
         import torch  # noqa: PLC0415 - only this variant runs torch in the replica process
 
         torch.set_num_threads(cfg.torch_threads)
-    engine = AsyncEngine.from_pretrained(cfg.model_path, cfg.engine_config(), lora=lora)
+    engine = AsyncEngine.from_pretrained(cfg.model_path, cfg.engine_config(), lora=lora, denoise_lora=denoise_lora)
     engine.stall_timeout_s = cfg.stall_timeout_s
     return engine
 
@@ -145,7 +147,7 @@ class NLDReplica:
         return JSONResponse(ReplicaInfo(
             model=self.config.model_name, vocab_size=m.vocab_size, max_seq_len=self.config.engine.max_seq_len,
             max_prompt_tokens=self.max_prompt, block_size=m.block_size, max_block_length=self.max_block,
-            has_draft_lora=self.engine.has_lora, eos_token_ids=list(m.eos_token_ids),
+            has_draft_lora=self.engine.has_lora, has_denoise_lora=self.engine.has_denoise_lora, eos_token_ids=list(m.eos_token_ids),
             device=self.config.device, dtype=self.config.dtype,
         ).model_dump())
 

@@ -39,7 +39,8 @@ class ReplicaConfig(BaseModel):
     model_path: str = Field(description="NLD checkpoint directory on the replica's filesystem")
     model_name: str = Field(default="nld", description="the model id clients send")
     lora_path: str | None = Field(default=None, description="draft LoRA dir; None: <model>/linear_spec_lora if present")
-    use_lora: bool = True
+    use_lora: bool = Field(default=True, description="load the model's adapters: the draft LoRA and, where the "
+                           "model has one, the denoise adapter (diffusion_lora/)")
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     engine: EngineLimits = Field(default_factory=EngineLimits)

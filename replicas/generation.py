@@ -93,7 +93,7 @@ class Generations:
                 mode=req.mode, max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                 top_k=req.top_k, seed=req.seed, stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
                 block_length=req.block_length, threshold=0.9 if req.threshold is None else req.threshold,
-                draft_lora=req.draft_lora, spec_algorithm=req.self_spec_algorithm,
+                draft_lora=req.draft_lora, denoise_lora=req.denoise_lora, spec_algorithm=req.self_spec_algorithm,
             )
             rid = req.request_id or uuid.uuid4().hex
             # one wake-up per request unless text must be watched as it grows

@@ -135,6 +135,7 @@ class GenerateRequest(BaseModel):
     block_length: int | None = Field(default=None, ge=2)
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # diffusion confidence threshold
     draft_lora: bool | None = None
+    denoise_lora: bool | None = None  # diffusion denoise passes with the model's diffusion_lora/ (None: when loaded)
     self_spec_algorithm: SpecAlgorithm | None = None  # None: the replica's engine default
     engine: EngineSettings | None = None  # the policy's current engine settings; applied when they differ
     stream: bool = True  # False: the answer is ONE GenerateChunk JSON with every token, the text and usage
@@ -180,6 +181,7 @@ class ReplicaInfo(BaseModel):
     block_size: int
     max_block_length: int
     has_draft_lora: bool
+    has_denoise_lora: bool = False
     eos_token_ids: list[int]
     device: str
     dtype: str

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 def serve_model_dir(tmp_path_factory):
     from replicas.engine.testing import write_random_checkpoint
 
-    return write_random_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", seed=11, lora_rank=4)
+    return write_random_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", seed=11, lora_rank=4, denoise_lora_rank=4)
 
 
 @pytest.fixture(scope="session")

@@ -64,11 +64,11 @@ async def test_chat_non_streaming_sends_messages_for_the_template(client, fake):
 async def test_extension_fields_reach_the_replica(client, fake):
     r = await client.post("/v1/completions", json={
         "model": "nld", "prompt": [1, 2, 3], "decoding_mode": "diffusion", "block_length": 8,
-        "confidence_threshold": 0.7, "draft_lora": False, "stop": "x", "top_p": 0.5, "max_tokens": 2,
-        "top_k": 5, "ignore_eos": True})
+        "confidence_threshold": 0.7, "draft_lora": False, "denoise_lora": False, "stop": "x", "top_p": 0.5,
+        "max_tokens": 2, "top_k": 5, "ignore_eos": True})
     assert r.status_code == 200, r.text
     sent = fake.requests[0]
-    assert (sent.top_k, sent.ignore_eos) == (5, True)
+    assert (sent.top_k, sent.ignore_eos, sent.denoise_lora) == (5, True, False)
     assert (sent.prompt_ids, sent.mode, sent.block_length, sent.threshold, sent.draft_lora, sent.stop, sent.top_p) == (
         [1, 2, 3], "diffusion", 8, 0.7, False, ["x"], 0.5)
     assert r.headers["x-nld-decoding-mode"] == "diffusion"

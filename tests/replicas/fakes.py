@@ -31,6 +31,7 @@ class FakeAsyncEngine(StreamingFrontend):
         self.config = EngineConfig()
         self.max_block_length = self.model_config.block_size
         self.has_lora = True
+        self.has_denoise_lora = False
         self.tokens_per_step = tokens_per_step
         self.script = TextCodec.from_dir(model_dir).encode(SNIPPET) * 8
         self.reject: Exception | None = None

@@ -23,6 +23,7 @@ def test_health_and_info(serve_stack):
     assert httpx.get(serve_stack.url + "/health").json() == {"status": "ok"}
     info = httpx.get(serve_stack.url + "/info").json()
     assert info["model"] == "nld-test" and info["has_draft_lora"] and info["vocab_size"] == 512
+    assert info["has_denoise_lora"]
 
 
 def test_every_mode_streams_ndjson_with_usage(serve_stack):
