@@ -9,7 +9,8 @@ a cut point of that kind, the middle one (`cands[len(cands) // 2]`) is taken, wi
 Prompts carry no bos, as /v1/completions sends them (`add_bos_token` is false).
 
 Every prompt decodes `--new-tokens` (64) tokens greedily, ignoring eos, in: ar; self_spec block 16
-with the draft LoRA on (and off with --lora-off); diffusion block 16, threshold 0.9. Reported per
+with the draft LoRA on (and off with --lora-off); diffusion block 16, threshold 0.9, with the
+denoise adapter `diffusion_lora/` when the model has one (and without it with --lora-off). Reported per
 position kind, per prompt length and over all prompts:
 - TPF = generated tokens / forward passes after prefill (draft + verify passes; denoise + commit);
 - `same_as_ar`: prompts whose self_spec output equals ar's exactly;
@@ -21,7 +22,8 @@ position kind, per prompt length and over all prompts:
 - accuracy proxies: held-out AR loss (next-token cross-entropy, 32 evenly spaced 256-token
   windows of the held-out stream, the model card's figure) and, for ar, the share of prompts
   whose first k generated tokens equal the file's real continuation (k = 1, 4, 16), and the
-  mean length of the matching prefix (capped at 16).
+  mean length of the matching prefix (capped at 16); the same for every configuration (self_spec
+  equals ar; diffusion's is its own accuracy proxy, printed beside ar's).
 
 Non-goals: sampling (greedy only), timing (benchmarks/engine_modes.py), bf16 (CPU float32).
 
@@ -86,12 +88,18 @@ def loop_marks(tokens: list[int], n: int) -> int:
     return sum(marked)
 
 
-def configurations(block: int, threshold: float, has_lora: bool, lora_off: bool) -> list[tuple[str, DecodeParams]]:
+def configurations(block: int, threshold: float, has_lora: bool, lora_off: bool,
+                   has_denoise_lora: bool = False) -> list[tuple[str, DecodeParams]]:
+    """ar; self_spec with the draft LoRA (and without it: `lora_off` or no adapter); diffusion with
+    the denoise adapter when one is loaded (and without it with `lora_off`)."""
     confs = [("ar", DecodeParams(mode="ar"))]
     if lora_off or not has_lora:
         confs.append((f"self_spec B{block}", DecodeParams(mode="self_spec", block_length=block, draft_lora=False)))
     if has_lora:
         confs.append((f"self_spec B{block} +LoRA", DecodeParams(mode="self_spec", block_length=block, draft_lora=True)))
+    if lora_off and has_denoise_lora:
+        confs.append((f"diffusion B{block} tau{threshold} no adapter", DecodeParams(
+            mode="diffusion", block_length=block, threshold=threshold, denoise_lora=False)))
     confs.append((f"diffusion B{block} tau{threshold}", DecodeParams(mode="diffusion", block_length=block,
                                                                      threshold=threshold)))
     return confs
@@ -115,11 +123,12 @@ def evaluate(model_dir: Path, *, lengths=(8, 32, 96, 200), new_tokens: int = 64,
              device: str = "cpu", lib: Path | None = None, max_files: int = 0, heldout_loss: bool = True) -> dict:
     """Run every configuration on every prompt of `heldout_prompt_set`; the dict of the JSON."""
     t0 = time.perf_counter()
-    engine = Engine.from_pretrained(model_dir, device=device, dtype="float32", lora=lora, max_block_length=block)
+    engine = Engine.from_pretrained(model_dir, device=device, dtype="float32", lora=lora,
+                                    denoise_lora=False if lora is False else None, max_block_length=block)
     prompts = heldout_prompt_set(model_dir, lengths, lib, max_files)
     ar_out: list[list[int]] = []
     groups: dict[str, dict[str, dict]] = {"all": {}, "by_kind": {}, "by_length": {}}
-    for name, base in configurations(block, threshold, engine.has_lora, lora_off):
+    for name, base in configurations(block, threshold, engine.has_lora, lora_off, engine.has_denoise_lora):
         params = base.with_(max_new_tokens=new_tokens, ignore_eos=True)
         recs = []
         for i, p in enumerate(prompts):
@@ -127,11 +136,11 @@ def evaluate(model_dir: Path, *, lengths=(8, 32, 96, 200), new_tokens: int = 64,
             ids = out.token_ids
             rec = {"kind": p["kind"], "length": p["length"], "tokens": len(ids), "forwards": out.forward_passes,
                    "loop": loop_marks(ids, ngram)}
+            ref = p["reference"]
+            rec["prefix"] = next((k for k in range(len(ref)) if k >= len(ids) or ids[k] != ref[k]), len(ref))
             if name == "ar":
                 ar_out.append(ids)
                 rec["same"] = 1
-                ref = p["reference"]
-                rec["prefix"] = next((k for k in range(len(ref)) if k >= len(ids) or ids[k] != ref[k]), len(ref))
             else:
                 rec["same"] = int(ids == ar_out[i])
             recs.append(rec)
@@ -182,9 +191,11 @@ def format_table(res: dict) -> str:
         lines.append(row(kind, group))
     for length, group in res["by_length"].items():
         lines.append(row(f"length {length}", group))
-    ar = res["all"]["ar"]
-    lines.append("ar vs the file's real continuation: " + ", ".join(f"exact@{k} {ar[f'exact@{k}']:.2f}" for k in EXACT_K)
-                 + f", mean matching prefix {ar['mean_prefix']:.2f} tokens")
+    for name, g in res["all"].items():
+        if name == "ar" or name.startswith("diffusion"):
+            lines.append(f"{name} vs the file's real continuation: "
+                         + ", ".join(f"exact@{k} {g[f'exact@{k}']:.2f}" for k in EXACT_K)
+                         + f", mean matching prefix {g['mean_prefix']:.2f} tokens")
     if "heldout_ar_loss" in res:
         lines.append(f"held-out AR loss {res['heldout_ar_loss']:.3f} nats/token; {res['seconds']:.0f} s")
     return "\n".join(lines)
@@ -198,8 +209,9 @@ def main(argv=None) -> dict:
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--ngram", type=int, default=8)
-    p.add_argument("--lora-off", action="store_true", help="also run self_spec with the draft LoRA off")
-    p.add_argument("--no-lora", action="store_true", help="do not load linear_spec_lora/")
+    p.add_argument("--lora-off", action="store_true",
+                   help="also run self_spec without the draft LoRA and diffusion without the denoise adapter")
+    p.add_argument("--no-lora", action="store_true", help="load neither linear_spec_lora/ nor diffusion_lora/")
     p.add_argument("--max-files", type=int, default=0, help="only the first N held-out files (tests)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from replicas.engine.loader import LORA_SUBDIR, load_model
+from replicas.engine.loader import DIFFUSION_LORA_SUBDIR, LORA_SUBDIR, load_model
 
 from . import positions
 from . import train_tiny as tt
@@ -126,6 +126,16 @@ def main(argv=None) -> dict:
     p.add_argument("--lib", type=Path, default=None)
     p.add_argument("--position-decay", type=float, default=1.0,
                    help="weight decay ** (d - 1) on a mask d positions after its draft's seed (1.0: unweighted)")
+    p.add_argument("--objective", choices=["draft", "denoise"], default="draft",
+                   help="draft: the self-speculation draft adapter (linear_spec_lora/) on greedy AR continuations; "
+                        "denoise: the diffusion adapter (diffusion_lora/) on the model's own diffusion trajectories "
+                        "(block --self-block, threshold --self-threshold), partly revealed canvases as in training, "
+                        "plus --certainty times the certainty-forcing term")
+    p.add_argument("--self-block", type=int, default=16)
+    p.add_argument("--self-threshold", type=float, default=0.9)
+    p.add_argument("--certainty", type=float, default=0.0)
+    p.add_argument("--keep-first", type=float, default=0.75)
+    p.add_argument("--suffix-prob", type=float, default=0.5)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -143,8 +153,12 @@ def main(argv=None) -> dict:
     if args.prompt_mix == "positions":
         prompts = positions.sample_position_prompts(positions.encode_with_offsets(tok, texts), texts, args.samples,
                                                     [int(x) for x in args.lengths.split(",")], gen)
-        seqs, prompt_len = tt.generate_to_length(model, prompts, args.total)
+        gen_kw = {"mode": "diffusion", "block": args.self_block, "threshold": args.self_threshold} \
+            if args.objective == "denoise" else {}
+        seqs, prompt_len = tt.generate_to_length(model, prompts, args.total, **gen_kw)
     else:
+        if args.objective == "denoise":
+            raise SystemExit("--objective denoise needs --prompt-mix positions")
         prompts = tt.sample_prompts(stream, args.samples, args.prompt, gen, file_starts=tt.file_start_prompts(
             tok, texts, args.prompt), file_start_frac=args.file_start_frac)
         seqs, prompt_len = tt.generate_distill_set(model, prompts, args.new), torch.full((args.samples,), args.prompt)
@@ -159,28 +173,42 @@ def main(argv=None) -> dict:
     t = seqs.shape[1]
     lora.rows = t
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "generate_seconds": round(t_gen, 1), "train": []}
-    acc, n = 0.0, 0
+    acc, n, acc_h = 0.0, 0, 0.0
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         rows = torch.randint(0, seqs.shape[0], (args.batch,), generator=gen)
-        batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=prompt_len[rows].tolist(),
-                                decay=args.position_decay)
+        loss_from = prompt_len[rows].tolist()
+        if args.objective == "denoise":
+            batch = tt.noise_rows(seqs[rows], blocks, gen, keep_first_prob=args.keep_first,
+                                  suffix_prob=args.suffix_prob, loss_from=loss_from)
+            batch["loss_tokens"] = args.batch * t - sum(loss_from)
+        else:
+            batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=loss_from, decay=args.position_decay)
+        stats: dict = {}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False)
+            loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False, certainty=args.certainty,
+                                            stats=stats)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)
         opt.step()
-        acc, n = acc + l_diff, n + 1
+        acc, n, acc_h = acc + l_diff, n + 1, acc_h + stats.get("certainty", 0.0)
         if (step + 1) % 10 == 0 or step + 1 == args.steps:
-            log["train"].append({"step": step + 1, "draft_ce": acc / n, "seconds": round(time.time() - t_start, 1)})
-            print(f"step {step + 1:4d}  draft CE {acc / n:.3f}  {time.time() - t_start:.0f}s", flush=True)
-            acc, n = 0.0, 0
-    lora.save(args.model / LORA_SUBDIR)
+            rec = {"step": step + 1, "draft_ce": acc / n, "seconds": round(time.time() - t_start, 1)}
+            if args.certainty > 0:
+                rec["certainty_entropy"] = acc_h / n
+            log["train"].append(rec)
+            print(f"step {step + 1:4d}  {args.objective} CE {acc / n:.3f}"
+                  + (f"  H(right) {acc_h / n:.3f}" if args.certainty > 0 else "")
+                  + f"  {time.time() - t_start:.0f}s", flush=True)
+            acc, n, acc_h = 0.0, 0, 0.0
+    subdir = DIFFUSION_LORA_SUBDIR if args.objective == "denoise" else LORA_SUBDIR
+    lora.save(args.model / subdir)
     log["total_seconds"] = round(time.time() - t_start, 1)
-    (args.model / "lora_train_log.json").write_text(json.dumps(log, indent=1))
-    print(f"wrote {args.model / LORA_SUBDIR} in {log['total_seconds']:.0f}s", flush=True)
+    log_name = "diffusion_lora_train_log.json" if args.objective == "denoise" else "lora_train_log.json"
+    (args.model / log_name).write_text(json.dumps(log, indent=1))
+    print(f"wrote {args.model / subdir} in {log['total_seconds']:.0f}s", flush=True)
     return log
 
 

@@ -150,8 +150,11 @@ def test_evaluation_on_a_small_lib(tiny_run, tmp_path):  # noqa: F811
     assert set(res["by_kind"]) == set(positions.KINDS)
     assert sum(g["ar"]["prompts"] for g in res["by_length"].values()) == res["prompts"]
     assert 0.0 <= ar["exact@16"] <= ar["exact@4"] <= ar["exact@1"] <= 1.0
+    assert ss["mean_prefix"] == ar["mean_prefix"]  # the same output, the same match
+    diff = next(g for name, g in res["all"].items() if name.startswith("diffusion"))
+    assert 0.0 <= diff["exact@16"] <= diff["exact@4"] <= diff["exact@1"] <= 1.0
     prompts = ep.heldout_prompt_set(out, (4, 8), lib)
     assert prompts == ep.heldout_prompt_set(out, (4, 8), lib)  # deterministic
     assert all(p["file"] in held for p in prompts)
     table = ep.format_table(res)
-    assert "after_except" in table and "exact@16" in table
+    assert "after_except" in table and "exact@16" in table and "diffusion B4 tau0.9 vs the file's real" in table

@@ -16,7 +16,7 @@ import torch
 
 from replicas.engine import DecodeParams, Engine
 from replicas.engine.loader import load_lora, load_model
-from training import distill_tiny, train_lora, train_tiny as tt
+from training import certainty, distill_tiny, train_lora, train_tiny as tt
 
 
 def brute_blocks(t: int, block: int, offset: int) -> list[int]:
@@ -315,3 +315,115 @@ def test_amp_runs_every_training_script_under_bfloat16_autocast_on_cpu(tiny_run,
     ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
     ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
     assert ss.token_ids == ar.token_ids
+
+
+def test_certainty_entropy_counts_only_right_predictions_and_sharpens_them():
+    """certainty_entropy: the mean entropy of the rows whose argmax is the target; a gradient step on
+    it raises those rows' top probability and leaves the wrong rows alone."""
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3.0, 0.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([0, 1, 2])  # rows 0 and 1 right, row 2 wrong
+    h = certainty.certainty_entropy(logits, targets)
+    p = torch.softmax(logits.detach()[:2], dim=-1)
+    assert float(h.detach()) == pytest.approx(float(-(p * p.log()).sum(-1).mean()))
+    h.backward()
+    assert torch.equal(logits.grad[2], torch.zeros(3))
+    stepped = logits.detach() - 1.0 * logits.grad
+    assert all(torch.softmax(stepped[i], -1)[t] > torch.softmax(logits.detach()[i], -1)[t] for i, t in ((0, 0), (1, 1)))
+    none_right = certainty.certainty_entropy(logits, torch.tensor([1, 2, 1]))
+    assert float(none_right.detach()) == 0.0 and none_right.requires_grad
+
+
+def test_generate_to_length_writes_the_models_own_diffusion_trajectory(tiny_run):
+    _, out, _ = tiny_run
+    model = load_model(out)
+    prompts = [[1, 200, 201, 202], [1, 300, 301, 302, 303, 304]]
+    seqs, plen = tt.generate_to_length(model, prompts, 16, mode="diffusion", block=4, threshold=0.5)
+    assert seqs.shape == (2, 16) and plen.tolist() == [4, 6]
+    engine = Engine(model, max_block_length=64)
+    for row, prompt in zip(seqs.tolist(), prompts):
+        want = engine.generate(prompt, DecodeParams(mode="diffusion", block_length=4, threshold=0.5,
+                                                    max_new_tokens=16 - len(prompt), ignore_eos=True)).token_ids
+        assert row == prompt + want[: 16 - len(prompt)]
+
+
+def test_phase5_distils_on_diffusion_trajectories_with_the_certainty_term(tiny_run, tmp_path):
+    """distill_tiny --self-mode diffusion --certainty: phase 5 in the log, the certainty term logged
+    finite, the checkpoint changed and self_spec still equal to ar."""
+    lib, out, _ = tiny_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(out, ckpt)
+    before = load_model(ckpt).state_dict()
+    log = distill_tiny.main(["--model", str(ckpt), "--lib", str(lib), "--steps", "2", "--rounds", "1",
+                             "--samples", "2", "--prompt-mix", "positions", "--lengths", "8", "--total", "16",
+                             "--self-mode", "diffusion", "--self-block", "4", "--certainty", "1.0", "--anchor", "1.0", "--batch", "2",
+                             "--distill-batch", "2", "--seq", "32", "--eval-windows", "2", "--threads", "1"])
+    assert log["phase5"]["rounds"][0]["samples"] == 2 and log["train"][-1]["phase"] == 5
+    last = log["train"][-1]
+    assert math.isfinite(last["certainty_entropy"]) and last["certainty_entropy"] >= 0
+    assert math.isfinite(last["anchor_kl"]) and last["anchor_kl"] >= 0
+    after = load_model(ckpt).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    engine = Engine.from_pretrained(ckpt)
+    prompt = [1, 200, 201, 202, 203]
+    ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
+    ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
+    assert ss.token_ids == ar.token_ids
+
+
+def test_anchor_kl_is_zero_at_the_teacher_and_pulls_toward_it():
+    teacher = torch.tensor([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # [1, 2, V]
+    assert float(certainty.anchor_kl(teacher.clone(), teacher)) == pytest.approx(0.0, abs=1e-7)
+    student = torch.tensor([[[0.0, 2.0, -1.0], [0.0, 0.0, 3.0]]], requires_grad=True)
+    kl = certainty.anchor_kl(student, teacher)
+    p, q = torch.softmax(teacher, -1), torch.softmax(student.detach(), -1)
+    assert float(kl.detach()) == pytest.approx(float((p * (p.log() - q.log())).sum(-1).mean()), rel=1e-5)
+    kl.backward()
+    stepped = student.detach() - 0.5 * student.grad
+    assert float(certainty.anchor_kl(stepped, teacher)) < float(kl.detach())
+
+
+def test_the_anchor_joins_the_corpus_loss_only_with_a_teacher(tiny_run):
+    """joint_loss(anchor=...): KL to the teacher added to the corpus loss; 0 against itself."""
+    _, out, _ = tiny_run
+    model, teacher = load_model(out), load_model(out).requires_grad_(False)
+    batch = tt.make_batch(np.arange(200, 300).repeat(3), 2, 16, [4], torch.Generator().manual_seed(0),
+                          keep_first_prob=0.75, suffix_prob=0.5)
+    stats: dict = {}
+    plain, *_ = tt.joint_loss(model, batch, 0.3, "cpu")
+    same, *_ = tt.joint_loss(model, batch, 0.3, "cpu", teacher=teacher, anchor=5.0, stats=stats)
+    assert stats["anchor"] == pytest.approx(0.0, abs=1e-6) and float(same) == pytest.approx(float(plain), rel=1e-5)
+    with torch.no_grad():
+        for prm in teacher.parameters():
+            prm.add_(0.05 * torch.randn_like(prm))
+    moved, *_ = tt.joint_loss(model, batch, 0.3, "cpu", teacher=teacher, anchor=5.0, stats=stats)
+    assert stats["anchor"] > 0 and float(moved) == pytest.approx(float(plain) + 5.0 * stats["anchor"], rel=1e-4)
+
+
+def test_the_denoise_adapter_trains_on_diffusion_trajectories_and_leaves_ar_alone(tiny_run, tmp_path):
+    """train_lora --objective denoise: diffusion_lora/ (its own log), loaded by the engine for
+    diffusion denoise passes only: AR and self-spec output are the backbone's."""
+    lib, out, _ = tiny_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(out, ckpt)
+    draft_log = (ckpt / "lora_train_log.json").read_text() if (ckpt / "lora_train_log.json").exists() else None
+    log = train_lora.main(["--model", str(ckpt), "--lib", str(lib), "--objective", "denoise", "--certainty", "1.0",
+                           "--prompt-mix", "positions", "--lengths", "8", "--total", "16", "--steps", "2",
+                           "--samples", "2", "--batch", "2", "--rank", "4", "--alpha", "8", "--blocks", "4",
+                           "--self-block", "4", "--threads", "1"])
+    assert math.isfinite(log["train"][-1]["draft_ce"]) and math.isfinite(log["train"][-1]["certainty_entropy"])
+    assert (ckpt / "diffusion_lora" / "adapter_model.safetensors").is_file()
+    assert json.loads((ckpt / "diffusion_lora_train_log.json").read_text())["args"]["objective"] == "denoise"
+    if draft_log is not None:
+        assert (ckpt / "lora_train_log.json").read_text() == draft_log
+    engine = Engine.from_pretrained(ckpt)
+    plain = Engine.from_pretrained(ckpt, denoise_lora=False)
+    assert engine.has_denoise_lora and not plain.has_denoise_lora
+    prompt = [1, 200, 201, 202, 203]
+    ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
+    assert ar.token_ids == plain.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True)).token_ids
+    ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
+    assert ss.token_ids == ar.token_ids
+    diff = engine.generate(prompt, DecodeParams(mode="diffusion", max_new_tokens=10, block_length=4, ignore_eos=True))
+    assert len(diff.token_ids) == 10
+    with pytest.raises(SystemExit, match="positions"):
+        train_lora.main(["--model", str(ckpt), "--lib", str(lib), "--objective", "denoise", "--steps", "1"])
