@@ -47,7 +47,7 @@ def next_power_of_two(n: int) -> int:
 
 @dataclass
 class GraphBucket:
-    """Static inputs and output of one captured shape (rows, tokens, columns, lora)."""
+    """Static inputs and output of one captured shape (rows, tokens, columns, adapters used)."""
 
     inputs: dict[str, torch.Tensor]  # the keys of `ModelRunner.build_group`, on the device
     hidden: torch.Tensor | None = None  # [R, T, hidden] output of the last replay
@@ -80,18 +80,17 @@ class CudaGraphRunner(ModelRunner):
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.eager_passes = 0
 
-    def bucket_key(self, items: list[tuple[int, ForwardPass]]) -> tuple[int, int, int, bool] | None:
-        """(rows, tokens, columns, lora) of the bucket this pass replays in, or None: eager."""
+    def bucket_key(self, items: list[tuple[int, ForwardPass]]) -> tuple[int, int, int, tuple[int, ...]] | None:
+        """(rows, tokens, columns, adapters used) of the bucket this pass replays in, or None: eager."""
         b = len(items)
         t = max(len(p.tokens) for _, p in items)
         if b > self.max_batch or t > self.max_tokens:
             return None
         s = max(p.start + len(p.tokens) for _, p in items)
         columns = min(-(-s // self.column_step) * self.column_step, self.cache.max_len + 1)
-        lora = any(p.wants_lora and self.model.has_adapter(p.adapter) for _, p in items)
-        return next_power_of_two(b), next_power_of_two(t), columns, lora
+        return next_power_of_two(b), next_power_of_two(t), columns, self.adapters_used(items)
 
-    def worth_a_graph(self, items: list[tuple[int, ForwardPass]], key: tuple[int, int, int, bool]) -> bool:
+    def worth_a_graph(self, items: list[tuple[int, ForwardPass]], key: tuple[int, int, int, tuple[int, ...]]) -> bool:
         padded = key[0] * key[1]
         real = sum(len(p.tokens) for _, p in items)
         return padded <= self.free_padding or padded <= self.max_padding * real
@@ -114,15 +113,16 @@ class CudaGraphRunner(ModelRunner):
         # [R*T, hidden]; rows >= B and tokens >= T_b are padding
         return bucket.hidden.view(rows * tokens, -1), [i * tokens for i in range(len(items))]
 
-    def forward_static(self, bucket: GraphBucket, lora: bool) -> torch.Tensor:
+    def forward_static(self, bucket: GraphBucket, adapters: tuple[int, ...]) -> torch.Tensor:
         x = bucket.inputs
         rows, tokens = x["tokens"].shape
         group = AttentionGroup(0, rows, tokens, x["tables"], x["mask"])
-        attn = AttentionInputs(write_index=x["write_index"], groups=(group,), lora_weight=x["lora"] if lora else None)
+        attn = AttentionInputs(write_index=x["write_index"], groups=(group,),
+                               lora_weight=x["lora"] if adapters else None, lora_adapters=adapters)
         return self.model(x["tokens"], x["positions"], self.cache, attn)
 
     @torch.inference_mode()
-    def make_bucket(self, key: tuple[int, int, int, bool]) -> GraphBucket:
+    def make_bucket(self, key: tuple[int, int, int, tuple[int, ...]]) -> GraphBucket:
         rows, tokens, columns, lora = key
         # all padding: the warm-up forwards below run for real and must write only the scratch
         # block, never a sequence's cached columns

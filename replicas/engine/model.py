@@ -53,6 +53,7 @@ class AttentionInputs:
     write_index: torch.Tensor | None = None  # with a cache: [B, T] flat cache location of each token
     groups: tuple[AttentionGroup, ...] = ()  # with a cache: tile the flattened B x T tokens in order
     lora_weight: torch.Tensor | None = None  # [B, T] float: the adapter each token takes (0.0 = none)
+    lora_adapters: tuple[int, ...] | None = None  # the adapters lora_weight names (known on the host); None: all loaded
 
 
 class RMSNorm(nn.Module):
@@ -77,11 +78,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
-        # every loaded adapter's ranks side by side: A [R, heads * head_dim], scale * B [hidden, R],
-        # and the adapter id of each rank [R] (set by NLDModel.set_lora)
-        self.lora_a: torch.Tensor | None = None
-        self.lora_b: torch.Tensor | None = None
-        self.lora_slot: torch.Tensor | None = None
+        # adapter id -> its o_proj delta: (A [r, in], scale * B [out, r]), or one dense scale * B A
+        # [out, in] where that is cheaper (a full-rank adapter), set by NLDModel.set_lora
+        self.adapters: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def forward(
         self,
@@ -106,12 +105,16 @@ class Attention(nn.Module):
             cache.write(self.layer, attn.write_index, k, v)
             out = self.attend_groups(q, cache, attn).view(b, t, self.n_heads * self.head_dim)
         y = self.o_proj(out)
-        if self.lora_a is not None and attn.lora_weight is not None:
-            # every token computes all adapters' ranks and keeps those of the adapter it names: no
-            # data-dependent indexing, so no host sync (and the pass can be a CUDA graph)
-            u = out @ self.lora_a.T  # [B, T, R]
-            keep = attn.lora_weight.to(u.dtype)[..., None] == self.lora_slot  # [B, T, R]
-            y = y + (u * keep.to(u.dtype)) @ self.lora_b.T  # [B, T, hidden]
+        if self.adapters and attn.lora_weight is not None:
+            # every token computes the delta of each adapter the pass uses and keeps the one it
+            # names: no data-dependent indexing, so no host sync (and the pass can be a CUDA graph)
+            used = self.adapters if attn.lora_adapters is None else attn.lora_adapters
+            for a_id in used:
+                delta = self.adapters.get(a_id)
+                if delta is None:
+                    continue
+                d = out @ delta[0].T if len(delta) == 1 else (out @ delta[0].T) @ delta[1].T  # [B, T, hidden]
+                y = y + d * (attn.lora_weight == float(a_id)).to(d.dtype)[..., None]
         return y
 
     def attend(self, q, keys, values, mask) -> torch.Tensor:
@@ -207,15 +210,7 @@ class NLDModel(nn.Module):
             adapters[adapter] = deltas
         self._adapters = adapters
         for i, layer in enumerate(self.encoder.layers):
-            attn = layer.self_attn
-            if not adapters:
-                attn.lora_a = attn.lora_b = attn.lora_slot = None
-                continue
-            parts = [(a_id, *adapters[a_id][i]) for a_id in sorted(adapters)]
-            attn.lora_a = torch.cat([a for _, a, _ in parts])  # [R, in]
-            attn.lora_b = torch.cat([b for _, _, b in parts], dim=1)  # [out, R]
-            attn.lora_slot = torch.cat([torch.full((a.shape[0],), float(a_id), dtype=a.dtype, device=a.device)
-                                        for a_id, a, _ in parts])  # [R]
+            layer.self_attn.adapters = {a_id: _delta(*adapters[a_id][i]) for a_id in sorted(adapters)}
 
     def has_adapter(self, adapter: int) -> bool:
         return adapter in self._adapters
@@ -224,3 +219,12 @@ class NLDModel(nn.Module):
     def has_lora(self) -> bool:
         """The self-speculation draft adapter is loaded."""
         return self.has_adapter(DRAFT_ADAPTER)
+
+
+def _delta(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An adapter's o_proj delta as applied: (A [r, in], scale * B [out, r]), or the dense
+    scale * B A [out, in] when r * (in + out) >= in * out (one matmul instead of two larger ones)."""
+    r, inner = a.shape
+    if r * (inner + b.shape[0]) >= inner * b.shape[0]:
+        return (b @ a,)
+    return (a, b)

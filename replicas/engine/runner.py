@@ -88,6 +88,10 @@ class ModelRunner:
                 "tables": tables[:, :nb].contiguous(), "mask": mask[:, None],
                 "lora": lora}
 
+    def adapters_used(self, items: Items) -> tuple[int, ...]:
+        """The loaded adapters some pass of `items` asks for (sorted ids; () = none)."""
+        return tuple(sorted({p.adapter for _, p in items if p.wants_lora and self.model.has_adapter(p.adapter)}))
+
     def groups(self, items: Items) -> list[list[int]]:
         """Item indices grouped by token count (no padding inside a group) and by the columns they
         read, shortest first. A group gathers and attends over its longest row's columns, so rows
@@ -117,9 +121,9 @@ class ModelRunner:
                 return parts[0][name].reshape(1, -1).to(dev)  # [1, N]
             return torch.cat([h[name].reshape(-1) for h in parts])[None].to(dev)  # [1, N]
 
-        wants_lora = any(p.wants_lora and self.model.has_adapter(p.adapter) for _, p in items)
+        adapters = self.adapters_used(items)
         attn = AttentionInputs(write_index=flat("write_index"), groups=tuple(groups),
-                               lora_weight=flat("lora") if wants_lora else None)
+                               lora_weight=flat("lora") if adapters else None, lora_adapters=adapters)
         return flat("tokens"), flat("positions"), attn, offsets
 
     def forward(self, items: Items) -> tuple[torch.Tensor, list[int]]:

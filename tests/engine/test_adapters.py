@@ -131,3 +131,50 @@ def test_asking_for_a_missing_denoise_adapter_is_a_clear_error(two_adapter_dir):
         without.generate([1, 2], DecodeParams(mode="diffusion", denoise_lora=True))
     with pytest.raises(FileNotFoundError):
         Engine.from_pretrained(write_random_checkpoint(two_adapter_dir.parent / "none", seed=4), denoise_lora=True)
+
+
+def test_padded_static_buckets_apply_each_adapter_as_the_eager_runner(two_adapter_dir):
+    """The CUDA-graph runner's static path (no capture on a CPU): buckets keyed by the adapters a
+    pass uses give the eager runner's tokens for drafts, canvases and both in one batch."""
+    from replicas.engine.graph_runner import CudaGraphRunner
+
+    def static_runner(model, cache):
+        return CudaGraphRunner(model, cache, max_batch=8, max_tokens=16, column_step=8, capture=False)
+
+    eager = Engine.from_pretrained(two_adapter_dir, runner_cls=ModelRunner)
+    padded = Engine.from_pretrained(two_adapter_dir, runner_cls=static_runner)
+    rng = random.Random(9)
+    for mode in ("self_spec", "diffusion", "self_spec", "diffusion"):
+        prompt = random_prompt(rng, eager.config.vocab_size)
+        params = DecodeParams(mode=mode, max_new_tokens=16, block_length=4, threshold=0.3, ignore_eos=True)
+        assert padded.generate(prompt, params).token_ids == eager.generate(prompt, params).token_ids
+    assert {key[3] for key in padded._runner.buckets} >= {(DRAFT_ADAPTER,), (DENOISE_ADAPTER,)}
+    reqs = [(random_prompt(rng, eager.config.vocab_size), DecodeParams(
+        mode=m, max_new_tokens=12, block_length=4, threshold=0.3, ignore_eos=True)) for m in ("self_spec", "diffusion")]
+    be = BatchEngine(padded, EngineConfig(max_batch_size=2, max_seq_len=64))
+    ids = [be.submit(p, params) for p, params in reqs]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    while be.has_work():
+        for chunk in be.step():
+            got[chunk.request_id].extend(chunk.token_ids)
+    assert [got[i] for i in ids] == [eager.generate(p, params).token_ids for p, params in reqs]
+    assert (DRAFT_ADAPTER, DENOISE_ADAPTER) in {key[3] for key in be.runner.buckets}
+
+
+def test_a_full_rank_adapter_is_applied_as_one_dense_delta(tmp_path, monkeypatch):
+    """r (in + out) >= in * out: the model applies scale * B A as one matmul, which equals the
+    factored delta up to rounding; a low-rank adapter stays factored."""
+    from replicas.engine import model as model_mod
+
+    full = write_random_checkpoint(tmp_path / "full", seed=5, lora_rank=64)  # in = 4 heads x 16 = 64
+    dense = Engine.from_pretrained(full, denoise_lora=False).model
+    assert len(dense.encoder.layers[0].self_attn.adapters[DRAFT_ADAPTER]) == 1
+    monkeypatch.setattr(model_mod, "_delta", lambda a, b: (a, b))
+    factored = Engine.from_pretrained(full, denoise_lora=False).model
+    assert len(factored.encoder.layers[0].self_attn.adapters[DRAFT_ADAPTER]) == 2
+    tokens = [1, 17, 23, 99, 5, 8, 100, 100]
+    torch.testing.assert_close(hidden(dense, tokens, float(DRAFT_ADAPTER)),
+                               hidden(factored, tokens, float(DRAFT_ADAPTER)), atol=1e-5, rtol=1e-4)
+    monkeypatch.undo()
+    low = Engine.from_pretrained(write_random_checkpoint(tmp_path / "low", seed=5, lora_rank=8)).model
+    assert len(low.encoder.layers[0].self_attn.adapters[DRAFT_ADAPTER]) == 2

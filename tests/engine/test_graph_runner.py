@@ -35,10 +35,10 @@ def test_next_power_of_two():
 
 def test_bucket_key_pads_and_falls_back(engine):
     runner = static_runner(engine.model, make_cache(engine, 4, 60))
-    assert runner.bucket_key([(0, ForwardPass([1], 9, True))]) == (1, 1, 16, False)
+    assert runner.bucket_key([(0, ForwardPass([1], 9, True))]) == (1, 1, 16, ())
     three = [(s, ForwardPass([1] * n, st, True)) for s, n, st in ((0, 1, 30), (2, 5, 4), (3, 3, 0))]
-    assert runner.bucket_key(three) == (4, 8, 32, False)
-    assert runner.bucket_key([(0, ForwardPass([1], 58, True))]) == (1, 1, 61, False)  # capped at the cache
+    assert runner.bucket_key(three) == (4, 8, 32, ())
+    assert runner.bucket_key([(0, ForwardPass([1], 58, True))]) == (1, 1, 61, ())  # capped at the cache
     assert runner.bucket_key([(0, ForwardPass([1] * 17, 0, True))]) is None  # longer than max_tokens
     assert runner.bucket_key([(i, ForwardPass([1], 0, True)) for i in range(9)]) is None  # wider than max_batch
     with pytest.raises(ValueError, match="CUDA"):
