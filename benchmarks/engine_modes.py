@@ -110,6 +110,7 @@ def measure(engine: Engine, prompts, params: DecodeParams, repeats: int = 3) -> 
         "spec_algorithm": params.spec_algorithm if params.mode == "self_spec" else None,
         "block_length": params.block_length if params.mode != "ar" else None,
         "draft_lora": params.draft_lora,
+        "denoise_lora": params.denoise_lora,
         "forward_passes": passes,
         "tokens": tokens,
         "tokens_per_forward": tokens / max(passes, 1),
@@ -153,6 +154,8 @@ def main(argv=None) -> None:
     for b in blocks:
         if not args.no_diffusion:
             runs.append(base.with_(mode="diffusion", block_length=b))
+            if engine.has_denoise_lora:
+                runs.append(base.with_(mode="diffusion", block_length=b, denoise_lora=False))
         for alg in algorithms:
             runs.append(base.with_(mode="self_spec", block_length=b, spec_algorithm=alg))
             if engine.has_lora:
@@ -165,7 +168,12 @@ def main(argv=None) -> None:
           f"{'overhead':>9} {'==ar':>5}")
     for r in rows:
         r["identical_to_ar"] = r["outputs"] == ar_out
-        lora = "-" if r["mode"] != "self_spec" else ("off" if r["draft_lora"] is False or not engine.has_lora else "on")
+        if r["mode"] == "self_spec":
+            lora = "off" if r["draft_lora"] is False or not engine.has_lora else "on"
+        elif r["mode"] == "diffusion" and engine.has_denoise_lora:  # the denoise adapter
+            lora = "off" if r.get("denoise_lora") is False else "on"
+        else:
+            lora = "-"
         print(f"{r['mode']:<10} {r['spec_algorithm'] or '-':>9} {r['block_length'] or '-':>5} {lora:>5} {r['forward_passes']:>6} {r['tokens']:>7} "
               f"{r['tokens_per_forward']:>8.2f} {r['tokens_per_s']:>9.1f} {r['overhead_pct']:>8.1f}% "
               f"{'yes' if r['identical_to_ar'] else 'no':>5}")

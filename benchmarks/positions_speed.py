@@ -1,5 +1,6 @@
-"""Does self-speculation pay on a user's prompt? Timed single-request decoding of the all-position
-held-out prompts (training/evaluate_positions.py), AR against self-spec, interleaved over rounds.
+"""Do self-speculation and diffusion pay on a user's prompt? Timed single-request decoding of the
+all-position held-out prompts (training/evaluate_positions.py), AR against the other modes,
+interleaved over rounds.
 
     python benchmarks/positions_speed.py [--model models/nld-tiny-pystdlib] [--compare-lora DIR] [--rounds 3]
 
@@ -7,7 +8,8 @@ Every --every-th prompt of the 147-prompt all-position set (file start, after a 
 mid-body, inside a class, after a comment, after an except; 8-200 tokens), 64 new tokens each,
 greedy, one request at a time, the engine's torch threads as given. Configurations: ar;
 self_spec at block 16 (the evaluation's) and 8 with the model's draft LoRA; block 16 without it;
-with --compare-lora, block 16 with that other adapter directory. Each round runs every
+diffusion block 16, tau 0.9, with and without the model's denoise adapter (`diffusion_lora/`,
+when it has one); with --compare-lora, self_spec block 16 with that other adapter directory. Each round runs every
 configuration over the whole prompt set, in an order that reverses every round, so the
 machine's drift hits all alike; reported: tokens/s (median over rounds), TPF, time per forward,
 and each configuration's tokens/s over ar's in the same round. Output: a table and JSON.
@@ -48,6 +50,12 @@ def main(argv=None) -> dict:
              ("self_spec B16", "model", DecodeParams(mode="self_spec", block_length=16, draft_lora=True)),
              ("self_spec B8", "model", DecodeParams(mode="self_spec", block_length=8, draft_lora=True)),
              ("self_spec B16 no LoRA", "model", DecodeParams(mode="self_spec", block_length=16, draft_lora=False))]
+    diffusion = DecodeParams(mode="diffusion", block_length=16, threshold=0.9)
+    if engines["model"].has_denoise_lora:
+        confs += [("diffusion B16 adapter", "model", diffusion.with_(denoise_lora=True)),
+                  ("diffusion B16 no adapter", "model", diffusion.with_(denoise_lora=False))]
+    else:
+        confs.append(("diffusion B16", "model", diffusion))
     if args.compare_lora:
         engines["other"] = Engine.from_pretrained(args.model, dtype="float32", lora=args.compare_lora)
         confs.append(("self_spec B16 other LoRA", "other", confs[1][2]))
