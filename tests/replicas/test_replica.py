@@ -86,6 +86,7 @@ def test_with_sse_the_middle_chunks_are_the_clients_events_and_first_and_last_st
 @pytest.mark.parametrize("error, status, type_, param, code", [
     (ValueError("max_new_tokens: too many for the context"), 400, "invalid_request_error", "max_tokens", None),
     (ValueError("block_length: must be >= 2"), 400, "invalid_request_error", "block_length", None),
+    (ValueError("denoise_lora: no denoise adapter is loaded"), 400, "invalid_request_error", "denoise_lora", None),
     (EngineOverloaded("the waiting queue is full"), 429, "overloaded_error", None, "engine_overloaded"),
 ])
 def test_submission_errors_become_error_bodies(error, status, type_, param, code):
