@@ -104,6 +104,16 @@ def test_the_denoise_adapter_changes_denoise_passes_only(two_adapter_dir, both):
     assert not torch.allclose(outs[DENOISE_ADAPTER], plain, atol=1e-4)
 
 
+def run_together(be: BatchEngine, reqs: list[tuple[list[int], DecodeParams]]) -> list[list[int]]:
+    """Submit every (prompt, params) to the batch engine at once, step until idle; each one's tokens."""
+    ids = [be.submit(p, params) for p, params in reqs]
+    got: dict[str, list[int]] = {i: [] for i in ids}
+    while be.has_work():
+        for chunk in be.step():
+            got[chunk.request_id].extend(chunk.token_ids)
+    return [got[i] for i in ids]
+
+
 def test_a_batch_mixing_drafts_and_canvases_matches_each_request_alone(both):
     """One forward holds self-spec drafts (draft adapter), diffusion canvases (denoise adapter)
     and AR tokens (none): every request's output is the one it gets alone."""
@@ -116,12 +126,7 @@ def test_a_batch_mixing_drafts_and_canvases_matches_each_request_alone(both):
                                   threshold=0.3)))
     alone = [both.generate(p, params).token_ids for p, params in reqs]
     be = BatchEngine(both, EngineConfig(max_batch_size=9, max_seq_len=128))
-    ids = [be.submit(p, params) for p, params in reqs]
-    done: dict[str, list[int]] = {i: [] for i in ids}
-    while be.has_work():
-        for chunk in be.step():
-            done[chunk.request_id].extend(chunk.token_ids)
-    assert [done[i] for i in ids] == alone
+    assert run_together(be, reqs) == alone
 
 
 def test_asking_for_a_missing_denoise_adapter_is_a_clear_error(two_adapter_dir):
@@ -152,12 +157,7 @@ def test_padded_static_buckets_apply_each_adapter_as_the_eager_runner(two_adapte
     reqs = [(random_prompt(rng, eager.config.vocab_size), DecodeParams(
         mode=m, max_new_tokens=12, block_length=4, threshold=0.3, ignore_eos=True)) for m in ("self_spec", "diffusion")]
     be = BatchEngine(padded, EngineConfig(max_batch_size=2, max_seq_len=64))
-    ids = [be.submit(p, params) for p, params in reqs]
-    got: dict[str, list[int]] = {i: [] for i in ids}
-    while be.has_work():
-        for chunk in be.step():
-            got[chunk.request_id].extend(chunk.token_ids)
-    assert [got[i] for i in ids] == [eager.generate(p, params).token_ids for p, params in reqs]
+    assert run_together(be, reqs) == [eager.generate(p, params).token_ids for p, params in reqs]
     assert (DRAFT_ADAPTER, DENOISE_ADAPTER) in {key[3] for key in be.runner.buckets}
 
 

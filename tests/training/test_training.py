@@ -210,6 +210,17 @@ def test_file_start_prompts_are_the_first_tokens_of_each_long_enough_file(tiny_r
     assert got == [tok.encode(SOURCE).ids[:8]]  # the short file is skipped; no bos is added
 
 
+def assert_changed_and_self_spec_equals_ar(ckpt, before: dict) -> None:
+    """The checkpoint's weights moved from `before`, and it still decodes: greedy self_spec == ar."""
+    after = load_model(ckpt).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    engine = Engine.from_pretrained(ckpt)
+    prompt = [1, 200, 201, 202, 203]
+    ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
+    ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
+    assert ss.token_ids == ar.token_ids
+
+
 def test_phase3_distillation_continues_the_checkpoint_and_its_log(tiny_run, tmp_path):
     lib, out, _ = tiny_run
     ckpt = tmp_path / "ckpt"
@@ -221,13 +232,7 @@ def test_phase3_distillation_continues_the_checkpoint_and_its_log(tiny_run, tmp_
     assert log["phase3"]["from_step"] == 3 and log["train"][-1]["step"] == 5 and log["train"][-1]["phase"] == 3
     assert math.isfinite(log["train"][-1]["diff_self"]) and math.isfinite(log["heldout_ar_final"])
     assert json.loads((ckpt / "train_log.json").read_text())["phase3"]["rounds"][0]["samples"] == 2
-    after = load_model(ckpt).state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    engine = Engine.from_pretrained(ckpt)
-    prompt = [1, 200, 201, 202, 203]
-    ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
-    ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
-    assert ss.token_ids == ar.token_ids
+    assert_changed_and_self_spec_equals_ar(ckpt, before)
 
 
 def test_the_self_distillation_term_takes_its_own_weight():
@@ -361,13 +366,7 @@ def test_phase5_distils_on_diffusion_trajectories_with_the_certainty_term(tiny_r
     last = log["train"][-1]
     assert math.isfinite(last["certainty_entropy"]) and last["certainty_entropy"] >= 0
     assert math.isfinite(last["anchor_kl"]) and last["anchor_kl"] >= 0
-    after = load_model(ckpt).state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    engine = Engine.from_pretrained(ckpt)
-    prompt = [1, 200, 201, 202, 203]
-    ar = engine.generate(prompt, DecodeParams(mode="ar", max_new_tokens=10, ignore_eos=True))
-    ss = engine.generate(prompt, DecodeParams(mode="self_spec", max_new_tokens=10, block_length=4, ignore_eos=True))
-    assert ss.token_ids == ar.token_ids
+    assert_changed_and_self_spec_equals_ar(ckpt, before)
 
 
 def test_anchor_kl_is_zero_at_the_teacher_and_pulls_toward_it():
