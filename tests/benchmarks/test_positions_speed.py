@@ -1,6 +1,7 @@
 """benchmarks/positions_speed.py on the shipped model, cut down to 3 prompts and 8 tokens: every
-configuration is timed in every round, ar is the reference, and self-spec's output tokens per
-forward are those of the decoding it timed."""
+configuration is timed in every round (diffusion with and without the model's denoise adapter
+among them), ar is the reference, and self-spec's output tokens per forward are those of the
+decoding it timed."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def test_positions_speed_reports_every_configuration_against_ar(tmp_path):
                                 "--out", str(out)])
     assert json.loads(out.read_text())["summary"] == res["summary"]
     names = [s["config"] for s in res["summary"]]
-    assert names == ["ar", "self_spec B16", "self_spec B8", "self_spec B16 no LoRA"]
+    assert names == ["ar", "self_spec B16", "self_spec B8", "self_spec B16 no LoRA", "diffusion B16 adapter",
+                     "diffusion B16 no adapter"]  # the shipped model has a denoise adapter
     assert res["prompts"] == 3 and len(res["rows"]) == 2 * len(names)
     by = {s["config"]: s for s in res["summary"]}
     assert by["ar"]["over_ar_per_round"] == [1.0, 1.0]
