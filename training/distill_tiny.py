@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--self-threshold", type=float, default=0.9)
     p.add_argument("--certainty", type=float, default=0.0,
                    help="weight of the certainty-forcing term on the self-generated set: the mean entropy of "
-                        "the masked predictions whose argmax is already right (train_tiny.certainty_entropy)")
+                        "the masked predictions whose argmax is already right (training.certainty.certainty_entropy)")
     p.add_argument("--anchor", type=float, default=0.0,
                    help="weight of KL(checkpoint as found || model) on the corpus's next-token distributions "
                         "(training.certainty.anchor_kl): keeps the AR head where it was")
@@ -78,7 +78,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     t_start = time.time()
-    phase_no = 5 if (args.self_mode != "ar" or args.certainty > 0 or args.anchor > 0) else 4 if args.prompt_mix == "positions" else 3
+    if args.self_mode != "ar" or args.certainty > 0 or args.anchor > 0:
+        phase_no = 5
+    else:
+        phase_no = 4 if args.prompt_mix == "positions" else 3
     name = f"phase {phase_no}"
     gen_kw = {"mode": args.self_mode, "block": args.self_block, "threshold": args.self_threshold}
     from tokenizers import Tokenizer

@@ -170,25 +170,23 @@ def main(argv=None) -> dict:
         prm.data = prm.data.to(device)
     opt = torch.optim.AdamW(lora.parameters(), lr=args.lr, weight_decay=0.0)
     blocks = [int(x) for x in args.blocks.split(",")]
-    t = seqs.shape[1]
-    lora.rows = t
+    lora.rows = seqs.shape[1]
     log = {"args": {k: str(v) for k, v in vars(args).items()}, "generate_seconds": round(t_gen, 1), "train": []}
     acc, n, acc_h = 0.0, 0, 0.0
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = args.lr * min(1.0, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
-        rows = torch.randint(0, seqs.shape[0], (args.batch,), generator=gen)
-        loss_from = prompt_len[rows].tolist()
-        if args.objective == "denoise":
-            batch = tt.noise_rows(seqs[rows], blocks, gen, keep_first_prob=args.keep_first,
-                                  suffix_prob=args.suffix_prob, loss_from=loss_from)
-            batch["loss_tokens"] = args.batch * t - sum(loss_from)
-        else:
-            batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=loss_from, decay=args.position_decay)
         stats: dict = {}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False, certainty=args.certainty,
-                                            stats=stats)
+            if args.objective == "denoise":  # partly revealed canvases, as the backbone's self-distillation
+                loss, l_diff = tt.self_distill_loss(model, seqs, args.batch, prompt_len, blocks, gen, args, device,
+                                                    alpha=1.0, certainty=args.certainty, stats=stats)
+            else:
+                rows = torch.randint(0, seqs.shape[0], (args.batch,), generator=gen)
+                batch = full_draft_rows(seqs[rows], blocks, gen, loss_from=prompt_len[rows].tolist(),
+                                        decay=args.position_decay)
+                loss, _, l_diff = tt.joint_loss(model, batch, 1.0, device, ar=False, certainty=args.certainty,
+                                                stats=stats)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(lora.parameters(), 1.0)

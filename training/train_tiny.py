@@ -235,25 +235,13 @@ def sample_prompts(stream: np.ndarray, n: int, length: int, gen: torch.Generator
     return prompts
 
 
-@torch.no_grad()
 def generate_distill_set(model: NLDModel, prompts: list[list[int]], new_tokens: int) -> torch.Tensor:
     """Greedy AR continuations of `prompts` (all of one length P) by the model itself:
-    [len(prompts), P + new_tokens] long.
+    [len(prompts), P + new_tokens] long (`generate_to_length` for prompts of one length).
 
     The self-speculation draft must predict the model's OWN greedy continuation, and diffusion
     unmasks confidently only where the model is self-consistent: these sequences teach both."""
-    from replicas.engine import DecodeParams, Engine
-
-    was_training = model.training
-    model.eval()
-    engine = Engine(model, max_block_length=64)
-    params = DecodeParams(mode="ar", max_new_tokens=new_tokens, ignore_eos=True)
-    rows = []
-    for prompt in prompts:
-        out = engine.generate(prompt, params).token_ids
-        rows.append(torch.tensor(prompt + out[:new_tokens]))
-    model.train(was_training)
-    return torch.stack(rows)
+    return generate_to_length(model, prompts, len(prompts[0]) + new_tokens)[0]
 
 
 @torch.no_grad()
