@@ -109,7 +109,8 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> dict:
     """Tokens/s (overlap-weighted), latency, TTFT and ITL percentiles over the requests that ended
     inside the window; `errors`: the failures that ended inside it, `errors_total`: every failure
-    of the run (settle and tail included, none dropped), both by status; `sent`: every request."""
+    of the run (settle and tail included, none dropped), both by status; `sent`: every request;
+    `window_monotonic_s`: the measured window on CLOCK_MONOTONIC (shared by every process here)."""
     w0, w1 = t0 + window[0], t0 + window[1]
     tokens = 0.0
     lat, ttft, gaps, tpot = [], [], [], []
@@ -138,7 +139,7 @@ def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> di
                     tpot.append((r["end"] - r["first"]) / (r["tokens"] - 1))
             gaps.extend(r["gaps"])
     return {
-        "tokens_per_s": tokens / (w1 - w0), "requests": ok, "errors": errors, "errors_total": errors_total,
+        "tokens_per_s": tokens / (w1 - w0), "window_monotonic_s": [w0, w1], "requests": ok, "errors": errors, "errors_total": errors_total,
         "sent": len(records),
         "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),

@@ -81,9 +81,10 @@ def thawed(pid: int):
 class BareServer:
     """The bare engine, loaded once: `measure(c)` runs one closed-loop window in the child."""
 
-    def __init__(self, model: str, args) -> None:
-        cmd = [PY, str(Path(__file__).resolve()), "--bare-serve", "--model", model, "--seconds", str(args.seconds),
-               "--max-tokens", str(args.max_tokens), "--prompts-file", str(args.prompts_file)]
+    def __init__(self, model: str, args, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: a command the child runs under (e.g. `taskset -c 0`)."""
+        cmd = [*prefix, PY, str(Path(__file__).resolve()), "--bare-serve", "--model", model, "--seconds",
+               str(args.seconds), "--max-tokens", str(args.max_tokens), "--prompts-file", str(args.prompts_file)]
         if args.torch_threads:
             cmd += ["--torch-threads", str(args.torch_threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)

@@ -179,11 +179,12 @@ def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: i
             tokens += len(ch.token_ids)
             if ch.finish_reason:
                 submit()
-    rate = tokens / (time.monotonic() - t0)
+    wall = time.monotonic() - t0
     while be.has_work():  # drain: nothing of this window is left for the next one
         be.step()
-    return {"tokens_per_s": rate, "step_p50_s": statistics.median(steps),
-            "requests": None, "errors": {}, "errors_total": {}}
+    return {"tokens_per_s": tokens / wall, "step_p50_s": statistics.median(steps),
+            "step_mean_s": sum(steps) / len(steps), "tokens_per_step": tokens / len(steps),
+            "busy_share": sum(steps) / wall, "requests": None, "errors": {}, "errors_total": {}}
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
