@@ -70,6 +70,9 @@ bench: $(STAMP) $(BENCH_MODEL)/config.json
 	$(PY) benchmarks/adaptive.py --model $(MODEL)
 	# where the full stack's latency tail comes from (slow requests against each process's CPU)
 	$(PY) benchmarks/tail_profile.py --model $(MODEL)
+	# the stack against the bare engine, split by the engine's own counters (shared CPUs, then a CPU for serving)
+	$(PY) benchmarks/stack_vs_bare.py --model $(MODEL) --layout shared
+	$(PY) benchmarks/stack_vs_bare.py --model $(MODEL) --layout pinned
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
