@@ -7,7 +7,10 @@ Layouts (the same code, switched by configuration):
   layout before the serving-path redesign, but with one-message non-streaming answers);
 - `proxy+process`: the Python proxy, the engine in its own process;
 - `haproxy+process` (the default): HAProxy in front of the replicas' own HTTP servers, the
-  engine in its own process.
+  engine in its own process;
+- `haproxy+direct`: the same replicas, but the gateway sends to the replica's own HTTP port,
+  bypassing HAProxy (the option of skipping the ingress hop, measured; not a deployable layout:
+  the gateway then balances nothing and sees no replica come or go).
 Each layout runs `python -m replicas` (one torch thread) and `nld-gateway serve` as separate
 processes; `benchmarks/loadgen.py` sends closed-loop `ar` completions (held-out prompts, 64
 tokens) at --concurrency, non-streaming then streaming, for --seconds each. CPU time of every
@@ -28,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +41,8 @@ from benchmarks.engine_modes import heldout_prompts  # noqa: E402
 from benchmarks.peer_vllm import Server  # noqa: E402
 
 PY = sys.executable
-LAYOUTS = {"proxy+thread": ("proxy", False), "proxy+process": ("proxy", True), "haproxy+process": ("haproxy", True)}
+LAYOUTS = {"proxy+thread": ("proxy", False), "proxy+process": ("proxy", True), "haproxy+process": ("haproxy", True),
+           "haproxy+direct": ("haproxy", True)}
 GROUPS = [  # (group, substring of the command line), first match wins
     ("engine", "replicas.engine.core_loop"), ("replica", "ServeReplica"), ("proxy", "ProxyActor"),
     ("haproxy", "haproxy"), ("gateway", "gateway serve"), ("client", "loadgen.py"),
@@ -69,6 +74,40 @@ def cpu_by_group(groups: list[tuple[str, str]] = GROUPS) -> dict[str, float]:
     return out
 
 
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def listening_ports(pid: int) -> list[int]:
+    """The TCP ports `pid` listens on (IPv4 and IPv6), from its socket inodes and /proc/net/tcp*."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A: LISTEN
+                ports.append(int(f[1].rsplit(":", 1)[1], 16))
+    return sorted(set(ports))
+
+
+def replica_port(replica_pid: int) -> int:
+    """The port of the replica's own HTTP server: the one of its listening ports that answers /info."""
+    for port in listening_ports(replica_pid):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/info", timeout=2).status_code == 200:
+                return port
+        except httpx.HTTPError:
+            continue
+    raise RuntimeError(f"no port of process {replica_pid} answers /info")
+
+
 def start_layout(layout: str, model: str, ports: tuple[int, int, int], work: Path) -> list[Server]:
     ingress, engine_process = LAYOUTS[layout]
     gw_port, rep_port, met_port = ports
@@ -79,7 +118,11 @@ def start_layout(layout: str, model: str, ports: tuple[int, int, int], work: Pat
                                    "--metrics-port", str(met_port), "--ingress", ingress],
                       f"http://127.0.0.1:{rep_port}/health", work / f"replicas_{layout}.log")
     replicas.wait_ready()
-    gateway = Server("gateway", [PY, "-m", "gateway", "serve", "--replica-url", f"http://127.0.0.1:{rep_port}",
+    upstream = rep_port
+    if layout == "haproxy+direct":
+        engine_pid = httpx.get(f"http://127.0.0.1:{rep_port}/stats", timeout=30).json()["engine_pid"]
+        upstream = replica_port(parent_pid(engine_pid))
+    gateway = Server("gateway", [PY, "-m", "gateway", "serve", "--replica-url", f"http://127.0.0.1:{upstream}",
                                  "--model-name", "nld", "--port", str(gw_port), "--log-level", "warning"],
                      f"http://127.0.0.1:{gw_port}/ready", work / f"gateway_{layout}.log")
     gateway.wait_ready()
