@@ -13,7 +13,9 @@ never on 0.0.0.0 (see `ray_environment`). The ingress
 unless `proxy` asks for Serve's Python proxy. The environment Ray reads is set here, before
 Ray starts. Each replica reserves the whole node's CPUs unless --replica-cpus (or the config's
 `ray_actor_options.num_cpus`) says otherwise: Ray sets the engine's torch threads to that number,
-and a replica count the node cannot hold is capped (`replica_cpus_options`). Prints
+and a replica count the node cannot hold is capped (`replica_cpus_options`). --engine-cpus binds
+each replica's engine process to those CPUs and --serving-cpus this process, hence Ray and the
+replicas' serving processes, to others (the layout vLLM's CPU backend uses). Prints
 `READY <url>` once the application answers. This module and
 `nld-gateway up` are the entry points that build `ReplicaConfig`.
 """
@@ -50,7 +52,31 @@ def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
         base["model_name"] = args.model_name
     if getattr(args, "torch_threads", None):
         base["torch_threads"] = args.torch_threads
+    if getattr(args, "engine_cpus", None):
+        base["engine_cpus"] = args.engine_cpus
     return ReplicaConfig.model_validate(base), options
+
+
+def cpu_list(text: str) -> list[int]:
+    """`0,2,3` -> [0, 2, 3] (an argparse type)."""
+    try:
+        cpus = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want CPU ids separated by commas, e.g. 0 or 0,1; got {text!r}") from None
+    if min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"CPU ids are >= 0, got {text!r}")
+    return cpus
+
+
+def bind_serving(cpus: list[int] | None) -> str | None:
+    """Bind this process (Ray and the replicas it starts inherit it) to `cpus`; an error line or None."""
+    if not cpus:
+        return None
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (OSError, AttributeError) as e:
+        return f"--serving-cpus {','.join(map(str, cpus))}: {getattr(e, 'strerror', None) or e}"
+    return None
 
 
 # Ray reads this when it is imported: with it off, Ray takes the loopback address as the node IP
@@ -156,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPUs each replica reserves (Serve's ray_actor_options.num_cpus); Ray gives the engine "
                         "that many torch threads. Default: the config's, else the whole node")
     p.add_argument("--torch-threads", type=int, default=None, help="CPU threads of the engine (overrides the config)")
+    p.add_argument("--engine-cpus", type=cpu_list, default=None,
+                   help="CPU ids the engine process is bound to, e.g. 0 (ReplicaConfig.engine_cpus; its torch "
+                        "threads default to one per CPU)")
+    p.add_argument("--serving-cpus", type=cpu_list, default=None,
+                   help="CPU ids for everything else (Ray, the replica's serving process), e.g. 1: with "
+                        "--engine-cpus, the serving path keeps off the engine's CPUs")
     p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
                    help="haproxy (default): replicas serve HTTP themselves behind Ray Serve's HAProxy; "
                         "proxy: Ray Serve's Python proxy actor (see replicas/ingress.py)")
@@ -179,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     options, notes = replica_cpus_options(options, node_cpus, args.replica_cpus)
     for note in notes:
         print(f"capped: {note}", flush=True)
+    error = bind_serving(args.serving_cpus)
+    if error:
+        print(f"python -m replicas: {error}", file=sys.stderr)
+        return 2
 
     from .ingress import local_ingress, serve_env
 

@@ -55,7 +55,8 @@ def build_engine(cfg: ReplicaConfig):
     denoise_lora = None if cfg.use_lora else False
     if cfg.engine_process:
         spec = EngineSpec(cfg.model_path, cfg.engine_config(), lora=lora, denoise_lora=denoise_lora,
-                          torch_threads=cfg.torch_threads)
+                          torch_threads=cfg.engine_threads(),
+                          cpus=tuple(cfg.engine_cpus) if cfg.engine_cpus else None)
         return EngineProcess(spec, stall_timeout_s=cfg.stall_timeout_s)
     if cfg.torch_threads:
         import torch  # noqa: PLC0415 - only this variant runs torch in the replica process

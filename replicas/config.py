@@ -49,6 +49,11 @@ class ReplicaConfig(BaseModel):
                                        "None: Ray's OMP_NUM_THREADS, which it sets to the replica's num_cpus")
     engine_process: bool = Field(default=True, description="run the engine loop in its own process (off the "
                                  "serving process's GIL); false: on a thread of the replica process")
+    engine_cpus: list[int] | None = Field(default=None, min_length=1, description="CPU ids the engine process and "
+                                          "all its threads are bound to (Linux affinity), e.g. [0] to keep the "
+                                          "machine's other CPUs for the serving processes, as vLLM's CPU backend "
+                                          "does; its torch threads default to one per CPU. None: the replica's "
+                                          "CPUs. Needs engine_process")
     stall_timeout_s: float = Field(default=120.0, gt=0, description="the replica reports unhealthy when its engine "
                                    "made no progress this long with requests in flight")
     stream_interval_ms: float = Field(default=0.0, ge=0, description="streamed chunks at most this often; tokens "
@@ -61,7 +66,16 @@ class ReplicaConfig(BaseModel):
     def _check(self) -> "ReplicaConfig":
         if self.max_prompt_tokens is not None and self.max_prompt_tokens >= self.engine.max_seq_len:
             raise ValueError("max_prompt_tokens must be below engine.max_seq_len")
+        if self.engine_cpus is not None:
+            if not self.engine_process:
+                raise ValueError("engine_cpus binds the engine process: it needs engine_process: true")
+            if min(self.engine_cpus) < 0 or len(set(self.engine_cpus)) != len(self.engine_cpus):
+                raise ValueError(f"engine_cpus must be distinct CPU ids >= 0, got {self.engine_cpus}")
         return self
+
+    def engine_threads(self) -> int | None:
+        """The engine's torch threads: `torch_threads`, else one per bound CPU, else None (Ray's)."""
+        return self.torch_threads or (len(self.engine_cpus) if self.engine_cpus else None)
 
     def engine_config(self):
         from replicas.engine import DraftTier, EngineConfig  # torch only where the engine is built

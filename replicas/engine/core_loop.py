@@ -1,6 +1,7 @@
 """The engine process's loop: control messages in, one output message per step out.
 
-Contract: `run_core(conn, spec)` builds the `BatchEngine` (a failure is sent as ("fatal", why)),
+Contract: `run_core(conn, spec)` binds the process to `spec.cpus` when set, builds the
+`BatchEngine` (a failure of either is sent as ("fatal", why)),
 answers ("ready", info), then loops until ("stop",) or the parent goes away (EOF): it applies
 every control message that arrived (a reader thread queues them, so the parent's writes never
 wait for a step), runs one `step()` when there is work, and sends that step's chunks as ONE
@@ -31,8 +32,23 @@ from .errors import EngineOverloaded
 from .outputs import Inbox, StreamChunk, pack
 
 
+def bind_cpus(cpus: tuple[int, ...]) -> None:
+    """Bind every thread of this process, and the threads it starts later (they inherit it), to
+    `cpus`. Raises ValueError naming the CPUs when the OS refuses (an id this machine lacks)."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("engine_cpus needs Linux CPU affinity (os.sched_setaffinity)")
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), cpus)
+    except OSError as e:
+        raise ValueError(f"engine_cpus {list(cpus)}: the CPUs this process may use are "
+                         f"{sorted(os.sched_getaffinity(0))} ({e.strerror})") from None
+
+
 def run_core(conn: Connection, spec) -> None:
     try:
+        if spec.cpus:
+            bind_cpus(spec.cpus)
         if spec.torch_threads:
             import torch
 

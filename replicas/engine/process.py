@@ -51,6 +51,7 @@ class EngineSpec:
     denoise_lora: str | bool | None = None  # None: <model>/diffusion_lora when present; False: none
     torch_threads: int | None = None
     stats_interval_s: float = 0.5  # how often a busy child pushes its stats snapshot
+    cpus: tuple[int, ...] | None = None  # CPU ids the child binds all its threads to; None: inherited
 
 
 class EngineProcess(StreamingFrontend):

@@ -295,3 +295,25 @@ def test_a_held_answer_reports_when_its_first_token_came(proc_engine):
     assert 0 < stats["first_token_seconds"] < stats["seconds"]
     # 39 more steps came after the first token: not the ~whole request that its one late message would say
     assert stats["first_token_seconds"] < 0.5 * stats["seconds"]
+
+
+def cpus_of_every_thread(pid: int) -> set[frozenset[int]]:
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_the_engine_process_binds_every_thread_to_its_cpus(ckpt_dir):
+    one = min(os.sched_getaffinity(0))
+    eng = EngineProcess(EngineSpec(str(ckpt_dir), EngineConfig(max_batch_size=2, max_seq_len=64),
+                                   torch_threads=1, cpus=(one,)))
+    try:
+        out = run(eng.generate([1, 2, 3], DecodeParams(mode="ar", max_new_tokens=4)))
+        assert len(out.token_ids) == 4
+        assert cpus_of_every_thread(eng._proc.pid) == {frozenset({one})}  # threads started later too
+        assert os.sched_getaffinity(0) != {one} or len(os.sched_getaffinity(0)) == 1  # the parent is not bound
+    finally:
+        eng.shutdown()
+
+
+def test_cpus_the_machine_lacks_fail_the_start_with_the_reason(ckpt_dir):
+    with pytest.raises(EngineError, match=r"engine_cpus \[4095\]: the CPUs this process may use are"):
+        EngineProcess(EngineSpec(str(ckpt_dir), EngineConfig(max_batch_size=2, max_seq_len=64), cpus=(4095,)))

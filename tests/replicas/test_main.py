@@ -96,3 +96,34 @@ def test_the_node_stats_interval_is_the_one_rays_agent_reads():
     assert int(out.stdout.strip().splitlines()[-1]) == NODE_STATS_INTERVAL_MS == 30_000
     with pytest.raises(ValueError, match="node-stats-interval-ms"):
         agent_environment(0)
+
+
+def test_engine_cpus_reach_the_replica_config_and_set_its_threads():
+    import argparse
+
+    from replicas.__main__ import cpu_list, replica_config_from
+
+    args = argparse.Namespace(config=None, model="m", model_name=None, torch_threads=None, engine_cpus=cpu_list("0,2"))
+    config, _ = replica_config_from(args)
+    assert config.engine_cpus == [0, 2] and config.engine_threads() == 2  # one torch thread per bound CPU
+    args.torch_threads = 1
+    assert replica_config_from(args)[0].engine_threads() == 1  # an explicit thread count wins
+    for bad in ("x", "0,,1", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            cpu_list(bad)
+
+
+def test_serving_cpus_bind_this_process_or_say_why_not():
+    import os
+
+    from replicas.__main__ import bind_serving
+
+    before = os.sched_getaffinity(0)
+    try:
+        assert bind_serving(None) is None and os.sched_getaffinity(0) == before
+        one = min(before)
+        assert bind_serving([one]) is None and os.sched_getaffinity(0) == {one}
+        error = bind_serving([4095])
+        assert error.startswith("--serving-cpus 4095: ") and os.sched_getaffinity(0) == {one}
+    finally:
+        os.sched_setaffinity(0, before)

@@ -189,6 +189,20 @@ def test_engine_limits_carry_the_default_algorithm_and_quadratic_block():
         ReplicaConfig(model_path="m", engine={"spec_algorithm": "cubic"})
 
 
+def test_engine_cpus_are_checked_at_construction():
+    from pydantic import ValidationError
+
+    from replicas.config import ReplicaConfig
+
+    assert ReplicaConfig(model_path="m").engine_threads() is None  # Ray's threads, unbound
+    assert ReplicaConfig(model_path="m", engine_cpus=[1]).engine_threads() == 1
+    for bad, match in (({"engine_cpus": []}, "engine_cpus"), ({"engine_cpus": [0, 0]}, "distinct"),
+                       ({"engine_cpus": [-1]}, "distinct"), ({"engine_cpus": [0], "engine_process": False},
+                                                             "engine_process")):
+        with pytest.raises(ValidationError, match=match):
+            ReplicaConfig(model_path="m", **bad)
+
+
 def test_a_real_engine_runs_the_configured_quadratic_default_and_reports_it():
     """No fake: the replica's own engine (on a thread), `engine.spec_algorithm: quadratic`."""
     replica = NLDReplica({"model_path": str(MODEL), "model_name": "m", "engine_process": False,
