@@ -47,6 +47,11 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replica-cpus", type=float, default=None,
                    help="CPUs the replica reserves in Ray, hence its engine's threads (default: every CPU of "
                         "this machine; python -m replicas --replica-cpus)")
+    p.add_argument("--engine-cpus", default=None, metavar="IDS",
+                   help="CPU ids the engine process is bound to, e.g. 0 (python -m replicas --engine-cpus)")
+    p.add_argument("--serving-cpus", default=None, metavar="IDS",
+                   help="CPU ids for the gateway, Ray and the replicas' serving processes, e.g. 1 (with "
+                        "--engine-cpus: the serving path keeps off the engine's CPUs)")
     p.add_argument("--control-loop-interval-s", type=float, default=None,
                    help="Ray Serve controller's loop period (default: python -m replicas' 0.5 s)")
     p.add_argument("--metrics-report-interval-ms", type=int, default=None,
@@ -67,6 +72,9 @@ def replicas_command(args, model_name: str, autoscaling: dict | None) -> list[st
         cmd += ["--torch-threads", str(args.torch_threads)]
     if args.replica_cpus is not None:
         cmd += ["--replica-cpus", f"{args.replica_cpus:g}"]
+    for flag, value in (("--engine-cpus", args.engine_cpus), ("--serving-cpus", args.serving_cpus)):
+        if value:
+            cmd += [flag, value]
     cmd += ["--ingress", args.ingress]
     if args.control_loop_interval_s is not None:
         cmd += ["--control-loop-interval-s", f"{args.control_loop_interval_s:g}"]
@@ -175,6 +183,13 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
         gateway = build_gateway(config, spec)  # checks the policy file before anything starts
     except CONFIG_ERRORS as e:
         return config_error("up", e)
+    if args.serving_cpus:  # the gateway in this process; the replicas bind themselves (--serving-cpus)
+        try:
+            os.sched_setaffinity(0, [int(x) for x in args.serving_cpus.split(",")])
+        except (ValueError, OSError, AttributeError) as e:
+            print(f"nld-gateway up: --serving-cpus {args.serving_cpus}: {getattr(e, 'strerror', None) or e}",
+                  file=sys.stderr)
+            return 2
     print(f"starting the replicas on {model} (Ray, then the weights) ...", flush=True)
     proc = start_replicas(args, model_name, autoscaling)
     try:

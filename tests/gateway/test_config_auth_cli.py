@@ -217,3 +217,11 @@ def test_up_passes_the_replica_resources_through():
     assert cmd[cmd.index("--replica-cpus") + 1] == "1.5" and cmd[cmd.index("--torch-threads") + 1] == "3"
     assert cmd[cmd.index("--metrics-report-interval-ms") + 1] == "10000"
     assert json.loads(cmd[cmd.index("--autoscaling-json") + 1]) == {"max_replicas": 2}
+
+
+def test_up_passes_the_cpu_layout_through():
+    """`up`'s --engine-cpus and --serving-cpus reach `python -m replicas`; absent, nothing is bound."""
+    cmd = replicas_command(up_args(), "m", None)
+    assert "--engine-cpus" not in cmd and "--serving-cpus" not in cmd
+    cmd = replicas_command(up_args("--engine-cpus", "0", "--serving-cpus", "1"), "m", None)
+    assert cmd[cmd.index("--engine-cpus") + 1] == "0" and cmd[cmd.index("--serving-cpus") + 1] == "1"

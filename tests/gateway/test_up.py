@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -87,3 +88,36 @@ def wait_for_policy(url: str, auth: dict, ready, timeout_s: float = 30.0) -> dic
         if ready(policy) or time.monotonic() > deadline:
             return policy
         time.sleep(0.5)
+
+
+def test_up_binds_the_engine_and_the_serving_path_to_their_cpus(serve_model_dir):
+    """--engine-cpus binds every thread of the engine process (one torch thread per CPU) and
+    --serving-cpus the gateway, Ray and the replica's serving process, and the stack serves."""
+    cpus = sorted(os.sched_getaffinity(0))
+    engine, serving = cpus[0], cpus[1:] or cpus[:1]
+    port, replica_port, metrics_port = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "up", "--model", str(serve_model_dir), "--port", str(port),
+         "--replica-port", str(replica_port), "--metrics-port", str(metrics_port), "--no-auth",
+         "--engine-cpus", str(engine), "--serving-cpus", ",".join(map(str, serving))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:
+            if "nld-gateway is up" in line or time.monotonic() > deadline:
+                break
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                       json={"model": serve_model_dir.name, "prompt": "x", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        stats = httpx.get(f"http://127.0.0.1:{replica_port}/stats", timeout=10).json()
+        assert stats["torch_threads"] == 1, stats
+        engine_pid = stats["engine_pid"]
+        threads = os.listdir(f"/proc/{engine_pid}/task")
+        assert {frozenset(os.sched_getaffinity(int(t))) for t in threads} == {frozenset({engine})}
+        replica_pid = int(Path(f"/proc/{engine_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert os.sched_getaffinity(replica_pid) == set(serving)  # inherited from python -m replicas
+        assert os.sched_getaffinity(proc.pid) == set(serving)  # the gateway
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
