@@ -22,10 +22,11 @@ Layouts:
 - `shared` (the default deployment on this machine): the engine's torch threads are the node's
   CPUs and share them with every serving process and the client; the bare engine uses torch's
   default threads;
-- `pinned`: the engine runs one torch thread on CPU 0 and every other process of the stack, and
-  the client, run on the other CPUs; the bare engine runs one thread on CPU 0. The serving path
-  then has CPUs of its own, as on a GPU node, where the engine's arithmetic is not on the CPUs
-  the serving processes use.
+- `pinned`: the stack as `nld-gateway up --engine-cpus 0 --serving-cpus 1,...` runs it (the
+  engine process bound to the first CPU with one torch thread, the gateway, Ray and the replicas' serving
+  processes on the other CPUs), the client on those other CPUs too, and the bare engine with one
+  thread on the first CPU. The serving path then has CPUs of its own, as on a GPU node, where the engine's
+  arithmetic is not on the CPUs the serving processes use.
 
 The stack is started once (`nld-gateway up`, requests fixed to `ar`) and the bare engine once in a
 child process; per window they alternate, the stack frozen (SIGSTOP to its process tree,
@@ -53,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
-from benchmarks.peer_rotate import BareServer, process_tree, signal_tree, thawed  # noqa: E402
+from benchmarks.peer_rotate import BareServer, signal_tree, thawed  # noqa: E402
 from benchmarks.peer_vllm import PY, start_stack  # noqa: E402
 
 
@@ -66,13 +67,6 @@ def parse_cases(text: str) -> list[tuple[str, int]]:
             raise argparse.ArgumentTypeError(f"bad case {item!r}: want json:N or sse:N")
         out.append((kind, int(c)))
     return out
-
-
-def pin_stack(root_pid: int, engine_pid: int, serving_cpus: str) -> None:
-    """Every thread of the engine process on CPU 0, every other process of the stack on `serving_cpus`."""
-    for pid in process_tree(root_pid):
-        cpus = "0" if pid == engine_pid else serving_cpus
-        subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], capture_output=True, check=False)
 
 
 def engine_window(before: dict, after: dict, wall: float) -> dict:
@@ -182,14 +176,16 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, default=8700)
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/stack_vs_bare_<layout>.json")
     args = p.parse_args(argv)
-    ncpu = os.cpu_count() or 1
+    cpus = sorted(os.sched_getaffinity(0))
+    ncpu = len(cpus)
     if args.layout == "pinned" and ncpu < 2:
         p.error("--layout pinned needs at least 2 CPUs")
     pinned = args.layout == "pinned"
-    args.torch_threads = 1 if pinned else None
-    serving_cpus = f"1-{ncpu - 1}" if ncpu > 2 else "1"
-    engine_prefix = ("taskset", "-c", "0") if pinned else ()
+    args.torch_threads = 1 if pinned else None  # the bare engine's; the stack's follow --engine-cpus
+    engine_cpu, serving_cpus = str(cpus[0]), ",".join(str(c) for c in cpus[1:])
+    engine_prefix = ("taskset", "-c", engine_cpu) if pinned else ()
     client_prefix = ("taskset", "-c", serving_cpus) if pinned else ()
+    layout_flags = ["--engine-cpus", engine_cpu, "--serving-cpus", serving_cpus] if pinned else []
     out_path = args.out or ROOT / "benchmarks" / "results" / f"stack_vs_bare_{args.layout}.json"
     work = ROOT / ".cache" / "stack_vs_bare_run"
     work.mkdir(parents=True, exist_ok=True)
@@ -198,20 +194,15 @@ def main(argv=None) -> None:
     args.prompts_file.write_text(json.dumps(heldout_prompts(model / "split.json", model, 8, 64)))
     url, stats_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}/stats"
     bare = BareServer(str(model), args, prefix=engine_prefix)
-    stack = start_stack(str(model), args.port, None, work, "stack", args.torch_threads)
+    stack = start_stack(str(model), args.port, None, work, "stack", None, extra=layout_flags)
     rows: list[dict] = []
     try:
         stack.wait_ready()
-        engine_pid = httpx.get(stats_url, timeout=30).json()["engine_pid"]
-        if pinned:
-            pin_stack(stack.proc.pid, engine_pid, serving_cpus)
         run_client(url, args.prompts_file, 4, False, args, client_prefix)  # warm-up, unmeasured
         signal_tree(stack.proc.pid, signal.SIGSTOP)
         for rnd in range(args.rounds):
             for kind, c in args.cases:
                 with thawed(stack.proc.pid):
-                    if pinned:
-                        pin_stack(stack.proc.pid, engine_pid, serving_cpus)
                     time.sleep(1.0)
                     with StatsPoller(stats_url) as poller:
                         client = run_client(url, args.prompts_file, c, kind == "sse", args, client_prefix)
