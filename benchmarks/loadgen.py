@@ -139,8 +139,8 @@ def summarise(records: list[dict], t0: float, window: tuple[float, float]) -> di
                     tpot.append((r["end"] - r["first"]) / (r["tokens"] - 1))
             gaps.extend(r["gaps"])
     return {
-        "tokens_per_s": tokens / (w1 - w0), "window_monotonic_s": [w0, w1], "requests": ok, "errors": errors, "errors_total": errors_total,
-        "sent": len(records),
+        "tokens_per_s": tokens / (w1 - w0), "window_monotonic_s": [w0, w1], "requests": ok, "errors": errors,
+        "errors_total": errors_total, "sent": len(records),
         "latency_p50_s": percentile(lat, 0.5), "latency_p99_s": percentile(lat, 0.99),
         "ttft_p50_s": percentile(ttft, 0.5), "ttft_p99_s": percentile(ttft, 0.99),
         "itl_p50_s": percentile(gaps, 0.5), "itl_p99_s": percentile(gaps, 0.99),

@@ -41,6 +41,11 @@ from benchmarks.peer_vllm import (PY, STACK_VARIANTS, bare_engine, check_identit
                                   start_vllm)
 
 
+def parent_pid(pid: int) -> int:
+    """The parent of `pid`, from /proc (after the command name, which may hold spaces and ')')."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and every descendant, from /proc (Ray's and vLLM's children included)."""
     children: dict[int, list[int]] = {}
@@ -48,7 +53,7 @@ def process_tree(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = parent_pid(int(entry))
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))

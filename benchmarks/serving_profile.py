@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
+from benchmarks.peer_rotate import parent_pid  # noqa: E402
 from benchmarks.peer_vllm import Server  # noqa: E402
 
 PY = sys.executable
@@ -72,10 +73,6 @@ def cpu_by_group(groups: list[tuple[str, str]] = GROUPS) -> dict[str, float]:
         if group is not None:
             out[group] = out.get(group, 0.0) + (int(stat[11]) + int(stat[12])) / HZ
     return out
-
-
-def parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def listening_ports(pid: int) -> list[int]:

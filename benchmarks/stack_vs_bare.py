@@ -4,8 +4,9 @@
                                        [--rounds 3] [--seconds 8]
 
 The stack makes tokens at the engine's rate: tokens per step x steps per second. Each window
-reads the replica's `/stats` before and after (forward passes, their summed time, generated
-tokens), so the stack's ratio to the bare `BatchEngine` splits into three factors:
+reads the replica's `/stats` every 0.5 s while the client runs and takes the engine's counters
+(forward passes, their summed time, generated tokens) over the client's measured window, so the
+stack's ratio to the bare `BatchEngine` splits into three factors:
 
     stack / bare tokens/s  =  busy share  x  (bare step / in-stack step)  x  (tokens per step, stack / bare)
 
@@ -32,7 +33,7 @@ The stack is started once (`nld-gateway up`, requests fixed to `ar`) and the bar
 child process; per window they alternate, the stack frozen (SIGSTOP to its process tree,
 `peer_rotate`'s method) while the bare engine runs. Closed-loop client `loadgen.py` (held-out
 prompts, 64 tokens, greedy, `ignore_eos`); every failed request is counted. Prints per-round
-rows and a table of medians over rounds; saves JSON. Kept out of CI and `make bench` (minutes).
+rows and a table of medians over rounds; saves JSON. In `make bench` (both layouts), not in CI (minutes).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from benchmarks.serving_profile import listening_ports, parent_pid, replica_port
+from benchmarks.peer_rotate import parent_pid
+from benchmarks.serving_profile import listening_ports, replica_port
 
 
 class InfoHandler(BaseHTTPRequestHandler):
