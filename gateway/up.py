@@ -52,6 +52,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serving-cpus", default=None, metavar="IDS",
                    help="CPU ids for the gateway, Ray and the replicas' serving processes, e.g. 1 (with "
                         "--engine-cpus: the serving path keeps off the engine's CPUs)")
+    p.add_argument("--parallel-min-tokens", type=int, default=None, metavar="N",
+                   help="on a CPU, engine steps of fewer tokens run on one torch thread, larger ones on all "
+                        "(python -m replicas --parallel-min-tokens)")
     p.add_argument("--control-loop-interval-s", type=float, default=None,
                    help="Ray Serve controller's loop period (default: python -m replicas' 0.5 s)")
     p.add_argument("--metrics-report-interval-ms", type=int, default=None,
@@ -75,6 +78,8 @@ def replicas_command(args, model_name: str, autoscaling: dict | None) -> list[st
     for flag, value in (("--engine-cpus", args.engine_cpus), ("--serving-cpus", args.serving_cpus)):
         if value:
             cmd += [flag, value]
+    if args.parallel_min_tokens is not None:
+        cmd += ["--parallel-min-tokens", str(args.parallel_min_tokens)]
     cmd += ["--ingress", args.ingress]
     if args.control_loop_interval_s is not None:
         cmd += ["--control-loop-interval-s", f"{args.control_loop_interval_s:g}"]

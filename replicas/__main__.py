@@ -54,6 +54,8 @@ def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
         base["torch_threads"] = args.torch_threads
     if getattr(args, "engine_cpus", None):
         base["engine_cpus"] = args.engine_cpus
+    if getattr(args, "parallel_min_tokens", None) is not None:
+        base["engine"] = {**(base.get("engine") or {}), "parallel_min_tokens": args.parallel_min_tokens}
     return ReplicaConfig.model_validate(base), options
 
 
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serving-cpus", type=cpu_list, default=None,
                    help="CPU ids for everything else (Ray, the replica's serving process), e.g. 1: with "
                         "--engine-cpus, the serving path keeps off the engine's CPUs")
+    p.add_argument("--parallel-min-tokens", type=int, default=None, metavar="N",
+                   help="on a CPU, engine steps of fewer tokens run on one torch thread, larger ones on all "
+                        "(engine.parallel_min_tokens; 0: all steps on all threads; default: the config's)")
     p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
                    help="haproxy (default): replicas serve HTTP themselves behind Ray Serve's HAProxy; "
                         "proxy: Ray Serve's Python proxy actor (see replicas/ingress.py)")

@@ -32,6 +32,9 @@ class EngineLimits(BaseModel):
     spec_algorithm: SpecAlgorithm = Field(default="linear", description="self_spec requests that name none")
     quadratic_block_length: int = Field(default=8, ge=2, description="quadratic self-spec block when a request "
                                         "names none (a cycle is B (B + 1) tokens)")
+    parallel_min_tokens: int = Field(default=16, ge=0, description="on a CPU: an engine step of fewer tokens runs "
+                                     "on one torch thread (the other cores stay free for the serving processes), "
+                                     "larger steps on all; 0: every step on all")
 
 
 class ReplicaConfig(BaseModel):
@@ -90,4 +93,5 @@ class ReplicaConfig(BaseModel):
             gpu_memory_utilization=e.gpu_memory_utilization, kv_watermark=e.kv_watermark,
             enable_prefix_caching=e.enable_prefix_caching, max_num_batched_tokens=e.max_num_batched_tokens,
             spec_algorithm=e.spec_algorithm, quadratic_block_length=e.quadratic_block_length,
+            parallel_min_tokens=e.parallel_min_tokens,
         )

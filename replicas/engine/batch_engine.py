@@ -32,6 +32,7 @@ from .params import MODES, DecodeParams, tokens_per_forward
 from .running import Running
 from .scheduler import Scheduler, StepPlan
 from .stats import EngineStats, engine_snapshot
+from .threads import step_threads
 
 if TYPE_CHECKING:  # the engine module builds batch engines (`load_batch_engine`), so no import back
     from .engine import Engine
@@ -48,6 +49,7 @@ class BatchEngine:
             num_blocks=num_kv_blocks(engine.model, config), device=engine.device, dtype=engine.dtype,
         )
         self.runner = engine.runner_cls(engine.model, self.cache)
+        self._parallel_min_tokens = config.parallel_min_tokens if engine.device.type == "cpu" else 0
         self._new_scheduler()
         self.stats = EngineStats()
         self.costs = CostModel()  # measured step costs and mode yields (exported in the stats)
@@ -166,7 +168,8 @@ class BatchEngine:
                 load = self._load_mode()
             if plan.rows:
                 slots = [row.seq.kv.slot for row in plan.rows]
-                logits, greedy = self.runner.run_with_greedy(list(zip(slots, plan.passes)))
+                with step_threads(plan.tokens, self._parallel_min_tokens):
+                    logits, greedy = self.runner.run_with_greedy(list(zip(slots, plan.passes)))
                 made = self._advance(plan, logits, greedy, out)
                 ok = True
         except Exception as e:  # the error boundary: end this step's requests, keep serving

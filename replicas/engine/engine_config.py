@@ -48,6 +48,9 @@ class EngineConfig:
     # quadratic self-spec block when a request names none (a cycle is B (B + 1) tokens, so it
     # defaults smaller than the linear block; draft tiers cap it further under load)
     quadratic_block_length: int = 8
+    # on a CPU: a step of fewer tokens than this runs on one torch thread, larger ones on all
+    # (`threads.step_threads`; 16 measured in docs/PERFORMANCE.md); 0: every step on all of them
+    parallel_min_tokens: int = 16
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_block_size", "max_num_batched_tokens"):
@@ -57,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"spec_algorithm: must be one of {', '.join(SPEC_ALGORITHMS)}, got {self.spec_algorithm!r}")
         if self.quadratic_block_length < 2:
             raise ValueError(f"quadratic_block_length: must be >= 2, got {self.quadratic_block_length}")
+        if self.parallel_min_tokens < 0:
+            raise ValueError(f"parallel_min_tokens: must be >= 0, got {self.parallel_min_tokens}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting: must be >= 0, got {self.max_waiting}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

@@ -225,3 +225,9 @@ def test_up_passes_the_cpu_layout_through():
     assert "--engine-cpus" not in cmd and "--serving-cpus" not in cmd
     cmd = replicas_command(up_args("--engine-cpus", "0", "--serving-cpus", "1"), "m", None)
     assert cmd[cmd.index("--engine-cpus") + 1] == "0" and cmd[cmd.index("--serving-cpus") + 1] == "1"
+
+
+def test_up_passes_parallel_min_tokens_through():
+    assert "--parallel-min-tokens" not in replicas_command(up_args(), "m", None)  # the replicas' default
+    cmd = replicas_command(up_args("--parallel-min-tokens", "0"), "m", None)
+    assert cmd[cmd.index("--parallel-min-tokens") + 1] == "0"

@@ -113,6 +113,21 @@ def test_engine_cpus_reach_the_replica_config_and_set_its_threads():
             cpu_list(bad)
 
 
+def test_parallel_min_tokens_reaches_the_engine_config(tmp_path):
+    """--parallel-min-tokens overrides the config file's engine block, keeping its other limits."""
+    import argparse
+
+    from replicas.__main__ import replica_config_from
+
+    conf = tmp_path / "serve.yaml"
+    conf.write_text("applications:\n- args: {model_path: m, engine: {max_batch_size: 4, parallel_min_tokens: 2}}\n")
+    args = argparse.Namespace(config=str(conf), model=None, model_name=None, parallel_min_tokens=None)
+    assert replica_config_from(args)[0].engine_config().parallel_min_tokens == 2
+    args.parallel_min_tokens = 0
+    config = replica_config_from(args)[0]
+    assert config.engine.max_batch_size == 4 and config.engine_config().parallel_min_tokens == 0
+
+
 def test_serving_cpus_bind_this_process_or_say_why_not():
     import os
 
