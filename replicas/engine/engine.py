@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .engine_config import EngineConfig
 from .graph_runner import CudaGraphRunner
 from .kv_cache import SequenceKV
-from .loader import DIFFUSION_LORA_SUBDIR, LORA_SUBDIR, load_lora, load_model, resolve_dtype
+from .loader import DIFFUSION_LORA_SUBDIR, LORA_SUBDIR, column_major_linears, load_lora, load_model, resolve_dtype
 from .model import DENOISE_ADAPTER, DRAFT_ADAPTER, NLDModel
 from .params import DecodeParams, GenerationOutput
 from .runner import ModelRunner
@@ -72,6 +72,9 @@ class Engine:
         present, True = it must be, False = none, or a directory; `denoise_lora` (diffusion's
         denoise-pass adapter) the same with `diffusion_lora/`."""
         model = load_model(path, device, dtype)
+        weight = model.encoder.embed_tokens.weight
+        if weight.device.type == "cpu" and weight.dtype == torch.float32:  # measured faster there only
+            column_major_linears(model)
         for choice, subdir, slot in ((lora, LORA_SUBDIR, DRAFT_ADAPTER), (denoise_lora, DIFFUSION_LORA_SUBDIR,
                                                                          DENOISE_ADAPTER)):
             adapter = Path(path) / subdir if choice is None or choice is True else choice
