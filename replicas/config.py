@@ -35,6 +35,9 @@ class EngineLimits(BaseModel):
     parallel_min_tokens: int = Field(default=16, ge=0, description="on a CPU: an engine step of fewer tokens runs "
                                      "on one torch thread (the other cores stay free for the serving processes), "
                                      "larger steps on all; 0: every step on all")
+    onednn_linears: bool = Field(default=True, description="float32 on a CPU: passes of several rows multiply "
+                                 "oneDNN-packed weights (a second copy of each linear weight in memory); false: "
+                                 "one copy, MKL only")
 
 
 class ReplicaConfig(BaseModel):
@@ -93,5 +96,5 @@ class ReplicaConfig(BaseModel):
             gpu_memory_utilization=e.gpu_memory_utilization, kv_watermark=e.kv_watermark,
             enable_prefix_caching=e.enable_prefix_caching, max_num_batched_tokens=e.max_num_batched_tokens,
             spec_algorithm=e.spec_algorithm, quadratic_block_length=e.quadratic_block_length,
-            parallel_min_tokens=e.parallel_min_tokens,
+            parallel_min_tokens=e.parallel_min_tokens, onednn_linears=e.onednn_linears,
         )

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from .batch_engine import BatchEngine
+from .cpu_linear import prepare_cpu_linears
 from .config import ModelConfig
 from .engine_config import EngineConfig
 from .graph_runner import CudaGraphRunner
 from .kv_cache import SequenceKV
-from .loader import DIFFUSION_LORA_SUBDIR, LORA_SUBDIR, column_major_linears, load_lora, load_model, resolve_dtype
+from .loader import DIFFUSION_LORA_SUBDIR, LORA_SUBDIR, load_lora, load_model, resolve_dtype
 from .model import DENOISE_ADAPTER, DRAFT_ADAPTER, NLDModel
 from .params import DecodeParams, GenerationOutput
 from .runner import ModelRunner
@@ -67,14 +68,17 @@ class Engine:
         max_block_length: int | None = None,
         runner_cls: type[ModelRunner] | None = None,
         cuda_graphs: bool = True,
+        onednn_linears: bool = True,
     ) -> "Engine":
         """Load `path`. `lora` (the self-spec draft adapter): None = `linear_spec_lora/` when
         present, True = it must be, False = none, or a directory; `denoise_lora` (diffusion's
-        denoise-pass adapter) the same with `diffusion_lora/`."""
+        denoise-pass adapter) the same with `diffusion_lora/`. A float32 model on a CPU gets
+        `cpu_linear`'s layers (oneDNN-packed weights for passes of several rows unless
+        `onednn_linears` is False)."""
         model = load_model(path, device, dtype)
         weight = model.encoder.embed_tokens.weight
         if weight.device.type == "cpu" and weight.dtype == torch.float32:  # measured faster there only
-            column_major_linears(model)
+            prepare_cpu_linears(model, packed=onednn_linears)
         for choice, subdir, slot in ((lora, LORA_SUBDIR, DRAFT_ADAPTER), (denoise_lora, DIFFUSION_LORA_SUBDIR,
                                                                          DENOISE_ADAPTER)):
             adapter = Path(path) / subdir if choice is None or choice is True else choice
@@ -210,6 +214,7 @@ def load_batch_engine(path: str | Path, config: EngineConfig | None = None, **lo
     with `config`: its device, dtype, block limit and CUDA graphs are the config's."""
     config = config or EngineConfig()
     load_kw.setdefault("cuda_graphs", config.cuda_graphs)
+    load_kw.setdefault("onednn_linears", config.onednn_linears)
     engine = Engine.from_pretrained(path, device=config.device, dtype=config.dtype,
                                     max_block_length=config.max_block_length, **load_kw)
     return BatchEngine(engine, config)

@@ -51,6 +51,9 @@ class EngineConfig:
     # on a CPU: a step of fewer tokens than this runs on one torch thread, larger ones on all
     # (`threads.step_threads`; 16 measured in docs/PERFORMANCE.md); 0: every step on all of them
     parallel_min_tokens: int = 16
+    # float32 on a CPU: passes of several rows multiply oneDNN-packed weights (a second copy of
+    # each linear weight, `cpu_linear`); False: one column-major copy, MKL only
+    onednn_linears: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_block_size", "max_num_batched_tokens"):

@@ -5,7 +5,6 @@ or `model.safetensors.index.json` (shards), checks every tensor name and shape a
 architecture before anything is materialised, and raises `CheckpointError` naming the tensor
 (and both shapes) for a missing, unexpected or mis-shaped tensor. The model is built on the
 meta device and each tensor is read once, straight into its final device and dtype.
-`column_major_linears(model)` re-lays a CPU model's linear weights for faster matmuls (below).
 `load_lora(dir, cfg)` reads a PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`)
 that targets `o_proj` and returns per-layer (A, scale * B).
 Non-goals: downloading from a hub, quantised formats.
@@ -114,26 +113,6 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu", dtype:
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = compute_inv_freq(cfg.rope, cfg.head_dim).to(device)
     return model.eval().requires_grad_(False)
-
-
-def column_major_linears(model: NLDModel) -> int:
-    """Store every linear weight [out, in] as the transpose of a contiguous [in, out] tensor, in
-    place; returns how many were re-laid. Same values, shapes and state-dict names; `F.linear`
-    then hands the CPU BLAS a plain (untransposed) right operand. Measured on the embedded model
-    with one thread (a forward's 29 matmuls, docs/PERFORMANCE.md): 1.6 against 2.2 ms at one row,
-    2.5 against 3.4 ms at 8, 4.8 against 5.7-6.6 ms at 32, with bitwise-equal results there.
-    In bfloat16 it was slower at one row (1.22 against 0.96 ms), so `Engine.from_pretrained`
-    applies it to float32 CPU models only. For inference: the weights are no longer contiguous (a checkpoint written from
-    them needs `.contiguous()`), and a head tied to the embedding is left as it is (re-laying it
-    would store the matrix twice)."""
-    tied = model.encoder.embed_tokens.weight.data_ptr()
-    count = 0
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.weight.data_ptr() != tied:
-                module.weight.data = module.weight.data.t().contiguous().t()  # [out, in] view of [in, out]
-                count += 1
-    return count
 
 
 def load_lora(adapter_dir: str | Path, cfg: ModelConfig, device, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -126,31 +126,3 @@ def test_cli_prints_one_json_object(ckpt_dir):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "outside the vocabulary" in bad.stderr
 
-
-def test_column_major_linears_keep_values_and_speed_up_cpu_float32_only(ckpt_dir):
-    """The CPU engine's linear weights are re-laid as transposes of [in, out] tensors: same shapes,
-    names and outputs; bfloat16 models and a head tied to the embedding are left as they are."""
-    from replicas.engine.loader import column_major_linears, load_model
-    from replicas.engine.model import AttentionInputs
-
-    plain = load_model(ckpt_dir)
-    engine = Engine.from_pretrained(ckpt_dir)
-    for (name, a), (_, b) in zip(plain.named_parameters(), engine.model.named_parameters()):
-        assert a.shape == b.shape and torch.equal(a, b), name
-        if name.endswith("proj.weight") or name == "diffusion_head.weight":
-            assert b.stride() == (1, b.shape[0]), name  # an [out, in] view of contiguous [in, out]
-    tokens = torch.randint(0, plain.config.vocab_size, (2, 7))
-    positions = torch.arange(7).expand(2, 7)
-    mask = torch.ones(7, 7, dtype=torch.bool).tril()[None, None].expand(2, 1, 7, 7)
-    with torch.inference_mode():
-        want = plain.logits(plain(tokens, positions, None, AttentionInputs(mask=mask)))
-        got = engine.model.logits(engine.model(tokens, positions, None, AttentionInputs(mask=mask)))
-    assert torch.allclose(want, got, atol=1e-5, rtol=1e-5)
-    out = [engine.generate([5, 6, 7], DecodeParams(mode=m, max_new_tokens=12, ignore_eos=True)).token_ids
-           for m in ("ar", "self_spec")]
-    assert out[0] == out[1]  # self-spec's greedy output is still AR's
-    assert Engine.from_pretrained(ckpt_dir, dtype="bfloat16").model.encoder.layers[0].mlp.up_proj.weight.is_contiguous()
-    tied = load_model(ckpt_dir)
-    tied.diffusion_head.weight = tied.encoder.embed_tokens.weight
-    assert column_major_linears(tied) == len([m for m in tied.modules() if isinstance(m, torch.nn.Linear)]) - 1
-    assert tied.diffusion_head.weight.data_ptr() == tied.encoder.embed_tokens.weight.data_ptr()
