@@ -73,6 +73,8 @@ bench: $(STAMP) $(BENCH_MODEL)/config.json
 	# the stack against the bare engine, split by the engine's own counters (shared CPUs, then a CPU for serving)
 	$(PY) benchmarks/stack_vs_bare.py --model $(MODEL) --layout shared
 	$(PY) benchmarks/stack_vs_bare.py --model $(MODEL) --layout pinned
+	# the engine's float32 CPU linear layers: a forward's matmuls per layout, the bare engine with oneDNN on and off
+	$(PY) benchmarks/cpu_linears.py --model $(MODEL)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

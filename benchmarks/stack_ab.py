@@ -12,7 +12,9 @@ tokens/s is divided by the first variant's in the same (round, level, system). A
 the requests ask for (`ar`, `self_spec`, `adaptive` = `auto` under the stack's policy). Same
 client as the peer benchmarks (`loadgen.py`: held-out prompts, 64 tokens, greedy, `ignore_eos`,
 non-streaming unless --stream); every failed request is counted. Prints per-round rows and the
-median (min-max) of the per-round ratios; saves JSON. Not in CI or `make bench` (minutes per
+median (min-max) of the per-round ratios; saves JSON. Two stacks of the same code have differed
+by up to about 20% here (docs/PERFORMANCE.md, "Small steps on one thread"): give the baseline
+twice under two names (`--variant base= --variant base2=`) to measure that floor in the same run. Not in CI or `make bench` (minutes per
 round; run it for the setting at hand).
 """
 
