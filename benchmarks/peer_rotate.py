@@ -83,6 +83,13 @@ def thawed(pid: int):
         signal_tree(pid, signal.SIGSTOP)
 
 
+def thaw_and_stop(servers) -> None:
+    """Stop every server, each thawed first (a frozen process tree cannot handle its SIGINT)."""
+    for server in servers:
+        signal_tree(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
 class BareServer:
     """The bare engine, loaded once: `measure(c)` runs one closed-loop window in the child."""
 
@@ -226,9 +233,7 @@ def main(argv=None) -> None:
         if bare is not None:
             bare.stop()
     finally:
-        for server in servers.values():
-            signal_tree(server.proc.pid, signal.SIGCONT)
-            server.stop()
+        thaw_and_stop(servers.values())
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
-from benchmarks.peer_rotate import signal_tree, thawed  # noqa: E402
+from benchmarks.peer_rotate import signal_tree, thaw_and_stop, thawed  # noqa: E402
 from benchmarks.peer_vllm import STACK_VARIANTS, run_load, start_stack  # noqa: E402
 
 
@@ -162,9 +162,7 @@ def main(argv=None) -> None:
                                         "round_rows": rows}, indent=1))
         print(f"saved {args.out}")
     finally:
-        for server in servers.values():
-            signal_tree(server.proc.pid, signal.SIGCONT)
-            server.stop()
+        thaw_and_stop(servers.values())
 
 
 if __name__ == "__main__":
