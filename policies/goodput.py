@@ -3,7 +3,7 @@
 Contract: `GoodputChooser.choose(view, current, projected, mode, now)` predicts every level's
 mode at both loads (`policies.predict.corrected`), keeps those within the latency SLO, and picks
 the best tokens/s at the higher of the two loads (a rising load acts early; a falling one waits
-for the smoothing), smoothed over time (EWMA of log tokens/s, half-life `smoothing_s`); it
+for the smoothing, and never leaves a mode that wins at the load it falls to), smoothed over time (EWMA of log tokens/s, half-life `smoothing_s`); it
 leaves the current mode only for a gain above `margin`, and only a mode it picked at this load
 holds by that margin: a load step (an octave, `STEP_OCTAVES`) clears it, and until a cost view
 first seen `settle_s` after the step picks a mode, nothing holds by it (views polled before the
@@ -36,7 +36,11 @@ class Choice:
     reason: str = "goodput"  # or "explore": a mode not measured near this load, tried to measure it
 
 
-EXPLORE_RATIO = 0.75  # an unmeasured mode is tried when its modelled tokens/s is at least this share of the current's
+# an unmeasured mode is tried when its modelled tokens/s is at least this share of the current's. On
+# the 2-core VM the fit, from AR steps and prefills, put a one-row 32-token pass at 6.8 ms and
+# self_spec at one request at 0.59x ar; measured, self_spec made 1.3-1.4x ar's tokens/s there (0.75
+# never let it be tried, and the policy stayed in ar at one request until something else measured it).
+EXPLORE_RATIO = 0.5
 EXPLORE_RETRY_S = 300.0  # the same mode is not tried again at the same load cell sooner
 STEADY_OCTAVES = 0.5  # exploring needs a steady load: current and projected within this (a factor of 1.41)
 STEP_OCTAVES = 1.0  # a load this far from the load of the last step clears the margin's hold (a step)
@@ -159,7 +163,9 @@ class GoodputChooser:
             best = max(within, key=lambda m: rate[m])
         keep = mode in within or not within
         gain = rate[best] / max(rate[mode], 1e-12) if mode in rate else float("inf")
-        if best != mode and keep and self.merit == mode and gain <= 1.0 + self.rule.margin:
+        if best != mode and mode in within and self._undone_by_fall(preds, current, projected, best, mode):
+            best = mode  # a falling load: no move that the load it falls to undoes
+        elif best != mode and keep and self.merit == mode and gain <= 1.0 + self.rule.margin:
             best = mode  # not enough gain to move
         elif settled:
             self.merit = best  # picked on a view that has seen this load: the margin holds it from now
@@ -174,6 +180,18 @@ class GoodputChooser:
         if best == mode and (probe := self._explore(view, options, within, mode, current, projected, now)):
             return Choice(probe, f"explore {probe} (not measured near load {n:.2f}); " + detail, shown, "explore")
         return Choice(best, detail, shown)
+
+    @staticmethod
+    def _undone_by_fall(preds: dict, current: float, projected: float, best: str, mode: str) -> bool:
+        """Whether a move to `best` on a falling load would be undone where the load is going: the
+        choice waits for the smoothed (current) load to fall, but a mode that wins at the projected
+        load too is not left for one that wins only on the way down. Traced on the stack: load 4 -> 1
+        in self_spec, the smoothed load passed 2 where ar wins, the policy moved to ar and its dwell
+        then kept ar for 10 s at one request, where self_spec makes 1.3x ar's tokens/s."""
+        if projected >= current:
+            return False
+        ahead, there = preds["projected"].get(best), preds["projected"].get(mode)
+        return ahead is not None and there is not None and there.tokens_per_s >= ahead.tokens_per_s
 
     def _ceiling(self, view: CostView, mode: str, block: int) -> float:
         """The most a mode can make per AR step's cost: a linear self-spec cycle is two passes, each

@@ -180,6 +180,22 @@ def test_a_load_step_clears_the_margin_until_a_view_polled_after_it_decides():
     assert noisy.steps == steps
 
 
+def test_a_falling_load_never_leaves_the_mode_that_wins_where_it_falls_to():
+    """Traced on the stack: 4 requests -> 1 in self_spec; the smoothed load passed 2, where ar wins,
+    the policy moved to ar, and its dwell held ar for 10 s at one request, where self_spec wins."""
+    v = view(tokens_per_cycle=6.0)
+    n = crossover(v) + 1.0  # ar ahead here, self_spec ahead at 1
+    assert 1.0 < n < 8
+    chooser = GoodputChooser(RULE, ["self_spec", "ar"], TIERS)
+    assert chooser.choose(v, n, n, "self_spec").mode == "ar"  # steady at n: ar
+    falling = GoodputChooser(RULE, ["self_spec", "ar"], TIERS)
+    assert falling.choose(v, n, 1, "self_spec").mode == "self_spec"  # falling to 1: stay
+    assert falling.choose(v, n, 1, "ar").mode == "ar"  # in ar, it still waits for the smoothing
+    assert falling.choose(v, 1.0, 1, "ar").mode == "self_spec"  # and moves once the load is down
+    # a fall to where the current mode loses too moves on the smoothed load, as before
+    assert GoodputChooser(RULE, ["self_spec", "ar"], TIERS).choose(v, 32, n, "self_spec").mode == "ar"
+
+
 def test_a_first_measurement_near_the_load_replaces_the_smoothed_extrapolation():
     """Traced in a peer run: at 8 requests the view rated self_spec (measured only at 1 request,
     extrapolated) at 3,158 tok/s and ar (measured at 8) at 2,613; the first view with self_spec
