@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
 from benchmarks.peer_vllm import (PY, STACK_VARIANTS, bare_engine, check_identity, ensure_vllm_venv,  # noqa: E402
                                   median_rows, peer_arguments, plot, print_tables, run_load, start_stack,
-                                  start_vllm)
+                                  start_vllm, window_settle)
 
 
 def parent_pid(pid: int) -> int:
@@ -96,7 +96,8 @@ class BareServer:
     def __init__(self, model: str, args, prefix: tuple[str, ...] = ()) -> None:
         """`prefix`: a command the child runs under (e.g. `taskset -c 0`)."""
         cmd = [*prefix, PY, str(Path(__file__).resolve()), "--bare-serve", "--model", model, "--seconds",
-               str(args.seconds), "--max-tokens", str(args.max_tokens), "--prompts-file", str(args.prompts_file)]
+               str(args.seconds), "--max-tokens", str(args.max_tokens), "--prompts-file", str(args.prompts_file),
+               "--settle-seconds", str(args.settle_seconds)]
         if args.torch_threads:
             cmd += ["--torch-threads", str(args.torch_threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -125,7 +126,8 @@ def serve_bare(args) -> None:
     prompts = json.loads(args.prompts_file.read_text())
     engine = load_batch_engine(args.model, EngineConfig(max_batch_size=64, max_seq_len=512, max_waiting=256))
     for line in sys.stdin:
-        r = bare_engine(args.model, prompts, int(line), args.seconds, args.max_tokens, None, engine=engine)
+        r = bare_engine(args.model, prompts, int(line), args.seconds, args.max_tokens, None, engine=engine,
+                        warm_s=args.settle_seconds)
         print(json.dumps(r), flush=True)
 
 
@@ -167,6 +169,7 @@ def main(argv=None) -> None:
         return
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")
+    args.settle_seconds = window_settle(args, systems)  # before BareServer, which passes it on
     streams = {"both": [False, True], "json": [False], "sse": [True]}[args.stream]
     work = ROOT / ".cache" / "peer_rotate_run"
     work.mkdir(parents=True, exist_ok=True)
@@ -211,11 +214,8 @@ def main(argv=None) -> None:
                         continue
                     server = servers["vllm" if system == "vllm" else "stack"]
                     with thawed(server.proc.pid):
-                        settle = args.adaptive_settle_seconds if system == "adaptive" else args.settle_seconds
-                        level_args = argparse.Namespace(**{**vars(args), "settle_seconds": settle})
                         for stream in streams:
-                            r = run_load(urls[system], args.prompts_file, c, stream, STACK_VARIANTS.get(system, {}),
-                                         level_args)
+                            r = run_load(urls[system], args.prompts_file, c, stream, STACK_VARIANTS.get(system, {}), args)
                             rows.append({**r, "system": system, "concurrency": c, "stream": stream, "round": rnd})
                             print(f"round {rnd} {system} c={c} {'sse ' if stream else 'json'}: "
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s itl "

@@ -19,8 +19,9 @@ Then:
 3. One client for all (`benchmarks/loadgen.py`, its own process): closed loop, the first 64
    tokens of 8 held-out files as token-id prompts, 64 new tokens, greedy, `ignore_eos`;
    non-streaming (tokens/s, end-to-end p50/p99) and streaming (TTFT, ITL) at each level, each
-   after an unmeasured settle (longer for the adaptive system, whose policy must see the level
-   first). Every error and non-200 answer is counted.
+   after an unmeasured settle, the same for every system of a run (the adaptive one's when it is
+   measured: its policy must see the level first; `window_settle`). Every error and non-200
+   answer is counted.
 Prints ratio tables (medians over rounds), saves JSON and a PNG.
 """
 
@@ -134,9 +135,22 @@ def run_load(url: str, prompts: Path, c: int, stream: bool, extra: dict, args) -
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def window_settle(args, systems: list[str]) -> float:
+    """The unmeasured load before every window of a run, whatever the system: the longest any of them
+    needs (adaptive's, when it is measured; its policy must first see the level). Equal for all
+    because this VM slows under sustained load: a bare engine at 32 requests made about 4,000 tok/s
+    in the first seconds after an idle pause and 3,300 after 30 s, and the same stack's `ar` after
+    an 8 s settle made 0.88x (0.70-1.30) of its tokens/s after a 2 s one (5 rotating rounds). With
+    8 s for adaptive and 2 s for the rest, adaptive was measured further into that slowdown."""
+    if "adaptive" in systems:
+        return max(args.settle_seconds, args.adaptive_settle_seconds)
+    return args.settle_seconds
+
+
 def run_bare(model: str, prompts: Path, c: int, args) -> dict:
     cmd = [PY, str(Path(__file__).resolve()), "--bare-level", str(c), "--model", model, "--prompts-file",
-           str(prompts), "--seconds", str(args.seconds), "--max-tokens", str(args.max_tokens)]
+           str(prompts), "--seconds", str(args.seconds), "--max-tokens", str(args.max_tokens),
+           "--settle-seconds", str(args.settle_seconds)]
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
@@ -144,8 +158,9 @@ def run_bare(model: str, prompts: Path, c: int, args) -> dict:
 
 
 def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: int, threads: int | None,
-                engine=None) -> dict:
-    """The ceiling: `BatchEngine` closed loop in this process, the stack's torch threads, time-windowed.
+                engine=None, warm_s: float = 2.0) -> dict:
+    """The ceiling: `BatchEngine` closed loop in this process, the stack's torch threads, time-windowed
+    after `warm_s` of unmeasured load (the other systems' settle).
     `engine`: one already loaded (then drained before returning, so it can be measured again)."""
     import torch
 
@@ -165,7 +180,7 @@ def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: i
 
     for _ in range(c):
         submit()
-    warm_until = time.monotonic() + 2.0
+    warm_until = time.monotonic() + warm_s
     while time.monotonic() < warm_until:  # warm-up, unmeasured
         for ch in be.step():
             if ch.finish_reason:
@@ -327,7 +342,8 @@ def peer_arguments(description: str, *, policy: Path, policy_help: str, seconds:
     p.add_argument("--settle-seconds", type=float, default=2.0)
     p.add_argument("--adaptive-settle-seconds", type=float, default=8.0,
                    help="unmeasured load before an adaptive window: its policy must first see the level "
-                        "and may switch once")
+                        "and may switch once; when adaptive is measured, every system's windows get it "
+                        "(window_settle)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch threads of our engine, stack and bare (default: one per core: the bare engine "
@@ -347,10 +363,12 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.bare_level is not None:  # internal: one bare-engine measurement in its own process
         prompts = json.loads(args.prompts_file.read_text())
-        print(json.dumps(bare_engine(args.model, prompts, args.bare_level, args.seconds, args.max_tokens, args.torch_threads)))
+        print(json.dumps(bare_engine(args.model, prompts, args.bare_level, args.seconds, args.max_tokens, args.torch_threads,
+                                     warm_s=args.settle_seconds)))
         return
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")
+    args.settle_seconds = window_settle(args, systems)
     streams = {"both": [False, True], "json": [False], "sse": [True]}[args.stream]
     work = ROOT / ".cache" / "peer_vllm_run"  # prompts, the policy file and server logs
     work.mkdir(parents=True, exist_ok=True)
@@ -391,11 +409,9 @@ def main(argv=None) -> None:
                     extra = STACK_VARIANTS.get(system, {})
                     run_load(url, prompts_file, 4, False, extra, argparse.Namespace(**{**vars(args), "seconds": 3,
                                                                                         "settle_seconds": 0}))
-                    settle = args.adaptive_settle_seconds if system == "adaptive" else args.settle_seconds
-                    level_args = argparse.Namespace(**{**vars(args), "settle_seconds": settle})
                     for c in levels:
                         for stream in streams:
-                            r = run_load(url, prompts_file, c, stream, extra, level_args)
+                            r = run_load(url, prompts_file, c, stream, extra, args)
                             rows.append({**r, "system": system, "concurrency": c, "stream": stream, "round": rnd})
                             print(f"round {rnd} {system} c={c} {'sse ' if stream else 'json'}: "
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s "

@@ -89,3 +89,27 @@ def test_signal_tree_freezes_a_process_and_its_children():
         for p in reversed(process_tree(parent.pid)):
             os.kill(p, signal.SIGKILL)
         parent.wait()
+
+
+def test_every_system_gets_the_same_settle_as_adaptive():
+    """The VM slows under sustained load, so a longer settle for one system measures it later into
+    that slowdown: every system of a run waits as long as the adaptive one must."""
+    import argparse
+
+    from benchmarks.peer_vllm import window_settle
+
+    args = argparse.Namespace(settle_seconds=2.0, adaptive_settle_seconds=8.0)
+    assert window_settle(args, ["vllm", "ar", "adaptive", "bare"]) == 8.0
+    assert window_settle(args, ["vllm", "ar", "bare"]) == 2.0  # no adaptive: the plain settle
+    assert window_settle(argparse.Namespace(settle_seconds=10.0, adaptive_settle_seconds=8.0), ["adaptive"]) == 10.0
+
+
+def test_the_bare_engine_warms_up_for_the_settle_it_is_given(tmp_path):
+    """`bare_engine(warm_s=...)`: unmeasured load first, then a window of steps; on a tiny checkpoint."""
+    from benchmarks.peer_vllm import bare_engine
+    from replicas.engine.testing import write_random_checkpoint
+
+    model = write_random_checkpoint(tmp_path / "m")
+    t0 = time.monotonic()
+    r = bare_engine(str(model), [[1, 2, 3, 4]], 2, 0.3, 4, None, warm_s=0.5)
+    assert time.monotonic() - t0 >= 0.8 and r["tokens_per_s"] > 0 and r["busy_share"] > 0
