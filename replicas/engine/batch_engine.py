@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from .block_manager import BlockManager
 from .capacity import num_kv_blocks
-from .cost_model import CostModel
+from .cost_model import CostModel, LoadPeak
 from .engine_config import EngineConfig
 from .kv_cache import KVCache
 from .outputs import StreamChunk
@@ -54,6 +54,7 @@ class BatchEngine:
         self.stats = EngineStats()
         self.costs = CostModel()  # measured step costs and mode yields (exported in the stats)
         self._unmeasured: tuple | None = None  # (shape, start, realized) of a step charged when the next begins
+        self._load_peak = LoadPeak()  # the load realized samples are filed under
         self._lock = threading.RLock()
         self._aborts: set[str] = set()
         self._abort_notices: list[str] = []  # waiting requests already removed; report next step
@@ -165,7 +166,7 @@ class BatchEngine:
                 self._apply_control(out)
                 self._prepare(out)
                 plan = self.scheduler.schedule()
-                load = self._load_mode()
+                load = self._load_mode(t0)
             if plan.rows:
                 slots = [row.seq.kv.slot for row in plan.rows]
                 with step_threads(plan.tokens, self._parallel_min_tokens):
@@ -185,11 +186,13 @@ class BatchEngine:
                 self._measure(plan, t0, (*load, made) if load is not None else None)
         return out
 
-    def _load_mode(self) -> tuple[str, int] | None:
-        """(mode, running requests) when every decoding request runs one mode, else None."""
+    def _load_mode(self, now: float) -> tuple[str, int] | None:
+        """(mode, load) when every decoding request runs one mode, else None; the load is the
+        running count held over request turnover (`LoadPeak`, updated at every step)."""
         running = self.scheduler.running.values()
+        load = self._load_peak.update(now, len(running))
         modes = {r.mode_name for r in running if not r.prefilling}
-        return (modes.pop(), len(running)) if len(modes) == 1 else None
+        return (modes.pop(), load) if len(modes) == 1 else None
 
     def _measure(self, plan: StepPlan, t0: float, realized: tuple | None) -> None:
         """Feed the cost model. A step followed at once by the next one (the loop stays busy) is

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from replicas.engine import BatchEngine, EngineConfig
-from replicas.engine.cost_model import CostModel, ModeYields, RealizedRates, StepCosts, load_cell
+from replicas.engine.cost_model import CostModel, LoadPeak, ModeYields, RealizedRates, StepCosts, load_cell
 from replicas.engine.params import DecodeParams
 
 TRUE = {"intercept_s": 0.002, "per_row_s": 3e-4, "per_token_s": 5e-5, "per_logit_s": 2e-5}
@@ -124,6 +124,18 @@ def test_realized_rates_fold_one_second_windows_per_mode_and_load_cell():
     r.observe("ar", 0, 10, 1.0)
     r.observe("ar", 4, 10, 0.0)  # no load or no time: ignored
     assert ("ar", 1) not in {(m, n) for m, n, *_ in r.snapshot()} and r.cells.get(("ar", 4)) is None
+
+
+def test_a_steady_loads_request_turnover_is_filed_under_that_load():
+    """Requests finishing and their successors arriving count for the load they keep (8), a fall of
+    more than half is filed where it fell to, and a peak older than two windows is forgotten."""
+    peak = LoadPeak(hold_s=1.0)
+    assert [peak.update(t, n) for t, n in ((0.0, 8), (0.1, 7), (0.2, 6), (0.3, 8), (0.4, 5))] == [8, 8, 8, 8, 8]
+    assert peak.update(0.5, 4) == 4  # half the peak or less: the load fell
+    assert peak.update(1.2, 7) == 8  # the next window still remembers the last one's 8
+    assert peak.update(2.3, 7) == 7  # ... but not the one before (its peak was 7)
+    assert peak.update(4.5, 3) == 3  # two windows of nothing: forgotten
+    assert LoadPeak().update(0.0, 1) == 1
 
 
 def test_the_engine_measures_what_each_mode_delivers(engine, monkeypatch):
