@@ -215,7 +215,8 @@ def main(argv=None) -> None:
                     server = servers["vllm" if system == "vllm" else "stack"]
                     with thawed(server.proc.pid):
                         for stream in streams:
-                            r = run_load(urls[system], args.prompts_file, c, stream, STACK_VARIANTS.get(system, {}), args)
+                            r = run_load(urls[system], args.prompts_file, c, stream, STACK_VARIANTS.get(system, {}),
+                                         args)
                             rows.append({**r, "system": system, "concurrency": c, "stream": stream, "round": rnd})
                             print(f"round {rnd} {system} c={c} {'sse ' if stream else 'json'}: "
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s itl "
