@@ -4,8 +4,8 @@ Contract: `GoodputChooser.choose(view, current, projected, mode, now)` predicts 
 mode at both loads (`policies.predict.corrected`), keeps those within the latency SLO, and picks
 the best tokens/s at the higher of the two loads (a rising load acts early; a falling one waits
 for the smoothing, and never leaves a mode that wins at the load it falls to), smoothed over
-time (EWMA of log tokens/s, half-life `smoothing_s`); it leaves the current mode only for a gain above `margin`, and only a mode it picked at this load
-holds by that margin: a load step (an octave, `STEP_OCTAVES`) clears it, and until a cost view
+time (EWMA of log tokens/s, half-life `smoothing_s`); it leaves the current mode only for a
+gain above `margin`, and only a mode it picked at this load holds by that margin: a load step (an octave, `STEP_OCTAVES`) clears it, and until a cost view
 first seen `settle_s` after the step picks a mode, nothing holds by it (views polled before the
 step predicted the new load from other loads' measurements; `steps` counts the steps). A mode
 whose prediction changes basis (extrapolated from other loads <-> measured near this one)
