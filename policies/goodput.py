@@ -1,19 +1,19 @@
 """Goodput: from the fleet's measured cost model, the mode predicted to serve best.
 
-Contract: `GoodputChooser.choose(view, current, projected, mode, now)` predicts every level's
-mode at both loads (`policies.predict.corrected`), keeps those within the latency SLO, and picks
-the best tokens/s at the higher of the two loads (a rising load acts early; a falling one waits
-for the smoothing, and never leaves a mode that wins at the load it falls to), smoothed over
-time (EWMA of log tokens/s, half-life `smoothing_s`); it leaves the current mode only for a
-gain above `margin`, and only a mode it picked at this load holds by that margin: a load step (an octave, `STEP_OCTAVES`) clears it, and until a cost view
-first seen `settle_s` after the step picks a mode, nothing holds by it (views polled before the
-step predicted the new load from other loads' measurements; `steps` counts the steps). A mode
-whose prediction changes basis (extrapolated from other loads <-> measured near this one)
-restarts its smoothing and clears the hold; while the running mode is newly unmeasured at the
-load (`unmeasured`, for `UNMEASURED_REPOLL_S`) the policy re-polls every `settle_s`. A mode not
-measured near a steady load may be proposed as a try (`explore`). It returns None (cold: the
-caller keeps its static thresholds) until the view has `min_steps` steps and a yield for every
-mode it needs.
+Contract: `GoodputChooser.choose(view, current, projected, mode, now)` predicts every level's mode
+at both loads (`policies.predict.corrected`), keeps those within the latency SLO, and picks the
+best tokens/s at the higher of the two loads (a rising load acts early; a falling one waits for
+the smoothing, and never leaves a mode that wins at the load it falls to), smoothed over time
+(EWMA of log tokens/s, half-life `smoothing_s`); it leaves the current mode only for a gain above
+`margin`, and only a mode it picked at this load holds by that margin: a load step (an octave,
+`STEP_OCTAVES`) clears it, and until a cost view first seen `settle_s` after the step picks a
+mode, nothing holds by it (views polled before the step predicted the new load from other loads'
+measurements; `steps` counts the steps). A mode whose prediction changes basis (extrapolated from
+other loads <-> measured near this one) restarts its smoothing and clears the hold; while the
+running mode is newly unmeasured at the load (`unmeasured`, for `UNMEASURED_REPOLL_S`) the policy
+re-polls every `settle_s`. A mode not measured near a steady load may be proposed as a try
+(`explore`). It returns None (cold: the caller keeps its static thresholds) until the view has
+`min_steps` steps and a yield for every mode it needs.
 Non-goals: predicting (`policies.predict`), reading the metrics (`policies.cost_view`),
 measuring (the engine: `replicas/engine/cost_model.py`), dwell and staleness (the policy), torch.
 """
