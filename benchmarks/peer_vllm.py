@@ -363,8 +363,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.bare_level is not None:  # internal: one bare-engine measurement in its own process
         prompts = json.loads(args.prompts_file.read_text())
-        print(json.dumps(bare_engine(args.model, prompts, args.bare_level, args.seconds, args.max_tokens, args.torch_threads,
-                                     warm_s=args.settle_seconds)))
+        print(json.dumps(bare_engine(args.model, prompts, args.bare_level, args.seconds, args.max_tokens,
+                                     args.torch_threads, warm_s=args.settle_seconds)))
         return
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")

@@ -14,8 +14,9 @@ client as the peer benchmarks (`loadgen.py`: held-out prompts, 64 tokens, greedy
 non-streaming unless --stream); every failed request is counted. Prints per-round rows and the
 median (min-max) of the per-round ratios; saves JSON. Two stacks of the same code have differed
 by up to about 20% here (docs/PERFORMANCE.md, "Small steps on one thread"): give the baseline
-twice under two names (`--variant base= --variant base2=`) to measure that floor in the same run. Not in CI or `make bench` (minutes per
-round; run it for the setting at hand).
+twice under two names (`--variant base= --variant base2=`) to measure that floor in the same run.
+Each system keeps its own settle (adaptive's is longer): ratios compare variants of one system,
+never systems. Not in CI or `make bench` (minutes per round; run it for the setting at hand).
 """
 
 from __future__ import annotations
