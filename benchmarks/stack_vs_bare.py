@@ -195,7 +195,8 @@ def main(argv=None) -> None:
     args.prompts_file.write_text(json.dumps(heldout_prompts(model / "split.json", model, 8, 64)))
     url, stats_url = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{args.port + 1}/stats"
     bare = BareServer(str(model), args, prefix=engine_prefix)
-    stack = start_stack(str(model), args.port, None, work, "stack", None, extra=layout_flags)
+    # one replica: its /stats are the counters of the one engine compared with the bare one
+    stack = start_stack(str(model), args.port, None, work, "stack", None, extra=["--replicas", "1", *layout_flags])
     rows: list[dict] = []
     try:
         stack.wait_ready()

@@ -44,9 +44,14 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="how HTTP reaches the replicas: Ray Serve's HAProxy (default) or its Python proxy")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the replica's engine process (default: the CPUs the replica reserves)")
+    p.add_argument("--replicas", type=replica_count_arg, default="auto", metavar="N|auto|policy",
+                   help="how many replicas, each with its own engine and an equal share of the CPUs (default "
+                        "auto: one per CPU, at most 4, on a CPU; python -m replicas --replicas); policy: Ray "
+                        "Serve autoscales them by the policy's `autoscaling` block, each reserving --replica-cpus "
+                        "(default every CPU, hence one replica)")
     p.add_argument("--replica-cpus", type=float, default=None,
-                   help="CPUs the replica reserves in Ray, hence its engine's threads (default: every CPU of "
-                        "this machine; python -m replicas --replica-cpus)")
+                   help="CPUs each replica reserves in Ray, hence its engine's threads (default: an equal share "
+                        "of this machine's; python -m replicas --replica-cpus)")
     p.add_argument("--engine-cpus", default=None, metavar="IDS",
                    help="CPU ids the engine process is bound to, e.g. 0 (python -m replicas --engine-cpus)")
     p.add_argument("--serving-cpus", default=None, metavar="IDS",
@@ -67,10 +72,19 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_up)
 
 
+def replica_count_arg(text: str) -> str:
+    """`auto`, `policy` or a positive count (an argparse type; `python -m replicas` resolves `auto`)."""
+    if text not in ("auto", "policy") and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"want a positive replica count, auto or policy, got {text!r}")
+    return text
+
+
 def replicas_command(args, model_name: str, autoscaling: dict | None) -> list[str]:
     """The `python -m replicas` command line `up` runs, its options passed through."""
     cmd = [sys.executable, "-u", "-m", "replicas", "--model", args.model, "--model-name", model_name,
            "--host", REPLICA_HOST, "--port", str(args.replica_port), "--metrics-port", str(args.metrics_port)]
+    if args.replicas != "policy":
+        cmd += ["--replicas", args.replicas]
     if args.torch_threads:
         cmd += ["--torch-threads", str(args.torch_threads)]
     if args.replica_cpus is not None:
@@ -85,7 +99,7 @@ def replicas_command(args, model_name: str, autoscaling: dict | None) -> list[st
         cmd += ["--control-loop-interval-s", f"{args.control_loop_interval_s:g}"]
     if args.metrics_report_interval_ms is not None:
         cmd += ["--metrics-report-interval-ms", str(args.metrics_report_interval_ms)]
-    if autoscaling:  # the policy's `autoscaling` block becomes Serve's autoscaling_config
+    if autoscaling and args.replicas == "policy":  # the policy's `autoscaling` block: Serve's autoscaling_config
         cmd += ["--autoscaling-json", json.dumps(autoscaling)]
     return cmd
 

@@ -13,7 +13,9 @@ never on 0.0.0.0 (see `ray_environment`). The ingress
 unless `proxy` asks for Serve's Python proxy. The environment Ray reads is set here, before
 Ray starts. Each replica reserves the whole node's CPUs unless --replica-cpus (or the config's
 `ray_actor_options.num_cpus`) says otherwise: Ray sets the engine's torch threads to that number,
-and a replica count the node cannot hold is capped (`replica_cpus_options`). --engine-cpus binds
+and a replica count the node cannot hold is capped (`replica_cpus_options`). --replicas fixes
+the count (`auto`: one per CPU on a CPU device, up to `AUTO_REPLICAS_MAX`), each replica
+reserving an equal share of the CPUs. --engine-cpus binds
 each replica's engine process to those CPUs and --serving-cpus this process, hence Ray and the
 replicas' serving processes, to others (the layout vLLM's CPU backend uses). Prints
 `READY <url>` once the application answers. This module and
@@ -34,6 +36,8 @@ from pathlib import Path
 import yaml
 
 from .config import ReplicaConfig
+from .layout import (AUTO_REPLICAS_MAX, bind_serving, cpu_list, fixed_replicas_options, replica_count,
+                     replica_cpus_options, replicas_arg)
 
 
 def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
@@ -57,28 +61,6 @@ def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
     if getattr(args, "parallel_min_tokens", None) is not None:
         base["engine"] = {**(base.get("engine") or {}), "parallel_min_tokens": args.parallel_min_tokens}
     return ReplicaConfig.model_validate(base), options
-
-
-def cpu_list(text: str) -> list[int]:
-    """`0,2,3` -> [0, 2, 3] (an argparse type)."""
-    try:
-        cpus = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want CPU ids separated by commas, e.g. 0 or 0,1; got {text!r}") from None
-    if min(cpus) < 0:
-        raise argparse.ArgumentTypeError(f"CPU ids are >= 0, got {text!r}")
-    return cpus
-
-
-def bind_serving(cpus: list[int] | None) -> str | None:
-    """Bind this process (Ray and the replicas it starts inherit it) to `cpus`; an error line or None."""
-    if not cpus:
-        return None
-    try:
-        os.sched_setaffinity(0, cpus)
-    except (OSError, AttributeError) as e:
-        return f"--serving-cpus {','.join(map(str, cpus))}: {getattr(e, 'strerror', None) or e}"
-    return None
 
 
 # Ray reads this when it is imported: with it off, Ray takes the loopback address as the node IP
@@ -124,38 +106,6 @@ def controller_environment(interval_s: float) -> dict[str, str]:
     return {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": f"{interval_s:g}"}
 
 
-def replica_cpus_options(options: dict, node_cpus: int, replica_cpus: float | None) -> tuple[dict, list[str]]:
-    """Deployment options with each replica's CPUs set and the replica count kept within the node.
-
-    Ray starts a replica with OMP_NUM_THREADS = floor(its `num_cpus`) (1 when unset), and the
-    engine process inherits it, so the CPUs a replica reserves are its engine's torch threads.
-    Serve's default is one CPU: on a laptop the engine would run one thread on a multi-core
-    machine. Locally the default is therefore the whole node (`node_cpus`), unless the flag or
-    the config's `ray_actor_options.num_cpus` says otherwise; `num_replicas` and autoscaling's
-    `min_replicas` / `max_replicas` are capped at the replicas the node holds (a replica Ray
-    cannot place would stay pending). Returns (options, notes on what was capped)."""
-    if replica_cpus is not None and replica_cpus <= 0:
-        raise ValueError(f"--replica-cpus must be positive, got {replica_cpus:g}")
-    out = {**options, "ray_actor_options": dict(options.get("ray_actor_options") or {})}
-    cpus = replica_cpus if replica_cpus is not None else out["ray_actor_options"].get("num_cpus", node_cpus)
-    out["ray_actor_options"]["num_cpus"] = cpus
-    notes: list[str] = []
-    if cpus <= 0:  # a config's num_cpus: 0 (replicas that reserve no CPU): nothing to cap
-        return out, notes
-    fits = max(int(node_cpus // cpus), 1)
-    if isinstance(out.get("num_replicas"), int) and out["num_replicas"] > fits:
-        notes.append(f"num_replicas {out['num_replicas']} -> {fits}")
-        out["num_replicas"] = fits
-    auto = dict(out.get("autoscaling_config") or {})
-    for key in ("min_replicas", "max_replicas"):
-        if auto.get(key, 0) > fits:
-            notes.append(f"autoscaling {key} {auto[key]} -> {fits}")
-            auto[key] = fits
-    if auto:
-        out["autoscaling_config"] = auto
-    return out, [f"{n} (each replica takes {cpus:g} of this node's {node_cpus} CPUs)" for n in notes]
-
-
 # How often Ray's agent collects its node and process statistics (psutil over every Ray process;
 # Ray's default is every 5 s). Nothing here reads them (the node's ray_node_* and ray_component_*
 # series), and each collection is a CPU burst beside the engine: at 30 s the idle stack's agent
@@ -193,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel-min-tokens", type=int, default=None, metavar="N",
                    help="on a CPU, engine steps of fewer tokens run on one torch thread, larger ones on all "
                         "(engine.parallel_min_tokens; 0: all steps on all threads; default: the config's)")
+    p.add_argument("--replicas", type=replicas_arg, default=None, metavar="N|auto",
+                   help="a fixed replica count, each reserving an equal share of the node's CPUs unless "
+                        "--replica-cpus says otherwise (autoscaling off); auto: one per CPU, at most "
+                        f"{AUTO_REPLICAS_MAX}, on a CPU device (see AUTO_REPLICAS_MAX). Default: the config's "
+                        "count or autoscaling")
     p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
                    help="haproxy (default): replicas serve HTTP themselves behind Ray Serve's HAProxy; "
                         "proxy: Ray Serve's Python proxy actor (see replicas/ingress.py)")
@@ -213,9 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.autoscaling_json:
         options["autoscaling_config"] = json.loads(args.autoscaling_json)
     node_cpus = args.num_cpus or len(os.sched_getaffinity(0))
-    options, notes = replica_cpus_options(options, node_cpus, args.replica_cpus)
-    for note in notes:
-        print(f"capped: {note}", flush=True)
+    replica_cpus, notes = args.replica_cpus, []
+    if args.replicas is not None:
+        try:
+            count = replica_count(args.replicas, node_cpus, config, replica_cpus)
+        except ValueError as e:
+            print(f"python -m replicas: {e}", file=sys.stderr)
+            return 2
+        options, replica_cpus, notes = fixed_replicas_options(options, count, node_cpus, replica_cpus)
+    options, capped = replica_cpus_options(options, node_cpus, replica_cpus)
+    for note in notes + [f"capped: {c}" for c in capped]:
+        print(note, flush=True)
     error = bind_serving(args.serving_cpus)
     if error:
         print(f"python -m replicas: {error}", file=sys.stderr)

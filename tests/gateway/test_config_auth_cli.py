@@ -213,10 +213,24 @@ def test_up_passes_the_replica_resources_through():
     cmd = replicas_command(up_args(), "m", None)
     assert "--replica-cpus" not in cmd and "--torch-threads" not in cmd and "--metrics-report-interval-ms" not in cmd
     cmd = replicas_command(up_args("--replica-cpus", "1.5", "--torch-threads", "3", "--metrics-report-interval-ms",
-                                   "10000"), "m", {"max_replicas": 2})
+                                   "10000", "--replicas", "policy"), "m", {"max_replicas": 2})
     assert cmd[cmd.index("--replica-cpus") + 1] == "1.5" and cmd[cmd.index("--torch-threads") + 1] == "3"
     assert cmd[cmd.index("--metrics-report-interval-ms") + 1] == "10000"
     assert json.loads(cmd[cmd.index("--autoscaling-json") + 1]) == {"max_replicas": 2}
+
+
+def test_up_fixes_the_replica_count_unless_the_policy_autoscales():
+    """By default `up` asks for `--replicas auto` (one replica per CPU, resolved by `python -m
+    replicas`) and the policy's autoscaling block stays out; `--replicas policy` passes the block."""
+    cmd = replicas_command(up_args(), "m", {"max_replicas": 8})
+    assert cmd[cmd.index("--replicas") + 1] == "auto" and "--autoscaling-json" not in cmd
+    cmd = replicas_command(up_args("--replicas", "3"), "m", {"max_replicas": 8})
+    assert cmd[cmd.index("--replicas") + 1] == "3" and "--autoscaling-json" not in cmd
+    cmd = replicas_command(up_args("--replicas", "policy"), "m", {"max_replicas": 8})
+    assert "--replicas" not in cmd and json.loads(cmd[cmd.index("--autoscaling-json") + 1]) == {"max_replicas": 8}
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(SystemExit):
+            up_args("--replicas", bad)
 
 
 def test_up_passes_the_cpu_layout_through():

@@ -18,8 +18,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path):
-    """Also: keys from $NLD_API_KEY_FILE (as `serve`), Ray's metrics port on loopback only, and
-    the preset's signals reading this stack's --metrics-port."""
+    """Also: keys from $NLD_API_KEY_FILE (as `serve`), Ray's metrics port on loopback only, the
+    preset's signals reading this stack's --metrics-port, and two replicas (`--replicas 2`), each
+    with its own engine process on its share of the CPUs, both reporting to the policy."""
+    cpus = len(os.sched_getaffinity(0))
+    replicas, threads = min(2, cpus), max(cpus // 2, 1)  # a 1-CPU node holds one replica of one CPU
     port, replica_port, metrics_port = free_port(), free_port(), free_port()
     keys = tmp_path / "keys"
     keys.write_text("sk-up\n")
@@ -27,7 +30,7 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "up", "--model", str(serve_model_dir), "--port", str(port),
          "--replica-port", str(replica_port), "--metrics-port", str(metrics_port),
-         "--policy", "policies/presets/adaptive.yaml"],
+         "--policy", "policies/presets/adaptive.yaml", "--replicas", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "NLD_API_KEY_FILE": str(keys)})
     lines = []
     try:
@@ -50,27 +53,34 @@ def test_up_serves_the_api_and_ctrl_c_stops_everything(serve_model_dir, tmp_path
         assert r.status_code == 200 and r.headers["x-nld-decoding-mode"] == "self_spec", (r.headers, policy)
         assert listening_addresses(metrics_port) == {"127.0.0.1"}  # never 0.0.0.0
         assert listening_addresses(replica_port) == {"127.0.0.1"}
-        # the one local replica reserves the node's CPUs, so its engine runs that many torch threads
-        # (Serve's default of one CPU per replica would give it one thread, whatever the machine)
-        stats = httpx.get(f"http://127.0.0.1:{replica_port}/stats", timeout=10).json()
-        assert stats["torch_threads"] == len(os.sched_getaffinity(0)), stats
+        # each replica reserves its share of the node's CPUs, so its engine runs that many torch
+        # threads (Serve's default of one CPU per replica would give one, whatever the machine)
+        seen = {}
+        for _ in range(20):
+            stats = httpx.get(f"http://127.0.0.1:{replica_port}/stats", timeout=10).json()
+            seen[stats["replica_id"]] = (stats["torch_threads"], stats["engine_pid"])
+            if len(seen) == replicas:
+                break
+        assert len(seen) == replicas and {t for t, _ in seen.values()} == {threads}, seen
+        assert len({pid for _, pid in seen.values()}) == replicas  # an engine process each
         # the preset reads the reports on the replica's answers: a report is the engine's last stats
         # snapshot (pushed when it idles, after the outputs that idled it), so the answer after the
         # first one carries the steps the first one measured; then one replica and its cost model (the signal board takes the page
         # first, the next evaluation, within 0.1 s, the goodput view: wait for both)
-        time.sleep(0.6)
-        r = httpx.post(url + "/v1/completions", json={"model": serve_model_dir.name, "prompt": "x", "max_tokens": 4},
-                       timeout=60, headers=auth)
-        assert r.status_code == 200
-        policy = wait_for_policy(url, auth, lambda p: p["signals"]["replicas"]["value"] == 1.0
+        for _ in range(4 * replicas):  # HAProxy spreads them: every replica answers and reports
+            time.sleep(0.6)
+            r = httpx.post(url + "/v1/completions", json={"model": serve_model_dir.name, "prompt": "x",
+                                                          "max_tokens": 4}, timeout=60, headers=auth)
+            assert r.status_code == 200
+        policy = wait_for_policy(url, auth, lambda p: p["signals"]["replicas"]["value"] == replicas
                                  and (p["signals"]["costs"]["value"] or 0) > 0
                                  and (p["goodput"] or {}).get("model", {}).get("steps", 0) > 0)
-        assert policy["policy"] == "adaptive" and policy["signals"]["replicas"]["value"] == 1.0, policy
+        assert policy["policy"] == "adaptive" and policy["signals"]["replicas"]["value"] == replicas, policy
         assert policy["signals"]["fleet_running"]["error"] is None
         # the calibrating default reads the replica's measured cost model from the same reports
         assert policy["signals"]["costs"]["error"] is None and policy["signals"]["costs"]["value"] > 0, policy
-        assert policy["goodput"]["model"]["replicas"] == 1 and policy["goodput"]["model"]["steps"] > 0, policy
-        assert policy["reports"]["rejected"] == 0 and len(policy["reports"]["replicas"]) == 1, policy
+        assert policy["goodput"]["model"]["replicas"] == replicas and policy["goodput"]["model"]["steps"] > 0, policy
+        assert policy["reports"]["rejected"] == 0 and len(policy["reports"]["replicas"]) == replicas, policy
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=90)
