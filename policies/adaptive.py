@@ -185,14 +185,18 @@ class AdaptiveModePolicy(ModePolicyBase):
         if target != self.level:
             load = max(self.smoothed, self.raw)
             void = self.tried_at is not None and octaves_between(load, self.tried_at) > STEADY_OCTAVES
-            self._switch_to(target, now, choice.reason, choice.detail, ignore_dwell=void or self._load_stepped_up(target),
+            done = self.tried_at is not None and self.chooser.basis.get(self.mode, False)
+            self._switch_to(target, now, choice.reason, choice.detail,
+                            ignore_dwell=void or done or self._load_stepped_up(target),
                             tried_at=load if choice.reason == "explore" else None)
         return True
 
     def _switch_to(self, target: int, now: float, reason: str, detail: str, ignore_dwell: bool = False,
                    tried_at: float | None = None) -> None:
         """`ignore_dwell`: a try (goodput's `explore`) whose load has since moved away measures
-        nothing useful, so the policy leaves it at once instead of holding it for the dwell.
+        nothing useful, and one whose mode is now measured near its load has done its job, so the
+        policy leaves it at once instead of holding it for the dwell (a try of self_spec at 4
+        requests per replica, at half ar's tokens/s, had held a whole 14 s peer window).
         `tried_at`: the load of a switch that is a try (every other switch forgets the last try)."""
         if target == self.level or (not ignore_dwell and now - self.last_switch_clock < self.spec.mode.min_dwell_s):
             return

@@ -485,6 +485,45 @@ async def test_a_try_is_left_at_once_when_the_load_moves_away():
     assert await step(policy, board, clock, load, costs, 1, seconds=0.5) == "ar"
 
 
+async def test_a_try_ends_as_soon_as_its_mode_is_measured_worse():
+    """A try measures the tried mode and no more: once the replicas report it near the load (and
+    worse), the policy goes back within the dwell. Seen in a peer run: a try of self_spec at 4
+    requests per replica made half of ar's tokens/s for the whole 10 s dwell."""
+    policy, board, clock, load, costs = make()
+    v = view(tokens_per_cycle=6.0, steps=1000)
+    ss1 = predict(v, "self_spec", 1, tiers=TIERS, rule=RULE).tokens_per_s
+    v.realized = {("ar", 1): (1.2 * ss1, MIN_WINDOWS)}
+    costs.view = v
+    policy.level = [lv.mode for lv in policy.levels].index("ar")
+    modes = [await step(policy, board, clock, load, costs, 1, seconds=0.5) for _ in range(4)]
+    assert modes[-1] == "self_spec" and policy.snapshot()["last_switch"]["reason"] == "explore"
+    tried = clock.t
+    assert await step(policy, board, clock, load, costs, 1, seconds=0.5) == "self_spec"  # not measured yet: held
+    measured = view(tokens_per_cycle=6.0, steps=1000)
+    measured.realized = {**v.realized, ("self_spec", 1): (0.5 * ss1, MIN_WINDOWS)}
+    costs.view = measured
+    mode = await step(policy, board, clock, load, costs, 1, seconds=0.5)
+    assert mode == "ar" and clock.t - tried < policy.spec.mode.min_dwell_s  # within the dwell
+    assert policy.snapshot()["goodput"]["choice"] == "ar"
+
+
+async def test_a_try_measured_better_is_kept():
+    """The same try, measured above ar's rate there: the policy stays in the tried mode."""
+    policy, board, clock, load, costs = make()
+    v = view(tokens_per_cycle=6.0, steps=1000)
+    ss1 = predict(v, "self_spec", 1, tiers=TIERS, rule=RULE).tokens_per_s
+    v.realized = {("ar", 1): (1.2 * ss1, MIN_WINDOWS)}
+    costs.view = v
+    policy.level = [lv.mode for lv in policy.levels].index("ar")
+    modes = [await step(policy, board, clock, load, costs, 1, seconds=0.5) for _ in range(4)]
+    assert modes[-1] == "self_spec"
+    measured = view(tokens_per_cycle=6.0, steps=1000)
+    measured.realized = {**v.realized, ("self_spec", 1): (2.0 * ss1, MIN_WINDOWS)}
+    costs.view = measured
+    modes = [await step(policy, board, clock, load, costs, 1, seconds=0.5) for _ in range(30)]
+    assert set(modes) == {"self_spec"}
+
+
 async def test_a_burst_after_an_idle_switch_to_self_spec_goes_to_ar_within_the_dwell():
     """The cost model rates self_spec best at 1 request and ar at 32: the fleet goes idle, the
     policy moves to self_spec, and a burst of 32 requests a few seconds later is in ar at once."""
