@@ -115,13 +115,14 @@ def start_vllm(vpy: Path, model: str, port: int, logs: Path) -> Server:
 def start_stack(model: str, port: int, policy: Path | None, logs: Path, label: str, threads: int | None,
                 extra: list[str] | tuple[str, ...] = ()) -> Server:
     """`nld-gateway up` on `port` (replicas on port + 1, Ray metrics on port + 2); `extra`: more
-    `up` options."""
+    `up` options, last, so that they override `policy` and `threads` (a variant's own policy)."""
     cmd = [PY, "-m", "gateway", "up", "--model", model, "--model-name", "nld", "--port", str(port),
-           "--replica-port", str(port + 1), "--metrics-port", str(port + 2), *extra]
+           "--replica-port", str(port + 1), "--metrics-port", str(port + 2)]
     if threads:
         cmd += ["--torch-threads", str(threads)]
     if policy is not None:
         cmd += ["--policy", str(policy)]
+    cmd += list(extra)
     return Server(f"nld-gateway ({label})", cmd, f"http://127.0.0.1:{port}/ready", logs / f"stack_{label}.log")
 
 
