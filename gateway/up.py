@@ -202,6 +202,10 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
         gateway = build_gateway(config, spec)  # checks the policy file before anything starts
     except CONFIG_ERRORS as e:
         return config_error("up", e)
+    if args.engine_cpus and args.replicas not in ("auto", "policy", "1"):
+        print(f"nld-gateway up: --engine-cpus binds every replica's engine to the same CPUs: use it with one "
+              f"replica, not --replicas {args.replicas}", file=sys.stderr)
+        return 2
     if args.serving_cpus:  # the gateway in this process; the replicas bind themselves (--serving-cpus)
         try:
             os.sched_setaffinity(0, [int(x) for x in args.serving_cpus.split(",")])

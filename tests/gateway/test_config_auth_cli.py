@@ -170,6 +170,14 @@ def test_up_bad_key_file_is_one_line_and_exit_2(tmp_path, capsys, how, content):
     assert line.startswith("nld-gateway up: invalid configuration: api key path") and str(path) in line
 
 
+def test_up_refuses_several_replicas_on_one_bound_engine_cpu_set(capsys):
+    code = main(["up", "--model", MODEL, "--engine-cpus", "0", "--replicas", "2"], environ={})
+    out = capsys.readouterr()
+    assert code == 2 and "starting the replicas" not in out.out
+    (line,) = out.err.splitlines()
+    assert "--engine-cpus binds every replica's engine to the same CPUs" in line and "--replicas 2" in line
+
+
 def test_up_bad_key_file_in_a_real_process(tmp_path):
     """`python -m gateway up` itself: status 2, one line on stderr, no traceback."""
     import os
