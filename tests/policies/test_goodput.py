@@ -465,20 +465,35 @@ async def test_no_thrash_at_the_crossover_with_realized_rates_and_tries():
     assert switches <= 3, switches
 
 
-async def test_a_try_is_left_at_once_when_the_load_moves_away():
-    """A try is bound by the dwell only while the load stays where it is measuring: a step from
-    1 to 32 requests during a try of self_spec goes to ar at once (seen in a step-change run: 224
-    requests at 32 ran in the tried mode for the rest of the dwell)."""
+async def start_a_try(realized_ar_32: bool = False):
+    """A policy in ar at one request, where ar measured 1.2x the model's self_spec (so ar is chosen,
+    and self_spec, never measured there, is worth a try), run until it tries self_spec. Returns
+    (policy, board, clock, load, costs, the view, the model's self_spec rate at 1, when it tried)."""
     policy, board, clock, load, costs = make()
     v = view(tokens_per_cycle=6.0, steps=1000)
     ss1 = predict(v, "self_spec", 1, tiers=TIERS, rule=RULE).tokens_per_s
-    # ar measured 1.2x the model's self_spec at 1 (so ar is chosen, and self_spec, never measured, is worth a try)
-    v.realized = {("ar", 1): (1.2 * ss1, MIN_WINDOWS), ("ar", 32): (50 * ss1, MIN_WINDOWS)}
+    v.realized = {("ar", 1): (1.2 * ss1, MIN_WINDOWS)}
+    if realized_ar_32:
+        v.realized[("ar", 32)] = (50 * ss1, MIN_WINDOWS)
     costs.view = v
     policy.level = [lv.mode for lv in policy.levels].index("ar")
     modes = [await step(policy, board, clock, load, costs, 1, seconds=0.5) for _ in range(4)]
     assert modes[-1] == "self_spec" and policy.snapshot()["last_switch"]["reason"] == "explore"
-    tried = clock.t
+    return policy, board, clock, load, costs, v, ss1, clock.t
+
+
+def measured_self_spec(v, rate: float):
+    """The same view once the replicas report self_spec at one request at `rate` tokens/s."""
+    out = view(tokens_per_cycle=6.0, steps=1000)
+    out.realized = {**v.realized, ("self_spec", 1): (rate, MIN_WINDOWS)}
+    return out
+
+
+async def test_a_try_is_left_at_once_when_the_load_moves_away():
+    """A try is bound by the dwell only while the load stays where it is measuring: a step from
+    1 to 32 requests during a try of self_spec goes to ar at once (seen in a step-change run: 224
+    requests at 32 ran in the tried mode for the rest of the dwell)."""
+    policy, board, clock, load, costs, _, _, tried = await start_a_try(realized_ar_32=True)
     mode = await step(policy, board, clock, load, costs, 32, seconds=0.5)
     assert mode == "ar" and clock.t - tried < policy.spec.mode.min_dwell_s  # within the dwell
     # a switch that is not a try keeps the dwell: back at 1 request, no immediate move
@@ -489,19 +504,9 @@ async def test_a_try_ends_as_soon_as_its_mode_is_measured_worse():
     """A try measures the tried mode and no more: once the replicas report it near the load (and
     worse), the policy goes back within the dwell. Seen in a peer run: a try of self_spec at 4
     requests per replica made half of ar's tokens/s for the whole 10 s dwell."""
-    policy, board, clock, load, costs = make()
-    v = view(tokens_per_cycle=6.0, steps=1000)
-    ss1 = predict(v, "self_spec", 1, tiers=TIERS, rule=RULE).tokens_per_s
-    v.realized = {("ar", 1): (1.2 * ss1, MIN_WINDOWS)}
-    costs.view = v
-    policy.level = [lv.mode for lv in policy.levels].index("ar")
-    modes = [await step(policy, board, clock, load, costs, 1, seconds=0.5) for _ in range(4)]
-    assert modes[-1] == "self_spec" and policy.snapshot()["last_switch"]["reason"] == "explore"
-    tried = clock.t
+    policy, board, clock, load, costs, v, ss1, tried = await start_a_try()
     assert await step(policy, board, clock, load, costs, 1, seconds=0.5) == "self_spec"  # not measured yet: held
-    measured = view(tokens_per_cycle=6.0, steps=1000)
-    measured.realized = {**v.realized, ("self_spec", 1): (0.5 * ss1, MIN_WINDOWS)}
-    costs.view = measured
+    costs.view = measured_self_spec(v, 0.5 * ss1)
     mode = await step(policy, board, clock, load, costs, 1, seconds=0.5)
     assert mode == "ar" and clock.t - tried < policy.spec.mode.min_dwell_s  # within the dwell
     assert policy.snapshot()["goodput"]["choice"] == "ar"
@@ -509,17 +514,8 @@ async def test_a_try_ends_as_soon_as_its_mode_is_measured_worse():
 
 async def test_a_try_measured_better_is_kept():
     """The same try, measured above ar's rate there: the policy stays in the tried mode."""
-    policy, board, clock, load, costs = make()
-    v = view(tokens_per_cycle=6.0, steps=1000)
-    ss1 = predict(v, "self_spec", 1, tiers=TIERS, rule=RULE).tokens_per_s
-    v.realized = {("ar", 1): (1.2 * ss1, MIN_WINDOWS)}
-    costs.view = v
-    policy.level = [lv.mode for lv in policy.levels].index("ar")
-    modes = [await step(policy, board, clock, load, costs, 1, seconds=0.5) for _ in range(4)]
-    assert modes[-1] == "self_spec"
-    measured = view(tokens_per_cycle=6.0, steps=1000)
-    measured.realized = {**v.realized, ("self_spec", 1): (2.0 * ss1, MIN_WINDOWS)}
-    costs.view = measured
+    policy, board, clock, load, costs, v, ss1, _ = await start_a_try()
+    costs.view = measured_self_spec(v, 2.0 * ss1)
     modes = [await step(policy, board, clock, load, costs, 1, seconds=0.5) for _ in range(30)]
     assert set(modes) == {"self_spec"}
 
