@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?= models/nld-tiny-pystdlib
-POLICY ?= policies/presets/adaptive.yaml
+POLICY ?= policies/presets/adaptive_cpu.yaml
 BENCH_MODEL ?= .cache/bench-nld
 
 .PHONY: venv system-deps run test test-fast bench clean chart-schema chart-presets

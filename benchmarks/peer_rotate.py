@@ -159,7 +159,7 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
 
 
 def main(argv=None) -> None:
-    p = peer_arguments(__doc__.splitlines()[0], policy=ROOT / "policies" / "presets" / "adaptive.yaml",
+    p = peer_arguments(__doc__.splitlines()[0], policy=ROOT / "policies" / "presets" / "adaptive_cpu.yaml",
                        policy_help="the stack's policy, used by `adaptive` (auto) requests", seconds=6.0, port=8400,
                        out=ROOT / "benchmarks" / "results" / "peer_rotate.json")
     p.add_argument("--bare-serve", action="store_true", help=argparse.SUPPRESS)

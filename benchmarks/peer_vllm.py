@@ -51,6 +51,7 @@ CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec", "triton")
 PY = sys.executable
 STACK_VARIANTS = {"ar": {"decoding_mode": "ar"}, "self_spec": {"decoding_mode": "self_spec"},
                   "self_spec_b8": {"decoding_mode": "self_spec", "block_length": 8},
+                  "self_spec_b16": {"decoding_mode": "self_spec", "block_length": 16},
                   "adaptive": {"decoding_mode": "auto"}}
 
 

@@ -40,7 +40,7 @@ async def decide_with(reports: ReplicaReports, preset: str, inflight: int) -> tu
         await holder.stop()
 
 
-@pytest.mark.parametrize("preset", ["adaptive", "static", "latency", "throughput"])
+@pytest.mark.parametrize("preset", ["adaptive", "adaptive_cpu", "static", "latency", "throughput"])
 async def test_presets_read_the_replicas_reports_without_a_fetch(preset):
     mode, snap, fetches = await decide_with(reports_of([1, 1, 1]), preset, inflight=0)
     assert fetches == 0

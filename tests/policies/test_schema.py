@@ -50,7 +50,7 @@ def test_duplicate_signal_names_and_non_mapping():
         parse_policy("- 1\n- 2\n")
 
 
-@pytest.mark.parametrize("name", ["adaptive", "static", "latency", "throughput"])
+@pytest.mark.parametrize("name", ["adaptive", "adaptive_cpu", "static", "latency", "throughput"])
 def test_presets_validate(name):
     spec = load_policy_file(PRESETS / f"{name}.yaml")
     assert spec.mode.enter_loaded_above > spec.mode.leave_loaded_below
@@ -89,7 +89,7 @@ def test_signal_urls_take_the_stack_ports_as_placeholders():
         parse_policy(yaml.safe_dump(bad))
 
 
-@pytest.mark.parametrize("name", ["adaptive", "static", "latency", "throughput"])
+@pytest.mark.parametrize("name", ["adaptive", "adaptive_cpu", "static", "latency", "throughput"])
 def test_presets_read_the_replicas_reports_and_count_the_replicas(name):
     """No preset hard-codes a metrics address or fetches a page (they read the replicas' reports,
     `reports:`), and none divides by a constant replica count."""
@@ -154,3 +154,12 @@ def test_the_cluster_preset_calibrates_from_prometheus_federation():
     assert parse_qs(parts.query) == {"match[]": ['{__name__=~"ray_nld_replica_.*",namespace="serving",app="x"}']}
     (bare,) = [s for s in spec.resolved(StackPorts()).signals if s.source == "goodput"]
     assert parse_qs(urlsplit(bare.urls[0]).query) == {"match[]": ['{__name__=~"ray_nld_replica_.*"}']}
+
+
+def test_the_cpu_preset_is_adaptive_with_8_token_drafts_at_every_load():
+    """`adaptive_cpu.yaml` (what `make run` serves) differs from `adaptive.yaml` only in its draft
+    tiers: 8 tokens whatever the load (on a CPU a forward costs about its tokens)."""
+    cpu, base = (load_policy_file(PRESETS / f"{n}.yaml") for n in ("adaptive_cpu", "adaptive"))
+    assert [(t.max_running, t.block_length) for t in cpu.engine.draft_tiers] == [(16, 8)]
+    assert cpu.model_dump(exclude={"engine"}) == base.model_dump(exclude={"engine"})
+    assert cpu.engine.model_dump(exclude={"draft_tiers"}) == base.engine.model_dump(exclude={"draft_tiers"})
