@@ -169,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         options["autoscaling_config"] = json.loads(args.autoscaling_json)
     node_cpus = args.num_cpus or len(os.sched_getaffinity(0))
     replica_cpus, notes = args.replica_cpus, []
-    if args.replicas is not None:
-        try:
+    try:  # a bad count or CPU share: one line, exit 2, before Ray starts
+        if args.replicas is not None:
             count = replica_count(args.replicas, node_cpus, config, replica_cpus)
-        except ValueError as e:
-            print(f"python -m replicas: {e}", file=sys.stderr)
-            return 2
-        options, replica_cpus, notes = fixed_replicas_options(options, count, node_cpus, replica_cpus)
-    options, capped = replica_cpus_options(options, node_cpus, replica_cpus)
+            options, replica_cpus, notes = fixed_replicas_options(options, count, node_cpus, replica_cpus)
+        options, capped = replica_cpus_options(options, node_cpus, replica_cpus)
+    except ValueError as e:
+        print(f"python -m replicas: {e}", file=sys.stderr)
+        return 2
     for note in notes + [f"capped: {c}" for c in capped]:
         print(note, flush=True)
     error = bind_serving(args.serving_cpus)

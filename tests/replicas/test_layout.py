@@ -69,3 +69,17 @@ def test_the_shared_cpus_keep_every_replica_on_the_node():
     out, cpus, _ = fixed_replicas_options({}, 4, node_cpus=2, replica_cpus=None)
     out, capped = replica_cpus_options(out, 2, cpus)
     assert out["num_replicas"] == 2 and capped == ["num_replicas 4 -> 2 (each replica takes 1 of this node's 2 CPUs)"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--replicas", "2", "--engine-cpus", "0"], "--engine-cpus binds every replica's engine to the same CPUs"),
+    (["--replica-cpus", "0"], "--replica-cpus must be positive"),
+])
+def test_python_m_replicas_refuses_a_bad_layout_in_one_line_before_ray_starts(argv, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "replicas", "--model", "models/nld-tiny-pystdlib", *argv],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "starting Ray" not in r.stdout
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr
