@@ -21,7 +21,9 @@ gateway decided (a rollout or a scale-up of gateways would otherwise reset the f
 With a goodput rule, while the chooser finds the running mode unmeasured at the load (a load
 step into a load it never ran at, for a bounded time) the policy asks the board for an extra poll
 of the signals every `settle_s`, so the cost model it decides on has measured the new load
-without waiting for the next interval. Non-goals: polling (see `signals.SignalBoard`), HTTP.
+without waiting for the next interval. A goodput switch rests on the chosen mode's earlier
+measurement: once the replicas have measured it again near that load, a choice against it undoes
+the switch within the dwell (once per dwell). Non-goals: polling (see `signals.SignalBoard`), HTTP.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .base import MODES, ModeDecision, ModePolicyBase, ModeRequest
 from .expr import compile_expression
-from .goodput import STEADY_OCTAVES, GoodputChooser, octaves_between
+from .goodput import STEADY_OCTAVES, GoodputChooser, octaves_between, windows_near
+from .predict import MIN_WINDOWS
 from .schema import PolicyFile
 from .signals import SignalBoard
 
@@ -96,6 +99,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.last_eval: float | None = None
         self.last_switch_clock = float("-inf")
         self.tried_at: float | None = None  # the load at which the current mode was entered as a try
+        self.recheck: tuple[str, float, float] | None = None  # a goodput switch's (mode, load, windows there)
         self.switch_load: float | None = None  # the smoothed load at the last switch
         self.last_switch: Switch | None = None
         self.switch_count = 0
@@ -112,6 +116,7 @@ class AdaptiveModePolicy(ModePolicyBase):
             self.level = modes.index(old.mode)
         self.smoothed, self.last_switch_clock, self.last_switch = old.smoothed, old.last_switch_clock, old.last_switch
         self.switch_count, self.tried_at, self.switch_load = old.switch_count, old.tried_at, old.switch_load
+        self.recheck = old.recheck
         self.attached_at = old.attached_at  # the view carries over; the new file's settings date from now
         self._publish_mode()
 
@@ -186,21 +191,39 @@ class AdaptiveModePolicy(ModePolicyBase):
             load = max(self.smoothed, self.raw)
             void = self.tried_at is not None and octaves_between(load, self.tried_at) > STEADY_OCTAVES
             done = self.tried_at is not None and self.chooser.basis.get(self.mode, False)
-            self._switch_to(target, now, choice.reason, choice.detail,
-                            ignore_dwell=void or done or self._load_stepped_up(target),
-                            tried_at=load if choice.reason == "explore" else None)
+            rechecked = self._rechecked(view)
+            dwell_over = now - self.last_switch_clock >= self.spec.mode.min_dwell_s
+            if self._switch_to(target, now, choice.reason, choice.detail,
+                               ignore_dwell=void or done or rechecked or self._load_stepped_up(target),
+                               tried_at=load if choice.reason == "explore" else None):
+                if choice.reason == "goodput" and (dwell_over or not rechecked):
+                    self.recheck = (self.mode, load, windows_near(view, self.mode, load))
         return True
 
+    def _rechecked(self, view) -> bool:
+        """Whether the running mode, entered by a goodput switch (not by undoing one), has since been
+        measured again near the load it was entered at (`MIN_WINDOWS` new windows of its realized
+        rate). The switch rested on that mode's rate measured earlier, perhaps in another speed
+        phase of the machine; once the replicas have measured it now, a choice against it may undo
+        the switch within the dwell (one undo per dwell: the undo itself is not re-checked). Seen in
+        a peer run at 8 requests per replica: self_spec predicted 1.13x ar from an older cell,
+        measured 0.88x, and the dwell held it for the rest of the window (0.82x fixed ar)."""
+        if self.recheck is None or self.recheck[0] != self.mode:
+            return False
+        mode, load, windows = self.recheck
+        return windows_near(view, mode, load) - windows >= MIN_WINDOWS
+
     def _switch_to(self, target: int, now: float, reason: str, detail: str, ignore_dwell: bool = False,
-                   tried_at: float | None = None) -> None:
+                   tried_at: float | None = None) -> bool:
         """`ignore_dwell`: a try (goodput's `explore`) whose load has since moved away measures
         nothing useful, and one whose mode is now measured near its load has done its job, so the
         policy leaves it at once instead of holding it for the dwell (a try of self_spec at 4
         requests per replica, at half ar's tokens/s, had held a whole 14 s peer window).
-        `tried_at`: the load of a switch that is a try (every other switch forgets the last try)."""
+        `tried_at`: the load of a switch that is a try (every other switch forgets the last try).
+        Every switch forgets the last goodput switch's re-check too. Whether it switched."""
         if target == self.level or (not ignore_dwell and now - self.last_switch_clock < self.spec.mode.min_dwell_s):
-            return
-        self.tried_at = tried_at
+            return False
+        self.tried_at, self.recheck = tried_at, None
         self.switch_load = self.smoothed
         old = self.mode
         self.level = target
@@ -210,6 +233,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.switch_count += 1
         self.metrics.switches.labels(**{"from": old, "to": self.mode, "reason": reason}).inc()
         self._publish_mode()
+        return True
 
     def _load_stepped_up(self, target: int, entry: float = 0.0) -> bool:
         """A move to a more loaded level once the load (smoothed or raw, the larger) is at least

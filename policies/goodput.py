@@ -52,6 +52,13 @@ def measured_near(view: CostView, mode: str, n: float, octaves: float = 1.0) -> 
     return any(distance <= octaves for distance, _, _ in measured_cells(view, mode, n))
 
 
+def windows_near(view: CostView, mode: str, n: float, octaves: float = 1.0) -> float:
+    """How many one-second windows of `mode`'s realized rate the replicas folded, in all, within
+    `octaves` of load `n` (the count only grows: a rise says the mode was measured again there)."""
+    return sum(windows for (m, cell), (_, windows) in view.realized.items()
+               if m == mode and octaves_between(n, cell) <= octaves)
+
+
 def load_octave(n: float) -> int:
     """The octave of a load that a try is remembered by."""
     return round(math.log2(max(n, 1.0)))

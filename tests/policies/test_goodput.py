@@ -520,6 +520,64 @@ async def test_a_try_measured_better_is_kept():
     assert set(modes) == {"self_spec"}
 
 
+def cells(ar: tuple[float, float], self_spec: tuple[float, float]):
+    """A fresh view (the chooser memoises per view) with ar's and self_spec's realized cells at 8
+    requests: (tokens/s, windows folded so far)."""
+    v = view(tokens_per_cycle=6.0, steps=1000)
+    v.realized = {("ar", 8): ar, ("self_spec", 8): self_spec}
+    return v
+
+
+async def switch_to_self_spec_at_8():
+    """A policy in ar at 8 requests, where self_spec's older cell says 1.3x ar's rate: it switches
+    (a goodput switch, nothing holding it). Returns (policy, board, clock, load, costs, when)."""
+    policy, board, clock, load, costs = make()
+    policy.level = [lv.mode for lv in policy.levels].index("ar")
+    costs.view = cells(ar=(1000.0, 6), self_spec=(1300.0, 6))
+    assert await step(policy, board, clock, load, costs, 8, seconds=0.5) == "self_spec"
+    assert policy.snapshot()["last_switch"]["reason"] == "goodput"
+    return policy, board, clock, load, costs, clock.t
+
+
+async def test_a_goodput_switch_measured_worse_again_is_undone_within_the_dwell():
+    """The switch rested on self_spec's older measurement; the replicas measure it again at the
+    load (3 new windows) at 0.7x ar's: the policy goes back to ar without waiting out the dwell.
+    Seen in a peer run at 8 requests per replica: self_spec predicted 1.13x ar from an older cell,
+    measured 0.88x, and the dwell held it for the rest of the window (0.82x fixed ar)."""
+    policy, board, clock, load, costs, switched = await switch_to_self_spec_at_8()
+    costs.view = cells(ar=(1000.0, 6), self_spec=(700.0, 6 + MIN_WINDOWS))
+    modes = [await step(policy, board, clock, load, costs, 8, seconds=0.5) for _ in range(8)]
+    assert modes[-1] == "ar" and policy.last_switch_clock - switched < policy.spec.mode.min_dwell_s
+    assert policy.snapshot()["last_switch"]["reason"] == "goodput"
+
+
+async def test_a_goodput_switch_not_measured_again_keeps_the_dwell():
+    """Until the running mode is measured again near the load, the dwell holds it, even when the
+    other mode's rate rises (e.g. explicit ar requests measured it again)."""
+    policy, board, clock, load, costs, switched = await switch_to_self_spec_at_8()
+    costs.view = cells(ar=(2000.0, 6 + MIN_WINDOWS), self_spec=(1300.0, 6 + MIN_WINDOWS - 1))
+    modes = []
+    while clock.t - switched < policy.spec.mode.min_dwell_s - 0.5:
+        modes.append(await step(policy, board, clock, load, costs, 8, seconds=0.5))
+    assert set(modes) == {"self_spec"} and policy.snapshot()["goodput"]["choice"] == "ar"
+    assert await step(policy, board, clock, load, costs, 8, seconds=1.0) == "ar"  # the dwell is over
+
+
+async def test_undoing_a_goodput_switch_is_not_undone_within_the_dwell():
+    """One undo per dwell: back in ar, ar measured again below self_spec does not flip the policy
+    back before the dwell is over (no ping-pong on a machine whose speed drifts)."""
+    policy, board, clock, load, costs, _ = await switch_to_self_spec_at_8()
+    costs.view = cells(ar=(1000.0, 6), self_spec=(700.0, 6 + MIN_WINDOWS))
+    while await step(policy, board, clock, load, costs, 8, seconds=0.5) != "ar":
+        pass
+    undone = policy.last_switch_clock
+    costs.view = cells(ar=(400.0, 6 + 2 * MIN_WINDOWS), self_spec=(700.0, 6 + MIN_WINDOWS))
+    modes = []
+    while clock.t - undone < policy.spec.mode.min_dwell_s - 0.5:
+        modes.append(await step(policy, board, clock, load, costs, 8, seconds=0.5))
+    assert set(modes) == {"ar"} and policy.snapshot()["goodput"]["choice"] == "self_spec"
+
+
 async def test_a_burst_after_an_idle_switch_to_self_spec_goes_to_ar_within_the_dwell():
     """The cost model rates self_spec best at 1 request and ar at 32: the fleet goes idle, the
     policy moves to self_spec, and a burst of 32 requests a few seconds later is in ar at once."""
