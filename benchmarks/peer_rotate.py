@@ -16,7 +16,11 @@ minute of each other, and besides medians over rounds the tables give the median
 ratios (each from one round's neighbouring windows). A 60 s freeze of the whole Ray stack was
 tried first: no error, no replica restart. Same client as `peer_vllm.py` (`loadgen.py`, its own
 process); every failed or non-200 request of a run is counted (`errors_total`), settle included.
-Saves JSON (`peer_rotate.json`) and a PNG. Kept out of CI and `make bench` (vLLM's venv).
+For the stack's streamed windows it also reads the replicas' own inter-token histogram
+(`nld_replica_inter_token_latency_seconds`, on Ray's metrics port) before and after: the engine-side
+seconds per token of the requests finished in the run (settle included), beside the client's TPOT,
+so a streamed ITL above the bare engine's step splits into what the engines took and what the
+serving path added. Saves JSON (`peer_rotate.json`) and a PNG. Kept out of CI and `make bench` (vLLM's venv).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -71,6 +76,28 @@ def signal_tree(pid: int, sig: int) -> None:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+METRICS_LAG_S = 3.0  # a replica metric reaches Ray's page within ~2 s (`up`'s --metrics-report-interval-ms 2000)
+
+
+def engine_inter_token(metrics_url: str) -> tuple[float, float]:
+    """(sum of seconds, count) of every replica's `nld_replica_inter_token_latency_seconds`: each
+    finished request's (last token - first token) / (tokens - 1), timed in the engine process."""
+    return inter_token_totals(urllib.request.urlopen(metrics_url, timeout=10).read().decode())
+
+
+def inter_token_totals(text: str) -> tuple[float, float]:
+    """`engine_inter_token` from a Prometheus text page: the histogram's sum and count, summed over
+    its label sets (replicas, modes)."""
+    total = count = 0.0
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name == "ray_nld_replica_inter_token_latency_seconds_sum":
+            total += float(line.rsplit(" ", 1)[1])
+        elif name == "ray_nld_replica_inter_token_latency_seconds_count":
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
 
 
 @contextmanager
@@ -178,6 +205,7 @@ def main(argv=None) -> None:
     args.prompts_file = work / "prompts.json"
     args.prompts_file.write_text(json.dumps(prompts))
     vllm_port, stack_port = args.port, args.port + 10
+    metrics_url = f"http://127.0.0.1:{stack_port + 2}/metrics"  # the stack's Ray metrics (start_stack)
     policy = work / "policy.yaml"
     policy.write_text(args.policy.read_text())
     servers, urls = {}, {}
@@ -215,13 +243,22 @@ def main(argv=None) -> None:
                     server = servers["vllm" if system == "vllm" else "stack"]
                     with thawed(server.proc.pid):
                         for stream in streams:
+                            engine_side = stream and system != "vllm"
+                            before = engine_inter_token(metrics_url) if engine_side else None
                             r = run_load(urls[system], args.prompts_file, c, stream, STACK_VARIANTS.get(system, {}),
                                          args)
+                            if before is not None:
+                                time.sleep(METRICS_LAG_S)  # the last requests' histogram records reach the page
+                                after = engine_inter_token(metrics_url)
+                                done = after[1] - before[1]
+                                r["engine_itl_mean_s"] = (after[0] - before[0]) / done if done > 0 else None
                             rows.append({**r, "system": system, "concurrency": c, "stream": stream, "round": rnd})
                             print(f"round {rnd} {system} c={c} {'sse ' if stream else 'json'}: "
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s itl "
                                   f"{1000 * (r['itl_p50_s'] or 0):.1f} ms errors {r['errors_total']}"
-                                  + (f" modes {r['modes']}" if r.get("modes") else ""), flush=True)
+                                  + (f" modes {r['modes']}" if r.get("modes") else "")
+                                  + (f" tpot {1000 * r['tpot_p50_s']:.1f} ms engine-side {1000 * r['engine_itl_mean_s']:.1f}"
+                                     f" ms" if r.get("engine_itl_mean_s") and r.get("tpot_p50_s") else ""), flush=True)
         merged = median_rows(rows)
         ratios = print_tables(merged, levels, systems)
         paired = paired_ratios(rows, levels)

@@ -206,7 +206,7 @@ def bare_engine(model: str, prompts: list, c: int, seconds: float, max_tokens: i
 
 def median_rows(rows: list[dict]) -> list[dict]:
     keys = ("tokens_per_s", "latency_p50_s", "latency_p99_s", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s",
-            "tpot_p50_s", "step_p50_s")
+            "tpot_p50_s", "step_p50_s", "engine_itl_mean_s")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["system"], r["concurrency"], r["stream"]), []).append(r)

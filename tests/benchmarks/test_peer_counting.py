@@ -10,7 +10,7 @@ import sys
 import time
 
 from benchmarks.loadgen import summarise
-from benchmarks.peer_rotate import paired_ratios, process_tree, signal_tree, thawed
+from benchmarks.peer_rotate import inter_token_totals, paired_ratios, process_tree, signal_tree, thawed
 from benchmarks.peer_vllm import median_rows
 
 
@@ -113,3 +113,19 @@ def test_the_bare_engine_warms_up_for_the_settle_it_is_given(tmp_path):
     t0 = time.monotonic()
     r = bare_engine(str(model), [[1, 2, 3, 4]], 2, 0.3, 4, None, warm_s=0.5)
     assert time.monotonic() - t0 >= 0.8 and r["tokens_per_s"] > 0 and r["busy_share"] > 0
+
+
+def test_the_engine_side_inter_token_time_sums_every_replica_and_mode():
+    """The histogram's sum and count over its label sets; its buckets and other metrics ignored."""
+    page = """# HELP ray_nld_replica_inter_token_latency_seconds seconds per token between chunks
+# TYPE ray_nld_replica_inter_token_latency_seconds histogram
+ray_nld_replica_inter_token_latency_seconds_bucket{le="0.01",mode="ar",replica="a"} 3.0
+ray_nld_replica_inter_token_latency_seconds_sum{mode="ar",replica="a"} 0.5
+ray_nld_replica_inter_token_latency_seconds_count{mode="ar",replica="a"} 40.0
+ray_nld_replica_inter_token_latency_seconds_sum{mode="self_spec",replica="b"} 0.25
+ray_nld_replica_inter_token_latency_seconds_count{mode="self_spec",replica="b"} 10.0
+ray_nld_replica_time_to_first_token_seconds_sum{mode="ar",replica="a"} 9.0
+ray_nld_replica_time_to_first_token_seconds_count{mode="ar",replica="a"} 9.0
+"""
+    assert inter_token_totals(page) == (0.75, 50.0)
+    assert inter_token_totals("") == (0.0, 0.0)
