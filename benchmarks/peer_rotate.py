@@ -9,7 +9,7 @@ once and kept: vLLM (`peer_vllm.start_vllm`), one `nld-gateway up` stack (with -
 the shipped calibrating preset) serving `ar` and `self_spec` fixed in the request and `adaptive`
 as `auto`, and the bare `BatchEngine` in a process of its own (`--bare-serve`: weights loaded
 once, one closed-loop window per command on stdin). For each round, for each level, the systems
-run one after another in a rotating order; a server not being measured is frozen (SIGSTOP to
+run one after another in a rotating order (reversed in odd rounds: `window_order`); a server not being measured is frozen (SIGSTOP to
 its whole process tree, SIGCONT after), so it takes no CPU from the one measured, and the bare
 process waits on its stdin. The systems of one (round, level) are thus measured within about a
 minute of each other, and besides medians over rounds the tables give the median of per-round
@@ -76,6 +76,22 @@ def signal_tree(pid: int, sig: int) -> None:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+def window_order(systems: list[str], rnd: int, level: int) -> list[str]:
+    """The systems' order in one (round, level): rotated by round + level, and reversed in odd
+    rounds, so that a system runs right after another as often as right before it, give or take
+    one, over four rounds (a plain rotation kept `adaptive` right after `ar` in every round at 32
+    requests, where it made 0.84-0.92x `ar`'s tokens/s in the same mode)."""
+    k = (rnd + level) % len(systems)
+    order = systems[k:] + systems[:k]
+    return order[::-1] if rnd % 2 else order
+
+
+def policy_state(url: str) -> dict:
+    """The stack's policy: its mode, switch count and last switch (`GET /v1/nld/policy`)."""
+    snap = json.load(urllib.request.urlopen(f"{url}/v1/nld/policy", timeout=10))
+    return {"mode": snap.get("mode"), "switches": snap.get("switches"), "last_switch": snap.get("last_switch")}
 
 
 METRICS_LAG_S = 3.0  # a replica metric reaches Ray's page within ~2 s (`up`'s --metrics-report-interval-ms 2000)
@@ -233,8 +249,7 @@ def main(argv=None) -> None:
         rows: list[dict] = []
         for rnd in range(args.rounds):
             for i, c in enumerate(levels):
-                k = (rnd + i) % len(systems)
-                for system in systems[k:] + systems[:k]:
+                for system in window_order(systems, rnd, i):
                     if system == "bare":
                         r = bare.measure(c)
                         rows.append({**r, "system": "bare", "concurrency": c, "stream": False, "round": rnd})
@@ -245,8 +260,13 @@ def main(argv=None) -> None:
                         for stream in streams:
                             engine_side = stream and system != "vllm"
                             before = engine_inter_token(metrics_url) if engine_side else None
+                            policy_before = policy_state(urls[system]) if system == "adaptive" else None
                             r = run_load(urls[system], args.prompts_file, c, stream, STACK_VARIANTS.get(system, {}),
                                          args)
+                            if policy_before is not None:  # switches during the run (settle included)
+                                after_policy = policy_state(urls[system])
+                                r["policy"] = {**after_policy,
+                                               "switched": after_policy["switches"] - policy_before["switches"]}
                             if before is not None:
                                 time.sleep(METRICS_LAG_S)  # the last requests' histogram records reach the page
                                 after = engine_inter_token(metrics_url)
@@ -257,6 +277,8 @@ def main(argv=None) -> None:
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s itl "
                                   f"{1000 * (r['itl_p50_s'] or 0):.1f} ms errors {r['errors_total']}"
                                   + (f" modes {r['modes']}" if r.get("modes") else "")
+                                  + (f" switches {r['policy']['switched']} (last {r['policy']['last_switch']})"
+                                     if r.get("policy") else "")
                                   + (f" tpot {1000 * r['tpot_p50_s']:.1f} ms engine-side {1000 * r['engine_itl_mean_s']:.1f}"
                                      f" ms" if r.get("engine_itl_mean_s") and r.get("tpot_p50_s") else ""), flush=True)
         merged = median_rows(rows)

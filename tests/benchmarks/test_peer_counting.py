@@ -10,7 +10,8 @@ import sys
 import time
 
 from benchmarks.loadgen import summarise
-from benchmarks.peer_rotate import inter_token_totals, paired_ratios, process_tree, signal_tree, thawed
+from benchmarks.peer_rotate import (inter_token_totals, paired_ratios, process_tree, signal_tree, thawed,
+                                     window_order)
 from benchmarks.peer_vllm import median_rows
 
 
@@ -129,3 +130,20 @@ ray_nld_replica_time_to_first_token_seconds_count{mode="ar",replica="a"} 9.0
 """
     assert inter_token_totals(page) == (0.75, 50.0)
     assert inter_token_totals("") == (0.0, 0.0)
+
+
+def test_each_system_follows_each_other_about_equally_often():
+    """Over four rounds at any level, a system runs right after another one as often as right
+    before it, give or take one (a plain rotation kept `adaptive` right after `ar` in every round
+    at one level)."""
+    from collections import Counter
+
+    systems = ["vllm", "ar", "adaptive", "bare"]
+    for level in range(4):
+        follows: Counter = Counter()
+        for rnd in range(4):
+            order = window_order(systems, rnd, level)
+            assert sorted(order) == sorted(systems)
+            follows.update(zip(order, order[1:]))
+        assert all(abs(follows[a, b] - follows[b, a]) <= 1 for a in systems for b in systems)
+        assert follows["ar", "adaptive"] >= 1 and follows["adaptive", "ar"] >= 1
