@@ -9,9 +9,9 @@ once and kept: vLLM (`peer_vllm.start_vllm`), one `nld-gateway up` stack (with -
 the shipped calibrating preset) serving `ar` and `self_spec` fixed in the request and `adaptive`
 as `auto`, and the bare `BatchEngine` in a process of its own (`--bare-serve`: weights loaded
 once, one closed-loop window per command on stdin). For each round, for each level, the systems
-run one after another in a rotating order (reversed in odd rounds: `window_order`); a server not being measured is frozen (SIGSTOP to
-its whole process tree, SIGCONT after), so it takes no CPU from the one measured, and the bare
-process waits on its stdin. The systems of one (round, level) are thus measured within about a
+run one after another in a rotating order (reversed in odd rounds: `window_order`); a server not
+being measured is frozen (SIGSTOP to its whole process tree, SIGCONT after), so it takes no CPU
+from the one measured, and the bare process waits on its stdin. The systems of one (round, level) are thus measured within about a
 minute of each other, and besides medians over rounds the tables give the median of per-round
 ratios (each from one round's neighbouring windows). A 60 s freeze of the whole Ray stack was
 tried first: no error, no replica restart. Same client as `peer_vllm.py` (`loadgen.py`, its own
