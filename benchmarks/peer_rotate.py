@@ -89,9 +89,24 @@ def window_order(systems: list[str], rnd: int, level: int) -> list[str]:
 
 
 def policy_state(url: str) -> dict:
-    """The stack's policy: its mode, switch count and last switch (`GET /v1/nld/policy`)."""
+    """The stack's policy: its mode, switch count and last switch (`GET /v1/nld/policy`), and its
+    switches so far by "from->to (reason)" (the gateway's `nld_policy_switches_total`)."""
     snap = json.load(urllib.request.urlopen(f"{url}/v1/nld/policy", timeout=10))
-    return {"mode": snap.get("mode"), "switches": snap.get("switches"), "last_switch": snap.get("last_switch")}
+    page = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
+    return {"mode": snap.get("mode"), "switches": snap.get("switches"), "last_switch": snap.get("last_switch"),
+            "by_kind": switch_counts(page)}
+
+
+def switch_counts(page: str) -> dict[str, float]:
+    """`nld_policy_switches_total` of a Prometheus text page, by "from->to (reason)"."""
+    out: dict[str, float] = {}
+    for line in page.splitlines():
+        if line.startswith("nld_policy_switches_total{"):
+            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.rindex("}")].split(","))
+            labels = {k: v.strip('"') for k, v in labels.items()}
+            key = f"{labels['from']}->{labels['to']} ({labels['reason']})"
+            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
 
 
 METRICS_LAG_S = 3.0  # a replica metric reaches Ray's page within ~2 s (`up`'s --metrics-report-interval-ms 2000)
@@ -265,7 +280,9 @@ def main(argv=None) -> None:
                                          args)
                             if policy_before is not None:  # switches during the run (settle included)
                                 after_policy = policy_state(urls[system])
-                                r["policy"] = {**after_policy,
+                                kinds = {k: n - policy_before["by_kind"].get(k, 0.0)
+                                         for k, n in after_policy["by_kind"].items()}
+                                r["policy"] = {**after_policy, "by_kind": {k: n for k, n in kinds.items() if n},
                                                "switched": after_policy["switches"] - policy_before["switches"]}
                             if before is not None:
                                 time.sleep(METRICS_LAG_S)  # the last requests' histogram records reach the page
@@ -277,8 +294,7 @@ def main(argv=None) -> None:
                                   f"{r['tokens_per_s']:.0f} tok/s p50 {r['latency_p50_s'] or 0:.3f} s itl "
                                   f"{1000 * (r['itl_p50_s'] or 0):.1f} ms errors {r['errors_total']}"
                                   + (f" modes {r['modes']}" if r.get("modes") else "")
-                                  + (f" switches {r['policy']['switched']} (last {r['policy']['last_switch']})"
-                                     if r.get("policy") else "")
+                                  + (f" switches {r['policy']['by_kind'] or 0}" if r.get("policy") else "")
                                   + (f" tpot {1000 * r['tpot_p50_s']:.1f} ms engine-side {1000 * r['engine_itl_mean_s']:.1f}"
                                      f" ms" if r.get("engine_itl_mean_s") and r.get("tpot_p50_s") else ""), flush=True)
         merged = median_rows(rows)

@@ -11,7 +11,7 @@ import time
 
 from benchmarks.loadgen import summarise
 from benchmarks.peer_rotate import (inter_token_totals, paired_ratios, process_tree, signal_tree, thawed,
-                                     window_order)
+                                     switch_counts, window_order)
 from benchmarks.peer_vllm import median_rows
 
 
@@ -147,3 +147,12 @@ def test_each_system_follows_each_other_about_equally_often():
             follows.update(zip(order, order[1:]))
         assert all(abs(follows[a, b] - follows[b, a]) <= 1 for a in systems for b in systems)
         assert follows["ar", "adaptive"] >= 1 and follows["adaptive", "ar"] >= 1
+
+
+def test_the_policy_switches_are_counted_by_kind():
+    page = """# TYPE nld_policy_switches_total counter
+nld_policy_switches_total{from="ar",reason="falling",to="self_spec"} 1.0
+nld_policy_switches_total{from="self_spec",reason="explore",to="ar"} 2.0
+nld_policy_switches_created{from="ar",reason="falling",to="self_spec"} 1.7e+09
+"""
+    assert switch_counts(page) == {"ar->self_spec (falling)": 1.0, "self_spec->ar (explore)": 2.0}
