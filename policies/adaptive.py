@@ -30,44 +30,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from .base import MODES, ModeDecision, ModePolicyBase, ModeRequest
 from .expr import compile_expression
 from .goodput import STEADY_OCTAVES, GoodputChooser, octaves_between, windows_near
+from .levels import Level, PolicyMetrics, Switch
 from .predict import MIN_WINDOWS
 from .schema import PolicyFile
 from .signals import SignalBoard
-
-
-@dataclass(frozen=True)
-class Level:
-    mode: str
-    enter_above: float = float("-inf")
-    leave_below: float = float("-inf")
-    spec_algorithm: str | None = None  # self_spec levels: the algorithm; None: the replica's default
-
-
-@dataclass
-class Switch:
-    at: float  # wall clock (unix seconds)
-    from_mode: str
-    to_mode: str
-    reason: str
-    detail: str
-
-
-class PolicyMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.mode = Gauge("nld_policy_mode", "1 for the mode auto requests get now", ["mode"], registry=registry)
-        self.switches = Counter("nld_policy_switches", "mode switches", ["from", "to", "reason"], registry=registry)
-        self.signal = Gauge("nld_policy_signal", "signal values (and the smoothed decision value)", ["name"],
-                            registry=registry)
-        self.predicted = Gauge("nld_policy_predicted_tokens_per_second", "goodput: predicted tokens/s per replica "
-                               "of each mode at the load decided on", ["mode"], registry=registry)
 
 
 class AdaptiveModePolicy(ModePolicyBase):
