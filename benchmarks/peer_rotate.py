@@ -11,16 +11,17 @@ as `auto`, and the bare `BatchEngine` in a process of its own (`--bare-serve`: w
 once, one closed-loop window per command on stdin). For each round, for each level, the systems
 run one after another in a rotating order (reversed in odd rounds: `window_order`); a server not
 being measured is frozen (SIGSTOP to its whole process tree, SIGCONT after), so it takes no CPU
-from the one measured, and the bare process waits on its stdin. The systems of one (round, level) are thus measured within about a
-minute of each other, and besides medians over rounds the tables give the median of per-round
-ratios (each from one round's neighbouring windows). A 60 s freeze of the whole Ray stack was
-tried first: no error, no replica restart. Same client as `peer_vllm.py` (`loadgen.py`, its own
-process); every failed or non-200 request of a run is counted (`errors_total`), settle included.
-For the stack's streamed windows it also reads the replicas' own inter-token histogram
-(`nld_replica_inter_token_latency_seconds`, on Ray's metrics port) before and after: the engine-side
-seconds per token of the requests finished in the run (settle included), beside the client's TPOT,
-so a streamed ITL above the bare engine's step splits into what the engines took and what the
-serving path added. Saves JSON (`peer_rotate.json`) and a PNG. Kept out of CI and `make bench` (vLLM's venv).
+from the one measured, and the bare process waits on its stdin. The systems of one (round,
+level) are thus measured within about a minute of each other, and besides medians over rounds the
+tables give the median of per-round ratios (each from one round's neighbouring windows). A 60 s
+freeze of the whole Ray stack was tried first: no error, no replica restart. Same client as
+`peer_vllm.py` (`loadgen.py`, its own process); every failed or non-200 request of a run is
+counted (`errors_total`), settle included. For the stack's streamed windows it also reads the
+replicas' own inter-token histogram (`nld_replica_inter_token_latency_seconds`, on Ray's metrics
+port) before and after: the engine-side seconds per token of the requests finished in the run
+(settle included), beside the client's TPOT, so a streamed ITL above the bare engine's step splits
+into what the engines took and what the serving path added. Saves JSON (`peer_rotate.json`) and a
+PNG. Kept out of CI and `make bench` (vLLM's venv).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from benchmarks.engine_modes import heldout_prompts  # noqa: E402
 from benchmarks.peer_vllm import (PY, STACK_VARIANTS, bare_engine, check_identity, ensure_vllm_venv,  # noqa: E402
                                   median_rows, peer_arguments, plot, print_tables, run_load, start_stack,
                                   start_vllm, window_settle)
+from policies.signals import samples  # noqa: E402
 
 
 def parent_pid(pid: int) -> int:
@@ -100,13 +102,18 @@ def policy_state(url: str) -> dict:
 def switch_counts(page: str) -> dict[str, float]:
     """`nld_policy_switches_total` of a Prometheus text page, by "from->to (reason)"."""
     out: dict[str, float] = {}
-    for line in page.splitlines():
-        if line.startswith("nld_policy_switches_total{"):
-            labels = dict(part.split("=", 1) for part in line[line.index("{") + 1:line.rindex("}")].split(","))
-            labels = {k: v.strip('"') for k, v in labels.items()}
-            key = f"{labels['from']}->{labels['to']} ({labels['reason']})"
-            out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    for labels, value in samples(page, "nld_policy_switches_total"):
+        key = f"{labels['from']}->{labels['to']} ({labels['reason']})"
+        out[key] = out.get(key, 0.0) + value
     return out
+
+
+def switches_during(before: dict, after: dict) -> dict:
+    """`policy_state` after a run, with the switches made during it: `switched` (a count) and
+    `by_kind` (only the kinds that happened)."""
+    kinds = {k: n - before["by_kind"].get(k, 0.0) for k, n in after["by_kind"].items()}
+    return {**after, "by_kind": {k: n for k, n in kinds.items() if n},
+            "switched": after["switches"] - before["switches"]}
 
 
 METRICS_LAG_S = 3.0  # a replica metric reaches Ray's page within ~2 s (`up`'s --metrics-report-interval-ms 2000)
@@ -121,14 +128,8 @@ def engine_inter_token(metrics_url: str) -> tuple[float, float]:
 def inter_token_totals(text: str) -> tuple[float, float]:
     """`engine_inter_token` from a Prometheus text page: the histogram's sum and count, summed over
     its label sets (replicas, modes)."""
-    total = count = 0.0
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name == "ray_nld_replica_inter_token_latency_seconds_sum":
-            total += float(line.rsplit(" ", 1)[1])
-        elif name == "ray_nld_replica_inter_token_latency_seconds_count":
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+    name = "ray_nld_replica_inter_token_latency_seconds"
+    return (sum(v for _, v in samples(text, name + "_sum")), sum(v for _, v in samples(text, name + "_count")))
 
 
 @contextmanager
@@ -279,11 +280,7 @@ def main(argv=None) -> None:
                             r = run_load(urls[system], args.prompts_file, c, stream, STACK_VARIANTS.get(system, {}),
                                          args)
                             if policy_before is not None:  # switches during the run (settle included)
-                                after_policy = policy_state(urls[system])
-                                kinds = {k: n - policy_before["by_kind"].get(k, 0.0)
-                                         for k, n in after_policy["by_kind"].items()}
-                                r["policy"] = {**after_policy, "by_kind": {k: n for k, n in kinds.items() if n},
-                                               "switched": after_policy["switches"] - policy_before["switches"]}
+                                r["policy"] = switches_during(policy_before, policy_state(urls[system]))
                             if before is not None:
                                 time.sleep(METRICS_LAG_S)  # the last requests' histogram records reach the page
                                 after = engine_inter_token(metrics_url)
