@@ -165,7 +165,7 @@ class AdaptiveModePolicy(ModePolicyBase):
             void = self.tried_at is not None and octaves_between(load, self.tried_at) > STEADY_OCTAVES
             done = self.tried_at is not None and self.chooser.basis.get(self.mode, False)
             rechecked = self._rechecked(view)
-            dwell_over = now - self.last_switch_clock >= self.spec.mode.min_dwell_s
+            dwell_over = self._dwell_over(now)
             if self._switch_to(target, now, choice.reason, choice.detail,
                                ignore_dwell=void or done or rechecked or self._load_stepped_up(target),
                                tried_at=load if choice.reason == "explore" else None):
@@ -194,7 +194,7 @@ class AdaptiveModePolicy(ModePolicyBase):
         requests per replica, at half ar's tokens/s, had held a whole 14 s peer window).
         `tried_at`: the load of a switch that is a try (every other switch forgets the last try).
         Every switch forgets the last goodput switch's re-check too. Whether it switched."""
-        if target == self.level or (not ignore_dwell and now - self.last_switch_clock < self.spec.mode.min_dwell_s):
+        if target == self.level or (not ignore_dwell and not self._dwell_over(now)):
             return False
         self.tried_at, self.recheck = tried_at, None
         self.switch_load = self.smoothed
@@ -207,6 +207,10 @@ class AdaptiveModePolicy(ModePolicyBase):
         self.metrics.switches.labels(**{"from": old, "to": self.mode, "reason": reason}).inc()
         self._publish_mode()
         return True
+
+    def _dwell_over(self, now: float) -> bool:
+        """Whether `min_dwell_s` has passed since the last switch."""
+        return now - self.last_switch_clock >= self.spec.mode.min_dwell_s
 
     def _load_stepped_up(self, target: int, entry: float = 0.0) -> bool:
         """A move to a more loaded level once the load (smoothed or raw, the larger) is at least
