@@ -28,7 +28,9 @@ class EngineLimits(BaseModel):
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1, description="share of GPU memory for the engine")
     kv_watermark: float = Field(default=0.01, ge=0, lt=1, description="share of KV blocks admission keeps free")
     enable_prefix_caching: bool = Field(default=True, description="share full prompt blocks between requests")
-    max_num_batched_tokens: int = Field(default=2048, ge=1, description="tokens per engine step")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="tokens per engine step: every "
+                                               "running request's pass first, then prefill chunks; None: 512 on a "
+                                               "CPU, 2048 on CUDA (replicas.engine.engine_config.STEP_TOKENS)")
     spec_algorithm: SpecAlgorithm = Field(default="linear", description="self_spec requests that name none")
     quadratic_block_length: int = Field(default=8, ge=2, description="quadratic self-spec block when a request "
                                         "names none (a cycle is B (B + 1) tokens)")

@@ -10,6 +10,13 @@ from dataclasses import dataclass, field
 
 from .params import SPEC_ALGORITHMS
 
+# The default token budget of one step, by device. On a CPU a step costs about its tokens, so a
+# wave of prompts prefilled in one step stalls every decoding row for many decode steps: with 16
+# AR rows per one-thread replica at 32 requests, 2048 made p99 latency 1.4x the median and 512
+# made it 1.2x at equal tokens/s (docs/PERFORMANCE.md, "A CPU step's token budget"). 512 still
+# covers every row's pass of a full 32-row batch of AR or 8-token self-spec with room for
+# prompts. A GPU, memory-bound at these widths, takes 2048 at little cost to the decode rows.
+STEP_TOKENS = {"cpu": 512, "cuda": 2048}
 
 @dataclass(frozen=True)
 class DraftTier:
@@ -43,7 +50,8 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of the GPU's memory for weights + activations + KV
     kv_watermark: float = 0.01  # share of the blocks admission leaves free for running sequences to grow
     enable_prefix_caching: bool = True  # share full prompt blocks between requests
-    max_num_batched_tokens: int = 2048  # tokens per step: every running row's pass, then prefill chunks
+    # tokens per step: every running row's pass, then prefill chunks; None: `STEP_TOKENS` by device
+    max_num_batched_tokens: int | None = None
     spec_algorithm: str = "linear"  # self_spec requests that name none: "linear" | "quadratic"
     # quadratic self-spec block when a request names none (a cycle is B (B + 1) tokens, so it
     # defaults smaller than the linear block; draft tiers cap it further under load)
@@ -56,6 +64,9 @@ class EngineConfig:
     onednn_linears: bool = True
 
     def __post_init__(self) -> None:
+        if self.max_num_batched_tokens is None:
+            device = "cuda" if self.device.startswith("cuda") else "cpu"
+            object.__setattr__(self, "max_num_batched_tokens", STEP_TOKENS[device])
         for name in ("max_batch_size", "max_seq_len", "prefill_chunk", "kv_block_size", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")

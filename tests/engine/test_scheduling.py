@@ -151,3 +151,46 @@ def test_passes_reserve_their_lookahead_and_boundaries_free_whole_blocks(engine,
     if mode == "self_spec":
         stats = be.stats_snapshot()
         assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_the_default_step_budget_is_512_tokens_on_a_cpu_and_2048_on_cuda():
+    from dataclasses import replace
+
+    from replicas.config import ReplicaConfig
+    from replicas.engine.engine_config import STEP_TOKENS
+
+    assert STEP_TOKENS == {"cpu": 512, "cuda": 2048}
+    assert EngineConfig().max_num_batched_tokens == 512
+    assert EngineConfig(device="cuda").max_num_batched_tokens == 2048
+    assert EngineConfig(device="cuda:1").max_num_batched_tokens == 2048
+    assert EngineConfig(device="cuda", max_num_batched_tokens=96).max_num_batched_tokens == 96
+    assert replace(EngineConfig(), max_batch_size=8).max_num_batched_tokens == 512
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        EngineConfig(max_num_batched_tokens=0)
+    # the replica passes "unset" down, so the engine's device decides
+    assert ReplicaConfig(model_path="m").engine_config().max_num_batched_tokens == 512
+    assert ReplicaConfig(model_path="m", device="cuda").engine_config().max_num_batched_tokens == 2048
+    limits = {"max_num_batched_tokens": 1024}
+    assert ReplicaConfig(model_path="m", engine=limits).engine_config().max_num_batched_tokens == 1024
+
+
+def test_on_a_cpu_a_wave_of_prompts_is_spread_over_steps_that_all_advance_the_running_rows(engine):
+    """The case the CPU default is for: 16 AR rows decode when 16 prompts of 64 tokens arrive at
+    once (a closed loop's wave). With 2048 the whole wave (1,024 tokens) was one step, which
+    stalled every running row for the cost of ~60 decode steps."""
+    be = BatchEngine(engine, EngineConfig(max_batch_size=32, max_seq_len=256))
+    params = DecodeParams(max_new_tokens=100, ignore_eos=True)
+    running = [be.submit([101 + i, 102, 103, 104], params) for i in range(16)]
+    while any(r.prefilling for r in be.scheduler.running.values()) or be.scheduler.waiting:
+        be.step()
+    rng = random.Random(1)
+    wave = [be.submit([rng.randrange(101, engine.config.vocab_size) for _ in range(64)], params) for _ in range(16)]
+    steps = 0
+    while any(be.scheduler.running[rid].prefilling for rid in wave if rid in be.scheduler.running) or be.scheduler.waiting:
+        before = {rid: be.scheduler.running[rid].seq.forward_passes for rid in running}
+        be.step()
+        steps += 1
+        assert be.stats.last_step_tokens <= 512
+        for rid in running:
+            assert be.scheduler.running[rid].seq.forward_passes == before[rid] + 1
+    assert steps == -(-16 * 64 // (512 - 16))  # the wave took the budget the running rows left, step by step
