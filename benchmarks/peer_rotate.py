@@ -1,6 +1,6 @@
 """Peer benchmark, finely interleaved: every system stays up, frozen while another is measured.
 
-    python benchmarks/peer_rotate.py [--levels 1,2,4,8,16,32] [--rounds 3] [--systems vllm,ar,self_spec,adaptive,bare]
+    python benchmarks/peer_rotate.py [--levels 1,2,4,8,16,32] [--rounds 3] [--systems vllm,ar,self_spec,adaptive,bare,bare_split]
 
 Why: this VM's speed drifts by up to 2x over minutes (the bare engine measured 2,082 then 4,385
 tok/s at concurrency 32 ten minutes apart), while `peer_vllm.py` measures each system for minutes
@@ -8,7 +8,9 @@ at a time and restarts it per round, so its ratios carry that drift. Here every 
 once and kept: vLLM (`peer_vllm.start_vllm`), one `nld-gateway up` stack (with --policy, default
 the shipped calibrating preset) serving `ar` and `self_spec` fixed in the request and `adaptive`
 as `auto`, and the bare `BatchEngine` in a process of its own (`--bare-serve`: weights loaded
-once, one closed-loop window per command on stdin). For each round, for each level, the systems
+once, one closed-loop window per command on stdin), and `bare_split`: the stack's engine layout
+without its serving path (one such engine per CPU, bound to it, one torch thread each, the
+clients split between them: `BareSplit`). For each round, for each level, the systems
 run one after another in a rotating order (reversed in odd rounds: `window_order`); a server not
 being measured is frozen (SIGSTOP to its whole process tree, SIGCONT after), so it takes no CPU
 from the one measured, and the bare process waits on its stdin. The systems of one (round,
@@ -152,13 +154,14 @@ def thaw_and_stop(servers) -> None:
 class BareServer:
     """The bare engine, loaded once: `measure(c)` runs one closed-loop window in the child."""
 
-    def __init__(self, model: str, args, prefix: tuple[str, ...] = ()) -> None:
-        """`prefix`: a command the child runs under (e.g. `taskset -c 0`)."""
+    def __init__(self, model: str, args, prefix: tuple[str, ...] = (), threads: int | None = None) -> None:
+        """`prefix`: a command the child runs under (e.g. `taskset -c 0`); `threads`: its torch
+        threads (default --torch-threads)."""
         cmd = [*prefix, PY, str(Path(__file__).resolve()), "--bare-serve", "--model", model, "--seconds",
                str(args.seconds), "--max-tokens", str(args.max_tokens), "--prompts-file", str(args.prompts_file),
                "--settle-seconds", str(args.settle_seconds)]
-        if args.torch_threads:
-            cmd += ["--torch-threads", str(args.torch_threads)]
+        if threads or args.torch_threads:
+            cmd += ["--torch-threads", str(threads or args.torch_threads)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
     def measure(self, c: int) -> dict:
@@ -172,6 +175,46 @@ class BareServer:
     def stop(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+
+
+def split_load(c: int, engines: int) -> list[int]:
+    """`c` closed-loop clients over `engines` engines as evenly as the stack's balancer spreads
+    them: [4, 4] for 8 over 2, [1, 0] for 1."""
+    return [c // engines + (1 if i < c % engines else 0) for i in range(engines)]
+
+
+class BareSplit:
+    """The stack's engine layout without its serving path (system `bare_split`): one bare engine
+    per CPU (at most `AUTO_REPLICAS_MAX`, as `up --replicas auto` starts replicas), each bound to
+    its CPU with one torch thread, the level's clients split between them and run at once. Its
+    step beside the stack's streamed ITL is what the serving path adds; beside `bare`'s (one
+    engine on every CPU), what the one-engine-per-CPU layout costs."""
+
+    def __init__(self, model: str, args) -> None:
+        from replicas.layout import AUTO_REPLICAS_MAX
+
+        cpus = sorted(os.sched_getaffinity(0))[:AUTO_REPLICAS_MAX]
+        self.engines = [BareServer(model, args, ("taskset", "-c", str(cpu)), threads=1) for cpu in cpus]
+
+    def measure(self, c: int) -> dict:
+        busy = [(e, n) for e, n in zip(self.engines, split_load(c, len(self.engines))) if n]
+        for e, n in busy:  # every engine's window starts before any result is read
+            e.proc.stdin.write(f"{n}\n")
+            e.proc.stdin.flush()
+        parts = []
+        for e, _ in busy:
+            line = e.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a bare engine process exited ({e.proc.wait()})")
+            parts.append(json.loads(line))
+        return {"tokens_per_s": sum(r["tokens_per_s"] for r in parts),
+                "step_p50_s": statistics.mean(r["step_p50_s"] for r in parts),
+                "step_mean_s": statistics.mean(r["step_mean_s"] for r in parts),
+                "engines": parts, "requests": None, "errors": {}, "errors_total": {}}
+
+    def stop(self) -> None:
+        for e in self.engines:
+            e.stop()
 
 
 def serve_bare(args) -> None:
@@ -197,7 +240,7 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
     out: dict = {}
     for c in levels:
         row = {}
-        for num, den in (("ar", "vllm"), ("self_spec", "vllm"), ("adaptive", "vllm"), ("ar", "bare"),
+        for num, den in (("ar", "vllm"), ("self_spec", "vllm"), ("adaptive", "vllm"), ("ar", "bare"), ("ar", "bare_split"),
                          ("adaptive", "ar")):
             vals = [by[num, c, False, k] / by[den, c, False, k] for k in rounds
                     if by.get((num, c, False, k)) and by.get((den, c, False, k))]
@@ -251,7 +294,8 @@ def main(argv=None) -> None:
         for name, server in servers.items():  # one at a time: the other is frozen while it loads
             print(f"{server.name} ready in {server.wait_ready():.0f} s", flush=True)
             signal_tree(server.proc.pid, signal.SIGSTOP)
-        bare = BareServer(str(model), args) if "bare" in systems else None
+        bares = {name: cls(str(model), args) for name, cls in (("bare", BareServer), ("bare_split", BareSplit))
+                 if name in systems}
         identity = None
         if "vllm" in servers:
             with thawed(servers["vllm"].proc.pid):
@@ -266,10 +310,11 @@ def main(argv=None) -> None:
         for rnd in range(args.rounds):
             for i, c in enumerate(levels):
                 for system in window_order(systems, rnd, i):
-                    if system == "bare":
-                        r = bare.measure(c)
-                        rows.append({**r, "system": "bare", "concurrency": c, "stream": False, "round": rnd})
-                        print(f"round {rnd} bare c={c}: {r['tokens_per_s']:.0f} tok/s", flush=True)
+                    if system in bares:
+                        r = bares[system].measure(c)
+                        rows.append({**r, "system": system, "concurrency": c, "stream": False, "round": rnd})
+                        print(f"round {rnd} {system} c={c}: {r['tokens_per_s']:.0f} tok/s step "
+                              f"{1000 * r['step_p50_s']:.2f} ms", flush=True)
                         continue
                     server = servers["vllm" if system == "vllm" else "stack"]
                     with thawed(server.proc.pid):
@@ -303,7 +348,7 @@ def main(argv=None) -> None:
                                         "paired_ratios": paired, "round_rows": rows}, indent=1))
         plot(merged, levels, systems, args.out.with_suffix(".png"))
         print(f"saved {args.out} and {args.out.with_suffix('.png')}")
-        if bare is not None:
+        for bare in bares.values():
             bare.stop()
     finally:
         thaw_and_stop(servers.values())

@@ -277,8 +277,8 @@ def print_tables(merged: list[dict], levels: list[int], systems: list[str]) -> d
     for c in levels:
         cells = []
         for s in systems:
-            if s == "bare":
-                st = get("bare", c, False, "step_p50_s")
+            if s in ("bare", "bare_split"):
+                st = get(s, c, False, "step_p50_s")
                 cells.append("-" if st is None else f"step {1000 * st:.1f}")
                 continue
             t, i50, i99 = (get(s, c, True, k) for k in ("ttft_p50_s", "itl_p50_s", "itl_p99_s"))

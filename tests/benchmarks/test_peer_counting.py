@@ -156,3 +156,40 @@ nld_policy_switches_total{from="self_spec",reason="explore",to="ar"} 2.0
 nld_policy_switches_created{from="ar",reason="falling",to="self_spec"} 1.7e+09
 """
     assert switch_counts(page) == {"ar->self_spec (falling)": 1.0, "self_spec->ar (explore)": 2.0}
+
+
+def test_split_load_spreads_the_clients_as_evenly_as_the_engines_allow():
+    from benchmarks.peer_rotate import split_load
+
+    assert split_load(8, 2) == [4, 4]
+    assert split_load(1, 2) == [1, 0]
+    assert split_load(7, 4) == [2, 2, 2, 1]
+    assert sum(split_load(33, 3)) == 33
+
+
+def test_bare_split_runs_one_bound_one_thread_engine_per_cpu_at_once(tmp_path):
+    """`BareSplit` on a tiny checkpoint: one child per CPU (at most 4), each bound to its own CPU
+    with one torch thread, measured together; the row sums their tokens/s."""
+    import argparse
+    import json
+
+    from benchmarks.peer_rotate import BareSplit
+    from replicas.engine.testing import write_random_checkpoint
+
+    cpus = sorted(os.sched_getaffinity(0))[:4]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([[1, 2, 3, 4], [5, 6, 7]]))
+    args = argparse.Namespace(seconds=0.5, max_tokens=4, prompts_file=prompts, settle_seconds=0.2, torch_threads=None)
+    split = BareSplit(str(write_random_checkpoint(tmp_path / "m")), args)
+    try:
+        assert len(split.engines) == len(cpus)
+        for engine, cpu in zip(split.engines, cpus):
+            cmd = engine.proc.args
+            assert cmd[:3] == ["taskset", "-c", str(cpu)] and cmd[cmd.index("--torch-threads") + 1] == "1"
+        r = split.measure(2 * len(cpus))
+        assert len(r["engines"]) == len(cpus) and all(e["tokens_per_s"] > 0 for e in r["engines"])
+        assert r["tokens_per_s"] == sum(e["tokens_per_s"] for e in r["engines"])
+        assert len(split.measure(1)["engines"]) == 1  # an engine without clients sits this window out
+    finally:
+        split.stop()
+    assert all(e.proc.returncode == 0 for e in split.engines)
