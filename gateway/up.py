@@ -60,6 +60,9 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parallel-min-tokens", type=int, default=None, metavar="N",
                    help="on a CPU, engine steps of fewer tokens run on one torch thread, larger ones on all "
                         "(python -m replicas --parallel-min-tokens)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens per engine step (python -m replicas --max-num-batched-tokens; default 512 on a "
+                        "CPU, 2048 on CUDA)")
     p.add_argument("--control-loop-interval-s", type=float, default=None,
                    help="Ray Serve controller's loop period (default: python -m replicas' 0.5 s)")
     p.add_argument("--metrics-report-interval-ms", type=int, default=None,
@@ -94,6 +97,8 @@ def replicas_command(args, model_name: str, autoscaling: dict | None) -> list[st
             cmd += [flag, value]
     if args.parallel_min_tokens is not None:
         cmd += ["--parallel-min-tokens", str(args.parallel_min_tokens)]
+    if args.max_num_batched_tokens is not None:
+        cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     cmd += ["--ingress", args.ingress]
     if args.control_loop_interval_s is not None:
         cmd += ["--control-loop-interval-s", f"{args.control_loop_interval_s:g}"]

@@ -58,8 +58,9 @@ def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
         base["torch_threads"] = args.torch_threads
     if getattr(args, "engine_cpus", None):
         base["engine_cpus"] = args.engine_cpus
-    if getattr(args, "parallel_min_tokens", None) is not None:
-        base["engine"] = {**(base.get("engine") or {}), "parallel_min_tokens": args.parallel_min_tokens}
+    for name in ("parallel_min_tokens", "max_num_batched_tokens"):  # over the config file's engine block
+        if getattr(args, name, None) is not None:
+            base["engine"] = {**(base.get("engine") or {}), name: getattr(args, name)}
     return ReplicaConfig.model_validate(base), options
 
 
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parallel-min-tokens", type=int, default=None, metavar="N",
                    help="on a CPU, engine steps of fewer tokens run on one torch thread, larger ones on all "
                         "(engine.parallel_min_tokens; 0: all steps on all threads; default: the config's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
+                   help="tokens per engine step: every running request's pass, then prefill chunks "
+                        "(engine.max_num_batched_tokens; default: the config's, else 512 on a CPU, 2048 on CUDA)")
     p.add_argument("--replicas", type=replicas_arg, default=None, metavar="N|auto",
                    help="a fixed replica count, each reserving an equal share of the node's CPUs unless "
                         "--replica-cpus says otherwise (autoscaling off); auto: one per CPU, at most "

@@ -253,3 +253,9 @@ def test_up_passes_parallel_min_tokens_through():
     assert "--parallel-min-tokens" not in replicas_command(up_args(), "m", None)  # the replicas' default
     cmd = replicas_command(up_args("--parallel-min-tokens", "0"), "m", None)
     assert cmd[cmd.index("--parallel-min-tokens") + 1] == "0"
+
+
+def test_up_passes_max_num_batched_tokens_through():
+    assert "--max-num-batched-tokens" not in replicas_command(up_args(), "m", None)  # the device's default
+    cmd = replicas_command(up_args("--max-num-batched-tokens", "2048"), "m", None)
+    assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "2048"

@@ -142,3 +142,21 @@ def test_serving_cpus_bind_this_process_or_say_why_not():
         assert error.startswith("--serving-cpus 4095: ") and os.sched_getaffinity(0) == {one}
     finally:
         os.sched_setaffinity(0, before)
+
+
+def test_max_num_batched_tokens_reaches_the_engine_config(tmp_path):
+    """--max-num-batched-tokens overrides the config file's engine block; unset, the device decides."""
+    import argparse
+
+    from replicas.__main__ import replica_config_from
+
+    conf = tmp_path / "serve.yaml"
+    conf.write_text("applications:\n- args: {model_path: m, engine: {max_batch_size: 4}}\n")
+    args = argparse.Namespace(config=str(conf), model=None, model_name=None, max_num_batched_tokens=None)
+    assert replica_config_from(args)[0].engine_config().max_num_batched_tokens == 512  # a CPU's default
+    args.max_num_batched_tokens = 2048
+    config = replica_config_from(args)[0]
+    assert config.engine.max_batch_size == 4 and config.engine_config().max_num_batched_tokens == 2048
+    args.max_num_batched_tokens = 0
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        replica_config_from(args)
