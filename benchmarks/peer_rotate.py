@@ -1,16 +1,17 @@
 """Peer benchmark, finely interleaved: every system stays up, frozen while another is measured.
 
-    python benchmarks/peer_rotate.py [--levels 1,2,4,8,16,32] [--rounds 3] [--systems vllm,ar,self_spec,adaptive,bare,bare_split]
+    python benchmarks/peer_rotate.py [--levels 1,2,4,8,16,32] [--rounds 3] \
+        [--systems vllm,ar,self_spec,adaptive,bare,bare_split]
 
 Why: this VM's speed drifts by up to 2x over minutes (the bare engine measured 2,082 then 4,385
 tok/s at concurrency 32 ten minutes apart), while `peer_vllm.py` measures each system for minutes
 at a time and restarts it per round, so its ratios carry that drift. Here every system is started
 once and kept: vLLM (`peer_vllm.start_vllm`), one `nld-gateway up` stack (with --policy, default
 the shipped calibrating preset) serving `ar` and `self_spec` fixed in the request and `adaptive`
-as `auto`, and the bare `BatchEngine` in a process of its own (`--bare-serve`: weights loaded
-once, one closed-loop window per command on stdin), and `bare_split`: the stack's engine layout
-without its serving path (one such engine per CPU, bound to it, one torch thread each, the
-clients split between them: `BareSplit`). For each round, for each level, the systems
+as `auto`, and the bare `BatchEngine` in a process of its own (`bare_servers.BareServer`: weights
+loaded once, one closed-loop window per command on stdin), and `bare_split`: the stack's engine
+layout without its serving path (one such engine per CPU, bound to it, one torch thread each, the
+clients split between them: `bare_servers.BareSplit`). For each round, for each level, the systems
 run one after another in a rotating order (reversed in odd rounds: `window_order`); a server not
 being measured is frozen (SIGSTOP to its whole process tree, SIGCONT after), so it takes no CPU
 from the one measured, and the bare process waits on its stdin. The systems of one (round,
@@ -33,7 +34,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import time
 import urllib.request
@@ -43,8 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bare_servers import BareServer, BareSplit  # noqa: E402
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
-from benchmarks.peer_vllm import (PY, STACK_VARIANTS, bare_engine, check_identity, ensure_vllm_venv,  # noqa: E402
+from benchmarks.peer_vllm import (STACK_VARIANTS, check_identity, ensure_vllm_venv,  # noqa: E402
                                   median_rows, peer_arguments, plot, print_tables, run_load, start_stack,
                                   start_vllm, window_settle)
 from policies.signals import samples  # noqa: E402
@@ -151,88 +152,6 @@ def thaw_and_stop(servers) -> None:
         server.stop()
 
 
-class BareServer:
-    """The bare engine, loaded once: `measure(c)` runs one closed-loop window in the child."""
-
-    def __init__(self, model: str, args, prefix: tuple[str, ...] = (), threads: int | None = None) -> None:
-        """`prefix`: a command the child runs under (e.g. `taskset -c 0`); `threads`: its torch
-        threads (default --torch-threads)."""
-        cmd = [*prefix, PY, str(Path(__file__).resolve()), "--bare-serve", "--model", model, "--seconds",
-               str(args.seconds), "--max-tokens", str(args.max_tokens), "--prompts-file", str(args.prompts_file),
-               "--settle-seconds", str(args.settle_seconds)]
-        if threads or args.torch_threads:
-            cmd += ["--torch-threads", str(threads or args.torch_threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-
-    def measure(self, c: int) -> dict:
-        self.proc.stdin.write(f"{c}\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the bare engine process exited ({self.proc.wait()})")
-        return json.loads(line)
-
-    def stop(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-def split_load(c: int, engines: int) -> list[int]:
-    """`c` closed-loop clients over `engines` engines as evenly as the stack's balancer spreads
-    them: [4, 4] for 8 over 2, [1, 0] for 1."""
-    return [c // engines + (1 if i < c % engines else 0) for i in range(engines)]
-
-
-class BareSplit:
-    """The stack's engine layout without its serving path (system `bare_split`): one bare engine
-    per CPU (at most `AUTO_REPLICAS_MAX`, as `up --replicas auto` starts replicas), each bound to
-    its CPU with one torch thread, the level's clients split between them and run at once. Its
-    step beside the stack's streamed ITL is what the serving path adds; beside `bare`'s (one
-    engine on every CPU), what the one-engine-per-CPU layout costs."""
-
-    def __init__(self, model: str, args) -> None:
-        from replicas.layout import AUTO_REPLICAS_MAX
-
-        cpus = sorted(os.sched_getaffinity(0))[:AUTO_REPLICAS_MAX]
-        self.engines = [BareServer(model, args, ("taskset", "-c", str(cpu)), threads=1) for cpu in cpus]
-
-    def measure(self, c: int) -> dict:
-        busy = [(e, n) for e, n in zip(self.engines, split_load(c, len(self.engines))) if n]
-        for e, n in busy:  # every engine's window starts before any result is read
-            e.proc.stdin.write(f"{n}\n")
-            e.proc.stdin.flush()
-        parts = []
-        for e, _ in busy:
-            line = e.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"a bare engine process exited ({e.proc.wait()})")
-            parts.append(json.loads(line))
-        return {"tokens_per_s": sum(r["tokens_per_s"] for r in parts),
-                "step_p50_s": statistics.mean(r["step_p50_s"] for r in parts),
-                "step_mean_s": statistics.mean(r["step_mean_s"] for r in parts),
-                "engines": parts, "requests": None, "errors": {}, "errors_total": {}}
-
-    def stop(self) -> None:
-        for e in self.engines:
-            e.stop()
-
-
-def serve_bare(args) -> None:
-    """Child side of `BareServer`: one engine (the stack's default batch limit), a window per stdin line."""
-    import torch
-
-    from replicas.engine import EngineConfig, load_batch_engine
-
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    prompts = json.loads(args.prompts_file.read_text())
-    engine = load_batch_engine(args.model, EngineConfig(max_batch_size=64, max_seq_len=512, max_waiting=256))
-    for line in sys.stdin:
-        r = bare_engine(args.model, prompts, int(line), args.seconds, args.max_tokens, None, engine=engine,
-                        warm_s=args.settle_seconds)
-        print(json.dumps(r), flush=True)
-
-
 def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
     """Per level, the median over rounds of each round's own ratio (neighbouring windows)."""
     by = {(r["system"], r["concurrency"], r["stream"], r["round"]): r["tokens_per_s"] for r in rows}
@@ -240,8 +159,8 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
     out: dict = {}
     for c in levels:
         row = {}
-        for num, den in (("ar", "vllm"), ("self_spec", "vllm"), ("adaptive", "vllm"), ("ar", "bare"), ("ar", "bare_split"),
-                         ("adaptive", "ar")):
+        for num, den in (("ar", "vllm"), ("self_spec", "vllm"), ("adaptive", "vllm"), ("ar", "bare"),
+                         ("ar", "bare_split"), ("adaptive", "ar")):
             vals = [by[num, c, False, k] / by[den, c, False, k] for k in rounds
                     if by.get((num, c, False, k)) and by.get((den, c, False, k))]
             if vals:
@@ -264,11 +183,7 @@ def main(argv=None) -> None:
     p = peer_arguments(__doc__.splitlines()[0], policy=ROOT / "policies" / "presets" / "adaptive_cpu.yaml",
                        policy_help="the stack's policy, used by `adaptive` (auto) requests", seconds=6.0, port=8400,
                        out=ROOT / "benchmarks" / "results" / "peer_rotate.json")
-    p.add_argument("--bare-serve", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.bare_serve:
-        serve_bare(args)
-        return
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")
     args.settle_seconds = window_settle(args, systems)  # before BareServer, which passes it on

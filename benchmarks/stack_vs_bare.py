@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
-from benchmarks.peer_rotate import BareServer, signal_tree, thawed  # noqa: E402
+from benchmarks.bare_servers import BareServer  # noqa: E402
+from benchmarks.peer_rotate import signal_tree, thawed  # noqa: E402
 from benchmarks.peer_vllm import PY, start_stack  # noqa: E402
 
 

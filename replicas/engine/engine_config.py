@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 from .params import SPEC_ALGORITHMS
 
 # The default token budget of one step, by device. On a CPU a step costs about its tokens, so a
-# wave of prompts prefilled in one step stalls every decoding row for many decode steps: with 16
-# AR rows per one-thread replica at 32 requests, 2048 made p99 latency 1.4x the median and 512
-# made it 1.2x at equal tokens/s (docs/PERFORMANCE.md, "A CPU step's token budget"). 512 still
-# covers every row's pass of a full 32-row batch of AR or 8-token self-spec with room for
-# prompts. A GPU, memory-bound at these widths, takes 2048 at little cost to the decode rows.
+# closed loop's wave of prompts prefilled in one step stalls every decoding row: with 16 AR rows
+# per one-thread replica (32 requests on 2 CPUs), the longest step fell from 93-96 ms at 2048 to
+# 44-46 ms at 512, and p99 latency from 1.4x the median to 1.2x in one A/B (1.26x to 1.16x in
+# another) at equal tokens/s (docs/PERFORMANCE.md, "A CPU step's token budget"). 512 still holds
+# every row's pass of a full 32-row batch of AR or 8-token self-spec with room for prompts. A
+# GPU, memory-bound at these widths, takes 2048 at little cost to the decode rows.
 STEP_TOKENS = {"cpu": 512, "cuda": 2048}
+
 
 @dataclass(frozen=True)
 class DraftTier:

@@ -159,7 +159,7 @@ nld_policy_switches_created{from="ar",reason="falling",to="self_spec"} 1.7e+09
 
 
 def test_split_load_spreads_the_clients_as_evenly_as_the_engines_allow():
-    from benchmarks.peer_rotate import split_load
+    from benchmarks.bare_servers import split_load
 
     assert split_load(8, 2) == [4, 4]
     assert split_load(1, 2) == [1, 0]
@@ -173,7 +173,7 @@ def test_bare_split_runs_one_bound_one_thread_engine_per_cpu_at_once(tmp_path):
     import argparse
     import json
 
-    from benchmarks.peer_rotate import BareSplit
+    from benchmarks.bare_servers import BareSplit
     from replicas.engine.testing import write_random_checkpoint
 
     cpus = sorted(os.sched_getaffinity(0))[:4]

@@ -186,7 +186,12 @@ def test_on_a_cpu_a_wave_of_prompts_is_spread_over_steps_that_all_advance_the_ru
     rng = random.Random(1)
     wave = [be.submit([rng.randrange(101, engine.config.vocab_size) for _ in range(64)], params) for _ in range(16)]
     steps = 0
-    while any(be.scheduler.running[rid].prefilling for rid in wave if rid in be.scheduler.running) or be.scheduler.waiting:
+
+    def wave_prefilling() -> bool:
+        rows = be.scheduler.running
+        return any(rows[rid].prefilling for rid in wave if rid in rows) or bool(be.scheduler.waiting)
+
+    while wave_prefilling():
         before = {rid: be.scheduler.running[rid].seq.forward_passes for rid in running}
         be.step()
         steps += 1
