@@ -40,8 +40,16 @@ class BareServer:
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
     def measure(self, c: int) -> dict:
+        self.start(c)
+        return self.result()
+
+    def start(self, c: int) -> None:
+        """Start a window of `c` clients in the child (its result is `result()`)."""
         self.proc.stdin.write(f"{c}\n")
         self.proc.stdin.flush()
+
+    def result(self) -> dict:
+        """The started window's result, once it is over."""
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the bare engine process exited ({self.proc.wait()})")
@@ -74,14 +82,8 @@ class BareSplit:
     def measure(self, c: int) -> dict:
         busy = [(e, n) for e, n in zip(self.engines, split_load(c, len(self.engines))) if n]
         for e, n in busy:  # every engine's window starts before any result is read
-            e.proc.stdin.write(f"{n}\n")
-            e.proc.stdin.flush()
-        parts = []
-        for e, _ in busy:
-            line = e.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"a bare engine process exited ({e.proc.wait()})")
-            parts.append(json.loads(line))
+            e.start(n)
+        parts = [e.result() for e, _ in busy]
         return {"tokens_per_s": sum(r["tokens_per_s"] for r in parts),
                 "step_p50_s": statistics.mean(r["step_p50_s"] for r in parts),
                 "step_mean_s": statistics.mean(r["step_mean_s"] for r in parts),

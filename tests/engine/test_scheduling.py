@@ -180,18 +180,18 @@ def test_on_a_cpu_a_wave_of_prompts_is_spread_over_steps_that_all_advance_the_ru
     stalled every running row for the cost of ~60 decode steps."""
     be = BatchEngine(engine, EngineConfig(max_batch_size=32, max_seq_len=256))
     params = DecodeParams(max_new_tokens=100, ignore_eos=True)
+
+    def prefilling(ids: list[str]) -> bool:
+        rows = be.scheduler.running
+        return any(rows[rid].prefilling for rid in ids if rid in rows) or bool(be.scheduler.waiting)
+
     running = [be.submit([101 + i, 102, 103, 104], params) for i in range(16)]
-    while any(r.prefilling for r in be.scheduler.running.values()) or be.scheduler.waiting:
+    while prefilling(running):
         be.step()
     rng = random.Random(1)
     wave = [be.submit([rng.randrange(101, engine.config.vocab_size) for _ in range(64)], params) for _ in range(16)]
     steps = 0
-
-    def wave_prefilling() -> bool:
-        rows = be.scheduler.running
-        return any(rows[rid].prefilling for rid in wave if rid in rows) or bool(be.scheduler.waiting)
-
-    while wave_prefilling():
+    while prefilling(wave):
         before = {rid: be.scheduler.running[rid].seq.forward_passes for rid in running}
         be.step()
         steps += 1
