@@ -348,10 +348,10 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     cfg = ModelConfig.from_dict(random_config(**SHAPES["small" if args.small else "8b"], block_size=32,
                                               dtype="bfloat16", max_position_embeddings=262144, rope_factor=16.0))
-    model = build_model(cfg, dev, dtype, lora_rank=8 if args.small else 128)
-    n_params = sum(t.numel() for t in model.parameters())
-    lora_params = sum(a.numel() + b.numel() for a, b in
-                      ((l.self_attn.lora_a, l.self_attn.lora_b) for l in model.encoder.layers))
+    lora_rank = 8 if args.small else 128
+    model = build_model(cfg, dev, dtype, lora_rank=lora_rank)
+    n_params = sum(t.numel() for t in model.parameters())  # the adapter's deltas are buffers, not parameters
+    lora_params = lora_rank * (cfg.num_attention_heads * cfg.head_dim + cfg.hidden_size) * cfg.num_hidden_layers
     bytes_per_token = (n_params - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size) * torch.finfo(dtype).bits // 8
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     peak = next((bw for key, bw in PEAK_BANDWIDTH_TBS.items() if key in name), None)
