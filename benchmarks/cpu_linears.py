@@ -7,9 +7,11 @@
    weights), one after another, as `nn.Linear` stores them (row-major), column-major (what
    `CpuLinear` multiplies one row with) and oneDNN-packed (what it multiplies several rows with),
    at each row count and thread count; median of 100 passes, best of 3 interleaved repetitions.
-2. The bare `BatchEngine` (closed loop, held-out prompts, 64 tokens, `ar`) with `onednn_linears`
-   on and off, the two engines loaded once and alternated per (round, level); the ratio is taken
-   per round. Both engines use the column-major layout for one-row passes.
+   `--fused` times the shapes of a fused forward instead (q/k/v and gate/up stacked: 17 matmuls).
+2. The bare `BatchEngine` (closed loop, held-out prompts, 64 tokens, `ar`) with one load setting
+   on and off (`--ab`: `onednn_linears`, or `fuse_projections`, `Engine.from_pretrained`'s
+   stacking of q/k/v and gate/up), the two engines loaded once and alternated per (round, level);
+   the ratio is taken per round. Both engines use the column-major layout for one-row passes.
 Prints tables, saves JSON. In `make bench`; not in CI (a minute or two).
 """
 
@@ -34,12 +36,14 @@ from replicas.engine import EngineConfig, load_batch_engine, load_model_config  
 from replicas.engine.cpu_linear import PACK_ROWS, onednn_available, packed_matmul  # noqa: E402
 
 
-def linear_shapes(model: Path) -> list[tuple[int, int]]:
-    """(out, in) of every linear layer of one forward, in order, the head last."""
+def linear_shapes(model: Path, fused: bool = False) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer of one forward, in order, the head last; `fused`: as
+    `NLDModel.fuse_projections` leaves them (q/k/v one matrix, gate/up one)."""
     cfg = load_model_config(model)
     h, q, kv, m = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
         cfg.intermediate_size
-    layer = [(q, h), (kv, h), (kv, h), (h, q), (m, h), (m, h), (h, m)]
+    layer = [(q + 2 * kv, h), (h, q), (2 * m, h), (h, m)] if fused else \
+        [(q, h), (kv, h), (kv, h), (h, q), (m, h), (m, h), (h, m)]
     return layer * cfg.num_hidden_layers + [(cfg.vocab_size, h)]
 
 
@@ -69,20 +73,25 @@ def time_matmuls(shapes: list[tuple[int, int]], rows: int, reps: int = 3, passes
     return best
 
 
-def engine_ab(model: Path, levels: list[int], rounds: int, seconds: float) -> list[dict]:
+AB_SETTINGS = ("onednn_linears", "fuse_projections")  # `load_batch_engine` keywords
+
+
+def engine_ab(model: Path, levels: list[int], rounds: int, seconds: float, setting: str = "onednn_linears") -> list[dict]:
+    """The bare engine with `setting` on and off, alternated per (round, level)."""
+    if setting not in AB_SETTINGS:
+        raise ValueError(f"setting: one of {AB_SETTINGS}, not {setting!r}")
     prompts = heldout_prompts(model / "split.json", model, 8, 64)
     top = max(levels)  # one engine per setting serves every level (a closed loop of c requests)
-    engines = {on: load_batch_engine(model, EngineConfig(max_batch_size=top, max_seq_len=512, max_waiting=4 * top,
-                                                         onednn_linears=on))
-               for on in (True, False)}
+    config = EngineConfig(max_batch_size=top, max_seq_len=512, max_waiting=4 * top)
+    engines = {on: load_batch_engine(model, config, **{setting: on}) for on in (True, False)}
     rows = []
     for rnd in range(rounds):
         for c in levels:
             for on in ((True, False) if rnd % 2 == 0 else (False, True)):
                 r = bare_engine(str(model), prompts, c, seconds, 64, None, engine=engines[on])
-                rows.append({"round": rnd, "concurrency": c, "onednn_linears": on, "tokens_per_s": r["tokens_per_s"],
+                rows.append({"round": rnd, "concurrency": c, setting: on, "tokens_per_s": r["tokens_per_s"],
                              "step_p50_s": r["step_p50_s"]})
-                print(f"round {rnd} c={c} onednn_linears={on}: {r['tokens_per_s']:.0f} tok/s", flush=True)
+                print(f"round {rnd} c={c} {setting}={on}: {r['tokens_per_s']:.0f} tok/s", flush=True)
     return rows
 
 
@@ -94,9 +103,11 @@ def main(argv=None) -> None:
     p.add_argument("--levels", default="1,4,8,16,32")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--fused", action="store_true", help="time a fused forward's matmul shapes")
+    p.add_argument("--ab", choices=AB_SETTINGS, default="onednn_linears", help="the engine setting to A/B")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_linears.json")
     args = p.parse_args(argv)
-    shapes = linear_shapes(args.model)
+    shapes = linear_shapes(args.model, fused=args.fused)
     threads_before = torch.get_num_threads()
     matmuls = []
     print(f"a forward's {len(shapes)} matmuls, ms (median of 100, best of 3)")
@@ -108,15 +119,16 @@ def main(argv=None) -> None:
             print(f"threads {threads} rows {rows:>3}: " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()), flush=True)
     torch.set_num_threads(threads_before)
     levels = [int(x) for x in args.levels.split(",")]
-    rows = engine_ab(args.model, levels, args.rounds, args.seconds)
+    rows = engine_ab(args.model, levels, args.rounds, args.seconds, args.ab)
     ratios = {}
-    print("\nbare engine, onednn_linears on / off, per-round tokens/s ratio: median (min-max)")
+    print(f"\nbare engine, {args.ab} on / off, per-round tokens/s ratio: median (min-max)")
     for c in levels:
-        by = {(r["round"], r["onednn_linears"]): r["tokens_per_s"] for r in rows if r["concurrency"] == c}
+        by = {(r["round"], r[args.ab]): r["tokens_per_s"] for r in rows if r["concurrency"] == c}
         vals = [by[k, True] / by[k, False] for k in range(args.rounds)]
         ratios[c] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
         print(f"  c={c:>3}: {ratios[c]['median']:.2f} ({ratios[c]['min']:.2f}-{ratios[c]['max']:.2f})")
-    args.out.write_text(json.dumps({"model": str(args.model), "matmuls": matmuls, "engine_rows": rows,
+    args.out.write_text(json.dumps({"model": str(args.model), "fused_shapes": args.fused, "ab": args.ab,
+                                    "matmuls": matmuls, "engine_rows": rows,
                                     "engine_ratios": ratios}, indent=1))
     print(f"saved {args.out}")
 

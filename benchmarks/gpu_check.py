@@ -64,6 +64,7 @@ def build_model(cfg: ModelConfig, device: str, dtype: torch.dtype, lora_rank: in
         model.set_lora([(0.01 * torch.randn(lora_rank, inner, device=device, dtype=dtype),
                          0.01 * torch.randn(cfg.hidden_size, lora_rank, device=device, dtype=dtype))
                         for _ in range(cfg.num_hidden_layers)])
+    model.fuse_projections()  # as `Engine.from_pretrained` loads a model
     return model.eval().requires_grad_(False)
 
 

@@ -69,13 +69,17 @@ class Engine:
         runner_cls: type[ModelRunner] | None = None,
         cuda_graphs: bool = True,
         onednn_linears: bool = True,
+        fuse_projections: bool = True,
     ) -> "Engine":
         """Load `path`. `lora` (the self-spec draft adapter): None = `linear_spec_lora/` when
         present, True = it must be, False = none, or a directory; `denoise_lora` (diffusion's
         denoise-pass adapter) the same with `diffusion_lora/`. A float32 model on a CPU gets
         `cpu_linear`'s layers (oneDNN-packed weights for passes of several rows unless
-        `onednn_linears` is False)."""
+        `onednn_linears` is False). `fuse_projections`: each layer's q/k/v and gate/up as one
+        matmul each (`NLDModel.fuse_projections`; False keeps the checkpoint's layout, for A/Bs)."""
         model = load_model(path, device, dtype)
+        if fuse_projections:
+            model.fuse_projections()
         weight = model.encoder.embed_tokens.weight
         if weight.device.type == "cpu" and weight.dtype == torch.float32:  # measured faster there only
             prepare_cpu_linears(model, packed=onednn_linears)

@@ -14,6 +14,8 @@ under `attn.mask` [B, 1, T, T]. The model knows no decoding mode: causal, bidire
 other pattern is entirely the caller's mask. Optional `o_proj` LoRA adapters (the self-spec
 draft adapter, and our denoise adapter for diffusion passes) apply only to the tokens whose
 `AttentionInputs.lora_weight` names them (0 = none, `DRAFT_ADAPTER`, `DENOISE_ADAPTER`).
+`fuse_projections()` (the engine calls it on the models it loads) stacks each layer's q/k/v and
+gate/up weights into one matrix each; the unfused layout is the checkpoint's and training's.
 Non-goals: weight loading (see `loader`), sampling, training-time dropout.
 """
 
@@ -78,6 +80,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # `fuse()`: q, k and v as one matrix (inference)
         # adapter id -> its o_proj delta: (A [r, in], scale * B [out, r]), or one dense scale * B A
         # [out, in] where that is cheaper (a full-rank adapter), set by NLDModel.set_lora
         self.adapters: dict[int, tuple[torch.Tensor, ...]] = {}
@@ -92,10 +95,14 @@ class Attention(nn.Module):
         attn: AttentionInputs,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        h, hkv = self.n_heads, self.n_kv
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)  # [B, T, (H + 2 Hkv) D]
+        else:
+            qkv = torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+        qkv = qkv.view(b, t, h + 2 * hkv, self.head_dim).transpose(1, 2)  # [B, H + 2 Hkv, T, D]
+        qk = apply_rotary(qkv[:, : h + hkv], cos, sin)  # q's and k's heads in one pass
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv :]  # [B, H, T, D], [B, Hkv, T, D] x 2
         if q_scale is not None:
             q = q * q_scale.to(q.dtype)
         if cache is None:  # cache-free (training, references): attend over this call's tokens
@@ -116,6 +123,12 @@ class Attention(nn.Module):
                 d = out @ delta[0].T if len(delta) == 1 else (out @ delta[0].T) @ delta[1].T  # [B, T, hidden]
                 y = y + d * (attn.lora_weight == float(a_id)).to(d.dtype)[..., None]
         return y
+
+    def fuse(self) -> None:
+        """For inference: q_proj, k_proj and v_proj become one `qkv_proj` (their weights stacked,
+        [(H + 2 Hkv) D, hidden]): one matmul instead of three. The three are dropped."""
+        self.qkv_proj = _stacked(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def attend(self, q, keys, values, mask) -> torch.Tensor:
         """q [B, H, T, D], keys/values [B, Hkv, S, D], mask [B, 1, T, S] -> [B, H, T, D]."""
@@ -142,9 +155,19 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # `fuse()`: gate and up as one matrix (inference)
+
+    def fuse(self) -> None:
+        """For inference: gate_proj and up_proj become one `gate_up_proj` [2 I, hidden]."""
+        self.gate_up_proj = _stacked(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [..., I] each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -198,6 +221,17 @@ class NLDModel(nn.Module):
         """hidden [..., hidden] -> float32 logits [..., vocab]."""
         return self.diffusion_head(hidden).float()
 
+    def fuse_projections(self) -> None:
+        """For inference: every layer's q/k/v and gate/up projections become one matmul each (the
+        engine's 29 matmuls per forward become 17; the per-call overhead dominates small passes on
+        a CPU). Same values, so the same outputs up to float rounding; the parameter names change
+        (`qkv_proj`, `gate_up_proj`): load checkpoints before, not after. Idempotent."""
+        for layer in self.encoder.layers:
+            if layer.self_attn.qkv_proj is None:
+                layer.self_attn.fuse()
+            if layer.mlp.gate_up_proj is None:
+                layer.mlp.fuse()
+
     def set_lora(self, deltas: list[tuple[torch.Tensor, torch.Tensor]] | None, adapter: int = DRAFT_ADAPTER) -> None:
         """Install one adapter's per-layer (A [r, in], scale * B [out, r]) o_proj deltas under
         `adapter` (DRAFT_ADAPTER or DENOISE_ADAPTER), or remove it (None); others stay."""
@@ -219,6 +253,14 @@ class NLDModel(nn.Module):
     def has_lora(self) -> bool:
         """The self-speculation draft adapter is loaded."""
         return self.has_adapter(DRAFT_ADAPTER)
+
+
+def _stacked(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free linear layer whose output is the given layers' outputs side by side."""
+    w = torch.cat([lin.weight.detach() for lin in linears])  # [sum out, in]
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")  # no second allocation, no init
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    return fused
 
 
 def _delta(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:

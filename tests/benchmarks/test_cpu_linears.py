@@ -14,3 +14,17 @@ def test_shapes_and_layouts(tmp_path):
     t = time_matmuls(shapes[:3], rows=4, reps=1, passes=3)
     assert set(t) == {"row-major (nn.Linear)", "column-major"} | ({"oneDNN packed"} if onednn_available() else set())
     assert all(v > 0 for v in t.values())
+
+
+def test_fused_shapes_and_the_settings_the_engine_ab_takes(tmp_path):
+    import pytest
+
+    from benchmarks.cpu_linears import AB_SETTINGS, engine_ab
+
+    model = write_random_checkpoint(tmp_path / "m")
+    fused = linear_shapes(model, fused=True)  # q/k/v stacked: 64 + 2 x 32 rows; gate/up: 2 x 128
+    assert fused[:4] == [(128, 64), (64, 64), (256, 64), (64, 128)]
+    assert len(fused) == 2 * 4 + 1 and fused[-1] == (512, 64)
+    assert AB_SETTINGS == ("onednn_linears", "fuse_projections")
+    with pytest.raises(ValueError, match="setting"):
+        engine_ab(model, [1], 1, 0.1, "cuda_graphs")

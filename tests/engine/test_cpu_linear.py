@@ -61,10 +61,12 @@ def test_one_row_takes_mkl_several_rows_the_packed_weight(packed_calls):
 def test_the_cpu_engine_gets_them_with_the_same_weights_and_greedy_output(ckpt_dir):
     plain = load_model(ckpt_dir)
     engine = Engine.from_pretrained(ckpt_dir)
+    fused = load_model(ckpt_dir)
+    fused.fuse_projections()  # what the engine loads: q/k/v and gate/up stacked
     layers = [m for m in engine.model.modules() if isinstance(m, CpuLinear)]
-    assert len(layers) == len([m for m in plain.modules() if isinstance(m, nn.Linear)])
+    assert len(layers) == len([m for m in fused.modules() if isinstance(m, nn.Linear)])
     assert all((m.packed is not None) == onednn_available() for m in layers)
-    for (name, a), (name_b, b) in zip(plain.named_parameters(), engine.model.named_parameters()):
+    for (name, a), (name_b, b) in zip(fused.named_parameters(), engine.model.named_parameters(), strict=True):
         assert name == name_b and torch.equal(a, b), name  # same names, shapes and values
     tokens = torch.randint(0, plain.config.vocab_size, (2, 7))
     positions = torch.arange(7).expand(2, 7)
