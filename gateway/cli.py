@@ -25,7 +25,7 @@ from replicas.wire import MODES
 
 from .bootstrap import API_KEY_ENV, CONFIG_ERRORS, PolicySpec, auth_fields, build_gateway, config_error
 from .policy_cli import add_policy_parser
-from .up import add_up_parser
+from .up import add_loop_argument, add_up_parser
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +62,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-reload-interval", type=float, default=10.0,
                    help="seconds between re-reads of the API key file (rotation without a restart)")
     p.add_argument("--log-level", default="info")
+    add_loop_argument(p)
     p.set_defaults(func=cmd_serve)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,11 +107,12 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str]):
 def cmd_serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
     from .auth import load_api_keys
     from .key_reload import KeyFileWatcher
-    from .listeners import serve
+    from .listeners import loop_factory, serve
 
     try:
         if args.key_reload_interval <= 0:
             raise ValueError("--key-reload-interval must be positive")
+        loop_factory(args.loop)  # `--loop uvloop` without uvloop fails here, before anything starts
         config = serve_config(args, environ)
         gateway = build_gateway(config, policy_spec(args), metrics_route=args.metrics_port is None)
     except CONFIG_ERRORS as e:
@@ -122,7 +125,7 @@ def cmd_serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
     logging.getLogger("gateway").info("auth %s; replicas at %s", "on" if config.auth_enabled else "off",
                                       config.replica_url)
     serve(gateway.app, args.host, args.port, metrics=gateway.metrics, metrics_host=args.metrics_host,
-          metrics_port=args.metrics_port, background=background, log_level=args.log_level)
+          metrics_port=args.metrics_port, background=background, log_level=args.log_level, loop=args.loop)
     return 0
 
 

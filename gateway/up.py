@@ -72,7 +72,16 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="file (one key per line) or Secret mount directory; default $NLD_API_KEY_FILE; enables auth")
     p.add_argument("--no-auth", action="store_true", help="disable auth even when a key file is given")
     p.add_argument("--log-level", default="warning")
+    add_loop_argument(p)
     p.set_defaults(func=cmd_up)
+
+
+def add_loop_argument(p: argparse.ArgumentParser) -> None:
+    """`--loop` of `serve` and `up` (`listeners.loop_factory`)."""
+    from .listeners import LOOPS
+
+    p.add_argument("--loop", default="auto", choices=LOOPS,
+                   help="the gateway's event loop: auto (uvloop where installed, as uvicorn chooses), uvloop or asyncio")
 
 
 def replica_count_arg(text: str) -> str:
@@ -144,11 +153,12 @@ def stop_replicas(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_until_signal(server, on_started=lambda: None) -> None:
+def run_until_signal(server, on_started=lambda: None, loop: str = "auto") -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (lifespan included) and return.
 
     uvicorn's own handling re-raises the signal after its shutdown, which would end this
-    process before the replicas are stopped; here the signal only asks the server to exit."""
+    process before the replicas are stopped; here the signal only asks the server to exit.
+    `loop`: the event loop (`listeners.loop_factory`)."""
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -162,7 +172,9 @@ def run_until_signal(server, on_started=lambda: None) -> None:
             on_started()
         await task
 
-    asyncio.run(main())
+    from .listeners import run
+
+    run(main(), loop)
 
 
 def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str]):
@@ -195,6 +207,7 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
 
     from .bootstrap import CONFIG_ERRORS, build_gateway, config_error
     from .http_protocol import HTTP_PROTOCOL
+    from .listeners import loop_factory
 
     model = Path(args.model)
     if not (model / "config.json").is_file():
@@ -202,6 +215,7 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
         return 2
     model_name = args.model_name or model.name
     try:
+        loop_factory(args.loop)  # `--loop uvloop` without uvloop fails here, before anything starts
         config = up_config(args, model_name, environ)
         spec, autoscaling = up_policy(args)
         gateway = build_gateway(config, spec)  # checks the policy file before anything starts
@@ -233,7 +247,8 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
                   f"\"def fib(n):\"}}], \"max_tokens\": 64, \"decoding_mode\": \"self_spec\"}}'\n", flush=True)
 
         run_until_signal(uvicorn.Server(uvicorn.Config(gateway.app, host=args.host, port=args.port, http=HTTP_PROTOCOL,
-                                                       log_level=args.log_level, access_log=False)), banner)
+                                                       log_level=args.log_level, access_log=False)), banner,
+                         args.loop)
     finally:
         print("stopping the replicas ...", flush=True)
         stop_replicas(proc)
