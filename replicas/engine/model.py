@@ -222,9 +222,8 @@ class NLDModel(nn.Module):
         return self.diffusion_head(hidden).float()
 
     def fuse_projections(self) -> None:
-        """For inference: every layer's q/k/v and gate/up projections become one matmul each (the
-        engine's 29 matmuls per forward become 17; the per-call overhead dominates small passes on
-        a CPU). Same values, so the same outputs up to float rounding; the parameter names change
+        """For inference: every layer's q/k/v and gate/up projections become one matmul each (7
+        matmuls per layer become 4; on a CPU the per-call overhead dominates small passes). Same values, so the same outputs up to float rounding; the parameter names change
         (`qkv_proj`, `gate_up_proj`): load checkpoints before, not after. Idempotent."""
         for layer in self.encoder.layers:
             if layer.self_attn.qkv_proj is None:

@@ -4,6 +4,7 @@ and no thrash under a steady load at the crossover."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -12,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from policies import AdaptiveModePolicy, ModeRequest, PolicyMetrics, parse_policy
 from policies.cost_view import CostView, GoodputSource
-from policies.goodput import EXPLORE_RATIO, EXPLORE_RETRY_S, GoodputChooser
+from policies.goodput import EXPLORE_RATIO, EXPLORE_RETRY_MAX_S, EXPLORE_RETRY_S, GoodputChooser
 from policies.predict import (MAX_OCTAVES, MIN_WINDOWS, acceptance, corrected, predict, step_seconds,
                               tokens_per_cycle)
 from policies.schema import DraftTier, GoodputRule, PolicyFileError
@@ -272,6 +273,37 @@ def test_a_mode_never_measured_at_a_steady_load_is_tried_when_the_model_rates_it
     assert GoodputChooser(RULE, ["self_spec", "ar"], TIERS).choose(v, 48, 48, "self_spec", now=0.0).mode == "self_spec"
     v.realized = {("self_spec", 48): (ar.tokens_per_s / 0.8, MIN_WINDOWS)}
     assert GoodputChooser(RULE, ["self_spec", "ar"], TIERS).choose(v, 16, 48, "self_spec", now=0.0).reason == "goodput"
+
+
+def test_a_mode_that_keeps_losing_a_load_is_tried_there_ever_more_rarely():
+    base = view(tokens_per_cycle=6.0)
+    ar = predict(base, "ar", 48, tiers=TIERS, rule=RULE)
+    ss_rate = ar.tokens_per_s / 0.8  # self_spec measured near 48; ar modelled at 0.8 of it
+
+    def measured(ar_rate: float | None) -> CostView:  # a new poll's view (the chooser memoises per view)
+        realized = {("self_spec", 48): (ss_rate, MIN_WINDOWS)}
+        if ar_rate is not None:
+            realized[("ar", 48)] = (ar_rate, MIN_WINDOWS)
+        return dataclasses.replace(base, realized=realized)
+
+    chooser = GoodputChooser(RULE, ["self_spec", "ar"], TIERS)
+    t, waits = 0.0, []
+    for _ in range(6):  # each try: proposed, run unmeasured (recorded), measured worse, left
+        assert chooser.choose(measured(None), 48, 48, "self_spec", now=t).reason == "explore"
+        chooser.choose(measured(None), 48, 48, "ar", now=t + 10)  # the try is recorded
+        assert chooser.choose(measured(0.5 * ss_rate), 48, 48, "ar", now=t + 20).mode == "self_spec"
+        wait = EXPLORE_RETRY_S  # then ar's windows age out: unmeasured near 48 again
+        while chooser.choose(measured(None), 48, 48, "self_spec", now=t + 10 + wait).reason != "explore":
+            wait += EXPLORE_RETRY_S
+        waits.append(wait)
+        t += 10 + wait
+    assert waits == [EXPLORE_RETRY_S, 2 * EXPLORE_RETRY_S, 4 * EXPLORE_RETRY_S, 8 * EXPLORE_RETRY_S,
+                     EXPLORE_RETRY_MAX_S, EXPLORE_RETRY_MAX_S]
+    # a try that wins starts the count over: the next one EXPLORE_RETRY_S after it again
+    chooser.choose(measured(None), 48, 48, "ar", now=t + 10)  # recorded
+    kept = chooser.choose(measured(1.5 * ss_rate), 48, 48, "ar", now=t + 20)
+    assert kept.mode == "ar", kept.detail  # measured better: kept
+    assert chooser.choose(measured(None), 48, 48, "self_spec", now=t + 10 + EXPLORE_RETRY_S).reason == "explore"
 
 
 @pytest.mark.parametrize("tpc,tried", [(6.0, True), (2.0, False), (1.0, False)])
