@@ -66,7 +66,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nld-gateway", description="nld-gateway: serving for NLD models")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -159,11 +159,12 @@ def run_until_signal(server, on_started=lambda: None, loop: str = "auto") -> Non
     uvicorn's own handling re-raises the signal after its shutdown, which would end this
     process before the replicas are stopped; here the signal only asks the server to exit.
     `loop`: the event loop (`listeners.loop_factory`)."""
+    from .listeners import run
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
+        running = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+            running.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         server.capture_signals = contextlib.nullcontext  # the handlers above replace uvicorn's
         task = asyncio.create_task(server.serve())
         while not server.started and not task.done():
@@ -171,8 +172,6 @@ def run_until_signal(server, on_started=lambda: None, loop: str = "auto") -> Non
         if server.started:
             on_started()
         await task
-
-    from .listeners import run
 
     run(main(), loop)
 
