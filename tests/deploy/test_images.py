@@ -66,6 +66,9 @@ for m in mods:
     importlib.import_module(m)
 from gateway.cli import build_parser
 build_parser().parse_args(["serve", "--replica-url", "http://replicas:8000"])
+import uvloop
+from gateway.listeners import loop_factory
+assert loop_factory("auto") is uvloop.new_event_loop  # the image's gateway runs on uvloop
 print(json.dumps({"modules": mods, "path": [p for p in sys.path if "site-packages" in p]}))
 """
 
