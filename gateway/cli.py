@@ -111,7 +111,7 @@ def cmd_serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
     try:
         if args.key_reload_interval <= 0:
             raise ValueError("--key-reload-interval must be positive")
-        loop_factory(args.loop)  # `--loop uvloop` without uvloop fails here, before anything starts
+        loop = loop_factory(args.loop)  # `--loop uvloop` without uvloop fails here, before anything starts
         config = serve_config(args, environ)
         gateway = build_gateway(config, policy_spec(args), metrics_route=args.metrics_port is None)
     except CONFIG_ERRORS as e:
@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace, environ: dict[str, str]) -> int:
     logging.getLogger("gateway").info("auth %s; replicas at %s", "on" if config.auth_enabled else "off",
                                       config.replica_url)
     serve(gateway.app, args.host, args.port, metrics=gateway.metrics, metrics_host=args.metrics_host,
-          metrics_port=args.metrics_port, background=background, log_level=args.log_level, loop=args.loop)
+          metrics_port=args.metrics_port, background=background, log_level=args.log_level, loop=loop)
     return 0
 
 

@@ -8,7 +8,8 @@ runs uvicorn for `app` and, when `metrics_port` is given, a second uvicorn for
 coroutine functions (e.g. `KeyFileWatcher.run`), which are cancelled at shutdown. SIGINT and
 SIGTERM stop every server gracefully (the app's lifespan shutdown included); when one server
 stops, the others are asked to stop too. Blocks until all have stopped.
-`run(coro, loop)` runs a coroutine to completion on the event loop `loop_factory(loop)` makes:
+`loop_factory(name)` is the event loop the entry points resolve from `--loop` and pass to
+`serve` and `run(coro, factory)`, which runs a coroutine to completion on a loop it makes:
 `auto` (the default of `serve` and `up`) is uvloop where it is installed, as uvicorn's own
 `--loop auto` and Ray's workers choose, else asyncio's; `uvloop` requires it; `asyncio` is the
 standard library's. On uvloop the transports' writes run in C: on a streamed run at 32 requests
@@ -49,9 +50,9 @@ def loop_factory(loop: str = "auto") -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-def run(coro: Coroutine[Any, Any, T], loop: str = "auto") -> T:
-    """Run `coro` to completion on a new event loop of kind `loop` (see `loop_factory`)."""
-    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+def run(coro: Coroutine[Any, Any, T], factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
+    """Run `coro` to completion on a new event loop from `factory` (default: `loop_factory()`)."""
+    with asyncio.Runner(loop_factory=factory or loop_factory()) as runner:
         return runner.run(coro)
 
 
@@ -73,7 +74,7 @@ def metrics_asgi(metrics: GatewayMetrics):
 
 def serve(app, host: str, port: int, *, metrics: GatewayMetrics | None = None, metrics_host: str | None = None,
           metrics_port: int | None = None, background: Sequence[Callable[[], Awaitable[None]]] = (),
-          log_level: str = "info", loop: str = "auto") -> None:
+          log_level: str = "info", loop: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
     from .http_protocol import HTTP_PROTOCOL
 
     configs = [uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, http=HTTP_PROTOCOL)]

@@ -153,12 +153,12 @@ def stop_replicas(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run_until_signal(server, on_started=lambda: None, loop: str = "auto") -> None:
+def run_until_signal(server, on_started=lambda: None, loop=None) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (lifespan included) and return.
 
     uvicorn's own handling re-raises the signal after its shutdown, which would end this
     process before the replicas are stopped; here the signal only asks the server to exit.
-    `loop`: the event loop (`listeners.loop_factory`)."""
+    `loop`: the event loop factory (`listeners.loop_factory`; default: its `auto`)."""
     from .listeners import run
 
     async def main() -> None:
@@ -214,7 +214,7 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
         return 2
     model_name = args.model_name or model.name
     try:
-        loop_factory(args.loop)  # `--loop uvloop` without uvloop fails here, before anything starts
+        loop = loop_factory(args.loop)  # `--loop uvloop` without uvloop fails here, before anything starts
         config = up_config(args, model_name, environ)
         spec, autoscaling = up_policy(args)
         gateway = build_gateway(config, spec)  # checks the policy file before anything starts
@@ -246,8 +246,7 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
                   f"\"def fib(n):\"}}], \"max_tokens\": 64, \"decoding_mode\": \"self_spec\"}}'\n", flush=True)
 
         run_until_signal(uvicorn.Server(uvicorn.Config(gateway.app, host=args.host, port=args.port, http=HTTP_PROTOCOL,
-                                                       log_level=args.log_level, access_log=False)), banner,
-                         args.loop)
+                                                       log_level=args.log_level, access_log=False)), banner, loop)
     finally:
         print("stopping the replicas ...", flush=True)
         stop_replicas(proc)

@@ -178,9 +178,10 @@ class GoodputChooser:
             best = mode  # not enough gain to move
         elif settled:
             self.merit = best  # picked on a view that has seen this load: the margin holds it from now
-        here = (mode, load_octave(n))
+        octave = load_octave(n)
+        here = (mode, octave)
         if self.basis[best]:
-            self.tries.pop((best, load_octave(n)), None)  # measured near this load and it wins: tries start over
+            self.tries.pop((best, octave), None)  # measured near this load and it wins: tries start over
         if not self.basis[mode] and now is not None and now - self.explored.get(here, -1e18) >= self._retry_s(here):
             self.explored[here] = now  # running a mode not measured at this load: it is being tried
             self.tries[here] = self.tries.get(here, 0) + 1

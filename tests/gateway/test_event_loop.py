@@ -22,10 +22,10 @@ async def running_loop() -> asyncio.AbstractEventLoop:
 def test_auto_and_uvloop_run_on_uvloop_and_asyncio_on_the_standard_loop():
     assert LOOPS == ("auto", "asyncio", "uvloop")
     assert isinstance(run(running_loop()), uvloop.Loop)  # auto, uvloop being installed
-    assert isinstance(run(running_loop(), "uvloop"), uvloop.Loop)
-    plain = run(running_loop(), "asyncio")
+    assert isinstance(run(running_loop(), loop_factory("uvloop")), uvloop.Loop)
+    plain = run(running_loop(), loop_factory("asyncio"))
     assert not isinstance(plain, uvloop.Loop) and isinstance(plain, asyncio.BaseEventLoop)
-    assert run(asyncio.sleep(0, result=7), "asyncio") == 7  # the coroutine's result comes back
+    assert run(asyncio.sleep(0, result=7), loop_factory("asyncio")) == 7  # the coroutine's result comes back
 
 
 def test_without_uvloop_auto_falls_back_and_uvloop_is_refused(monkeypatch):
@@ -45,7 +45,7 @@ def test_the_flag_reaches_serve_and_a_missing_uvloop_is_a_configuration_error(mo
     seen = {}
     monkeypatch.setattr(listeners, "serve", lambda *a, **kw: seen.update(kw))
     assert main(["serve", "--replica-url", "http://127.0.0.1:1", "--loop", "asyncio"], environ={}) == 0
-    assert seen["loop"] == "asyncio"
+    assert seen["loop"] is asyncio.new_event_loop
     monkeypatch.setitem(sys.modules, "uvloop", None)
     for argv in (["serve", "--replica-url", "http://127.0.0.1:1"], ["up"]):
         assert main([*argv, "--loop", "uvloop"], environ={}) == 2
