@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from replicas.ingress import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -192,12 +194,6 @@ async def streaming(gateway_port: int, gateway_pid: int, concurrency: int, durat
 
 
 # ---- orchestration ---------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def spawn(role: list[str], cpu: int | None) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--role", *role]

@@ -24,7 +24,9 @@ closes. Non-goals: starting Ray (the entry points do), the gateway's own client.
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,14 +64,52 @@ def serve_env(config: IngressConfig) -> dict[str, str]:
     }
 
 
-def free_port() -> int:
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PORT = 10_000  # free ports are chosen from here up to the kernel's ephemeral range
+
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE) -> tuple[int, int]:
+    """The ports the kernel hands out to bind(0) and outgoing connections (Linux's default when
+    the file is missing or unreadable)."""
+    try:
+        low, high = (int(x) for x in path.read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port(ephemeral: tuple[int, int] | None = None, tries: int = 200, exclude: frozenset[int] = frozenset()) -> int:
+    """A TCP port that nothing binds now, on any interface, chosen at random BELOW the kernel's
+    ephemeral range. The caller binds it later (Ray Serve's HAProxy, a server the tests start),
+    so the port must not be one the kernel may give meanwhile to another process's bind(0) or
+    outgoing connection: an ephemeral port released by this check is often the next one handed
+    out (a vLLM starting beside a stack took HAProxy's stats port that way). Falls back to an
+    ephemeral port when the range leaves no room below it, or `tries` random ports are taken.
+    `exclude`: ports already chosen for something else (not bound yet, so a check cannot see them)."""
+    low, _ = ephemeral or ephemeral_range()
+    pick = random.SystemRandom()
+    for _ in range(tries if low > LOWEST_PORT else 0):
+        port = pick.randrange(LOWEST_PORT, low)
+        if port in exclude:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every interface: HAProxy's side listeners bind them all
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def local_ingress(kind: Ingress = "haproxy", drain_s: float = 2.0) -> IngressConfig:
-    """An ingress for a stack on one machine: HAProxy's side ports on free ports (so stacks side
-    by side never clash), and a short drain (nothing balances across machines here)."""
-    return IngressConfig(kind=kind, stats_port=free_port(), metrics_port=free_port(), fallback_port=free_port(),
-                         fallback_grpc_port=free_port(), drain_s=drain_s)
+    """An ingress for a stack on one machine: HAProxy's side listeners on four distinct free ports
+    (`free_port`: checked unbound, outside the ephemeral range, so stacks and other servers side by
+    side do not take them), and a short drain (nothing balances across machines here)."""
+    ports: list[int] = []
+    for _ in range(4):
+        ports.append(free_port(exclude=frozenset(ports)))
+    stats, metrics, fallback, fallback_grpc = ports
+    return IngressConfig(kind=kind, stats_port=stats, metrics_port=metrics, fallback_port=fallback,
+                         fallback_grpc_port=fallback_grpc, drain_s=drain_s)
