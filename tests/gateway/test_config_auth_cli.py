@@ -98,16 +98,15 @@ def test_serve_bad_config_exits_2_without_echoing_keys(tmp_path, capsys, caplog)
 def test_serve_runs_the_gateway_process(tmp_path):
     """`python -m gateway serve` on a loopback port: live, not ready (no replica), auth from the env."""
     import os
-    import socket
     import subprocess
     import sys
     import time
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.serving import free_port
+
+    port = free_port()  # the gateway binds it later: not a just-released ephemeral port
     keys = tmp_path / "keys"
     keys.write_text("sk-proc\n")
     env = {**os.environ, "NLD_API_KEY_FILE": str(keys)}
