@@ -58,6 +58,8 @@ def replica_config_from(args) -> tuple[ReplicaConfig, dict]:
         base["torch_threads"] = args.torch_threads
     if getattr(args, "engine_cpus", None):
         base["engine_cpus"] = args.engine_cpus
+    if getattr(args, "ingress", "haproxy") == "proxy":  # no own port to advertise behind Serve's Python proxy
+        base["advertise_address"] = False
     for name in ("parallel_min_tokens", "max_num_batched_tokens"):  # over the config file's engine block
         if getattr(args, name, None) is not None:
             base["engine"] = {**(base.get("engine") or {}), name: getattr(args, name)}

@@ -34,7 +34,8 @@ from .config import ReplicaConfig
 from .generation import Generations, Rejected
 from .report import Reporter
 from .text import TextCodec
-from .wire import REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateRequest, ReplicaInfo
+from .wire import (REPLICA_HEADER, REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateRequest, ReplicaInfo,
+                   replica_address)
 
 log = logging.getLogger("nld.replica")
 
@@ -112,6 +113,7 @@ class NLDReplica:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_settings(app))
         except RuntimeError:
             pass
+        self._addresses: dict[tuple, str] = {}  # the socket's local address -> REPLICA_HEADER value
         self.routes = {
             ("GET", "/health"): self.health,
             ("GET", "/info"): self.info,
@@ -128,8 +130,23 @@ class NLDReplica:
         path = "/" + path.strip("/")
         handler = self.routes.get((request.method, path))
         if handler is None:
-            return error(404, f"no route {request.method} {path}", "not_found_error")
-        return await handler(request)
+            response = error(404, f"no route {request.method} {path}", "not_found_error")
+        else:
+            response = await handler(request)
+        if self.config.advertise_address:
+            self._advertise(request, response)
+        return response
+
+    def _advertise(self, request: Request, response: Response) -> None:
+        """`REPLICA_HEADER`: this replica's id and its own address, as the connection reached it
+        (the socket's local address: what HAProxy dialed, reachable from HAProxy's node)."""
+        server = request.scope.get("server")
+        if not server or server[1] is None:
+            return
+        value = self._addresses.get(server)
+        if value is None:
+            value = self._addresses[server] = replica_address(self.reporter.replica_id, server[0], int(server[1]))
+        response.headers[REPLICA_HEADER] = value
 
     def check_health(self) -> None:
         """Ray Serve's health check: raising makes Serve replace this replica."""

@@ -69,6 +69,9 @@ class ReplicaConfig(BaseModel):
                                       "only while the handler is behind)")
     stream_flush_tokens: int = Field(default=0, ge=0, description="with stream_interval_ms: send a chunk at once when "
                                      "this many tokens wait (0: only the interval)")
+    advertise_address: bool = Field(default=True, description="name this replica's own HTTP address on every answer "
+                                     "(`x-nld-replica`), so a gateway may send to it directly; set false when "
+                                     "requests reach the replica through Serve's Python proxy (no own port)")
 
     @model_validator(mode="after")
     def _check(self) -> "ReplicaConfig":

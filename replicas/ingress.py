@@ -29,7 +29,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Ingress = Literal["haproxy", "proxy"]
 
@@ -45,6 +45,16 @@ class IngressConfig(BaseModel):
     drain_s: float = Field(default=30.0, ge=0, description="a stopping replica keeps serving this long, so load "
                            "balancers deregister it before it refuses connections")
     haproxy_threads: int = Field(default=1, ge=1, description="HAProxy worker threads")
+    replica_port_min: int = Field(default=30000, ge=1, le=65535, description="the replicas' own HTTP ports (direct "
+                                  "ingress) are chosen from here ...")
+    replica_port_max: int = Field(default=31000, ge=1, le=65535, description="... to here (a NetworkPolicy opens "
+                                  "this range to the gateway, which may send to them directly)")
+
+    @model_validator(mode="after")
+    def _ports(self) -> "IngressConfig":
+        if self.replica_port_min > self.replica_port_max:
+            raise ValueError("replica_port_min must not exceed replica_port_max")
+        return self
 
 
 def serve_env(config: IngressConfig) -> dict[str, str]:
@@ -61,6 +71,8 @@ def serve_env(config: IngressConfig) -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(config.fallback_grpc_port),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": f"{config.drain_s:g}",
         "RAY_SERVE_HAPROXY_NBTHREAD": str(config.haproxy_threads),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.replica_port_min),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.replica_port_max),
     }
 
 

@@ -96,3 +96,16 @@ def test_a_local_ingress_gives_each_side_listener_its_own_free_port():
 def test_an_ingress_port_out_of_range_is_refused():
     with pytest.raises(ValueError, match="stats_port"):
         IngressConfig(stats_port=70000)
+
+
+def test_the_replicas_own_port_range_reaches_serve_and_is_checked():
+    from pydantic import ValidationError
+
+    from replicas.ingress import IngressConfig, serve_env
+
+    env = serve_env(IngressConfig(replica_port_min=31000, replica_port_max=31100))
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
+        ("31000", "31100")
+    assert "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT" not in serve_env(IngressConfig(kind="proxy"))
+    with pytest.raises(ValidationError):
+        IngressConfig(replica_port_min=31100, replica_port_max=31000)

@@ -108,6 +108,9 @@ def test_engine_cpus_reach_the_replica_config_and_set_its_threads():
     assert config.engine_cpus == [0, 2] and config.engine_threads() == 2  # one torch thread per bound CPU
     args.torch_threads = 1
     assert replica_config_from(args)[0].engine_threads() == 1  # an explicit thread count wins
+    assert replica_config_from(args)[0].advertise_address is True  # behind HAProxy: own port named
+    args.ingress = "proxy"  # no own port behind Serve's Python proxy: nothing to name
+    assert replica_config_from(args)[0].advertise_address is False
     for bad in ("x", "0,,1", "-1"):
         with pytest.raises(argparse.ArgumentTypeError):
             cpu_list(bad)

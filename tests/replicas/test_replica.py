@@ -222,3 +222,23 @@ def test_a_real_engine_runs_the_configured_quadratic_default_and_reports_it():
     assert ar.self_spec_algorithm is None
     assert quad.token_ids == ar.token_ids == linear.token_ids
     assert quad.usage.forward_passes < linear.usage.forward_passes
+
+
+async def get_at(replica, base_url: str, path: str) -> httpx.Response:
+    transport = httpx.ASGITransport(app=asgi(replica))
+    async with httpx.AsyncClient(transport=transport, base_url=base_url) as client:
+        return await client.get(path)
+
+
+def test_every_answer_names_the_replica_and_its_own_address_unless_told_not_to():
+    from replicas.wire import REPLICA_HEADER, parse_replica_address
+
+    replica, _, _ = make()
+    for path in ("/health", "/info", "/no-such-route"):
+        r = asyncio.run(get_at(replica, "http://10.1.2.3:30007", path))
+        rid, host, port = parse_replica_address(r.headers[REPLICA_HEADER])
+        assert (rid, host, port) == (replica.reporter.replica_id, "10.1.2.3", 30007)
+    r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 2, "stream": False}))
+    assert REPLICA_HEADER not in r.headers  # no port in the connection's address: nothing to name
+    quiet, _, _ = make(advertise_address=False)
+    assert REPLICA_HEADER not in asyncio.run(get_at(quiet, "http://10.1.2.3:30007", "/health")).headers
