@@ -2,8 +2,9 @@
 
 Contract: `build_gateway(config, policy_spec, *, metrics=None, client=None, **app_options)`
 returns a `Gateway` (its FastAPI `app`, `metrics`, `policy` and replica `client`): the metrics
-(a fresh `GatewayMetrics` unless given), the replica client (`HttpReplicaClient` on
-`config.replica_url` unless given; retries counted in the metrics; the replicas' reports on its
+(a fresh `GatewayMetrics` unless given), the replica client (`build_replica_client`: an
+`HttpReplicaClient` on `config.replica_url` with `gateway.direct` routes to the replicas' own
+ports unless `replica_routing` is `ingress`, unless given; retries and routes counted in the metrics; the replicas' reports on its
 answers collected into one `ReplicaReports` when a policy file is given), the mode policy from `policy_spec` (`open_policy`,
 reading those reports as its `reports:` page) and the app (`gateway.app.create_app`). `nld-gateway serve`,
 `nld-gateway up` and the benchmarks all build their gateway here, so they are wired alike.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from fastapi import FastAPI
 from pydantic import ValidationError
@@ -30,7 +32,9 @@ from replicas.wire import MODES
 from .app import create_app
 from .config import GatewayConfig
 from .metrics import GatewayMetrics, InflightCounter
+from .direct import DirectRoutes
 from .replica_client import HttpReplicaClient, ReplicaClient
+from .upstream import UpstreamPool
 
 API_KEY_ENV = "NLD_API_KEY_FILE"
 CONFIG_ERRORS = (ValidationError, ValueError, OSError)
@@ -78,10 +82,27 @@ def build_gateway(config: GatewayConfig, policy_spec: PolicySpec, *, metrics: Ga
     # the replicas' reports feed a policy file's `reports:` signals; a fixed mode reads none
     reports = ReplicaReports(keep_s=config.replica_report_keep_s) if policy_spec.file is not None else None
     policy = open_policy(policy_spec, metrics, reports)
-    client = client or HttpReplicaClient(config, on_retry=metrics.retries.inc,
-                                         on_report=reports.offer if reports is not None else None)
+    if client is None:
+        client = build_replica_client(config, metrics, on_report=reports.offer if reports is not None else None)
     app = create_app(config, client, policy, metrics=metrics, **app_options)
     return Gateway(app=app, metrics=metrics, policy=policy, client=client)
+
+
+def build_replica_client(config: GatewayConfig, metrics: GatewayMetrics,
+                         on_report: Callable[[str | None], None] | None = None) -> HttpReplicaClient:
+    """The HTTP replica client on `config.replica_url`, with direct routes to the replicas' own
+    ports unless `config.replica_routing` is `ingress`; retries and routes counted in `metrics`."""
+    pool = UpstreamPool(config.replica_url, connect_timeout_s=config.connect_timeout_s,
+                        max_idle=config.max_idle_connections)
+    direct = None
+    if config.replica_routing == "direct":
+        direct = DirectRoutes(pool, connect_timeout_s=config.connect_timeout_s,
+                              health_interval_s=config.direct_health_interval_s,
+                              discover_interval_s=config.direct_discover_interval_s,
+                              forget_after_s=config.direct_forget_after_s, max_idle=config.max_idle_connections)
+        metrics.direct_replicas.set_function(direct.healthy_count)
+    return HttpReplicaClient(config, pool, on_retry=metrics.retries.inc, on_report=on_report, direct=direct,
+                             on_route=metrics.routed)
 
 
 def auth_fields(api_key_file: str | None, no_auth: bool, environ: dict[str, str]) -> dict:

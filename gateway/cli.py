@@ -31,6 +31,9 @@ from .up import add_loop_argument, add_up_parser
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the OpenAI-compatible gateway in front of running replicas")
     p.add_argument("--replica-url", required=True, help="Ray Serve HTTP proxy base URL, e.g. http://127.0.0.1:8001")
+    p.add_argument("--replica-routing", default="direct", choices=("direct", "ingress"),
+                   help="direct (default): send to a healthy replica's own HTTP port, learned from the replicas' "
+                        "answers, and through --replica-url while none is known; ingress: always --replica-url")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default="nld", help="the model id clients send")
@@ -93,7 +96,8 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str]):
     """The `GatewayConfig` for `serve` (keys loaded from the flag or the environment)."""
     from .config import GatewayConfig
 
-    fields: dict = {"replica_url": args.replica_url, "model_name": args.model_name}
+    fields: dict = {"replica_url": args.replica_url, "model_name": args.model_name,
+                    "replica_routing": args.replica_routing}
     fields.update(auth_fields(args.api_key_file, args.no_auth, environ))
     optional = {"max_body_bytes": args.max_body_bytes, "max_tokens_limit": args.max_tokens_limit,
                 "max_inflight_requests": args.max_inflight, "request_timeout_s": args.request_timeout}

@@ -9,6 +9,8 @@ Secret mount for the CLI). Non-goals: replica or policy settings (see `replicas.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -41,6 +43,16 @@ class GatewayConfig(BaseModel):
     info_ttl_s: float = Field(default=10.0, ge=0, description="how long GET /info of the replicas is cached")
     ready_timeout_s: float = Field(default=2.0, gt=0, description="/ready waits this long for a replica")
     max_idle_connections: int = Field(default=256, ge=0, description="kept-alive idle connections to the proxy")
+    replica_routing: Literal["direct", "ingress"] = Field(
+        default="direct", description="direct: send each request straight to a healthy replica's own HTTP port, "
+        "learned from the replicas' answers (`gateway.direct`), the ingress when none is known; ingress: always "
+        "through replica_url (HAProxy or Serve's proxy)")
+    direct_health_interval_s: float = Field(default=0.5, gt=0, description="how often each known replica's "
+                                            "/-/healthz is checked (direct routing)")
+    direct_discover_interval_s: float = Field(default=1.0, gt=0, description="how often one GET /health through "
+                                              "the ingress looks for new replicas (direct routing)")
+    direct_forget_after_s: float = Field(default=30.0, gt=0, description="a replica whose health check has not "
+                                         "passed this long is forgotten (direct routing)")
     replica_report_keep_s: float = Field(default=120.0, gt=0, description="how long a replica's last report (the "
                                          "header on its answers; the policy's `reports:` page) counts after it "
                                          "answered last")

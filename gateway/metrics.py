@@ -10,6 +10,9 @@ apps (tests) never share series. Series:
 - `nld_gateway_time_to_first_token_seconds{mode}`: to the first upstream chunk (histogram).
 - `nld_gateway_inflight_requests`: completion requests being served now.
 - `nld_gateway_upstream_retries_total`: connection failures retried.
+- `nld_gateway_upstream_requests_total{route}`: /generate attempts sent `direct` to a replica's
+  own port or through the `ingress` (`gateway.direct`).
+- `nld_gateway_direct_replicas`: replicas the gateway may send to directly now (healthy).
 - `nld_gateway_engine_pushes_total{result}`: the policy's engine settings pushed to the
   replicas when they changed (`ok`, `error`).
 `InflightCounter` is the gateway-local concurrency signal: `value` is read lock-free by a
@@ -57,6 +60,11 @@ class GatewayMetrics:
                                registry=self.registry)
         self.engine_pushes = Counter("nld_gateway_engine_pushes", "Engine settings pushed to the replicas",
                                      ["result"], registry=self.registry)
+        self.upstream = Counter("nld_gateway_upstream_requests", "Requests sent to the replicas, by route",
+                                ["route"], registry=self.registry)
+        self._routes = {r: self.upstream.labels(route=r) for r in ("direct", "ingress")}
+        self.direct_replicas = Gauge("nld_gateway_direct_replicas", "Replicas reachable directly (healthy)",
+                                     registry=self.registry)
         gauge = Gauge("nld_gateway_inflight_requests", "Completion requests being served", registry=self.registry)
         gauge.set_function(lambda: inflight.value)
         # label children cached: .labels() costs a lock and a dict lookup per call
@@ -78,6 +86,9 @@ class GatewayMetrics:
         if child is None:
             child = self._children[mode] = self.ttft.labels(mode=mode)
         child.observe(seconds)
+
+    def routed(self, route: str) -> None:
+        self._routes[route].inc()
 
     def engine_pushed(self, result: str) -> None:
         self.engine_pushes.labels(result=result).inc()

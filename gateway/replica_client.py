@@ -13,16 +13,20 @@ are always `GenerateChunk`s. `ReplicaStream.aclose()` (idempotent) closes the up
 response, which makes the replica abort the request and free its KV slot; it must be called
 when the consumer stops early (client disconnect, error in a sibling choice).
 
-`HttpReplicaClient` speaks the wire protocol of `replicas.wire` through the Ray Serve HTTP
-proxy over `gateway.upstream.UpstreamPool` (kept-alive HTTP/1.1 connections): a connection
-failure before the first byte is retried `config.connect_retries` times (the proxy may route
-the retry to another replica), then 503; an upstream status is mapped as above; `info()` is
+`HttpReplicaClient` speaks the wire protocol of `replicas.wire` through the Ray Serve ingress
+(HAProxy, or Serve's Python proxy) over `gateway.upstream.UpstreamPool` (kept-alive HTTP/1.1
+connections), or, given `direct` (`gateway.direct.DirectRoutes`), straight to a healthy replica's
+own port learned from the answers' `REPLICA_HEADER` (a direct attempt that fails before the
+answer marks that replica failed and goes through the ingress). Through the ingress a
+connection failure before the first byte is retried `config.connect_retries` times (the proxy
+may route the retry to another replica), then 503; an upstream status is mapped as above; `info()` is
 cached for `config.info_ttl_s`; `update_engine(EngineSettings)` POSTs /engine (the replica the
 proxy picks applies them; see `gateway.engine_push`). Each /generate answer's report header
 (`replicas.wire.REPORT_HEADER`) goes to `on_report` (the policy's
 `policies.reports.ReplicaReports.offer`). The streams it returns are
-`gateway.replica_stream`'s. Non-goals: load balancing (Ray Serve does it), request validation
-(the app and the replica do).
+`gateway.replica_stream`'s. `on_route("direct" | "ingress")` counts each /generate attempt.
+Non-goals: replica membership and health (Ray Serve's; `DirectRoutes` follows it), request
+validation (the app and the replica do).
 """
 
 from __future__ import annotations
@@ -35,10 +39,11 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from replicas.wire import (REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest,
+from replicas.wire import (REPLICA_HEADER, REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest,
                            ReplicaInfo)
 
 from .config import GatewayConfig
+from .direct import DirectRoutes
 from .replica_stream import HttpStream, WholeAnswer, error_chunk
 from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
@@ -100,40 +105,67 @@ def error_of(upstream: int, raw: bytes, retry_after: float | None = None) -> Rep
 class HttpReplicaClient:
     def __init__(self, config: GatewayConfig, pool: UpstreamPool | None = None,
                  clock: Callable[[], float] = time.monotonic, on_retry: Callable[[], None] | None = None,
-                 on_report: Callable[[str | None], None] | None = None) -> None:
+                 on_report: Callable[[str | None], None] | None = None, direct: DirectRoutes | None = None,
+                 on_route: Callable[[str], None] | None = None) -> None:
         self._config = config
         self._on_report = on_report
         self._pool = pool or UpstreamPool(config.replica_url, connect_timeout_s=config.connect_timeout_s,
                                           max_idle=config.max_idle_connections)
+        self._direct = direct  # the replicas' own ports (`gateway.direct`); None: always the ingress
+        self._on_route = on_route  # "direct" or "ingress", once per /generate attempt
         self._clock = clock
         self._on_retry = on_retry
         self._info: ReplicaInfo | None = None
         self._info_at = float("-inf")
         self._info_lock = asyncio.Lock()
 
-    async def generate(self, request: GenerateRequest) -> HttpStream:
+    async def generate(self, request: GenerateRequest) -> HttpStream | WholeAnswer:
+        """Send to a replica directly when `direct` knows a healthy one, else through the ingress.
+        A direct attempt that fails before the answer (connection, or 503 from a dead engine) marks
+        that replica failed and goes through the ingress, outside `connect_retries`."""
         body = request.model_dump_json(exclude_none=True).encode()
         timeout = self._config.request_timeout_s
         attempts = 1 + self._config.connect_retries
-        for attempt in range(attempts):
+        direct = self._direct
+        if direct is not None:
+            direct.start()
+        attempt = 0
+        while True:
+            replica = direct.pick() if direct is not None else None
+            pool = self._pool if replica is None else replica.pool
+            if replica is not None:
+                direct.begin(replica)
+            if self._on_route is not None:
+                self._on_route("ingress" if replica is None else "direct")
             response: UpstreamResponse | None = None
+            handed_over = False  # the stream ends the replica's in-flight count itself
             try:
-                response = await self._pool.request("POST", "/generate", body, GENERATE_HEADERS, timeout)
-                if self._on_report is not None:
-                    self._on_report(response.headers.get(REPORT_HEADER))
+                response = await pool.request("POST", "/generate", body, GENERATE_HEADERS, timeout)
+                self._heard(response, report=True)
                 if response.status != 200:
-                    raise await self._error_from(response)
+                    err = await self._error_from(response)
+                    if replica is not None and err.status == 503:  # its engine died: another replica
+                        direct.failed(replica)
+                        self._retried()
+                        continue
+                    raise err
                 if not request.stream:
                     return await self._whole(response, request)
-                stream = HttpStream(response, request, timeout)
+                done = None if replica is None else (lambda r=replica: direct.end(r))
+                stream = HttpStream(response, request, timeout, on_done=done)
+                handed_over = True
                 await stream.read_first()
                 return stream
             except UpstreamConnectionError as e:
                 if response is not None:
                     await response.aclose()
-                if attempt + 1 < attempts:
-                    if self._on_retry is not None:
-                        self._on_retry()
+                if replica is not None:  # not counted against connect_retries: the ingress next
+                    direct.failed(replica)
+                    self._retried()
+                    continue
+                attempt += 1
+                if attempt < attempts:
+                    self._retried()
                     continue
                 raise ReplicaError(503, ErrorInfo(message=f"no replica reachable through the Ray Serve proxy: {e}",
                                                   type="service_unavailable_error", code="no_replica")) from e
@@ -146,7 +178,20 @@ class HttpReplicaClient:
                 if response is not None:
                     await response.aclose()
                 raise
-        raise AssertionError("unreachable")
+            finally:
+                if replica is not None and not handed_over:
+                    direct.end(replica)
+
+    def _retried(self) -> None:
+        if self._on_retry is not None:
+            self._on_retry()
+
+    def _heard(self, response: UpstreamResponse, report: bool = False) -> None:
+        """What an answer says about its replica: its address (direct routes) and its report."""
+        if self._direct is not None:
+            self._direct.learn(response.headers.get(REPLICA_HEADER))
+        if report and self._on_report is not None:
+            self._on_report(response.headers.get(REPORT_HEADER))
 
     async def _whole(self, response: UpstreamResponse, request: GenerateRequest) -> WholeAnswer:
         """Read a non-streaming answer (transport errors propagate: the caller may retry)."""
@@ -184,6 +229,7 @@ class HttpReplicaClient:
         try:
             async with asyncio.timeout(timeout):
                 response = await self._pool.request(method, path, body, headers, timeout)
+                self._heard(response)
                 try:
                     return response.status, await response.read()
                 finally:
@@ -233,4 +279,6 @@ class HttpReplicaClient:
         return json.loads(raw)
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            await self._direct.aclose()
         await self._pool.aclose()

@@ -14,6 +14,7 @@ Non-goals: connecting, retrying, status mapping (`gateway.replica_client`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from pydantic import ValidationError
 
@@ -35,8 +36,10 @@ class HttpStream:
     timer per stream, re-armed only when it fires, aborts the connection once no line came for
     `read_timeout_s` (the pending read then fails and the stream reports a timeout)."""
 
-    def __init__(self, response: UpstreamResponse, request: GenerateRequest, read_timeout_s: float) -> None:
+    def __init__(self, response: UpstreamResponse, request: GenerateRequest, read_timeout_s: float,
+                 on_done: Callable[[], None] | None = None) -> None:
         self._response = response
+        self._on_done = on_done  # called once, when the stream stops (last chunk, failure or close)
         self._lines = response.lines()
         self._timeout = read_timeout_s
         self._request_id = request.request_id or ""
@@ -132,6 +135,9 @@ class HttpStream:
     def _stop(self) -> None:
         self._done = True
         self._watchdog.cancel()
+        if self._on_done is not None:
+            done, self._on_done = self._on_done, None
+            done()
 
     async def aclose(self) -> None:
         self._stop()

@@ -42,6 +42,10 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's metrics export port")
     p.add_argument("--ingress", default="haproxy", choices=("haproxy", "proxy"),
                    help="how HTTP reaches the replicas: Ray Serve's HAProxy (default) or its Python proxy")
+    p.add_argument("--replica-routing", default="direct", choices=("direct", "ingress"),
+                   help="how the gateway reaches the replicas: direct (default) to each replica's own HTTP port, "
+                        "learned from their answers; ingress: always through HAProxy (nld-gateway serve "
+                        "--replica-routing)")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the replica's engine process (default: the CPUs the replica reserves)")
     p.add_argument("--replicas", type=replica_count_arg, default="auto", metavar="N|auto|policy",
@@ -181,7 +185,8 @@ def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str]
     from .bootstrap import auth_fields
     from .config import GatewayConfig
 
-    fields = {"replica_url": f"http://{REPLICA_HOST}:{args.replica_port}", "model_name": model_name}
+    fields = {"replica_url": f"http://{REPLICA_HOST}:{args.replica_port}", "model_name": model_name,
+              "replica_routing": args.replica_routing}
     fields.update(auth_fields(args.api_key_file, args.no_auth, environ))
     return GatewayConfig(**fields)
 

@@ -166,8 +166,10 @@ class UpstreamPool:
         self._idle.append(conn)
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-                      timeout: float | None = None) -> UpstreamResponse:
-        head = [f"{method} {self.prefix}{path} HTTP/1.1".encode(), b"Host: " + self._host_header]
+                      timeout: float | None = None, absolute: bool = False) -> UpstreamResponse:
+        """`path` under the base URL's prefix; `absolute`: as it is (the origin's own routes)."""
+        target = path if absolute else self.prefix + path
+        head = [f"{method} {target} HTTP/1.1".encode(), b"Host: " + self._host_header]
         head += [f"{k}: {v}".encode("latin-1") for k, v in (headers or {}).items()]
         if body or method in ("POST", "PUT", "PATCH"):
             head.append(b"Content-Length: %d" % len(body))

@@ -80,6 +80,8 @@ def test_serve_config_from_flags_and_env(tmp_path):
                           "--request-timeout", "30"), {})
     assert (c.model_name, c.max_tokens_limit, c.default_max_tokens, c.max_inflight_requests, c.request_timeout_s) == (
         "m", 100, 100, 8, 30.0)
+    assert serve_config(args(), {}).replica_routing == "direct"  # the replicas' own ports, once learned
+    assert serve_config(args("--replica-routing", "ingress"), {}).replica_routing == "ingress"
 
 
 def test_serve_bad_config_exits_2_without_echoing_keys(tmp_path, capsys, caplog):

@@ -1,4 +1,5 @@
-"""Reliability on the real stack (gateway -> HAProxy -> replica -> engine process), each case
+"""Reliability on the real stack (gateway -> the replica's own port, learned through HAProxy ->
+replica -> engine process: the default direct routes), each case
 bounded in time: client disconnects free everything, overload is a 429 that recovers, and a
 killed replica process gives clean errors and is replaced. Figures go to docs/RELIABILITY.md
 (run with -s to see them)."""
@@ -16,7 +17,8 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from gateway.replica_client import HttpReplicaClient
+from gateway.bootstrap import build_replica_client
+from gateway.metrics import GatewayMetrics, InflightCounter
 from policies import FixedModePolicy
 
 from .servers import serve_in_thread
@@ -42,7 +44,9 @@ def app_of(serve_stack, serve_model_dir):
         names.append(name)
         replica_url = f"{serve_stack.url}/{name}"
         cfg = GatewayConfig(replica_url=replica_url, model_name="nld-test", retry_after_s=2)
-        return replica_url, serve_in_thread(create_app(cfg, HttpReplicaClient(cfg), FixedModePolicy()))
+        metrics = GatewayMetrics(InflightCounter())  # the default client: direct routes to the replicas' ports
+        return replica_url, serve_in_thread(create_app(cfg, build_replica_client(cfg, metrics), FixedModePolicy(),
+                                                       metrics=metrics))
 
     yield deploy
     for name in names:

@@ -1,5 +1,5 @@
 """The whole stack on loopback: the real `openai` client -> gateway (uvicorn) -> Ray Serve
-proxy -> NLD replicas. No fakes."""
+proxy (first) or the replicas' own ports (direct routes, the default) -> NLD replicas. No fakes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import GatewayConfig
-from gateway.replica_client import HttpReplicaClient
+from gateway.bootstrap import build_replica_client
+from gateway.metrics import GatewayMetrics, InflightCounter
 from policies import FixedModePolicy
 
 from .servers import serve_in_thread, sse_events
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.slow
 
 def gateway(replica_url: str, **config):
     cfg = GatewayConfig(replica_url=replica_url, model_name="nld-test", **config)
-    return serve_in_thread(create_app(cfg, HttpReplicaClient(cfg), FixedModePolicy(mode="self_spec")))
+    metrics = GatewayMetrics(InflightCounter())  # the default client: direct to the replicas' own ports
+    return serve_in_thread(create_app(cfg, build_replica_client(cfg, metrics), FixedModePolicy(mode="self_spec"),
+                                      metrics=metrics))
 
 
 @pytest.fixture(scope="module")

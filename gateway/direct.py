@@ -1,0 +1,217 @@
+"""Direct routes: the gateway sends requests straight to the replicas' own HTTP ports.
+
+Behind HAProxy, each replica serves HTTP itself (Ray Serve's direct ingress) and names its
+address on every answer (`replicas.wire.REPLICA_HEADER`). Sending there skips one loopback or
+network hop per request and per streamed event (HAProxy's own CPU and the kernel's work for the
+extra connection; docs/PERFORMANCE.md, "The gateway routes to the replicas itself").
+
+Contract of `DirectRoutes(ingress, ...)`:
+- `learn(header)`: a `REPLICA_HEADER` value from any answer (through the ingress or direct) adds
+  that replica, healthy, or moves a known one to a new address. At most `max_replicas` are kept.
+- `pick()`: the healthy replica with the fewest requests this gateway has in flight there
+  (ties rotate), or None when none is known healthy: the caller then goes through the ingress.
+  `begin(r)` / `end(r)` count a request in flight; `failed(r)` (a connection failure or an
+  `engine_dead` answer) marks the replica unhealthy until its health check passes again.
+- `start()` (on the running loop; idempotent) runs one task that, every `health_interval_s`,
+  GETs each known replica's `/-/healthz` (Ray Serve's data-plane check for external load
+  balancers: 200, or 503 `DRAINING` from the moment a replica starts its graceful shutdown, which
+  keeps it reachable for the ingress's drain period) and, every `discover_interval_s`, one
+  `GET /health` through the ingress, whose answer names the replica the ingress chose (HAProxy
+  balances it like any request, so new replicas are found within a few rounds). A replica whose
+  check has not passed for `forget_after_s` is forgotten. `aclose()` stops the task and closes
+  the replicas' connection pools.
+- `snapshot()`: the known replicas (id, address, healthy, in flight) for `/stats`-style views;
+  `healthy_count()` for the gateway's gauge.
+
+Replicas that name no address (Serve's Python proxy in front, `advertise_address: false`) are
+never learned, and every request goes through the ingress: the same behaviour as without this.
+Non-goals: Ray Serve's own routing decisions (queue lengths it sees, locality), retries (the
+replica client retries a failed direct attempt through the ingress), membership from Ray's API
+(the gateway never imports Ray).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from replicas.wire import REPLICA_HEADER, parse_replica_address
+
+from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamTimeout
+
+log = logging.getLogger("gateway.direct")
+
+HEALTH_PATH = "/-/healthz"  # Ray Serve's data-plane health check on a direct-ingress replica's port
+
+
+class DirectReplica:
+    """One replica the gateway may call directly: its address, pool and state."""
+    __slots__ = ("replica_id", "host", "port", "pool", "inflight", "healthy", "failing_since")
+
+    def __init__(self, replica_id: str, host: str, port: int, pool: UpstreamPool) -> None:
+        self.replica_id, self.host, self.port, self.pool = replica_id, host, port, pool
+        self.inflight = 0
+        self.healthy = True
+        self.failing_since: float | None = None  # first failed check or request since it last passed
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class DirectRoutes:
+    def __init__(self, ingress: UpstreamPool, *, connect_timeout_s: float = 2.0, health_interval_s: float = 0.5,
+                 discover_interval_s: float = 1.0, health_timeout_s: float = 1.0, forget_after_s: float = 30.0,
+                 max_replicas: int = 256, max_idle: int = 256,
+                 pool_factory: Callable[[str], UpstreamPool] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if min(health_interval_s, discover_interval_s, health_timeout_s, forget_after_s) <= 0 or max_replicas < 1:
+            raise ValueError("direct routes: intervals, timeouts and max_replicas must be > 0")
+        self.ingress = ingress
+        self.health_interval_s, self.discover_interval_s = health_interval_s, discover_interval_s
+        self.health_timeout_s, self.forget_after_s = health_timeout_s, forget_after_s
+        self.max_replicas = max_replicas
+        self._pool_factory = pool_factory or (lambda url: UpstreamPool(url, connect_timeout_s=connect_timeout_s,
+                                                                       max_idle=max_idle))
+        self._clock = clock
+        self._replicas: dict[str, DirectReplica] = {}
+        self._turn = 0
+        self._task: asyncio.Task | None = None
+        self._retired: list[UpstreamPool] = []  # pools of forgotten or moved replicas, closed by the task
+
+    def learn(self, header: str | None) -> None:
+        parsed = parse_replica_address(header)
+        if parsed is None:
+            return
+        rid, host, port = parsed
+        known = self._replicas.get(rid)
+        if known is not None and (known.host, known.port) == (host, port):
+            return
+        if known is None and len(self._replicas) >= self.max_replicas:
+            return
+        url_host = f"[{host}]" if ":" in host else host
+        # the ingress's route prefix too: a replica under a prefix expects it on its own port as well
+        replica = DirectReplica(rid, host, port, self._pool_factory(f"http://{url_host}:{port}{self.ingress.prefix}"))
+        if known is not None:
+            replica.inflight = known.inflight
+            self._retired.append(known.pool)
+        self._replicas[rid] = replica
+        log.info("direct route to replica %s at %s", rid, replica.address)
+
+    def pick(self) -> DirectReplica | None:
+        best: DirectReplica | None = None
+        replicas = list(self._replicas.values())
+        n = len(replicas)
+        if n == 0:
+            return None
+        self._turn = (self._turn + 1) % n
+        for k in range(n):
+            r = replicas[(self._turn + k) % n]
+            if r.healthy and (best is None or r.inflight < best.inflight):
+                best = r
+        return best
+
+    @staticmethod
+    def begin(replica: DirectReplica) -> None:
+        replica.inflight += 1
+
+    @staticmethod
+    def end(replica: DirectReplica) -> None:
+        replica.inflight -= 1
+
+    def failed(self, replica: DirectReplica) -> None:
+        if replica.healthy:
+            log.warning("replica %s at %s failed; routing around it until its health check passes",
+                        replica.replica_id, replica.address)
+        replica.healthy = False
+        if replica.failing_since is None:
+            replica.failing_since = self._clock()
+
+    def healthy_count(self) -> int:
+        return sum(r.healthy for r in self._replicas.values())
+
+    def snapshot(self) -> list[dict]:
+        return [{"replica_id": r.replica_id, "address": r.address, "healthy": r.healthy, "inflight": r.inflight}
+                for r in self._replicas.values()]
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="direct-routes")
+
+    async def _run(self) -> None:
+        next_discovery = 0.0
+        while True:
+            now = self._clock()
+            if now >= next_discovery:
+                next_discovery = now + self.discover_interval_s
+                await self.discover()
+            await self.check_all()
+            await asyncio.sleep(self.health_interval_s)
+
+    async def discover(self) -> None:
+        """One GET /health through the ingress: learn the replica that answers it."""
+        try:
+            async with asyncio.timeout(self.health_timeout_s):
+                response = await self.ingress.request("GET", "/health", timeout=self.health_timeout_s)
+                try:
+                    await response.read()
+                finally:
+                    await response.aclose()
+        except (TimeoutError, UpstreamConnectionError, UpstreamTimeout):
+            return
+        self.learn(response.headers.get(REPLICA_HEADER))
+
+    async def check_all(self) -> None:
+        replicas = list(self._replicas.values())
+        if replicas:
+            await asyncio.gather(*(self.check(r) for r in replicas))
+        now = self._clock()
+        for r in replicas:
+            if r.failing_since is not None and now - r.failing_since >= self.forget_after_s and r.inflight == 0:
+                if self._replicas.get(r.replica_id) is r:
+                    del self._replicas[r.replica_id]
+                    log.info("forgot replica %s at %s (no passing health check for %.0f s)", r.replica_id,
+                             r.address, now - r.failing_since)
+                self._retired.append(r.pool)
+        while self._retired:
+            await self._retired.pop().aclose()
+
+    async def check(self, replica: DirectReplica) -> bool:
+        """GET `/-/healthz` on the replica's own port: 200 is healthy; anything else (503 DRAINING
+        or UNHEALTHY, refused, slow) is not."""
+        ok = False
+        try:
+            async with asyncio.timeout(self.health_timeout_s):
+                # Serve answers it at the port's root, whatever the application's route prefix
+                response = await replica.pool.request("GET", HEALTH_PATH, timeout=self.health_timeout_s,
+                                                      absolute=True)
+                try:
+                    await response.read()
+                finally:
+                    await response.aclose()
+            ok = response.status == 200
+        except (TimeoutError, UpstreamConnectionError, UpstreamTimeout):
+            ok = False
+        if ok:
+            if not replica.healthy:
+                log.info("replica %s at %s passes its health check again", replica.replica_id, replica.address)
+            replica.healthy, replica.failing_since = True, None
+        else:
+            self.failed(replica)
+        return ok
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping
+                pass
+            self._task = None
+        for r in list(self._replicas.values()):
+            await r.pool.aclose()
+        self._replicas.clear()
+        while self._retired:
+            await self._retired.pop().aclose()
