@@ -505,6 +505,34 @@ def test_network_policy_lets_only_the_gateway_reach_the_serve_port(scenario):
     assert sorted(json.dumps(r, sort_keys=True) for r in reaching) == sorted(json.dumps(e, sort_keys=True) for e in expected)
 
 
+@pytest.mark.parametrize("routing, ingress", [("direct", "haproxy"), ("ingress", "haproxy"), ("direct", "proxy")])
+def test_direct_routes_reach_the_replicas_own_ports_only_from_the_gateway(routing, ingress):
+    """`gateway.replicaRouting: direct` behind HAProxy: the gateway gets `--replica-routing direct`, the
+    replicas name their own port (`advertise_address`), Ray Serve takes those ports from the chart's
+    range and only the gateway's pods may reach that range; otherwise the range stays closed."""
+    values = {"gateway": {"replicaRouting": routing},
+              "replicas": {"serve": {"ingress": ingress, "haproxy": {"replicaPortMin": 31000, "replicaPortMax": 31500}}}}
+    objs = C.objects(C.render(values))
+    args = C.one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--replica-routing") + 1] == routing
+    rayservice = C.one(objs, "RayService")
+    serve_args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert serve_args["advertise_address"] is (ingress == "haproxy")
+    ray_policy = C.one(objs, "NetworkPolicy", "-ray")
+    ranges = [(rule["from"], p) for rule in ray_policy["spec"]["ingress"] for p in rule.get("ports", [])
+              if "endPort" in p]
+    if routing == "direct" and ingress == "haproxy":
+        gateway_labels = C.one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
+        assert ranges == [([{"podSelector": {"matchLabels": gateway_labels}}],
+                           {"protocol": "TCP", "port": 31000, "endPort": 31500})]
+        for template in C.ray_pod_templates(rayservice).values():
+            env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0]["env"]}
+            assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == \
+                ("31000", "31500")
+    else:
+        assert ranges == []
+
+
 def test_gpu_workers_with_two_replicas_and_autoscaling():
     _, objs = C.render_scenario("gpu-autoscaling")
     cluster = C.one(objs, "RayService")["spec"]["rayClusterConfig"]

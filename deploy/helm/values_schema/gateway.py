@@ -13,6 +13,7 @@ GATEWAY = obj(
         'replicaCount': integer(minimum=1),
         'port': integer(minimum=1, maximum=65535),
         'replicaUrl': string(pattern='^$|^https?://'),
+        'replicaRouting': string(enum=['direct', 'ingress']),
         'policy': obj(
             {'source': string(enum=['fixed', 'file']), 'fixedMode': string(enum=MODES)},
             required=['source', 'fixedMode'],
@@ -93,5 +94,5 @@ GATEWAY = obj(
         'extraContainers': ref('containerList'),
     },
     required=['image', 'port', 'resources', 'service', 'ingress', 'autoscaling', 'podDisruptionBudget',
-              'serviceAccount', 'policy', 'metricsPort', 'keyReloadIntervalSeconds'],
+              'serviceAccount', 'policy', 'metricsPort', 'keyReloadIntervalSeconds', 'replicaRouting'],
 )

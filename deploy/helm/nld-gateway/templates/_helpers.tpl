@@ -187,7 +187,7 @@ The fixed Serve replica count: `replicas.serve.numReplicas`, or (null) one repli
 {{- if and $v.model.lora.enabled $v.model.lora.subfolder }}
 {{- $lora = printf "%s/%s" $modelPath (trimAll "/" $v.model.lora.subfolder) }}
 {{- end }}
-{{- $args := dict "model_path" $modelPath "model_name" $v.model.name "use_lora" $v.model.lora.enabled "device" $v.replicas.serve.device "dtype" $v.replicas.serve.dtype "engine" $v.replicas.engine }}
+{{- $args := dict "model_path" $modelPath "model_name" $v.model.name "use_lora" $v.model.lora.enabled "device" $v.replicas.serve.device "dtype" $v.replicas.serve.dtype "engine" $v.replicas.engine "advertise_address" (eq $v.replicas.serve.ingress "haproxy") }}
 {{- if $lora }}{{ $_ := set $args "lora_path" $lora }}{{ end }}
 {{- if not (kindIs "invalid" $v.replicas.serve.maxPromptTokens) }}{{ $_ := set $args "max_prompt_tokens" $v.replicas.serve.maxPromptTokens }}{{ end }}
 {{- if not (kindIs "invalid" $v.replicas.serve.torchThreads) }}{{ $_ := set $args "torch_threads" $v.replicas.serve.torchThreads }}{{ end }}
@@ -330,6 +330,10 @@ preset `files/policies/<policy.preset>.yaml` (a byte-identical copy of policies/
   value: {{ $serve.haproxy.drainSeconds | toString | quote }}
 - name: RAY_SERVE_HAPROXY_NBTHREAD
   value: {{ $serve.haproxy.threads | int | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
+  value: {{ $serve.haproxy.replicaPortMin | int | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+  value: {{ $serve.haproxy.replicaPortMax | int | quote }}
 {{- end }}
 {{- with .Values.replicas.env }}
 {{ toYaml . }}
