@@ -2,12 +2,13 @@
 
 Contract: `build_gateway(config, policy_spec, *, metrics=None, client=None, **app_options)`
 returns a `Gateway` (its FastAPI `app`, `metrics`, `policy` and replica `client`): the metrics
-(a fresh `GatewayMetrics` unless given), the replica client (`build_replica_client`: an
-`HttpReplicaClient` on `config.replica_url` with `gateway.direct` routes to the replicas' own
-ports unless `replica_routing` is `ingress`, unless given; retries and routes counted in the metrics; the replicas' reports on its
-answers collected into one `ReplicaReports` when a policy file is given), the mode policy from `policy_spec` (`open_policy`,
-reading those reports as its `reports:` page) and the app (`gateway.app.create_app`). `nld-gateway serve`,
-`nld-gateway up` and the benchmarks all build their gateway here, so they are wired alike.
+(a fresh `GatewayMetrics` unless given), the replica client (unless given, `build_replica_client`:
+an `HttpReplicaClient` on `config.replica_url`, with `gateway.direct` routes to the replicas' own
+ports unless `replica_routing` is `ingress`; retries and routes counted in the metrics; the
+replicas' reports on its answers collected into one `ReplicaReports` when a policy file is
+given), the mode policy from `policy_spec` (`open_policy`, reading those reports as its
+`reports:` page) and the app (`gateway.app.create_app`). `nld-gateway serve`, `nld-gateway up`
+and the benchmarks all build their gateway here, so they are wired alike.
 A `PolicySpec` names the policy: a policy file (hot-reloaded, its signal URLs' placeholders
 filled from `ports`) or, without one, a fixed mode. Invalid configuration raises one of
 `CONFIG_ERRORS` before anything runs; `config_error` prints it as the CLI's one line (never a

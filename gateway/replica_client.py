@@ -19,8 +19,8 @@ connections), or, given `direct` (`gateway.direct.DirectRoutes`), straight to a 
 own port learned from the answers' `REPLICA_HEADER` (a direct attempt that fails before the
 answer marks that replica failed and goes through the ingress). Through the ingress a
 connection failure before the first byte is retried `config.connect_retries` times (the proxy
-may route the retry to another replica), then 503; an upstream status is mapped as above; `info()` is
-cached for `config.info_ttl_s`; `update_engine(EngineSettings)` POSTs /engine (the replica the
+may route the retry to another replica), then 503; an upstream status is mapped as above;
+`info()` is cached for `config.info_ttl_s`; `update_engine(EngineSettings)` POSTs /engine (the replica the
 proxy picks applies them; see `gateway.engine_push`). Each /generate answer's report header
 (`replicas.wire.REPORT_HEADER`) goes to `on_report` (the policy's
 `policies.reports.ReplicaReports.offer`). The streams it returns are
@@ -39,8 +39,8 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from replicas.wire import (REPLICA_HEADER, REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateChunk, GenerateRequest,
-                           ReplicaInfo)
+from replicas.wire import (REPLICA_HEADER, REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateChunk,
+                           GenerateRequest, ReplicaInfo)
 
 from .config import GatewayConfig
 from .direct import DirectRoutes
