@@ -6,8 +6,13 @@ network hop per request and per streamed event (HAProxy's own CPU and the kernel
 extra connection; docs/PERFORMANCE.md, "The gateway routes to the replicas itself").
 
 Contract of `DirectRoutes(ingress, ...)`:
-- `learn(header)`: a `REPLICA_HEADER` value from any answer (through the ingress or direct) adds
-  that replica, healthy, or moves a known one to a new address. At most `max_replicas` are kept.
+- `learn(header, via_ingress=True)`: a `REPLICA_HEADER` value from any answer adds that replica,
+  healthy, or moves a known one to a new address. At most `max_replicas` are kept. The header also
+  names the replica's Ray cluster: an answer through the ingress from another cluster than the
+  one known (KubeRay's `NewCluster` upgrade switched its Service to a new cluster) makes that
+  cluster the current one and forgets every replica of the old one at once, which keeps serving
+  what it has until KubeRay deletes it; replicas of another cluster are never learned from a
+  direct answer.
 - `pick()`: the healthy replica with the fewest requests this gateway has in flight there
   (ties rotate), or None when none is known healthy: the caller then goes through the ingress.
   `begin(r)` / `end(r)` count a request in flight; `failed(r)` (a connection failure or an
@@ -80,12 +85,17 @@ class DirectRoutes:
         self._turn = 0
         self._task: asyncio.Task | None = None
         self._retired: list[UpstreamPool] = []  # pools of forgotten or moved replicas, closed by the task
+        self.cluster: str | None = None  # the Ray cluster the ingress answers from (last seen)
 
-    def learn(self, header: str | None) -> None:
+    def learn(self, header: str | None, via_ingress: bool = True) -> None:
         parsed = parse_replica_address(header)
         if parsed is None:
             return
-        rid, host, port = parsed
+        rid, host, port, cluster = parsed
+        if cluster != self.cluster:
+            if not via_ingress:
+                return  # a stale direct answer from a cluster the ingress left
+            self._switch_cluster(cluster)
         known = self._replicas.get(rid)
         if known is not None and (known.host, known.port) == (host, port):
             return
@@ -99,6 +109,16 @@ class DirectRoutes:
             self._retired.append(known.pool)
         self._replicas[rid] = replica
         log.info("direct route to replica %s at %s", rid, replica.address)
+
+    def _switch_cluster(self, cluster: str | None) -> None:
+        """The ingress answers from another Ray cluster now: forget every replica of the old one."""
+        if self._replicas:
+            log.info("the ingress answers from Ray cluster %s (was %s): forgetting %d replicas of the old one",
+                     cluster, self.cluster, len(self._replicas))
+        for r in self._replicas.values():
+            self._retired.append(r.pool)
+        self._replicas.clear()
+        self.cluster = cluster
 
     def pick(self) -> DirectReplica | None:
         best: DirectReplica | None = None

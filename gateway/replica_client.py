@@ -141,7 +141,7 @@ class HttpReplicaClient:
             handed_over = False  # the stream ends the replica's in-flight count itself
             try:
                 response = await pool.request("POST", "/generate", body, GENERATE_HEADERS, timeout)
-                self._heard(response, report=True)
+                self._heard(response, report=True, via_ingress=replica is None)
                 if response.status != 200:
                     err = await self._error_from(response)
                     if replica is not None and err.status == 503:  # its engine died: another replica
@@ -186,10 +186,10 @@ class HttpReplicaClient:
         if self._on_retry is not None:
             self._on_retry()
 
-    def _heard(self, response: UpstreamResponse, report: bool = False) -> None:
+    def _heard(self, response: UpstreamResponse, report: bool = False, via_ingress: bool = True) -> None:
         """What an answer says about its replica: its address (direct routes) and its report."""
         if self._direct is not None:
-            self._direct.learn(response.headers.get(REPLICA_HEADER))
+            self._direct.learn(response.headers.get(REPLICA_HEADER), via_ingress)
         if report and self._on_report is not None:
             self._on_report(response.headers.get(REPORT_HEADER))
 

@@ -79,6 +79,17 @@ def serve_identity() -> tuple[str | None, str | None]:
         return None, None
 
 
+def ray_cluster() -> str | None:
+    """The Ray cluster this process runs in (its session name, unique per cluster instance);
+    None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_session_name() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return None
+
+
 class NLDReplica:
     def __init__(self, config: dict, engine_factory: Callable | None = None, metrics=None, board=None) -> None:
         self.config = ReplicaConfig.model_validate(config)
@@ -101,6 +112,7 @@ class NLDReplica:
         self._watcher: asyncio.Task | None = None
         self.board = board  # engine settings shared by the application's replicas (settings_board)
         app, self.replica_id = serve_identity()
+        self.cluster = ray_cluster() if app is not None else None  # in REPLICA_HEADER
         # the engine process's stats() is its last pushed snapshot (free to read on every answer); the
         # in-thread engine's builds one per call, so that variant reads it at most every 0.25 s
         self.reporter = Reporter(self.replica_id, cfg.model_name, self.engine.stats, application=app,
@@ -138,14 +150,16 @@ class NLDReplica:
         return response
 
     def _advertise(self, request: Request, response: Response) -> None:
-        """`REPLICA_HEADER`: this replica's id and its own address, as the connection reached it
-        (the socket's local address: what HAProxy dialed, reachable from HAProxy's node)."""
+        """`REPLICA_HEADER`: this replica's id, its own address as the connection reached it (the
+        socket's local address: what HAProxy dialed, reachable from HAProxy's node) and its Ray
+        cluster."""
         server = request.scope.get("server")
         if not server or server[1] is None:
             return
         value = self._addresses.get(server)
         if value is None:
-            value = self._addresses[server] = replica_address(self.reporter.replica_id, server[0], int(server[1]))
+            value = self._addresses[server] = replica_address(self.reporter.replica_id, server[0], int(server[1]),
+                                                              self.cluster)
         response.headers[REPLICA_HEADER] = value
 
     def check_health(self) -> None:

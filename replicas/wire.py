@@ -18,8 +18,8 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
   the sequence number of its engine's last stats snapshot, and a compact JSON of that snapshot's
   load (running, waiting, by mode, KV usage) and measured cost model.
 - Every answer of a replica served by Ray Serve's direct ingress (behind HAProxy) carries the
-  `REPLICA_HEADER` header: `<replica id> <host>:<port>`, the replica's own HTTP address as the
-  connection reached it (`replica_address`/`parse_replica_address`). The gateway learns the
+  `REPLICA_HEADER` header: `<replica id> <host>:<port> <cluster>`, the replica's own HTTP address as
+  the connection reached it and its Ray cluster (`replica_address`/`parse_replica_address`). The gateway learns the
   replicas from it and may then send to that address directly (`gateway.direct`).
 
 The gateway POSTs `/engine` when the policy's settings change. Engine settings also ride on
@@ -54,27 +54,31 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 FINISH_REASONS: tuple[str, ...] = get_args(FinishReason)
 # what the engine counts in `running_by_mode`: requests still in prefill, then each mode
 RUNNING_KINDS: tuple[str, ...] = ("prefill",) + MODES
-# every answer's `<replica id> <host>:<port>`: the replica's own HTTP address (direct ingress)
+# every answer's `<replica id> <host>:<port> [<cluster>]`: the replica's own HTTP address (direct
+# ingress) and the Ray cluster it runs in (Ray's session name: a new cluster, a new name)
 REPLICA_HEADER = "x-nld-replica"
 
 
-def replica_address(replica_id: str, host: str, port: int) -> str:
+def replica_address(replica_id: str, host: str, port: int, cluster: str | None = None) -> str:
     """The `REPLICA_HEADER` value (IPv6 hosts in brackets)."""
-    return f"{replica_id} [{host}]:{port}" if ":" in host else f"{replica_id} {host}:{port}"
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{replica_id} {addr} {cluster}" if cluster else f"{replica_id} {addr}"
 
 
-def parse_replica_address(value: str | None) -> tuple[str, str, int] | None:
-    """(replica id, host, port) of a `REPLICA_HEADER` value; None for a missing or malformed one."""
-    if not value:
+def parse_replica_address(value: str | None) -> tuple[str, str, int, str | None] | None:
+    """(replica id, host, port, cluster or None) of a `REPLICA_HEADER` value; None for a missing
+    or malformed one."""
+    parts = (value or "").split()
+    if len(parts) not in (2, 3):
         return None
-    rid, sep, addr = value.strip().rpartition(" ")
+    rid, addr = parts[0], parts[1]
     host, colon, port = addr.rpartition(":")
-    if not sep or not rid or not colon or not port.isdigit() or not 0 < int(port) < 65536:
+    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
         return None
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not host or " " in host:
+    if not host:
         return None
-    return rid, host, int(port)
+    return rid, host, int(port), (parts[2] if len(parts) == 3 else None)
 
 
 # every /generate answer's report of the replica's load and cost model: `<replica id>;<seq>;<JSON>`

@@ -341,6 +341,10 @@ BAD_COMBINATIONS = [
                                        "clusterUpgradeOptions": {"gatewayClassName": "istio"}},
                    "autoscaler": {"enabled": True}}},
      "set gateway.replicaUrl to that Gateway's address"),
+    ({"replicas": {"upgradeStrategy": {"type": "NewClusterWithIncrementalUpgrade",
+                                       "clusterUpgradeOptions": {"gatewayClassName": "istio"}},
+                   "autoscaler": {"enabled": True}}, "gateway": {"replicaUrl": "http://gw:8000"}},
+     "set gateway.replicaRouting to ingress"),
     ({"replicas": {"gcsFaultTolerance": {"enabled": True}}},
      "replicas.gcsFaultTolerance.enabled needs replicas.gcsFaultTolerance.redisAddress"),
 ]

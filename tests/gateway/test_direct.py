@@ -18,7 +18,8 @@ from gateway.direct import HEALTH_PATH, DirectRoutes
 from gateway.metrics import GatewayMetrics, InflightCounter
 from gateway.replica_client import HttpReplicaClient, ReplicaError
 from gateway.upstream import UpstreamPool
-from replicas.wire import REPLICA_HEADER, ErrorBody, ErrorInfo, GenerateRequest, parse_replica_address, replica_address
+from replicas.wire import (REPLICA_HEADER, ErrorBody, ErrorInfo, GenerateRequest, parse_replica_address,
+                           replica_address)
 from tests.gateway.fakes import fake_chunks
 
 from .servers import ScriptedServer
@@ -156,10 +157,28 @@ async def test_learn_ignores_malformed_headers_keeps_a_cap_and_follows_a_moved_r
 
 
 def test_replica_address_round_trip():
-    assert parse_replica_address(replica_address("r1", "10.0.0.7", 30001)) == ("r1", "10.0.0.7", 30001)
-    assert parse_replica_address(replica_address("r1", "fd00::7", 30001)) == ("r1", "fd00::7", 30001)
-    assert replica_address("r1", "fd00::7", 30001) == "r1 [fd00::7]:30001"
+    assert parse_replica_address(replica_address("r1", "10.0.0.7", 30001)) == ("r1", "10.0.0.7", 30001, None)
+    assert parse_replica_address(replica_address("r1", "fd00::7", 30001, "s1")) == ("r1", "fd00::7", 30001, "s1")
+    assert replica_address("r1", "fd00::7", 30001, "s1") == "r1 [fd00::7]:30001 s1"
     assert parse_replica_address("r1 10.0.0.7:") is None and parse_replica_address("10.0.0.7:80") is None
+    assert parse_replica_address("r1 10.0.0.7:80 s1 extra") is None
+
+
+async def test_an_ingress_answer_from_a_new_ray_cluster_forgets_the_old_clusters_replicas():
+    """KubeRay's NewCluster upgrade moves its Service to a new Ray cluster: the first answer through
+    the ingress from it drops every replica of the old one (which finishes what it has)."""
+    direct = DirectRoutes(UpstreamPool("http://127.0.0.1:1"))
+    direct.learn(replica_address("a", "10.0.0.1", 30001, "old"))
+    direct.learn(replica_address("b", "10.0.0.2", 30001, "old"), via_ingress=False)
+    a = direct._replicas["a"]
+    direct.begin(a)
+    direct.learn(replica_address("c", "10.1.0.1", 30001, "new"))
+    assert [r["replica_id"] for r in direct.snapshot()] == ["c"] and direct.cluster == "new"
+    direct.end(a)  # a request still running on the old cluster ends normally
+    direct.learn(replica_address("a", "10.0.0.1", 30001, "old"), via_ingress=False)  # its direct answer
+    assert [r["replica_id"] for r in direct.snapshot()] == ["c"]
+    assert direct.pick().replica_id == "c"
+    await direct.aclose()
 
 
 async def test_a_draining_replica_gets_no_new_requests_and_returns_when_healthy():

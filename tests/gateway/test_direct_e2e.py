@@ -93,6 +93,7 @@ def test_the_gateway_finds_both_replicas_and_sends_to_their_own_ports(two_replic
     for r in client._direct.snapshot():  # each one's own port, not HAProxy's
         assert r["address"].split(":")[-1] != url.rsplit(":", 1)[-1]
     assert len(ids) == 2 and all(r["inflight"] == 0 for r in client._direct.snapshot())
+    assert (client._direct.cluster or "").startswith("session_")  # the replicas name their Ray cluster
     print(f"\nDIRECT routes: replicas {sorted(r['address'] for r in client._direct.snapshot())}; "
           f"16 requests, all direct ({after['direct'] - before['direct']:.0f})")
 

@@ -236,8 +236,8 @@ def test_every_answer_names_the_replica_and_its_own_address_unless_told_not_to()
     replica, _, _ = make()
     for path in ("/health", "/info", "/no-such-route"):
         r = asyncio.run(get_at(replica, "http://10.1.2.3:30007", path))
-        rid, host, port = parse_replica_address(r.headers[REPLICA_HEADER])
-        assert (rid, host, port) == (replica.reporter.replica_id, "10.1.2.3", 30007)
+        rid, host, port, cluster = parse_replica_address(r.headers[REPLICA_HEADER])
+        assert (rid, host, port, cluster) == (replica.reporter.replica_id, "10.1.2.3", 30007, None)  # no Ray here
     r = asyncio.run(post(replica, {"prompt_ids": [5], "max_tokens": 2, "stream": False}))
     assert REPLICA_HEADER not in r.headers  # no port in the connection's address: nothing to name
     quiet, _, _ = make(advertise_address=False)

@@ -264,6 +264,9 @@ message naming the keys.
 {{- if not $v.gateway.replicaUrl }}
 {{- fail "replicas.upgradeStrategy NewClusterWithIncrementalUpgrade splits traffic in a Gateway API Gateway: set gateway.replicaUrl to that Gateway's address (the -serve-svc Service only reaches the active cluster)" }}
 {{- end }}
+{{- if eq $v.gateway.replicaRouting "direct" }}
+{{- fail "replicas.upgradeStrategy NewClusterWithIncrementalUpgrade shifts traffic between two clusters in the Gateway API Gateway: set gateway.replicaRouting to ingress (direct routes would send to both clusters' replicas and bypass that split)" }}
+{{- end }}
 {{- if gt (int $u.clusterUpgradeOptions.stepSizePercent) (int $u.clusterUpgradeOptions.maxSurgePercent) }}
 {{- fail "replicas.upgradeStrategy.clusterUpgradeOptions: stepSizePercent must not exceed maxSurgePercent" }}
 {{- end }}
