@@ -97,7 +97,7 @@ def build_replica_client(config: GatewayConfig, metrics: GatewayMetrics,
                         max_idle=config.max_idle_connections)
     direct = None
     if config.replica_routing == "direct":
-        direct = DirectRoutes(pool, connect_timeout_s=config.connect_timeout_s,
+        direct = DirectRoutes(pool, connect_timeout_s=config.direct_connect_timeout_s,
                               health_interval_s=config.direct_health_interval_s,
                               discover_interval_s=config.direct_discover_interval_s,
                               forget_after_s=config.direct_forget_after_s, max_idle=config.max_idle_connections)

@@ -47,6 +47,8 @@ class GatewayConfig(BaseModel):
         default="direct", description="direct: send each request straight to a healthy replica's own HTTP port, "
         "learned from the replicas' answers (`gateway.direct`), the ingress when none is known; ingress: always "
         "through replica_url (HAProxy or Serve's proxy)")
+    direct_connect_timeout_s: float = Field(default=1.0, gt=0, description="TCP connect to a replica's own port "
+                                            "(direct routing; a failed connect goes through the ingress)")
     direct_health_interval_s: float = Field(default=0.5, gt=0, description="how often each known replica's "
                                             "/-/healthz is checked (direct routing)")
     direct_discover_interval_s: float = Field(default=1.0, gt=0, description="how often one GET /health through "

@@ -7,7 +7,9 @@ extra connection; docs/PERFORMANCE.md, "The gateway routes to the replicas itsel
 
 Contract of `DirectRoutes(ingress, ...)`:
 - `learn(header, via_ingress=True)`: a `REPLICA_HEADER` value from any answer adds that replica,
-  healthy, or moves a known one to a new address. At most `max_replicas` are kept. The header also
+  or moves a known one to a new address, and checks it at once: it gets requests only once its
+  health check passed, so a gateway that cannot reach the replicas' ports (a NetworkPolicy, a
+  firewall) keeps every request on the ingress and says so once per replica. At most `max_replicas` are kept. The header also
   names the replica's Ray cluster: an answer through the ingress from another cluster than the
   one known (KubeRay's `NewCluster` upgrade switched its Service to a new cluster) makes that
   cluster the current one and forgets every replica of the old one at once, which keeps serving
@@ -53,13 +55,14 @@ HEALTH_PATH = "/-/healthz"  # Ray Serve's data-plane health check on a direct-in
 
 class DirectReplica:
     """One replica the gateway may call directly: its address, pool and state."""
-    __slots__ = ("replica_id", "host", "port", "pool", "inflight", "healthy", "failing_since")
+    __slots__ = ("replica_id", "host", "port", "pool", "inflight", "healthy", "passed", "failing_since")
 
-    def __init__(self, replica_id: str, host: str, port: int, pool: UpstreamPool) -> None:
+    def __init__(self, replica_id: str, host: str, port: int, pool: UpstreamPool, since: float) -> None:
         self.replica_id, self.host, self.port, self.pool = replica_id, host, port, pool
         self.inflight = 0
-        self.healthy = True
-        self.failing_since: float | None = None  # first failed check or request since it last passed
+        self.healthy = False  # until its first health check passes
+        self.passed = False  # a health check has passed once
+        self.failing_since: float | None = since  # learned, or first failure since it last passed
 
     @property
     def address(self) -> str:
@@ -67,7 +70,7 @@ class DirectReplica:
 
 
 class DirectRoutes:
-    def __init__(self, ingress: UpstreamPool, *, connect_timeout_s: float = 2.0, health_interval_s: float = 0.5,
+    def __init__(self, ingress: UpstreamPool, *, connect_timeout_s: float = 1.0, health_interval_s: float = 0.5,
                  discover_interval_s: float = 1.0, health_timeout_s: float = 1.0, forget_after_s: float = 30.0,
                  max_replicas: int = 256, max_idle: int = 256,
                  pool_factory: Callable[[str], UpstreamPool] | None = None,
@@ -86,6 +89,8 @@ class DirectRoutes:
         self._task: asyncio.Task | None = None
         self._retired: list[UpstreamPool] = []  # pools of forgotten or moved replicas, closed by the task
         self.cluster: str | None = None  # the Ray cluster the ingress answers from (last seen)
+        self._checks: set[asyncio.Task] = set()  # first checks of replicas just learned
+        self._warned: set[str] = set()  # replicas said to be unreachable directly (once each)
 
     def learn(self, header: str | None, via_ingress: bool = True) -> None:
         parsed = parse_replica_address(header)
@@ -103,12 +108,18 @@ class DirectRoutes:
             return
         url_host = f"[{host}]" if ":" in host else host
         # the ingress's route prefix too: a replica under a prefix expects it on its own port as well
-        replica = DirectReplica(rid, host, port, self._pool_factory(f"http://{url_host}:{port}{self.ingress.prefix}"))
+        replica = DirectReplica(rid, host, port, self._pool_factory(f"http://{url_host}:{port}{self.ingress.prefix}"),
+                                self._clock())
         if known is not None:
             replica.inflight = known.inflight
             self._retired.append(known.pool)
         self._replicas[rid] = replica
-        log.info("direct route to replica %s at %s", rid, replica.address)
+        try:  # its first check now, not at the next period
+            task = asyncio.get_running_loop().create_task(self.check(replica))
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the periodic check comes
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     def _switch_cluster(self, cluster: str | None) -> None:
         """The ingress answers from another Ray cluster now: forget every replica of the old one."""
@@ -215,14 +226,30 @@ class DirectRoutes:
         except (TimeoutError, UpstreamConnectionError, UpstreamTimeout):
             ok = False
         if ok:
-            if not replica.healthy:
+            if not replica.passed:
+                log.info("direct route to replica %s at %s", replica.replica_id, replica.address)
+            elif not replica.healthy:
                 log.info("replica %s at %s passes its health check again", replica.replica_id, replica.address)
-            replica.healthy, replica.failing_since = True, None
+            replica.healthy, replica.passed, replica.failing_since = True, True, None
+        elif not replica.passed:
+            self._unreachable(replica)
         else:
             self.failed(replica)
         return ok
 
+    def _unreachable(self, replica: DirectReplica) -> None:
+        """A replica learned but never passing its check: say so once, and leave it to the ingress."""
+        if replica.replica_id not in self._warned and len(self._warned) < self.max_replicas:
+            self._warned.add(replica.replica_id)
+            log.warning("replica %s at %s does not answer its health check on its own port (a NetworkPolicy, a "
+                        "firewall, or it is stopping); its requests go through the ingress", replica.replica_id,
+                        replica.address)
+
     async def aclose(self) -> None:
+        for task in list(self._checks):
+            task.cancel()
+        if self._checks:
+            await asyncio.gather(*self._checks, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             try:

@@ -100,9 +100,12 @@ async def test_first_request_through_the_ingress_teaches_the_replica_then_reques
         async with ScriptedServer(ingress_answer) as ingress:
             routes: list[str] = []
             client, direct = direct_client(ingress.url, routes)
-            for _ in range(3):
+            for k in range(3):
                 answer = [c async for c in await client.generate(REQ)]
                 assert answer[-1].finish_reason == "length"
+                if k == 0:  # learned from that answer: requests go there once its first check passed
+                    assert direct.pick() is None
+                    await asyncio.gather(*direct._checks)
             assert routes == ["ingress", "direct", "direct"]
             assert sum(r.path == "/generate" for r in ingress.requests) == 1 and a.generates() == 2
             assert direct.snapshot() == [{"replica_id": "a", "address": f"127.0.0.1:{a.server.port}",
@@ -115,8 +118,8 @@ async def test_under_a_route_prefix_requests_keep_it_and_health_checks_do_not():
         async with ScriptedServer(a.respond) as ingress:
             client, direct = direct_client(ingress.url + "/app", [])
             direct.learn(a.header)
-            await client.generate(REQ)
             assert await direct.check(direct._replicas["a"]) is True
+            await client.generate(REQ)
             paths = [r.path for r in a.server.requests]
             assert "/app/generate" in paths and HEALTH_PATH in paths
             await client.aclose()
@@ -126,8 +129,11 @@ async def test_pick_is_least_in_flight_rotates_ties_and_skips_unhealthy():
     direct = DirectRoutes(UpstreamPool("http://127.0.0.1:1"))
     for rid, port in (("a", 1001), ("b", 1002), ("c", 1003)):
         direct.learn(replica_address(rid, "127.0.0.1", port))
-    assert {direct.pick().replica_id for _ in range(6)} == {"a", "b", "c"}  # ties rotate
+    assert direct.pick() is None  # none has passed a health check yet
     a, b, c = (direct._replicas[k] for k in "abc")
+    for r in (a, b, c):
+        r.healthy = r.passed = True  # as after a passing check (the checks are tested below)
+    assert {direct.pick().replica_id for _ in range(6)} == {"a", "b", "c"}  # ties rotate
     direct.begin(a), direct.begin(b)
     assert direct.pick() is c
     direct.begin(c), direct.begin(c)
@@ -174,6 +180,7 @@ async def test_an_ingress_answer_from_a_new_ray_cluster_forgets_the_old_clusters
     direct.begin(a)
     direct.learn(replica_address("c", "10.1.0.1", 30001, "new"))
     assert [r["replica_id"] for r in direct.snapshot()] == ["c"] and direct.cluster == "new"
+    direct._replicas["c"].healthy = direct._replicas["c"].passed = True
     direct.end(a)  # a request still running on the old cluster ends normally
     direct.learn(replica_address("a", "10.0.0.1", 30001, "old"), via_ingress=False)  # its direct answer
     assert [r["replica_id"] for r in direct.snapshot()] == ["c"]
@@ -211,6 +218,7 @@ async def test_a_failed_direct_attempt_goes_through_the_ingress_outside_connect_
                                        on_retry=lambda: retries.append(1))
             dead.health = 503  # Serve's health check fails a replica whose engine died (UNHEALTHY)
             direct.learn(f"a 127.0.0.1:{closed_port()}" if failure == "refused" else dead.header)
+            direct._replicas["a"].healthy = direct._replicas["a"].passed = True  # it passed, then died
             answer = [c async for c in await client.generate(REQ)]
             assert answer[-1].finish_reason == "length"
             assert routes[:2] == ["direct", "ingress"] and retries == [1]
@@ -222,6 +230,7 @@ async def test_the_ingress_failing_too_is_a_503():
     routes: list[str] = []
     client, direct = direct_client(f"http://127.0.0.1:{closed_port()}", routes, connect_retries=1)
     direct.learn(f"a 127.0.0.1:{closed_port()}")
+    direct._replicas["a"].healthy = direct._replicas["a"].passed = True  # it passed, then died
     with pytest.raises(ReplicaError) as e:
         await client.generate(REQ)
     assert e.value.status == 503 and e.value.info.code == "no_replica"
@@ -235,6 +244,7 @@ async def test_a_stream_counts_in_flight_until_it_ends_or_is_closed():
             client, direct = direct_client(ingress.url, [])
             direct.learn(a.header)
             r = direct._replicas["a"]
+            assert await direct.check(r)
             a.gate = asyncio.Event()
             stream = await client.generate(STREAM)
             assert r.inflight == 1
@@ -295,6 +305,8 @@ async def test_build_replica_client_honours_replica_routing_and_counts_routes():
                                               metrics)
                 for _ in range(2):
                     await client.generate(REQ)
+                    if client._direct is not None:
+                        await asyncio.gather(*client._direct._checks)  # the learned replica's first check
                 page = metrics.render().decode()
                 counts = {r: f'nld_gateway_upstream_requests_total{{route="{r}"}} {float(expected.count(r))}'
                           for r in ("direct", "ingress")}
@@ -307,3 +319,19 @@ def test_config_rejects_unknown_routing():
     with pytest.raises(ValueError):
         GatewayConfig(replica_routing="sideways")
     assert json.loads(GatewayConfig().model_dump_json())["replica_routing"] == "direct"
+
+
+async def test_a_replica_whose_port_cannot_be_reached_never_gets_a_request(caplog):
+    """A NetworkPolicy or firewall between the gateway and the replicas' ports: the replica is
+    learned but its first check fails, so every request stays on the ingress, and it is said once."""
+    async with Replica("ingress-side", advertise=False) as behind:
+        async with ScriptedServer(behind.respond) as ingress:
+            routes: list[str] = []
+            client, direct = direct_client(ingress.url, routes)
+            for _ in range(3):
+                direct.learn(f"a 127.0.0.1:{closed_port()}")
+                await asyncio.gather(*direct._checks)
+                await client.generate(REQ)
+            assert routes == ["ingress"] * 3 and direct.healthy_count() == 0
+            assert sum("does not answer its health check" in r.message for r in caplog.records) == 1
+            await client.aclose()
