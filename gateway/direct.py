@@ -174,11 +174,16 @@ class DirectRoutes:
     async def _run(self) -> None:
         next_discovery = 0.0
         while True:
-            now = self._clock()
-            if now >= next_discovery:
-                next_discovery = now + self.discover_interval_s
-                await self.discover()
-            await self.check_all()
+            try:
+                now = self._clock()
+                if now >= next_discovery:
+                    next_discovery = now + self.discover_interval_s
+                    await self.discover()
+                await self.check_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the checks must go on: a stale table would keep drained replicas
+                log.exception("direct routes: a discovery or health round failed; next round as usual")
             await asyncio.sleep(self.health_interval_s)
 
     async def discover(self) -> None:

@@ -335,3 +335,26 @@ async def test_a_replica_whose_port_cannot_be_reached_never_gets_a_request(caplo
             assert routes == ["ingress"] * 3 and direct.healthy_count() == 0
             assert sum("does not answer its health check" in r.message for r in caplog.records) == 1
             await client.aclose()
+
+
+async def test_a_failing_round_does_not_stop_the_checks(caplog):
+    async with Replica("a") as a:
+        async with ScriptedServer(a.respond) as ingress:
+            direct = DirectRoutes(UpstreamPool(ingress.url), health_interval_s=0.02, discover_interval_s=0.02)
+            rounds = []
+            real = direct.check_all
+
+            async def flaky():
+                rounds.append(1)
+                if len(rounds) == 1:
+                    raise RuntimeError("boom")
+                await real()
+            direct.check_all = flaky
+            direct.start()
+            for _ in range(200):
+                if len(rounds) >= 3 and direct.healthy_count() == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(rounds) >= 3 and direct.healthy_count() == 1
+            assert any("health round failed" in r.message for r in caplog.records)
+            await direct.aclose()
