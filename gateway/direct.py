@@ -9,12 +9,12 @@ Contract of `DirectRoutes(ingress, ...)`:
 - `learn(header, via_ingress=True)`: a `REPLICA_HEADER` value from any answer adds that replica,
   or moves a known one to a new address, and checks it at once: it gets requests only once its
   health check passed, so a gateway that cannot reach the replicas' ports (a NetworkPolicy, a
-  firewall) keeps every request on the ingress and says so once per replica. At most `max_replicas` are kept. The header also
-  names the replica's Ray cluster: an answer through the ingress from another cluster than the
-  one known (KubeRay's `NewCluster` upgrade switched its Service to a new cluster) makes that
-  cluster the current one and forgets every replica of the old one at once, which keeps serving
-  what it has until KubeRay deletes it; replicas of another cluster are never learned from a
-  direct answer.
+  firewall) keeps every request on the ingress and says so once per replica. At most
+  `max_replicas` are kept. The header also names the replica's Ray cluster: an answer through
+  the ingress from another cluster than the one known (KubeRay's `NewCluster` upgrade switched
+  its Service to a new cluster) makes that cluster the current one and forgets every replica of
+  the old one at once, which keeps serving what it has until KubeRay deletes it; replicas of
+  another cluster are never learned from a direct answer.
 - `pick()`: the healthy replica with the fewest requests this gateway has in flight there
   (ties rotate), or None when none is known healthy: the caller then goes through the ingress.
   `begin(r)` / `end(r)` count a request in flight; `failed(r)` (a connection failure or an
@@ -44,9 +44,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from replicas.wire import REPLICA_HEADER, parse_replica_address
+from replicas.wire import REPLICA_HEADER, host_port, parse_replica_address
 
-from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamTimeout
+from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("gateway.direct")
 
@@ -55,18 +55,22 @@ HEALTH_PATH = "/-/healthz"  # Ray Serve's data-plane health check on a direct-in
 
 class DirectReplica:
     """One replica the gateway may call directly: its address, pool and state."""
-    __slots__ = ("replica_id", "host", "port", "pool", "inflight", "healthy", "passed", "failing_since")
+    __slots__ = ("replica_id", "host", "port", "pool", "inflight", "passed", "failing_since")
 
     def __init__(self, replica_id: str, host: str, port: int, pool: UpstreamPool, since: float) -> None:
         self.replica_id, self.host, self.port, self.pool = replica_id, host, port, pool
         self.inflight = 0
-        self.healthy = False  # until its first health check passes
         self.passed = False  # a health check has passed once
         self.failing_since: float | None = since  # learned, or first failure since it last passed
 
     @property
+    def healthy(self) -> bool:
+        """Its last health check passed and nothing failed since (never, before the first pass)."""
+        return self.failing_since is None
+
+    @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
 
 class DirectRoutes:
@@ -106,10 +110,9 @@ class DirectRoutes:
             return
         if known is None and len(self._replicas) >= self.max_replicas:
             return
-        url_host = f"[{host}]" if ":" in host else host
         # the ingress's route prefix too: a replica under a prefix expects it on its own port as well
-        replica = DirectReplica(rid, host, port, self._pool_factory(f"http://{url_host}:{port}{self.ingress.prefix}"),
-                                self._clock())
+        pool = self._pool_factory(f"http://{host_port(host, port)}{self.ingress.prefix}")
+        replica = DirectReplica(rid, host, port, pool, self._clock())
         if known is not None:
             replica.inflight = known.inflight
             self._retired.append(known.pool)
@@ -156,8 +159,6 @@ class DirectRoutes:
         if replica.healthy:
             log.warning("replica %s at %s failed; routing around it until its health check passes",
                         replica.replica_id, replica.address)
-        replica.healthy = False
-        if replica.failing_since is None:
             replica.failing_since = self._clock()
 
     def healthy_count(self) -> int:
@@ -186,18 +187,24 @@ class DirectRoutes:
                 log.exception("direct routes: a discovery or health round failed; next round as usual")
             await asyncio.sleep(self.health_interval_s)
 
-    async def discover(self) -> None:
-        """One GET /health through the ingress: learn the replica that answers it."""
+    async def _probe(self, pool: UpstreamPool, path: str, absolute: bool = False) -> UpstreamResponse | None:
+        """One GET read to its end within `health_timeout_s`; None when it failed or was slow."""
         try:
             async with asyncio.timeout(self.health_timeout_s):
-                response = await self.ingress.request("GET", "/health", timeout=self.health_timeout_s)
+                response = await pool.request("GET", path, timeout=self.health_timeout_s, absolute=absolute)
                 try:
                     await response.read()
                 finally:
                     await response.aclose()
         except (TimeoutError, UpstreamConnectionError, UpstreamTimeout):
-            return
-        self.learn(response.headers.get(REPLICA_HEADER))
+            return None
+        return response
+
+    async def discover(self) -> None:
+        """One GET /health through the ingress: learn the replica that answers it."""
+        response = await self._probe(self.ingress, "/health")
+        if response is not None:
+            self.learn(response.headers.get(REPLICA_HEADER))
 
     async def check_all(self) -> None:
         replicas = list(self._replicas.values())
@@ -217,25 +224,15 @@ class DirectRoutes:
     async def check(self, replica: DirectReplica) -> bool:
         """GET `/-/healthz` on the replica's own port: 200 is healthy; anything else (503 DRAINING
         or UNHEALTHY, refused, slow) is not."""
-        ok = False
-        try:
-            async with asyncio.timeout(self.health_timeout_s):
-                # Serve answers it at the port's root, whatever the application's route prefix
-                response = await replica.pool.request("GET", HEALTH_PATH, timeout=self.health_timeout_s,
-                                                      absolute=True)
-                try:
-                    await response.read()
-                finally:
-                    await response.aclose()
-            ok = response.status == 200
-        except (TimeoutError, UpstreamConnectionError, UpstreamTimeout):
-            ok = False
+        # Serve answers it at the port's root, whatever the application's route prefix
+        response = await self._probe(replica.pool, HEALTH_PATH, absolute=True)
+        ok = response is not None and response.status == 200
         if ok:
             if not replica.passed:
                 log.info("direct route to replica %s at %s", replica.replica_id, replica.address)
             elif not replica.healthy:
                 log.info("replica %s at %s passes its health check again", replica.replica_id, replica.address)
-            replica.healthy, replica.passed, replica.failing_since = True, True, None
+            replica.passed, replica.failing_since = True, None
         elif not replica.passed:
             self._unreachable(replica)
         else:

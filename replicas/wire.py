@@ -19,8 +19,9 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
   load (running, waiting, by mode, KV usage) and measured cost model.
 - Every answer of a replica served by Ray Serve's direct ingress (behind HAProxy) carries the
   `REPLICA_HEADER` header: `<replica id> <host>:<port> <cluster>`, the replica's own HTTP address as
-  the connection reached it and its Ray cluster (`replica_address`/`parse_replica_address`). The gateway learns the
-  replicas from it and may then send to that address directly (`gateway.direct`).
+  the connection reached it and its Ray cluster (`replica_address`/`parse_replica_address`). The
+  gateway learns the replicas from it and may then send to that address directly
+  (`gateway.direct`).
 
 The gateway POSTs `/engine` when the policy's settings change. Engine settings also ride on
 every `GenerateRequest.engine`: Ray Serve's proxy reaches one replica per call, so the policy
@@ -59,9 +60,14 @@ RUNNING_KINDS: tuple[str, ...] = ("prefill",) + MODES
 REPLICA_HEADER = "x-nld-replica"
 
 
+def host_port(host: str, port: int) -> str:
+    """`host:port`, an IPv6 host in brackets (as in a URL)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def replica_address(replica_id: str, host: str, port: int, cluster: str | None = None) -> str:
-    """The `REPLICA_HEADER` value (IPv6 hosts in brackets)."""
-    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    """The `REPLICA_HEADER` value."""
+    addr = host_port(host, port)
     return f"{replica_id} {addr} {cluster}" if cluster else f"{replica_id} {addr}"
 
 

@@ -86,6 +86,11 @@ class Replica:
         await req.send(b"0\r\n\r\n")
 
 
+def passed(replica) -> None:
+    """The state a passing `/-/healthz` check leaves (`DirectRoutes.check`)."""
+    replica.passed, replica.failing_since = True, None
+
+
 def direct_client(ingress_url: str, routes: list, **config) -> tuple[HttpReplicaClient, DirectRoutes]:
     cfg = GatewayConfig(replica_url=ingress_url, **config)
     pool = UpstreamPool(cfg.replica_url)
@@ -132,7 +137,7 @@ async def test_pick_is_least_in_flight_rotates_ties_and_skips_unhealthy():
     assert direct.pick() is None  # none has passed a health check yet
     a, b, c = (direct._replicas[k] for k in "abc")
     for r in (a, b, c):
-        r.healthy = r.passed = True  # as after a passing check (the checks are tested below)
+        passed(r)  # as after a passing check (the checks are tested below)
     assert {direct.pick().replica_id for _ in range(6)} == {"a", "b", "c"}  # ties rotate
     direct.begin(a), direct.begin(b)
     assert direct.pick() is c
@@ -180,7 +185,7 @@ async def test_an_ingress_answer_from_a_new_ray_cluster_forgets_the_old_clusters
     direct.begin(a)
     direct.learn(replica_address("c", "10.1.0.1", 30001, "new"))
     assert [r["replica_id"] for r in direct.snapshot()] == ["c"] and direct.cluster == "new"
-    direct._replicas["c"].healthy = direct._replicas["c"].passed = True
+    passed(direct._replicas["c"])
     direct.end(a)  # a request still running on the old cluster ends normally
     direct.learn(replica_address("a", "10.0.0.1", 30001, "old"), via_ingress=False)  # its direct answer
     assert [r["replica_id"] for r in direct.snapshot()] == ["c"]
@@ -218,7 +223,7 @@ async def test_a_failed_direct_attempt_goes_through_the_ingress_outside_connect_
                                        on_retry=lambda: retries.append(1))
             dead.health = 503  # Serve's health check fails a replica whose engine died (UNHEALTHY)
             direct.learn(f"a 127.0.0.1:{closed_port()}" if failure == "refused" else dead.header)
-            direct._replicas["a"].healthy = direct._replicas["a"].passed = True  # it passed, then died
+            passed(direct._replicas["a"])  # it passed, then died
             answer = [c async for c in await client.generate(REQ)]
             assert answer[-1].finish_reason == "length"
             assert routes[:2] == ["direct", "ingress"] and retries == [1]
@@ -230,7 +235,7 @@ async def test_the_ingress_failing_too_is_a_503():
     routes: list[str] = []
     client, direct = direct_client(f"http://127.0.0.1:{closed_port()}", routes, connect_retries=1)
     direct.learn(f"a 127.0.0.1:{closed_port()}")
-    direct._replicas["a"].healthy = direct._replicas["a"].passed = True  # it passed, then died
+    passed(direct._replicas["a"])  # it passed, then died
     with pytest.raises(ReplicaError) as e:
         await client.generate(REQ)
     assert e.value.status == 503 and e.value.info.code == "no_replica"
