@@ -100,8 +100,10 @@ def build_replica_client(config: GatewayConfig, metrics: GatewayMetrics,
         direct = DirectRoutes(pool, connect_timeout_s=config.direct_connect_timeout_s,
                               health_interval_s=config.direct_health_interval_s,
                               discover_interval_s=config.direct_discover_interval_s,
-                              forget_after_s=config.direct_forget_after_s, max_idle=config.max_idle_connections)
+                              forget_after_s=config.direct_forget_after_s, max_idle=config.max_idle_connections,
+                              stream_channels=config.stream_channels, channel_idle_s=config.channel_idle_s)
         metrics.direct_replicas.set_function(direct.healthy_count)
+        metrics.stream_channels.set_function(direct.open_channels)
     return HttpReplicaClient(config, pool, on_retry=metrics.retries.inc, on_report=on_report, direct=direct,
                              on_route=metrics.routed)
 

@@ -55,6 +55,11 @@ class GatewayConfig(BaseModel):
                                               "the ingress looks for new replicas (direct routing)")
     direct_forget_after_s: float = Field(default=30.0, gt=0, description="a replica whose health check has not "
                                          "passed this long is forgotten (direct routing)")
+    stream_channels: bool = Field(default=True, description="direct routing: a streamed request's events ride "
+                                  "one stream channel per replica (`gateway.channel`: one read per engine step for "
+                                  "all streams) instead of its own answer")
+    channel_idle_s: float = Field(default=2.0, gt=0, description="a stream channel no stream used this long is "
+                                  "closed (direct routing)")
     replica_report_keep_s: float = Field(default=120.0, gt=0, description="how long a replica's last report (the "
                                          "header on its answers; the policy's `reports:` page) counts after it "
                                          "answered last")

@@ -29,6 +29,12 @@ Contract of `DirectRoutes(ingress, ...)`:
   the replicas' connection pools.
 - `snapshot()`: the known replicas (id, address, healthy, in flight) for `/stats`-style views;
   `healthy_count()` for the gateway's gauge.
+- `channel(r)`: the replica's stream channel (`gateway.channel`) when it is open, else None,
+  opening one for the next streams (with `stream_channels`; after a channel that never opened,
+  not again for `channel_idle_s`). Each round closes the channels no stream used for
+  `channel_idle_s` and those of replicas failing their check once their streams ended (a
+  channel is a request that a draining replica's graceful shutdown would wait for).
+  `open_channels()` for the gateway's gauge.
 
 Replicas that name no address (Serve's Python proxy in front, `advertise_address: false`) are
 never learned, and every request goes through the ingress: the same behaviour as without this.
@@ -46,6 +52,7 @@ from collections.abc import Callable
 
 from replicas.wire import REPLICA_HEADER, host_port, parse_replica_address
 
+from .channel import ReplicaChannel
 from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("gateway.direct")
@@ -55,11 +62,12 @@ HEALTH_PATH = "/-/healthz"  # Ray Serve's data-plane health check on a direct-in
 
 class DirectReplica:
     """One replica the gateway may call directly: its address, pool and state."""
-    __slots__ = ("replica_id", "host", "port", "pool", "inflight", "passed", "failing_since")
+    __slots__ = ("replica_id", "host", "port", "pool", "inflight", "passed", "failing_since", "channel")
 
     def __init__(self, replica_id: str, host: str, port: int, pool: UpstreamPool, since: float) -> None:
         self.replica_id, self.host, self.port, self.pool = replica_id, host, port, pool
         self.inflight = 0
+        self.channel: ReplicaChannel | None = None  # its stream channel (`gateway.channel`), once opened
         self.passed = False  # a health check has passed once
         self.failing_since: float | None = since  # learned, or first failure since it last passed
 
@@ -76,8 +84,8 @@ class DirectReplica:
 class DirectRoutes:
     def __init__(self, ingress: UpstreamPool, *, connect_timeout_s: float = 1.0, health_interval_s: float = 0.5,
                  discover_interval_s: float = 1.0, health_timeout_s: float = 1.0, forget_after_s: float = 30.0,
-                 max_replicas: int = 256, max_idle: int = 256,
-                 pool_factory: Callable[[str], UpstreamPool] | None = None,
+                 max_replicas: int = 256, max_idle: int = 256, stream_channels: bool = True,
+                 channel_idle_s: float = 2.0, pool_factory: Callable[[str], UpstreamPool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if min(health_interval_s, discover_interval_s, health_timeout_s, forget_after_s) <= 0 or max_replicas < 1:
             raise ValueError("direct routes: intervals, timeouts and max_replicas must be > 0")
@@ -85,6 +93,8 @@ class DirectRoutes:
         self.health_interval_s, self.discover_interval_s = health_interval_s, discover_interval_s
         self.health_timeout_s, self.forget_after_s = health_timeout_s, forget_after_s
         self.max_replicas = max_replicas
+        self.stream_channels, self.channel_idle_s = stream_channels, channel_idle_s
+        self._closing: list[ReplicaChannel] = []  # channels to close, by the task
         self._pool_factory = pool_factory or (lambda url: UpstreamPool(url, connect_timeout_s=connect_timeout_s,
                                                                        max_idle=max_idle))
         self._clock = clock
@@ -115,7 +125,7 @@ class DirectRoutes:
         replica = DirectReplica(rid, host, port, pool, self._clock())
         if known is not None:
             replica.inflight = known.inflight
-            self._retired.append(known.pool)
+            self._retire(known)
         self._replicas[rid] = replica
         try:  # its first check now, not at the next period
             task = asyncio.get_running_loop().create_task(self.check(replica))
@@ -130,9 +140,44 @@ class DirectRoutes:
             log.info("the ingress answers from Ray cluster %s (was %s): forgetting %d replicas of the old one",
                      cluster, self.cluster, len(self._replicas))
         for r in self._replicas.values():
-            self._retired.append(r.pool)
+            self._retire(r)
         self._replicas.clear()
         self.cluster = cluster
+
+    def _retire(self, replica: DirectReplica) -> None:
+        self._retired.append(replica.pool)
+        if replica.channel is not None:
+            self._closing.append(replica.channel)
+            replica.channel = None
+
+    def channel(self, replica: DirectReplica) -> ReplicaChannel | None:
+        """The replica's stream channel when it is ready; else None, and one is opened for the
+        next streams (not more often than every `channel_idle_s` after one that never opened)."""
+        if not self.stream_channels:
+            return None
+        ch = replica.channel
+        if ch is not None and ch.ready:
+            return ch
+        if ch is None or (ch.closed and (ch.channel_id is not None or
+                                         asyncio.get_running_loop().time() - ch.closed_at >= self.channel_idle_s)):
+            replica.channel = ReplicaChannel(replica.pool, open_timeout_s=self.health_timeout_s).start()
+        return None
+
+    def open_channels(self) -> int:
+        return sum(r.channel is not None and r.channel.ready for r in self._replicas.values())
+
+    async def _close_idle_channels(self) -> None:
+        """Close channels no stream used for `channel_idle_s`, or whose replica is not healthy
+        (draining: its graceful shutdown waits for open requests, a channel among them)."""
+        now = asyncio.get_running_loop().time()
+        for r in self._replicas.values():
+            ch = r.channel
+            if ch is not None and not ch.closed and len(ch) == 0 and (
+                    not r.healthy or ch.idle_for(now) >= self.channel_idle_s):
+                self._closing.append(ch)
+                r.channel = None
+        while self._closing:
+            await self._closing.pop().aclose()
 
     def pick(self) -> DirectReplica | None:
         best: DirectReplica | None = None
@@ -217,7 +262,8 @@ class DirectRoutes:
                     del self._replicas[r.replica_id]
                     log.info("forgot replica %s at %s (no passing health check for %.0f s)", r.replica_id,
                              r.address, now - r.failing_since)
-                self._retired.append(r.pool)
+                self._retire(r)
+        await self._close_idle_channels()
         while self._retired:
             await self._retired.pop().aclose()
 
@@ -260,7 +306,9 @@ class DirectRoutes:
                 pass
             self._task = None
         for r in list(self._replicas.values()):
-            await r.pool.aclose()
+            self._retire(r)
         self._replicas.clear()
+        while self._closing:
+            await self._closing.pop().aclose()
         while self._retired:
             await self._retired.pop().aclose()

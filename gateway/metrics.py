@@ -11,8 +11,10 @@ apps (tests) never share series. Series:
 - `nld_gateway_inflight_requests`: completion requests being served now.
 - `nld_gateway_upstream_retries_total`: connection failures retried.
 - `nld_gateway_upstream_requests_total{route}`: /generate attempts sent `direct` to a replica's
-  own port or through the `ingress` (`gateway.direct`).
+  own port, `channel` (the same, a streamed request whose events ride the replica's stream
+  channel, `gateway.channel`) or through the `ingress` (`gateway.direct`).
 - `nld_gateway_direct_replicas`: replicas the gateway may send to directly now (healthy).
+- `nld_gateway_stream_channels`: stream channels open to direct replicas (`gateway.channel`).
 - `nld_gateway_engine_pushes_total{result}`: the policy's engine settings pushed to the
   replicas when they changed (`ok`, `error`).
 `InflightCounter` is the gateway-local concurrency signal: `value` is read lock-free by a
@@ -62,8 +64,10 @@ class GatewayMetrics:
                                      ["result"], registry=self.registry)
         self.upstream = Counter("nld_gateway_upstream_requests", "Requests sent to the replicas, by route",
                                 ["route"], registry=self.registry)
-        self._routes = {r: self.upstream.labels(route=r) for r in ("direct", "ingress")}
+        self._routes = {r: self.upstream.labels(route=r) for r in ("direct", "channel", "ingress")}
         self.direct_replicas = Gauge("nld_gateway_direct_replicas", "Replicas reachable directly (healthy)",
+                                     registry=self.registry)
+        self.stream_channels = Gauge("nld_gateway_stream_channels", "Stream channels open to direct replicas",
                                      registry=self.registry)
         gauge = Gauge("nld_gateway_inflight_requests", "Completion requests being served", registry=self.registry)
         gauge.set_function(lambda: inflight.value)

@@ -17,14 +17,17 @@ when the consumer stops early (client disconnect, error in a sibling choice).
 (HAProxy, or Serve's Python proxy) over `gateway.upstream.UpstreamPool` (kept-alive HTTP/1.1
 connections), or, given `direct` (`gateway.direct.DirectRoutes`), straight to a healthy replica's
 own port learned from the answers' `REPLICA_HEADER` (a direct attempt that fails before the
-answer marks that replica failed and goes through the ingress). Through the ingress a
+answer marks that replica failed and goes through the ingress). A streamed request sent
+directly rides the replica's stream channel when `direct` has one open (`gateway.channel`:
+the events of all its streams come in one read per engine step). Through the ingress a
 connection failure before the first byte is retried `config.connect_retries` times (the proxy
 may route the retry to another replica), then 503; an upstream status is mapped as above;
 `info()` is cached for `config.info_ttl_s`; `update_engine(EngineSettings)` POSTs /engine (the replica the
 proxy picks applies them; see `gateway.engine_push`). Each /generate answer's report header
 (`replicas.wire.REPORT_HEADER`) goes to `on_report` (the policy's
 `policies.reports.ReplicaReports.offer`). The streams it returns are
-`gateway.replica_stream`'s. `on_route("direct" | "ingress")` counts each /generate attempt.
+`gateway.replica_stream`'s. `on_route("direct" | "channel" | "ingress")` counts each /generate
+attempt (`channel`: direct, its events on the replica's stream channel).
 Non-goals: replica membership and health (Ray Serve's; `DirectRoutes` follows it), request
 validation (the app and the replica do).
 """
@@ -39,9 +42,10 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
-from replicas.wire import (REPLICA_HEADER, REPORT_HEADER, EngineSettings, ErrorBody, ErrorInfo, GenerateChunk,
-                           GenerateRequest, ReplicaInfo)
+from replicas.wire import (REPLICA_HEADER, REPORT_HEADER, ChannelRoute, EngineSettings, ErrorBody, ErrorInfo,
+                           GenerateChunk, GenerateRequest, ReplicaInfo)
 
+from .channel import ChannelInbox, ReplicaChannel
 from .config import GatewayConfig
 from .direct import DirectRoutes
 from .replica_stream import HttpStream, WholeAnswer, error_chunk
@@ -135,12 +139,15 @@ class HttpReplicaClient:
             pool = self._pool if replica is None else replica.pool
             if replica is not None:
                 direct.begin(replica)
+            bound = self._bind(replica, request)
             if self._on_route is not None:
-                self._on_route("ingress" if replica is None else "direct")
+                self._on_route("ingress" if replica is None else "direct" if bound is None else "channel")
             response: UpstreamResponse | None = None
             handed_over = False  # the stream ends the replica's in-flight count itself
             try:
-                response = await pool.request("POST", "/generate", body, GENERATE_HEADERS, timeout)
+                sent = body if bound is None else request.model_copy(update={"channel": ChannelRoute(
+                    id=bound[0].channel_id, stream=bound[1])}).model_dump_json(exclude_none=True).encode()
+                response = await pool.request("POST", "/generate", sent, GENERATE_HEADERS, timeout)
                 self._heard(response, report=True, via_ingress=replica is None)
                 if response.status != 200:
                     err = await self._error_from(response)
@@ -152,8 +159,8 @@ class HttpReplicaClient:
                 if not request.stream:
                     return await self._whole(response, request)
                 done = None if replica is None else (lambda r=replica: direct.end(r))
-                stream = HttpStream(response, request, timeout, on_done=done)
-                handed_over = True
+                stream = HttpStream(response, request, timeout, on_done=done, bound=bound)
+                handed_over, bound = True, None
                 await stream.read_first()
                 return stream
             except UpstreamConnectionError as e:
@@ -181,6 +188,18 @@ class HttpReplicaClient:
             finally:
                 if replica is not None and not handed_over:
                     direct.end(replica)
+                if bound is not None:
+                    bound[0].unbind(bound[1])
+
+    def _bind(self, replica, request: GenerateRequest) -> tuple[ReplicaChannel, int, ChannelInbox] | None:
+        """A stream on the direct replica's channel for a streamed request, when one is ready."""
+        if replica is None or not request.stream:
+            return None
+        channel = self._direct.channel(replica)
+        if channel is None:
+            return None
+        got = channel.bind()
+        return None if got is None else (channel, got[0], got[1])
 
     def _retried(self) -> None:
         if self._on_retry is not None:

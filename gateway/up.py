@@ -46,6 +46,7 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="how the gateway reaches the replicas: direct (default) to each replica's own HTTP port, "
                         "learned from their answers; ingress: always through HAProxy (nld-gateway serve "
                         "--replica-routing)")
+    add_channel_argument(p)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the replica's engine process (default: the CPUs the replica reserves)")
     p.add_argument("--replicas", type=replica_count_arg, default="auto", metavar="N|auto|policy",
@@ -86,6 +87,12 @@ def add_loop_argument(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--loop", default="auto", choices=LOOPS,
                    help="the gateway's event loop: auto (uvloop where installed, as uvicorn chooses), uvloop or asyncio")
+
+
+def add_channel_argument(p: argparse.ArgumentParser) -> None:
+    """`--stream-channels` / `--no-stream-channels` of `serve` and `up` (`gateway.channel`)."""
+    p.add_argument("--stream-channels", action=argparse.BooleanOptionalAction, default=True,
+                   help="direct routing: carry streamed events over one channel per replica (default on)")
 
 
 def replica_count_arg(text: str) -> str:
@@ -186,7 +193,7 @@ def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str]
     from .config import GatewayConfig
 
     fields = {"replica_url": f"http://{REPLICA_HOST}:{args.replica_port}", "model_name": model_name,
-              "replica_routing": args.replica_routing}
+              "replica_routing": args.replica_routing, "stream_channels": args.stream_channels}
     fields.update(auth_fields(args.api_key_file, args.no_auth, environ))
     return GatewayConfig(**fields)
 

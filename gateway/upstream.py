@@ -11,10 +11,10 @@ out dead before any response byte (the server closed it while idle) is replaced 
 transparently. Failures raise `UpstreamConnectionError` (connect failure, reset, EOF: no
 response from this connection) or `UpstreamTimeout`; a malformed response raises
 `UpstreamConnectionError` too. `UpstreamResponse.lines()` yields body lines (Content-Length,
-chunked, or until close); `read()` the whole body. `aclose()` returns a fully read connection
-to the pool, and aborts (TCP reset) one whose body was not fully read, so the server sees the
-client go away at once. Non-goals: HTTP/2, redirects, proxies, cookies, compression, request
-bodies other than bytes.
+chunked, or until close), `chunks()` the body's bytes as they arrive; `read()` the whole
+body. `aclose()` returns a fully read connection to the pool, and aborts (TCP reset) one whose
+body was not fully read, so the server sees the client go away at once. Non-goals: HTTP/2,
+redirects, proxies, cookies, compression, request bodies other than bytes.
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ class UpstreamResponse:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, OSError, ValueError) as e:
             raise UpstreamConnectionError(f"upstream connection lost mid-body ({type(e).__name__})") from e
         self._complete = True
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (the chunked framing removed)."""
+        return self._chunks()
 
     async def lines(self) -> AsyncIterator[bytes]:
         """Body lines without the trailing newline (the last one may lack it)."""

@@ -4,12 +4,14 @@ Contract: `build_app(args)` (Serve's application builder: `import_path: replicas
 `args` = a `ReplicaConfig` dict) and `bind_app(config, options)` (the same with deployment
 options, for in-process launchers) are the only places that call `serve.deployment`. The replica
 speaks the wire protocol of `replicas.wire` over Ray Serve HTTP (`/generate`, `/health`,
-`/info`, `/stats`, `/engine`): `replicas.generation` turns text or chat messages into token ids,
-runs them on the engine, and answers a non-streaming request with ONE `GenerateChunk` JSON and a
-streaming one with NDJSON `GenerateChunk`s. Errors before the answer are `ErrorBody` JSON with
-400 / 404 / 429 / 503 status; after a stream began, a last chunk with `error`. Every `/generate`
-answer carries the replica's report header (`replicas.report`: its load and cost model, which
-the gateway's policy reads instead of Ray's metrics page). A client that goes away cancels the
+`/info`, `/stats`, `/engine`, and `/channel`: stream channels, `replicas.channels`):
+`replicas.generation` turns text or chat messages into token ids, runs them on the engine,
+and answers a non-streaming request with ONE `GenerateChunk` JSON and a streaming one with
+NDJSON `GenerateChunk`s (after the first, on the gateway's stream channel when it names one).
+Errors before the answer are `ErrorBody` JSON with 400 / 404 / 429 / 503 status; after a
+stream began, a last chunk with `error`. Every `/generate` answer carries the replica's report
+header (`replicas.report`: its load and cost model, which the gateway's policy reads instead
+of Ray's metrics page). A client that goes away cancels the
 handler, which aborts the engine request and frees its KV.
 
 The engine runs in its own process (`EngineProcess`, the default; `engine_process: false` runs
@@ -30,6 +32,8 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from .channel_wire import CHANNEL_HEADER, CHANNEL_MEDIA_TYPE
+from .channels import ChannelRegistry, bind
 from .config import ReplicaConfig
 from .generation import Generations, Rejected
 from .report import Reporter
@@ -126,7 +130,9 @@ class NLDReplica:
         except RuntimeError:
             pass
         self._addresses: dict[tuple, str] = {}  # the socket's local address -> REPLICA_HEADER value
+        self.channels = ChannelRegistry()  # stream channels opened by gateways (replicas.channels)
         self.routes = {
+            ("GET", "/channel"): self.open_channel,
             ("GET", "/health"): self.health,
             ("GET", "/info"): self.info,
             ("GET", "/stats"): self.stats,
@@ -190,6 +196,11 @@ class NLDReplica:
             return error(503, str(e), "service_unavailable_error", code="engine_dead")
         return JSONResponse({**stats, "downgraded": self.downgraded, "replica_id": self.replica_id,
                              "replica_pid": os.getpid()})
+
+    async def open_channel(self, request: Request) -> Response:
+        """A stream channel (`replicas.channel_wire`): open until the gateway closes it."""
+        channel = self.channels.open()
+        return StreamingResponse(channel.frames(), media_type=CHANNEL_MEDIA_TYPE)
 
     async def update_engine(self, request: Request) -> Response:
         try:
@@ -260,7 +271,12 @@ class NLDReplica:
         try:
             started = await self.generations.start(req)
             if req.stream:
-                return StreamingResponse(self.generations.ndjson(started), media_type="application/x-ndjson")
+                lines = self.generations.ndjson(started)
+                channel = None if req.channel is None else self.channels.get(req.channel.id)
+                if channel is not None:  # the lines after the first go to the gateway's channel
+                    return StreamingResponse(bind(lines, channel, req.channel.stream),
+                                             media_type="application/x-ndjson", headers={CHANNEL_HEADER: "bound"})
+                return StreamingResponse(lines, media_type="application/x-ndjson")
             result = await self.generations.result(started)
         except Rejected as e:
             return error_response(e.status, e.info)

@@ -17,6 +17,12 @@ them. The replica exposes, behind the Ray Serve HTTP proxy:
 - Every `/generate` answer (200 or error) carries the `REPORT_HEADER` header: the replica's id,
   the sequence number of its engine's last stats snapshot, and a compact JSON of that snapshot's
   load (running, waiting, by mode, KV usage) and measured cost model.
+- `GET /channel`: a stream channel (`replicas.channel_wire`): one long-lived answer that carries
+  the events of every streamed request a gateway binds to it (`GenerateRequest.channel`), one
+  write per engine step instead of one per stream. A bound request's own answer carries its first
+  chunk and the `CHANNEL_HEADER`, then ends when the request does; its other lines, the same bytes
+  as on an unbound answer, arrive on the channel. Only over a direct route (the channel and the
+  request must reach the same replica).
 - Every answer of a replica served by Ray Serve's direct ingress (behind HAProxy) carries the
   `REPLICA_HEADER` header: `<replica id> <host>:<port> <cluster>`, the replica's own HTTP address as
   the connection reached it and its Ray cluster (`replica_address`/`parse_replica_address`). The
@@ -151,6 +157,14 @@ class SSERender(BaseModel):
         return (f'data: {head},"choices":[{{"index":{self.index},{opening}').encode(), (closing + "\n\n").encode()
 
 
+class ChannelRoute(BaseModel):
+    """Where a streamed request's lines after its first go: stream `stream` of channel `id`."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=64)
+    stream: int = Field(ge=1)
+
+
 class GenerateRequest(BaseModel):
     """One completion. Exactly one of `prompt`, `prompt_ids`, `messages` is set."""
 
@@ -177,6 +191,7 @@ class GenerateRequest(BaseModel):
     engine: EngineSettings | None = None  # the policy's current engine settings; applied when they differ
     stream: bool = True  # False: the answer is ONE GenerateChunk JSON with every token, the text and usage
     sse: SSERender | None = None  # stream: send the middle chunks as the client's SSE events (see SSERender)
+    channel: ChannelRoute | None = None  # stream: the lines after the first on this channel (replicas.channel_wire)
 
 
 class Usage(BaseModel):

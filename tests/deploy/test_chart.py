@@ -519,6 +519,7 @@ def test_direct_routes_reach_the_replicas_own_ports_only_from_the_gateway(routin
     objs = C.objects(C.render(values))
     args = C.one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--replica-routing") + 1] == routing
+    assert "--no-stream-channels" not in args  # stream channels on by default
     rayservice = C.one(objs, "RayService")
     serve_args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
     assert serve_args["advertise_address"] is (ingress == "haproxy")
@@ -535,6 +536,12 @@ def test_direct_routes_reach_the_replicas_own_ports_only_from_the_gateway(routin
                 ("31000", "31500")
     else:
         assert ranges == []
+
+
+def test_stream_channels_can_be_turned_off():
+    objs = C.objects(C.render({"gateway": {"streamChannels": False}}))
+    args = C.one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--no-stream-channels" in args
 
 
 def test_gpu_workers_with_two_replicas_and_autoscaling():

@@ -18,6 +18,7 @@ from gateway.direct import HEALTH_PATH, DirectRoutes
 from gateway.metrics import GatewayMetrics, InflightCounter
 from gateway.replica_client import HttpReplicaClient, ReplicaError
 from gateway.upstream import UpstreamPool
+from replicas.channel_wire import CHANNEL_HEADER, CHANNEL_PATH, encode_record
 from replicas.wire import (REPLICA_HEADER, ErrorBody, ErrorInfo, GenerateRequest, parse_replica_address,
                            replica_address)
 from tests.gateway.fakes import fake_chunks
@@ -39,12 +40,19 @@ def closed_port() -> int:
 
 class Replica:
     """A scripted replica: answers /generate (one JSON chunk, or NDJSON when streaming) and
-    /-/healthz with `health` (200 or 503 DRAINING), naming itself in REPLICA_HEADER."""
+    /-/healthz with `health` (200 or 503 DRAINING), naming itself in REPLICA_HEADER. With
+    `channels`, it opens stream channels (`replicas.channel_wire`) and puts a bound request's
+    lines after the first there; without, /channel is a 404 (a replica before channels)."""
 
-    def __init__(self, rid: str, *, generate_status: int = 200, advertise: bool = True) -> None:
+    def __init__(self, rid: str, *, generate_status: int = 200, advertise: bool = True,
+                 channels: bool = True) -> None:
         self.rid, self.health, self.generate_status, self.advertise = rid, 200, generate_status, advertise
         self.server = ScriptedServer(self.respond)
         self.gate: asyncio.Event | None = None  # set: a streamed answer waits for it after its first line
+        self.channels = channels
+        self.open_channels: dict[str, object] = {}  # channel id -> its request (to send records on)
+        self.bound = 0  # streamed requests whose lines went to a channel
+        self.truncate = False  # a bound request's answer ends after its first line, no record sent
 
     async def __aenter__(self) -> "Replica":
         await self.server.__aenter__()
@@ -66,6 +74,17 @@ class Replica:
         if req.path.endswith("/health"):
             await req.json_response(200, {"status": "ok"}, extra=named)
             return
+        if req.path.endswith(CHANNEL_PATH):
+            if not self.channels:
+                await req.json_response(404, {"error": {"message": "no route", "type": "not_found_error"}})
+                return
+            cid = f"ch-{len(self.open_channels)}"
+            self.open_channels[cid] = req
+            await req.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await send_chunk(req, encode_record(0, cid.encode()))
+            await req.reader.read()  # open until the gateway closes it
+            self.open_channels.pop(cid, None)
+            return "close"
         if self.generate_status != 200:
             body = ErrorBody(error=ErrorInfo(message="engine died", type="service_unavailable_error",
                                              code="engine_dead")).model_dump_json()
@@ -77,13 +96,25 @@ class Replica:
             last = chunks[-1].model_copy(update={"text": "".join(c.text for c in chunks)})
             await req.json_response(200, last.model_dump_json(exclude_none=True), extra=named)
             return
-        await req.send(b"HTTP/1.1 200 OK\r\n" + named.encode() + b"Transfer-Encoding: chunked\r\n\r\n")
+        channel = self.open_channels.get(request.channel.id) if request.channel is not None else None
+        bound = f"{CHANNEL_HEADER}: bound\r\n" if channel is not None else ""
+        self.bound += channel is not None
+        await req.send(b"HTTP/1.1 200 OK\r\n" + (named + bound).encode() + b"Transfer-Encoding: chunked\r\n\r\n")
         for k, c in enumerate(chunks):
             line = c.model_dump_json(exclude_none=True).encode() + b"\n"
-            await req.send(b"%x\r\n%s\r\n" % (len(line), line))
+            if k > 0 and channel is not None:
+                if self.truncate:
+                    break
+                await send_chunk(channel, encode_record(request.channel.stream, line))
+            else:
+                await send_chunk(req, line)
             if k == 0 and self.gate is not None:
                 await self.gate.wait()
         await req.send(b"0\r\n\r\n")
+
+
+async def send_chunk(req, data: bytes) -> None:
+    await req.send(b"%x\r\n%s\r\n" % (len(data), data))
 
 
 def passed(replica) -> None:

@@ -6,6 +6,7 @@ bounded in time. Figures go to docs/RELIABILITY.md (run with -s to see them)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import threading
 import time
 
@@ -18,7 +19,7 @@ from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics, InflightCounter
 from policies import FixedModePolicy
 
-from .servers import serve_in_thread
+from .servers import serve_in_thread, sse_events
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,7 @@ def two_replicas(serve_stack, serve_model_dir):
 
 
 def routed(metrics: GatewayMetrics) -> dict[str, float]:
-    return {r: metrics.upstream.labels(route=r)._value.get() for r in ("direct", "ingress")}
+    return {r: metrics.upstream.labels(route=r)._value.get() for r in ("direct", "channel", "ingress")}
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -65,12 +66,13 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def complete(url: str, max_tokens: int = 8, stream: bool = False) -> tuple[int, str]:
+def complete(url: str, max_tokens: int = 8, stream: bool = False, **extra) -> tuple[int, str]:
     if not stream:
-        r = httpx.post(url + "/v1/completions", json={**BODY, "max_tokens": max_tokens}, timeout=60)
+        r = httpx.post(url + "/v1/completions", json={**BODY, "max_tokens": max_tokens, **extra}, timeout=60)
         return r.status_code, r.text
     with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions",
-                                                 json={**BODY, "max_tokens": max_tokens, "stream": True}) as r:
+                                                 json={**BODY, "max_tokens": max_tokens, "stream": True,
+                                                       **extra}) as r:
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     return r.status_code, "\n".join(events)
 
@@ -89,13 +91,48 @@ def test_the_gateway_finds_both_replicas_and_sends_to_their_own_ports(two_replic
     after = routed(metrics)
     assert all(status == 200 for status, _ in results)
     assert all(text.endswith("data: [DONE]") for status, text in results[1::2])
-    assert after["direct"] - before["direct"] == 16 and after["ingress"] == before["ingress"]
+    assert sum(after[r] - before[r] for r in ("direct", "channel")) == 16 and after["ingress"] == before["ingress"]
     for r in client._direct.snapshot():  # each one's own port, not HAProxy's
         assert r["address"].split(":")[-1] != url.rsplit(":", 1)[-1]
     assert len(ids) == 2 and all(r["inflight"] == 0 for r in client._direct.snapshot())
     assert (client._direct.cluster or "").startswith("session_")  # the replicas name their Ray cluster
     print(f"\nDIRECT routes: replicas {sorted(r['address'] for r in client._direct.snapshot())}; "
-          f"16 requests, all direct ({after['direct'] - before['direct']:.0f})")
+          f"16 requests, all direct ({after['direct'] - before['direct']:.0f} on their own answers, "
+          f"{after['channel'] - before['channel']:.0f} streams on a channel)")
+
+
+def replica_stats(client) -> list[dict]:
+    """/stats of every known replica, from its own port (the ingress would answer for one)."""
+    return [httpx.get(f"http://{r['address']}/direct2/stats", timeout=10).json() for r in client._direct.snapshot()]
+
+
+def test_streams_ride_each_replicas_channel_and_a_client_that_leaves_is_aborted(two_replicas):
+    url, client, metrics, _ = two_replicas
+    wait_for(lambda: complete(url)[0] == 200 and len(healthy_ids(client)) == 2, 30, "both replicas")
+    wait_for(lambda: complete(url, 4, stream=True)[0] == 200 and client._direct.open_channels() == 2, 30,
+             "a stream channel to each replica")
+    before = routed(metrics)
+    plain = [json.loads(complete(url, 24, temperature=0)[1])["choices"][0]["text"] for _ in range(2)]
+    with cf.ThreadPoolExecutor(8) as pool:
+        streamed = list(pool.map(lambda k: complete(url, 24, stream=True, temperature=0), range(8)))
+    after = routed(metrics)
+    assert after["channel"] - before["channel"] == 8  # every stream rode a channel
+    for status, text in streamed:
+        events = sse_events(text.replace("\n", "\n\n") + "\n\n")
+        assert status == 200 and events[-1] == "[DONE]"
+        assert "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"]) == plain[0] == plain[1]
+    # a client that goes away mid-stream: its request is aborted in the engine, the channel stays
+    body = {**BODY, "max_tokens": 900, "stream": True}
+    made = sum(s["generated_tokens"] for s in replica_stats(client))
+    with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert r.status_code == 200 and next(lines).startswith("data: ")
+        assert routed(metrics)["channel"] - after["channel"] == 1
+    wait_for(lambda: all(s["kv_slots_used"] == 0 for s in replica_stats(client)), 30, "the request aborted")
+    assert sum(s["generated_tokens"] for s in replica_stats(client)) - made < 900  # stopped early
+    assert client._direct.open_channels() == 2 and complete(url, 4, stream=True)[0] == 200
+    print(f"\nSTREAM CHANNELS: 8 concurrent streams on {client._direct.open_channels()} channels, text equal to "
+          f"the non-streamed answer; a client that left mid-stream freed its KV")
 
 
 def test_a_replica_scaled_away_drains_without_a_failed_request(two_replicas):

@@ -25,8 +25,9 @@ SNIPPET = "def main():\n    for name in sorted(os.listdir(path)):\n        print
 
 
 class FakeAsyncEngine(StreamingFrontend):
-    def __init__(self, model_dir, tokens_per_step: int = 1) -> None:
+    def __init__(self, model_dir, tokens_per_step: int = 1, step_s: float = 0.0) -> None:
         super().__init__()
+        self.step_s = step_s  # each request's step sleeps this long (0: yield once)
         self.model_config = load_model_config(model_dir)
         self.config = EngineConfig()
         self.max_block_length = self.model_config.block_size
@@ -52,7 +53,7 @@ class FakeAsyncEngine(StreamingFrontend):
     async def _run(self, rid: str, params) -> None:
         made, steps = 0, 0
         while rid in self.running:
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.step_s)
             if self.die_after_steps is not None and steps >= self.die_after_steps:
                 self._router.fail_all(EngineError("the engine process exited with code -9"))
                 return

@@ -14,6 +14,7 @@ GATEWAY = obj(
         'port': integer(minimum=1, maximum=65535),
         'replicaUrl': string(pattern='^$|^https?://'),
         'replicaRouting': string(enum=['direct', 'ingress']),
+        'streamChannels': boolean(),
         'policy': obj(
             {'source': string(enum=['fixed', 'file']), 'fixedMode': string(enum=MODES)},
             required=['source', 'fixedMode'],
@@ -94,5 +95,6 @@ GATEWAY = obj(
         'extraContainers': ref('containerList'),
     },
     required=['image', 'port', 'resources', 'service', 'ingress', 'autoscaling', 'podDisruptionBudget',
-              'serviceAccount', 'policy', 'metricsPort', 'keyReloadIntervalSeconds', 'replicaRouting'],
+              'serviceAccount', 'policy', 'metricsPort', 'keyReloadIntervalSeconds', 'replicaRouting',
+              'streamChannels'],
 )
