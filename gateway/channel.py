@@ -142,7 +142,4 @@ class ReplicaChannel:
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)  # its end, whatever it was

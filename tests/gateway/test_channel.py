@@ -40,6 +40,14 @@ async def client_for(a: Replica, ingress: ScriptedServer, **direct_kw) -> tuple[
     return HttpReplicaClient(cfg, pool, direct=direct), direct
 
 
+async def client_with_channel(a: Replica, ingress: ScriptedServer, **direct_kw):
+    """`client_for`, and the replica's channel opened and ready."""
+    client, direct = await client_for(a, ingress, **direct_kw)
+    direct.channel(direct._replicas[a.rid])
+    await channel_ready(direct, a.rid)
+    return client, direct
+
+
 async def channel_ready(direct: DirectRoutes, rid: str) -> None:
     r = direct._replicas[rid]
     for _ in range(200):
@@ -100,9 +108,7 @@ async def test_without_stream_channels_configured_none_is_opened():
 
 async def test_a_lost_channel_ends_its_streams_with_replica_lost_and_a_new_one_opens():
     async with Replica("a") as a, ScriptedServer(a.respond) as ingress:
-        client, direct = await client_for(a, ingress)
-        direct.channel(direct._replicas["a"])
-        await channel_ready(direct, "a")
+        client, direct = await client_with_channel(a, ingress)
         a.gate = asyncio.Event()  # the replica holds each stream after its first line
         stream = await client.generate(stream_req(1, 20))
         assert a.bound == 1
@@ -120,9 +126,7 @@ async def test_a_lost_channel_ends_its_streams_with_replica_lost_and_a_new_one_o
 async def test_an_answer_that_ends_before_its_last_chunk_is_reported_lost(monkeypatch):
     monkeypatch.setattr(replica_stream, "CHANNEL_GRACE_S", 0.05)
     async with Replica("a") as a, ScriptedServer(a.respond) as ingress:
-        client, direct = await client_for(a, ingress)
-        direct.channel(direct._replicas["a"])
-        await channel_ready(direct, "a")
+        client, direct = await client_with_channel(a, ingress)
         a.truncate = True  # bound, its first line, then the answer ends and no record follows
         chunks = [c async for c in await client.generate(stream_req(1))]
         assert chunks[0] == expected(stream_req(1))[0] and a.bound == 1
@@ -133,9 +137,7 @@ async def test_an_answer_that_ends_before_its_last_chunk_is_reported_lost(monkey
 
 async def test_closing_a_bound_stream_unbinds_it_and_resets_its_request():
     async with Replica("a") as a, ScriptedServer(a.respond) as ingress:
-        client, direct = await client_for(a, ingress)
-        direct.channel(direct._replicas["a"])
-        await channel_ready(direct, "a")
+        client, direct = await client_with_channel(a, ingress)
         a.gate = asyncio.Event()
         stream = await client.generate(stream_req(1, 20))
         channel = direct._replicas["a"].channel
@@ -155,10 +157,8 @@ async def test_closing_a_bound_stream_unbinds_it_and_resets_its_request():
 
 async def test_idle_and_draining_replicas_channels_are_closed():
     async with Replica("a") as a, ScriptedServer(a.respond) as ingress:
-        client, direct = await client_for(a, ingress, channel_idle_s=0.05)
+        client, direct = await client_with_channel(a, ingress, channel_idle_s=0.05)
         r = direct._replicas["a"]
-        direct.channel(r)
-        await channel_ready(direct, "a")
         await direct.check_all()
         assert r.channel is not None  # not idle long enough yet
         await asyncio.sleep(0.1)
