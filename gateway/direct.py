@@ -94,7 +94,7 @@ class DirectRoutes:
         self.health_timeout_s, self.forget_after_s = health_timeout_s, forget_after_s
         self.max_replicas = max_replicas
         self.stream_channels, self.channel_idle_s = stream_channels, channel_idle_s
-        self._closing: list[ReplicaChannel] = []  # channels to close, by the task
+        self._leaving: list[ReplicaChannel] = []  # channels of retired replicas, closed once their streams end
         self._pool_factory = pool_factory or (lambda url: UpstreamPool(url, connect_timeout_s=connect_timeout_s,
                                                                        max_idle=max_idle))
         self._clock = clock
@@ -145,9 +145,11 @@ class DirectRoutes:
         self.cluster = cluster
 
     def _retire(self, replica: DirectReplica) -> None:
+        """Close the replica's pool (its in-flight answers keep their connections) and its channel
+        once the streams it carries ended (a forgotten cluster finishes what it has)."""
         self._retired.append(replica.pool)
         if replica.channel is not None:
-            self._closing.append(replica.channel)
+            self._leaving.append(replica.channel)
             replica.channel = None
 
     def channel(self, replica: DirectReplica) -> ReplicaChannel | None:
@@ -170,14 +172,16 @@ class DirectRoutes:
         """Close channels no stream used for `channel_idle_s`, or whose replica is not healthy
         (draining: its graceful shutdown waits for open requests, a channel among them)."""
         now = asyncio.get_running_loop().time()
+        closing = [ch for ch in self._leaving if len(ch) == 0]
+        self._leaving = [ch for ch in self._leaving if len(ch)]
         for r in self._replicas.values():
             ch = r.channel
             if ch is not None and not ch.closed and len(ch) == 0 and (
                     not r.healthy or ch.idle_for(now) >= self.channel_idle_s):
-                self._closing.append(ch)
+                closing.append(ch)
                 r.channel = None
-        while self._closing:
-            await self._closing.pop().aclose()
+        for ch in closing:
+            await ch.aclose()
 
     def pick(self) -> DirectReplica | None:
         best: DirectReplica | None = None
@@ -308,7 +312,7 @@ class DirectRoutes:
         for r in list(self._replicas.values()):
             self._retire(r)
         self._replicas.clear()
-        while self._closing:
-            await self._closing.pop().aclose()
+        while self._leaving:
+            await self._leaving.pop().aclose()
         while self._retired:
             await self._retired.pop().aclose()

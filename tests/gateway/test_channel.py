@@ -18,7 +18,7 @@ from gateway.direct import DirectRoutes
 from gateway.replica_client import HttpReplicaClient
 from gateway.upstream import UpstreamPool
 from replicas.channel_wire import CHANNEL_PATH
-from replicas.wire import GenerateChunk, GenerateRequest
+from replicas.wire import GenerateChunk, GenerateRequest, replica_address
 from tests.gateway.fakes import fake_chunks
 
 from .servers import ScriptedServer
@@ -175,4 +175,21 @@ async def test_idle_and_draining_replicas_channels_are_closed():
                 break
             await asyncio.sleep(0.01)
         assert not a.open_channels
+        await client.aclose()
+
+
+async def test_a_forgotten_clusters_channel_carries_its_streams_to_their_end_then_closes():
+    async with Replica("a") as a, ScriptedServer(a.respond) as ingress:
+        client, direct = await client_with_channel(a, ingress)
+        channel = direct._replicas["a"].channel
+        a.gate = asyncio.Event()
+        stream = await client.generate(stream_req(1, 8))
+        direct.learn(replica_address("b", "127.0.0.1", 1, "a-new-cluster"))  # KubeRay's NewCluster upgrade
+        assert "a" not in direct._replicas
+        await direct.check_all()
+        assert channel.ready and len(channel) == 1  # its stream is still running there
+        a.gate.set()
+        assert await drain(stream) == expected(stream_req(1, 8))
+        await direct.check_all()
+        assert channel.closed
         await client.aclose()
