@@ -195,7 +195,7 @@ class NLDReplica:
         except Exception as e:  # noqa: BLE001 - a dead engine: say so
             return error(503, str(e), "service_unavailable_error", code="engine_dead")
         return JSONResponse({**stats, "downgraded": self.downgraded, "replica_id": self.replica_id,
-                             "replica_pid": os.getpid()})
+                             "replica_pid": os.getpid(), "stream_channels": len(self.channels)})
 
     async def open_channel(self, request: Request) -> Response:
         """A stream channel (`replicas.channel_wire`): open until the gateway closes it."""

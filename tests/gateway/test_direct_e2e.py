@@ -111,6 +111,7 @@ def test_streams_ride_each_replicas_channel_and_a_client_that_leaves_is_aborted(
     wait_for(lambda: complete(url)[0] == 200 and len(healthy_ids(client)) == 2, 30, "both replicas")
     wait_for(lambda: complete(url, 4, stream=True)[0] == 200 and client._direct.open_channels() == 2, 30,
              "a stream channel to each replica")
+    assert [s["stream_channels"] for s in replica_stats(client)] == [1, 1]  # one each, seen by the replicas
     before = routed(metrics)
     plain = [json.loads(complete(url, 24, temperature=0)[1])["choices"][0]["text"] for _ in range(2)]
     with cf.ThreadPoolExecutor(8) as pool:

@@ -95,6 +95,9 @@ def test_a_bound_requests_lines_arrive_on_the_channel_as_its_own_answer_would_ca
         unbound = [line async for line in plain.lines()]
         await plain.aclose()
         response, chunks, reader, cid, early = await open_channel(pool)
+        stats = await pool.request("GET", "/stats")
+        assert json.loads(await stats.read())["stream_channels"] == 1
+        await stats.aclose()
         answers = []
         for stream in (1, 2):  # two requests on one channel, at the same time
             bound = {**body, "request_id": f"r-{stream}", "channel": {"id": cid, "stream": stream}}
