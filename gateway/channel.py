@@ -2,9 +2,10 @@
 
 Contract (the wire is `replicas.channel_wire`):
 - `ReplicaChannel(pool).start()` opens the channel on the running loop; it is `ready` once the
-  replica's record 0 (the channel id) arrived. `bind()` then returns `(stream, inbox)`: a
-  stream number unique on this channel and the `ChannelInbox` its records go to (None while not
-  ready, or once closed). `unbind(stream)` drops a stream (its request ended or failed).
+  replica's record 0 (the channel id) arrived. `bind()` then returns the `ChannelInbox` its
+  records go to, which names its channel and a stream number unique on it (None while not
+  ready, or once closed). `unbind(stream)` (or the inbox's `unbind()`) drops a stream (its
+  request ended or failed).
 - Records for streams no longer bound are dropped. When the channel's answer ends or fails (a
   replica stopped or died, a malformed record), every bound inbox is `lose`d: its reader raises
   `UpstreamConnectionError`, which the stream turns into a last chunk with `replica_lost`.
@@ -32,12 +33,16 @@ log = logging.getLogger("gateway.channel")
 class ChannelInbox:
     """One bound stream's records, in order (event-loop side only)."""
 
-    __slots__ = ("_items", "_waiter", "_lost")
+    __slots__ = ("channel", "stream", "_items", "_waiter", "_lost")
 
-    def __init__(self) -> None:
+    def __init__(self, channel: "ReplicaChannel", stream: int) -> None:
+        self.channel, self.stream = channel, stream
         self._items: deque[bytes] = deque()
         self._waiter: asyncio.Future | None = None
         self._lost: str | None = None
+
+    def unbind(self) -> None:
+        self.channel.unbind(self.stream)
 
     def put(self, payload: bytes) -> None:
         self._items.append(payload)
@@ -91,13 +96,13 @@ class ReplicaChannel:
         self._task = loop.create_task(self._run(), name="stream-channel")
         return self
 
-    def bind(self) -> tuple[int, ChannelInbox] | None:
+    def bind(self) -> ChannelInbox | None:
         if not self.ready:
             return None
         stream, self._next = self._next, self._next + 1
-        inbox = self._streams[stream] = ChannelInbox()
+        inbox = self._streams[stream] = ChannelInbox(self, stream)
         self._idle_since = None
-        return stream, inbox
+        return inbox
 
     def unbind(self, stream: int) -> None:
         if self._streams.pop(stream, None) is not None and not self._streams:

@@ -304,10 +304,7 @@ class DirectRoutes:
             await asyncio.gather(*self._checks, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping
-                pass
+            await asyncio.gather(self._task, return_exceptions=True)  # its end, whatever it was
             self._task = None
         for r in list(self._replicas.values()):
             self._retire(r)

@@ -45,7 +45,7 @@ from pydantic import ValidationError
 from replicas.wire import (REPLICA_HEADER, REPORT_HEADER, ChannelRoute, EngineSettings, ErrorBody, ErrorInfo,
                            GenerateChunk, GenerateRequest, ReplicaInfo)
 
-from .channel import ChannelInbox, ReplicaChannel
+from .channel import ChannelInbox
 from .config import GatewayConfig
 from .direct import DirectRoutes
 from .replica_stream import HttpStream, WholeAnswer, error_chunk
@@ -127,7 +127,7 @@ class HttpReplicaClient:
         """Send to a replica directly when `direct` knows a healthy one, else through the ingress.
         A direct attempt that fails before the answer (connection, or 503 from a dead engine) marks
         that replica failed and goes through the ingress, outside `connect_retries`."""
-        body = request.model_dump_json(exclude_none=True).encode()
+        body: bytes | None = None  # the request as sent unbound (through the ingress, or no channel)
         timeout = self._config.request_timeout_s
         attempts = 1 + self._config.connect_retries
         direct = self._direct
@@ -145,8 +145,11 @@ class HttpReplicaClient:
             response: UpstreamResponse | None = None
             handed_over = False  # the stream ends the replica's in-flight count itself
             try:
-                sent = body if bound is None else request.model_copy(update={"channel": ChannelRoute(
-                    id=bound[0].channel_id, stream=bound[1])}).model_dump_json(exclude_none=True).encode()
+                if bound is not None:
+                    route = ChannelRoute(id=bound.channel.channel_id, stream=bound.stream)
+                    sent = request.model_copy(update={"channel": route}).model_dump_json(exclude_none=True).encode()
+                else:
+                    sent = body = body or request.model_dump_json(exclude_none=True).encode()
                 response = await pool.request("POST", "/generate", sent, GENERATE_HEADERS, timeout)
                 self._heard(response, report=True, via_ingress=replica is None)
                 if response.status != 200:
@@ -189,17 +192,14 @@ class HttpReplicaClient:
                 if replica is not None and not handed_over:
                     direct.end(replica)
                 if bound is not None:
-                    bound[0].unbind(bound[1])
+                    bound.unbind()
 
-    def _bind(self, replica, request: GenerateRequest) -> tuple[ReplicaChannel, int, ChannelInbox] | None:
+    def _bind(self, replica, request: GenerateRequest) -> ChannelInbox | None:
         """A stream on the direct replica's channel for a streamed request, when one is ready."""
         if replica is None or not request.stream:
             return None
         channel = self._direct.channel(replica)
-        if channel is None:
-            return None
-        got = channel.bind()
-        return None if got is None else (channel, got[0], got[1])
+        return None if channel is None else channel.bind()
 
     def _retried(self) -> None:
         if self._on_retry is not None:

@@ -7,7 +7,7 @@ iterating: a lost connection, a read timeout (no line for `read_timeout_s`), a m
 or a stream that ends early is yielded as one last chunk with `error` and
 `finish_reason="error"` (`error_chunk`). After the last chunk it reads the body to its end so
 the connection returns to the pool; `aclose()` resets it, so the replica aborts the request.
-Given `bound=(channel, stream, inbox)` (`gateway.channel`) and an answer that says it is
+Given `bound`, a `gateway.channel.ChannelInbox`, and an answer that says it is
 bound (`CHANNEL_HEADER`), the lines after the first come from the inbox instead: the same
 bytes, the same rules; the rest of the request's own answer is read in the background, and
 if it ends (or fails) before the last chunk came, the stream reports the replica lost (after
@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from replicas.channel_wire import CHANNEL_HEADER
 from replicas.wire import ErrorInfo, GenerateChunk, GenerateRequest
 
-from .channel import ChannelInbox, ReplicaChannel
+from .channel import ChannelInbox
 from .upstream import UpstreamConnectionError, UpstreamResponse, UpstreamTimeout
 
 CHANNEL_GRACE_S = 1.0  # a bound request's answer ended: how long its last records may still take
@@ -47,7 +47,7 @@ class HttpStream:
 
     def __init__(self, response: UpstreamResponse, request: GenerateRequest, read_timeout_s: float,
                  on_done: Callable[[], None] | None = None,
-                 bound: tuple[ReplicaChannel, int, ChannelInbox] | None = None) -> None:
+                 bound: ChannelInbox | None = None) -> None:
         self._response = response
         self._bound = bound  # until the first chunk shows whether the replica bound the request
         self._inbox: ChannelInbox | None = None  # set once the lines after the first come from a channel
@@ -90,7 +90,7 @@ class HttpStream:
         self._first = first
         if self._bound is not None and first.finish_reason is None and \
                 self._response.headers.get(CHANNEL_HEADER) == "bound":
-            self._inbox = self._bound[2]
+            self._inbox = self._bound
             self._tail = self._loop.create_task(self._read_tail())
         else:
             self._unbind()
@@ -109,9 +109,8 @@ class HttpStream:
 
     def _unbind(self) -> None:
         if self._bound is not None:
-            channel, stream, _ = self._bound
-            self._bound = None
-            channel.unbind(stream)
+            bound, self._bound = self._bound, None
+            bound.unbind()
 
     def __aiter__(self) -> "HttpStream":
         return self

@@ -66,7 +66,8 @@ class UpstreamResponse:
         self._complete = False
         self._closed = False
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (the chunked framing removed)."""
         reader = self._conn.reader
         try:
             if self._chunked:
@@ -93,14 +94,10 @@ class UpstreamResponse:
             raise UpstreamConnectionError(f"upstream connection lost mid-body ({type(e).__name__})") from e
         self._complete = True
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (the chunked framing removed)."""
-        return self._chunks()
-
     async def lines(self) -> AsyncIterator[bytes]:
         """Body lines without the trailing newline (the last one may lack it)."""
         buf = b""
-        async for data in self._chunks():
+        async for data in self.chunks():
             buf += data
             while (i := buf.find(b"\n")) >= 0:
                 yield buf[:i]
@@ -109,7 +106,7 @@ class UpstreamResponse:
             yield buf
 
     async def read(self) -> bytes:
-        return b"".join([d async for d in self._chunks()])
+        return b"".join([d async for d in self.chunks()])
 
     def abort(self) -> None:
         """Reset the connection now: a pending read fails (the caller's timeout watchdog)."""

@@ -11,8 +11,8 @@ NDJSON `GenerateChunk`s (after the first, on the gateway's stream channel when i
 Errors before the answer are `ErrorBody` JSON with 400 / 404 / 429 / 503 status; after a
 stream began, a last chunk with `error`. Every `/generate` answer carries the replica's report
 header (`replicas.report`: its load and cost model, which the gateway's policy reads instead
-of Ray's metrics page). A client that goes away cancels the
-handler, which aborts the engine request and frees its KV.
+of Ray's metrics page). A client that goes away cancels the handler, which aborts the engine
+request and frees its KV.
 
 The engine runs in its own process (`EngineProcess`, the default; `engine_process: false` runs
 it on a thread of the replica process). `check_health` (Ray Serve's health check) and `/health`
