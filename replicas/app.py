@@ -271,12 +271,13 @@ class NLDReplica:
         try:
             started = await self.generations.start(req)
             if req.stream:
-                lines = self.generations.ndjson(started)
                 channel = None if req.channel is None else self.channels.get(req.channel.id)
                 if channel is not None:  # the lines after the first go to the gateway's channel
-                    return StreamingResponse(bind(lines, channel, req.channel.stream),
+                    stream = req.channel.stream
+                    lines = self.generations.ndjson(started, emit=lambda line: channel.put(stream, line))
+                    return StreamingResponse(bind(lines, channel, stream),
                                              media_type="application/x-ndjson", headers={CHANNEL_HEADER: "bound"})
-                return StreamingResponse(lines, media_type="application/x-ndjson")
+                return StreamingResponse(self.generations.ndjson(started), media_type="application/x-ndjson")
             result = await self.generations.result(started)
         except Rejected as e:
             return error_response(e.status, e.info)

@@ -15,6 +15,11 @@ byte is sent for a request that will not run. Then:
   anyway. With `req.sse` set, the lines between the first and the last are the client's
   OpenAI SSE events instead (`wire.SSERender`; empty deltas are skipped), so the gateway
   forwards them without parsing. A failure after the first line is one last chunk with `error`.
+  `ndjson(started, emit)` (a request bound to a stream channel, `replicas.channels`): the SSE
+  events after the first line go to `emit(line)` straight from the engine's delivery callback
+  (an `EventTap` on the request's inbox: no wake-up of this handler per step), and the handler
+  yields only the first and the last line; `emit` returning False (the channel closed) ends
+  the request. Not with `stream_interval_s` (its merging needs the handler's timing).
 Metrics are recorded once per request (first token, inter-token, tokens per forward), not per
 chunk. Closing the stream, or cancelling the handler, aborts the engine request.
 Non-goals: HTTP routing (see `app`), OpenAI field names (the gateway).
@@ -25,8 +30,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import AsyncIterator, Callable
 
 from .engine import DecodeParams, EngineError, EngineOverloaded
 from .text import ChatTemplateError, Detokenizer, TextCodec
@@ -141,16 +146,23 @@ class Generations:
         text = "".join(parts) if s.req.stop else self.codec.decode(tokens)
         return self._last(s, chunk, tokens, text, "stop" if detok.stopped else chunk.finish_reason)
 
-    async def ndjson(self, s: Started) -> AsyncIterator[bytes]:
+    async def ndjson(self, s: Started, emit: Callable[[bytes], bool] | None = None) -> AsyncIterator[bytes]:
         detok = Detokenizer(self.codec, stop=list(s.req.stop))
         # with `sse`, chunks after the first are the client's events, ready to forward
         head, tail = s.req.sse.event_parts() if s.req.sse is not None else (None, None)
+        tap = None
         chunk = s.first
         first = True
         try:
             while True:
                 final = chunk.finish_reason is not None
                 text = detok.push(chunk.token_ids, final=final)
+                if tap is not None:
+                    if tap.closed:
+                        return  # nobody reads this request's events any more
+                    if tap.held_ids:  # the chunk that met a stop string: its ids are this chunk's
+                        chunk = replace(chunk, token_ids=tap.held_ids + chunk.token_ids)
+                    text, tap.held, tap.held_ids = tap.held + text, "", []
                 if final or detok.stopped:
                     out = self._last(s, chunk, detok.ids, text, "stop" if detok.stopped else chunk.finish_reason)
                     yield out.model_dump_json(exclude_none=True).encode() + b"\n"
@@ -160,6 +172,9 @@ class Generations:
                                         token_ids=chunk.token_ids, text=text, forward_passes=chunk.forward_passes)
                     yield out.model_dump_json(exclude_none=True).encode() + b"\n"
                     first = False
+                    if emit is not None and head is not None and not self.stream_interval_s:
+                        tap = EventTap(detok, head, tail, emit)
+                        self.engine.tap(s.request_id, tap)
                 elif text:  # an empty delta is no event
                     yield head + json.dumps(text).encode() + tail
                 chunk = await anext(s.stream)
@@ -191,3 +206,28 @@ class Generations:
         return GenerateChunk(request_id=s.request_id, mode=mode, token_ids=tokens if not s.req.stream else
                              chunk.token_ids, text=text, finish_reason=reason, forward_passes=passes, usage=usage,
                              accepted_lengths=accepted or None, self_spec_algorithm=stats.get("spec_algorithm"))
+
+
+class EventTap:
+    """A streamed request's middle chunks as SSE events, rendered in the engine's delivery
+    callback and handed to `emit` (an inbox tap, `StreamingFrontend.tap`). It stops (returns
+    False, the handler wakes) on a stop string, keeping the text before it in `held` for the
+    last chunk, or when `emit` refuses a line (`closed`)."""
+
+    __slots__ = ("detok", "head", "tail", "emit", "held", "held_ids", "closed")
+
+    def __init__(self, detok: Detokenizer, head: bytes, tail: bytes, emit: Callable[[bytes], bool]) -> None:
+        self.detok, self.head, self.tail, self.emit = detok, head, tail, emit
+        self.held = ""  # text made by a push whose event was not emitted (it goes in the last chunk)
+        self.held_ids: list[int] = []  # ... and that push's ids
+        self.closed = False
+
+    def __call__(self, chunk) -> bool:
+        text = self.detok.push(chunk.token_ids)
+        if self.detok.stopped:
+            self.held, self.held_ids = text, list(chunk.token_ids)
+            return False
+        if text and not self.emit(self.head + json.dumps(text).encode() + self.tail):
+            self.closed = True
+            return False
+        return True

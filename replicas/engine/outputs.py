@@ -9,6 +9,12 @@ per chunk), and appends each chunk to its request's `Inbox`. An inbox wakes its 
 `Inbox.take()` waits for a wake-up and returns everything unread as ONE merged chunk (tokens
 in order, the newest end state). `fail(rid, exc)` / `fail_all(exc)` make the next `take` raise
 `exc` at once: a rejected request or a dead engine never leaves a consumer waiting.
+A tap (`StreamingFrontend.tap(rid, fn)`) takes a request's middle chunks in the delivery
+callback itself, in place of a wake-up: while nothing is unread, each chunk without
+`finish_reason` goes to `fn(chunk)` and its consumer sleeps on; the last chunk, failures and
+anything that arrived while the consumer still had unread output wake it as before (so output
+keeps its order). `fn` returning False, or raising, removes the tap and wakes the consumer
+(with an empty chunk, or the exception at its next `take`).
 Imports no torch: the serving process that consumes a separate engine process stays light.
 Non-goals: transport (see `async_engine` and `process`), text, HTTP.
 """
@@ -21,12 +27,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from .errors import EngineError, EngineOverloaded
 from .params import DecodeParams, GenerationOutput
 
 Wake = Literal["each", "final"]
+Tap = Callable[["StreamChunk"], bool]  # a middle chunk, handled at delivery; False: stop, wake the consumer
 
 
 @dataclass
@@ -59,11 +66,12 @@ def merge(a: StreamChunk, b: StreamChunk) -> StreamChunk:
 class Inbox:
     """Unread output of one request (event-loop side only; not thread-safe)."""
 
-    __slots__ = ("request_id", "wake", "_tokens", "_last", "_error", "_event", "first_token_at")
+    __slots__ = ("request_id", "wake", "tap", "_tokens", "_last", "_error", "_event", "first_token_at")
 
     def __init__(self, request_id: str, wake: Wake) -> None:
         self.request_id = request_id
         self.wake = wake
+        self.tap: Tap | None = None  # takes middle chunks at delivery while nothing is unread
         self._tokens: list[int] = []
         self._last: StreamChunk | None = None  # the newest chunk (its end state)
         self._error: BaseException | None = None  # raised by the next take
@@ -73,10 +81,19 @@ class Inbox:
     def put(self, chunk: StreamChunk) -> None:
         # an engine process that held a quiet request's tokens says when they began (core_loop)
         held = chunk.stats.pop("first_token_at", None) if chunk.stats else None
-        if chunk.token_ids:
-            if self.first_token_at is None:
-                self.first_token_at = time.perf_counter() if held is None else held
-            self._tokens.extend(chunk.token_ids)
+        if chunk.token_ids and self.first_token_at is None:
+            self.first_token_at = time.perf_counter() if held is None else held
+        if self.tap is not None and chunk.finish_reason is None and self._last is None and self._error is None:
+            try:
+                if self.tap(chunk):
+                    return  # handled here: the consumer sleeps on
+            except Exception as e:  # the tap's failure is the request's, not the delivery's
+                self.tap = None
+                self.fail(e)
+                return
+            self.tap = None  # the tap took the chunk but stops: wake the consumer (nothing unread)
+            chunk = StreamChunk(chunk.request_id, [], forward_passes=chunk.forward_passes, mode=chunk.mode)
+        self._tokens.extend(chunk.token_ids)
         self._last = chunk
         if self.wake == "each" or chunk.finish_reason is not None:
             self._event.set()
@@ -143,6 +160,14 @@ class OutputRouter:
     def close(self, request_id: str) -> None:
         self._inboxes.pop(request_id, None)
 
+    def tap(self, request_id: str, fn: Tap | None) -> bool:
+        """Set (or, with None, remove) a request's tap; False when it is not in flight."""
+        inbox = self._inboxes.get(request_id)
+        if inbox is None:
+            return False
+        inbox.tap = fn
+        return True
+
     def wake_of(self, request_id: str) -> Wake | None:
         inbox = self._inboxes.get(request_id)
         return None if inbox is None else inbox.wake
@@ -194,6 +219,11 @@ class StreamingFrontend:
             self._loop = loop
         elif self._loop is not loop:
             raise RuntimeError(f"{type(self).__name__} serves one event loop")
+
+    def tap(self, request_id: str, fn: Tap | None) -> bool:
+        """Hand the request's middle chunks to `fn` as they are delivered, on this loop, instead
+        of waking its consumer for each (see `Inbox`); False when the request is not in flight."""
+        return self._router.tap(request_id, fn)
 
     def _deliver(self, chunks: list[StreamChunk]) -> None:
         """On the loop: one step's chunks to their inboxes; abort what nobody reads any more."""

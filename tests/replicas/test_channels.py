@@ -17,7 +17,7 @@ from replicas.channel_wire import CHANNEL_HEADER, MAX_RECORD, RecordReader, enco
 from replicas.wire import GenerateChunk
 from tests.gateway.servers import serve_in_thread
 
-from .fakes import asgi
+from .fakes import SNIPPET, asgi
 from .test_replica import make
 
 def served(replica):
@@ -123,7 +123,8 @@ def test_a_bound_requests_lines_arrive_on_the_channel_as_its_own_answer_would_ca
     assert engine.aborted == [] and len(replica.channels) == 0  # closing it forgot the channel
 
 
-def test_closing_the_channel_aborts_its_bound_requests_and_closing_a_request_spares_the_channel():
+@pytest.mark.parametrize("sse", [False, True], ids=["chunks", "sse-tapped"])
+def test_closing_the_channel_aborts_its_bound_requests_and_closing_a_request_spares_the_channel(sse):
     replica, engine, _ = make({"tokens_per_step": 1, "step_s": 0.01})
 
     async def run(url):
@@ -132,7 +133,7 @@ def test_closing_the_channel_aborts_its_bound_requests_and_closing_a_request_spa
         answers = []
         for stream in (1, 2):
             body = {"request_id": f"r-{stream}", "prompt_ids": [5], "max_tokens": 500,
-                    "channel": {"id": cid, "stream": stream}}
+                    "channel": {"id": cid, "stream": stream}, **({"sse": SSE} if sse else {})}
             answers.append(await pool.request("POST", "/generate", json.dumps(body).encode(),
                                               {"Content-Type": "application/json"}))
         await read_records(chunks, reader, early, lambda rs: {s for s, _ in rs} >= {1, 2})
@@ -154,6 +155,42 @@ def test_closing_the_channel_aborts_its_bound_requests_and_closing_a_request_spa
     assert len(rest) == 1 and GenerateChunk.model_validate_json(rest[0]).finish_reason is None
     assert set(engine.aborted) == {"r-1", "r-2"} and not engine.running
     assert len(replica.channels) == 0
+
+
+def test_a_bound_sse_request_is_rendered_at_delivery_and_ends_at_its_stop_string_as_unbound():
+    """Its events come from the inbox tap (the handler is not woken per step), and a stop string
+    met inside a tapped chunk still ends it with the text before the stop, as unbound."""
+    replica, engine, _ = make({"tokens_per_step": 1})
+    tapped = []
+    tap = engine.tap
+    engine.tap = lambda rid, fn: tapped.append(rid) or tap(rid, fn)
+
+    async def run(url):
+        pool = UpstreamPool(url)
+        body = {"request_id": "r-1", "prompt_ids": [5], "max_tokens": 60, "sse": SSE, "stop": ["sorted"]}
+        plain = await pool.request("POST", "/generate", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        unbound = [line async for line in plain.lines()]
+        await plain.aclose()
+        response, chunks, reader, cid, early = await open_channel(pool)
+        bound = {**body, "channel": {"id": cid, "stream": 1}}
+        answer = await pool.request("POST", "/generate", json.dumps(bound).encode(), {"Content-Type": "application/json"})
+        own = [line async for line in answer.lines()]
+        records = await read_records(chunks, reader, early, lambda rs: last_of(rs, 1))
+        await response.aclose()
+        await pool.aclose()
+        return unbound, own, [p for s, p in records if s == 1]
+
+    with serve_in_thread(served(replica)) as url:
+        unbound, own, mine = asyncio.run(run(url))
+    assert tapped == ["r-1"]  # only the bound request is tapped
+    last = GenerateChunk.model_validate_json(unbound[-1])
+    assert last.finish_reason == "stop" and "sorted" not in last.text
+    expected = [x + b"\n" for x in unbound[1:] if x]
+    assert own == unbound[:1] and mine == [x + b"\n" if x.startswith(b"data: ") else x for x in expected]
+    text = "".join(json.loads(x[len(b"data: "):])["choices"][0]["text"] for x in mine[:-1])
+    assert SNIPPET.startswith(GenerateChunk.model_validate_json(unbound[0]).text + text + last.text)
+    assert (GenerateChunk.model_validate_json(unbound[0]).text + text + last.text + "sorted") in SNIPPET
+    assert set(engine.aborted) == {"r-1"} and not engine.running  # the stop string ended both early
 
 
 def test_a_request_naming_an_unknown_channel_streams_on_its_own_answer():
