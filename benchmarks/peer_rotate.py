@@ -1,6 +1,6 @@
 """Peer benchmark, finely interleaved: every system stays up, frozen while another is measured.
 
-    python benchmarks/peer_rotate.py [--levels 1,2,4,8,16,32] [--rounds 3] \
+    python benchmarks/peer_rotate.py [--levels 1,2,4,8,16,32] [--rounds 4] \
         [--systems vllm,ar,self_spec,adaptive,bare,bare_split]
 
 Why: this VM's speed drifts by up to 2x over minutes (the bare engine measured 2,082 then 4,385
@@ -182,7 +182,8 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
 def main(argv=None) -> None:
     p = peer_arguments(__doc__.splitlines()[0], policy=ROOT / "policies" / "presets" / "adaptive_cpu.yaml",
                        policy_help="the stack's policy, used by `adaptive` (auto) requests", seconds=6.0, port=8400,
-                       out=ROOT / "benchmarks" / "results" / "peer_rotate.json")
+                       out=ROOT / "benchmarks" / "results" / "peer_rotate.json",
+                       rounds=4)  # window_order balances each system's neighbours over four rounds
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")

@@ -331,13 +331,13 @@ def check_identity(url: str, model: str, prompts: list, max_tokens: int) -> dict
 
 
 def peer_arguments(description: str, *, policy: Path, policy_help: str, seconds: float, port: int,
-                   out: Path) -> argparse.ArgumentParser:
+                   out: Path, rounds: int = 3) -> argparse.ArgumentParser:
     """The options both peer benchmarks take (this one and `peer_rotate.py`)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default="models/nld-tiny-pystdlib")
     p.add_argument("--policy", type=Path, default=policy, help=policy_help)
     p.add_argument("--levels", default="1,2,4,8,16,32")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--systems", default="vllm,ar,self_spec,adaptive,bare")
     p.add_argument("--stream", default="both", choices=("both", "json", "sse"))
     p.add_argument("--seconds", type=float, default=seconds)
