@@ -1,7 +1,7 @@
 """Peer benchmark, finely interleaved: every system stays up, frozen while another is measured.
 
     python benchmarks/peer_rotate.py [--levels 1,2,4,8,16,32] [--rounds 4] \
-        [--systems vllm,ar,self_spec,adaptive,bare,bare_split]
+        [--systems vllm,ar,self_spec,adaptive,bare,bare_1t,bare_split]
 
 Why: this VM's speed drifts by up to 2x over minutes (the bare engine measured 2,082 then 4,385
 tok/s at concurrency 32 ten minutes apart), while `peer_vllm.py` measures each system for minutes
@@ -9,7 +9,9 @@ at a time and restarts it per round, so its ratios carry that drift. Here every 
 once and kept: vLLM (`peer_vllm.start_vllm`), one `nld-gateway up` stack (with --policy, default
 the shipped calibrating preset) serving `ar` and `self_spec` fixed in the request and `adaptive`
 as `auto`, and the bare `BatchEngine` in a process of its own (`bare_servers.BareServer`: weights
-loaded once, one closed-loop window per command on stdin), and `bare_split`: the stack's engine
+loaded once, one closed-loop window per command on stdin; torch's default threads, one per core,
+so its steps of 16 tokens or more run on both CPUs), `bare_1t`: the same on one torch thread (issue
+12's "bare BatchEngine, with one torch thread as in the replica"), and `bare_split`: the stack's engine
 layout without its serving path (one such engine per CPU, bound to it, one torch thread each, the
 clients split between them: `bare_servers.BareSplit`). For each round, for each level, the systems
 run one after another in a rotating order (reversed in odd rounds: `window_order`); a server not
@@ -160,7 +162,7 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
     for c in levels:
         row = {}
         for num, den in (("ar", "vllm"), ("self_spec", "vllm"), ("adaptive", "vllm"), ("ar", "bare"),
-                         ("ar", "bare_split"), ("adaptive", "ar")):
+                         ("ar", "bare_1t"), ("ar", "bare_split"), ("adaptive", "ar")):
             vals = [by[num, c, False, k] / by[den, c, False, k] for k in rounds
                     if by.get((num, c, False, k)) and by.get((den, c, False, k))]
             if vals:
@@ -179,6 +181,45 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
     return out
 
 
+BARES = ("bare", "bare_1t", "bare_split")
+
+
+def itl_over_step(rows: list[dict], levels: list[int]) -> dict:
+    """Per level, streamed `ar` ITL p50 over each bare system's step p50, divided within each round
+    (neighbouring windows), then the median (min-max) over rounds; `vllm/...` likewise for vLLM's ITL."""
+    itl = {(r["system"], r["concurrency"], r["round"]): r.get("itl_p50_s") for r in rows if r["stream"]}
+    step = {(r["system"], r["concurrency"], r["round"]): r.get("step_p50_s") for r in rows
+            if r["system"] in BARES}
+    rounds = sorted({r["round"] for r in rows})
+    out: dict = {}
+    for c in levels:
+        row = {}
+        for num in ("ar", "vllm"):
+            for den in BARES:
+                vals = [itl[num, c, k] / step[den, c, k] for k in rounds
+                        if itl.get((num, c, k)) and step.get((den, c, k))]
+                if vals:
+                    row[f"{num}/{den}"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+                                           "rounds": len(vals)}
+        out[c] = row
+    names = sorted({k for row in out.values() for k in row})
+    if names:
+        print("\nper-round ratios, streamed ITL p50 / bare step p50: median (min-max) over rounds")
+        print(f"{'conc':>5} " + " ".join(f"{n:>20}" for n in names))
+        for c in levels:
+            cells = ["-" if x is None else "{median:.2f} ({min:.2f}-{max:.2f})".format(**x)
+                     for x in (out[c].get(n) for n in names)]
+            print(f"{c:>5} " + " ".join(f"{x:>20}" for x in cells))
+    return out
+
+
+def bare_systems(model: str, args, systems: list[str]) -> dict:
+    """The bare engines named in `systems`, each in its own process (loaded once)."""
+    make = {"bare": lambda: BareServer(model, args), "bare_1t": lambda: BareServer(model, args, threads=1),
+            "bare_split": lambda: BareSplit(model, args)}
+    return {name: make[name]() for name in BARES if name in systems}
+
+
 def main(argv=None) -> None:
     p = peer_arguments(__doc__.splitlines()[0], policy=ROOT / "policies" / "presets" / "adaptive_cpu.yaml",
                        policy_help="the stack's policy, used by `adaptive` (auto) requests", seconds=6.0, port=8400,
@@ -187,6 +228,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     systems = args.systems.split(",")
+    unknown = [s for s in systems if s != "vllm" and s not in STACK_VARIANTS and s not in BARES]
+    if unknown:
+        p.error(f"unknown systems {unknown}: choose from vllm, {', '.join(STACK_VARIANTS)}, {', '.join(BARES)}")
     args.settle_seconds = window_settle(args, systems)  # before BareServer, which passes it on
     streams = {"both": [False, True], "json": [False], "sse": [True]}[args.stream]
     work = ROOT / ".cache" / "peer_rotate_run"
@@ -210,8 +254,7 @@ def main(argv=None) -> None:
         for name, server in servers.items():  # one at a time: the other is frozen while it loads
             print(f"{server.name} ready in {server.wait_ready():.0f} s", flush=True)
             signal_tree(server.proc.pid, signal.SIGSTOP)
-        bares = {name: cls(str(model), args) for name, cls in (("bare", BareServer), ("bare_split", BareSplit))
-                 if name in systems}
+        bares = bare_systems(str(model), args, systems)
         identity = None
         if "vllm" in servers:
             with thawed(servers["vllm"].proc.pid):
@@ -258,10 +301,12 @@ def main(argv=None) -> None:
         merged = median_rows(rows)
         ratios = print_tables(merged, levels, systems)
         paired = paired_ratios(rows, levels)
+        itl_ratios = itl_over_step(rows, levels)
         args.out.write_text(json.dumps({"model": str(model), "levels": levels, "rounds": args.rounds,
                                         "seconds": args.seconds, "max_tokens": args.max_tokens, "identity": identity,
                                         "policy": policy.read_text(), "rows": merged, "ratios": ratios,
-                                        "paired_ratios": paired, "round_rows": rows}, indent=1))
+                                        "paired_ratios": paired, "itl_over_step": itl_ratios,
+                                        "round_rows": rows}, indent=1))
         plot(merged, levels, systems, args.out.with_suffix(".png"))
         print(f"saved {args.out} and {args.out.with_suffix('.png')}")
         for bare in bares.values():

@@ -277,7 +277,7 @@ def print_tables(merged: list[dict], levels: list[int], systems: list[str]) -> d
     for c in levels:
         cells = []
         for s in systems:
-            if s in ("bare", "bare_split"):
+            if s.startswith("bare"):
                 st = get(s, c, False, "step_p50_s")
                 cells.append("-" if st is None else f"step {1000 * st:.1f}")
                 continue

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from benchmarks.loadgen import summarise
-from benchmarks.peer_rotate import (inter_token_totals, paired_ratios, process_tree, signal_tree, thawed,
+from benchmarks.peer_rotate import (inter_token_totals, itl_over_step, paired_ratios, process_tree, signal_tree, thawed,
                                      switch_counts, window_order)
 from benchmarks.peer_vllm import median_rows
 
@@ -193,3 +195,36 @@ def test_bare_split_runs_one_bound_one_thread_engine_per_cpu_at_once(tmp_path):
     finally:
         split.stop()
     assert all(e.proc.returncode == 0 for e in split.engines)
+
+
+def test_itl_over_step_divides_each_rounds_itl_by_that_rounds_bare_step():
+    rows = []
+    for k, (itl, bare, bare_1t) in enumerate([(0.010, 0.005, 0.010), (0.012, 0.006, 0.008), (0.009, 0.006, 0.009)]):
+        rows += [{"system": "ar", "concurrency": 32, "stream": True, "round": k, "itl_p50_s": itl},
+                 {"system": "bare", "concurrency": 32, "stream": False, "round": k, "step_p50_s": bare},
+                 {"system": "bare_1t", "concurrency": 32, "stream": False, "round": k, "step_p50_s": bare_1t},
+                 {"system": "ar", "concurrency": 32, "stream": False, "round": k, "itl_p50_s": None}]
+    r = itl_over_step(rows, [32])[32]
+    # per round 2.0, 2.0, 1.5 against `bare`; 1.0, 1.5, 1.0 against `bare_1t`
+    assert (r["ar/bare"]["median"], r["ar/bare"]["min"], r["ar/bare"]["max"]) == pytest.approx((2.0, 1.5, 2.0))
+    assert (r["ar/bare_1t"]["median"], r["ar/bare_1t"]["max"]) == pytest.approx((1.0, 1.5))
+    assert r["ar/bare_1t"]["rounds"] == 3
+    assert "vllm/bare" not in r  # vLLM not measured: no ratio made up
+
+
+def test_the_bare_systems_are_started_by_name_with_their_threads(monkeypatch):
+    import benchmarks.peer_rotate as pr
+
+    made = []
+    monkeypatch.setattr(pr, "BareServer", lambda model, args, threads=None: made.append(("server", threads)) or "s")
+    monkeypatch.setattr(pr, "BareSplit", lambda model, args: made.append(("split", None)) or "p")
+    bares = pr.bare_systems("m", object(), ["vllm", "bare_1t", "ar", "bare_split"])
+    assert bares == {"bare_1t": "s", "bare_split": "p"} and made == [("server", 1), ("split", None)]
+
+
+def test_an_unknown_system_is_refused_before_anything_starts(capsys):
+    from benchmarks.peer_rotate import main
+
+    with pytest.raises(SystemExit):
+        main(["--systems", "vllm,bare_2t"])
+    assert "unknown systems ['bare_2t']" in capsys.readouterr().err
