@@ -166,19 +166,27 @@ def paired_ratios(rows: list[dict], levels: list[int]) -> dict:
             vals = [by[num, c, False, k] / by[den, c, False, k] for k in rounds
                     if by.get((num, c, False, k)) and by.get((den, c, False, k))]
             if vals:
-                row[f"{num}/{den}"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
-                                       "rounds": len(vals)}
+                row[f"{num}/{den}"] = spread(vals)
         out[c] = row
+    print_ratios("non-streaming tokens/s", out, levels)  # nothing printed without pairs (e.g. --stream sse)
+    return out
+
+
+def spread(vals: list[float]) -> dict:
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "rounds": len(vals)}
+
+
+def print_ratios(what: str, out: dict, levels: list[int]) -> None:
+    """One table of per-round ratios (`out[level][name]`: `spread`), when there is any."""
     names = sorted({k for row in out.values() for k in row})
     if not names:
-        return out  # nothing non-streaming measured in pairs (e.g. --stream sse)
-    print("\nper-round ratios, non-streaming tokens/s: median (min-max) over rounds")
+        return
+    print(f"\nper-round ratios, {what}: median (min-max) over rounds")
     print(f"{'conc':>5} " + " ".join(f"{n:>20}" for n in names))
     for c in levels:
         cells = ["-" if x is None else "{median:.2f} ({min:.2f}-{max:.2f})".format(**x)
                  for x in (out[c].get(n) for n in names)]
         print(f"{c:>5} " + " ".join(f"{x:>20}" for x in cells))
-    return out
 
 
 BARES = ("bare", "bare_1t", "bare_split")
@@ -199,17 +207,9 @@ def itl_over_step(rows: list[dict], levels: list[int]) -> dict:
                 vals = [itl[num, c, k] / step[den, c, k] for k in rounds
                         if itl.get((num, c, k)) and step.get((den, c, k))]
                 if vals:
-                    row[f"{num}/{den}"] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
-                                           "rounds": len(vals)}
+                    row[f"{num}/{den}"] = spread(vals)
         out[c] = row
-    names = sorted({k for row in out.values() for k in row})
-    if names:
-        print("\nper-round ratios, streamed ITL p50 / bare step p50: median (min-max) over rounds")
-        print(f"{'conc':>5} " + " ".join(f"{n:>20}" for n in names))
-        for c in levels:
-            cells = ["-" if x is None else "{median:.2f} ({min:.2f}-{max:.2f})".format(**x)
-                     for x in (out[c].get(n) for n in names)]
-            print(f"{c:>5} " + " ".join(f"{x:>20}" for x in cells))
+    print_ratios("streamed ITL p50 / bare step p50", out, levels)
     return out
 
 
