@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bare_servers import BareServer, BareSplit  # noqa: E402
 from benchmarks.engine_modes import heldout_prompts  # noqa: E402
-from benchmarks.peer_vllm import (STACK_VARIANTS, check_identity, ensure_vllm_venv,  # noqa: E402
+from benchmarks.peer_vllm import (BARES, STACK_VARIANTS, check_identity, ensure_vllm_venv,  # noqa: E402
                                   median_rows, peer_arguments, plot, print_tables, run_load, start_stack,
                                   start_vllm, window_settle)
 from policies.signals import samples  # noqa: E402
@@ -187,9 +187,6 @@ def print_ratios(what: str, out: dict, levels: list[int]) -> None:
         cells = ["-" if x is None else "{median:.2f} ({min:.2f}-{max:.2f})".format(**x)
                  for x in (out[c].get(n) for n in names)]
         print(f"{c:>5} " + " ".join(f"{x:>20}" for x in cells))
-
-
-BARES = ("bare", "bare_1t", "bare_split")
 
 
 def itl_over_step(rows: list[dict], levels: list[int]) -> dict:

