@@ -101,7 +101,8 @@ def build_replica_client(config: GatewayConfig, metrics: GatewayMetrics,
                               health_interval_s=config.direct_health_interval_s,
                               discover_interval_s=config.direct_discover_interval_s,
                               forget_after_s=config.direct_forget_after_s, max_idle=config.max_idle_connections,
-                              stream_channels=config.stream_channels, channel_idle_s=config.channel_idle_s)
+                              stream_channels=config.stream_channels, channel_idle_s=config.channel_idle_s,
+                              pack_ar=config.pack_ar)
         metrics.direct_replicas.set_function(direct.healthy_count)
         metrics.stream_channels.set_function(direct.open_channels)
     return HttpReplicaClient(config, pool, on_retry=metrics.retries.inc, on_report=on_report, direct=direct,

@@ -25,7 +25,7 @@ from replicas.wire import MODES
 
 from .bootstrap import API_KEY_ENV, CONFIG_ERRORS, PolicySpec, auth_fields, build_gateway, config_error
 from .policy_cli import add_policy_parser
-from .up import add_channel_argument, add_loop_argument, add_up_parser
+from .up import add_routing_arguments, add_loop_argument, add_up_parser
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replica-routing", default="direct", choices=("direct", "ingress"),
                    help="direct (default): send to a healthy replica's own HTTP port, learned from the replicas' "
                         "answers, and through --replica-url while none is known; ingress: always --replica-url")
-    add_channel_argument(p)
+    add_routing_arguments(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default="nld", help="the model id clients send")
@@ -98,7 +98,8 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str]):
     from .config import GatewayConfig
 
     fields: dict = {"replica_url": args.replica_url, "model_name": args.model_name,
-                    "replica_routing": args.replica_routing, "stream_channels": args.stream_channels}
+                    "replica_routing": args.replica_routing, "stream_channels": args.stream_channels,
+                    "pack_ar": args.pack_ar}
     fields.update(auth_fields(args.api_key_file, args.no_auth, environ))
     optional = {"max_body_bytes": args.max_body_bytes, "max_tokens_limit": args.max_tokens_limit,
                 "max_inflight_requests": args.max_inflight, "request_timeout_s": args.request_timeout}

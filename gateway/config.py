@@ -58,6 +58,10 @@ class GatewayConfig(BaseModel):
     stream_channels: bool = Field(default=True, description="direct routing: a streamed request's events ride "
                                   "one stream channel per replica (`gateway.channel`: one read per engine step for "
                                   "all streams) instead of its own answer")
+    pack_ar: int = Field(default=0, ge=0, le=4096, description="direct routing: a request running `ar` goes to "
+                         "the busiest healthy replica with fewer than this many of this gateway's requests in "
+                         "flight, the least loaded when all have this many (`gateway.placement`); 0: every "
+                         "request goes to the least loaded")
     channel_idle_s: float = Field(default=2.0, gt=0, description="a stream channel no stream used this long is "
                                   "closed (direct routing)")
     replica_report_keep_s: float = Field(default=120.0, gt=0, description="how long a replica's last report (the "

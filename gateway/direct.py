@@ -15,8 +15,10 @@ Contract of `DirectRoutes(ingress, ...)`:
   its Service to a new cluster) makes that cluster the current one and forgets every replica of
   the old one at once, which keeps serving what it has until KubeRay deletes it; replicas of
   another cluster are never learned from a direct answer.
-- `pick()`: the healthy replica with the fewest requests this gateway has in flight there
-  (ties rotate), or None when none is known healthy: the caller then goes through the ingress.
+- `pick(mode)`: the healthy replica with the fewest requests this gateway has in flight there
+  (ties rotate); with `pack_ar` N > 0, a request running `ar` goes instead to the busiest healthy
+  replica below N in flight (`gateway.placement`). None when none is known healthy: the caller
+  then goes through the ingress.
   `begin(r)` / `end(r)` count a request in flight; `failed(r)` (a connection failure or an
   `engine_dead` answer) marks the replica unhealthy until its health check passes again.
 - `start()` (on the running loop; idempotent) runs one task that, every `health_interval_s`,
@@ -53,6 +55,7 @@ from collections.abc import Callable
 from replicas.wire import REPLICA_HEADER, host_port, parse_replica_address
 
 from .channel import ReplicaChannel
+from .placement import choose
 from .upstream import UpstreamConnectionError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("gateway.direct")
@@ -85,10 +88,13 @@ class DirectRoutes:
     def __init__(self, ingress: UpstreamPool, *, connect_timeout_s: float = 1.0, health_interval_s: float = 0.5,
                  discover_interval_s: float = 1.0, health_timeout_s: float = 1.0, forget_after_s: float = 30.0,
                  max_replicas: int = 256, max_idle: int = 256, stream_channels: bool = True,
-                 channel_idle_s: float = 2.0, pool_factory: Callable[[str], UpstreamPool] | None = None,
+                 channel_idle_s: float = 2.0, pack_ar: int = 0, pool_factory: Callable[[str], UpstreamPool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if min(health_interval_s, discover_interval_s, health_timeout_s, forget_after_s) <= 0 or max_replicas < 1:
             raise ValueError("direct routes: intervals, timeouts and max_replicas must be > 0")
+        if pack_ar < 0:
+            raise ValueError(f"direct routes: pack_ar must be >= 0 (0: spread), got {pack_ar}")
+        self.pack_ar = pack_ar
         self.ingress = ingress
         self.health_interval_s, self.discover_interval_s = health_interval_s, discover_interval_s
         self.health_timeout_s, self.forget_after_s = health_timeout_s, forget_after_s
@@ -183,18 +189,12 @@ class DirectRoutes:
         for ch in closing:
             await ch.aclose()
 
-    def pick(self) -> DirectReplica | None:
-        best: DirectReplica | None = None
+    def pick(self, mode: str | None = None) -> DirectReplica | None:
         replicas = list(self._replicas.values())
-        n = len(replicas)
-        if n == 0:
+        if not replicas:
             return None
-        self._turn = (self._turn + 1) % n
-        for k in range(n):
-            r = replicas[(self._turn + k) % n]
-            if r.healthy and (best is None or r.inflight < best.inflight):
-                best = r
-        return best
+        self._turn = (self._turn + 1) % len(replicas)
+        return choose(replicas, self._turn, self.pack_ar if mode == "ar" else 0)
 
     @staticmethod
     def begin(replica: DirectReplica) -> None:

@@ -135,7 +135,7 @@ class HttpReplicaClient:
             direct.start()
         attempt = 0
         while True:
-            replica = direct.pick() if direct is not None else None
+            replica = direct.pick(request.mode) if direct is not None else None
             pool = self._pool if replica is None else replica.pool
             if replica is not None:
                 direct.begin(replica)

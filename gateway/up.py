@@ -46,7 +46,7 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="how the gateway reaches the replicas: direct (default) to each replica's own HTTP port, "
                         "learned from their answers; ingress: always through HAProxy (nld-gateway serve "
                         "--replica-routing)")
-    add_channel_argument(p)
+    add_routing_arguments(p)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the replica's engine process (default: the CPUs the replica reserves)")
     p.add_argument("--replicas", type=replica_count_arg, default="auto", metavar="N|auto|policy",
@@ -89,10 +89,21 @@ def add_loop_argument(p: argparse.ArgumentParser) -> None:
                    help="the gateway's event loop: auto (uvloop where installed, as uvicorn chooses), uvloop or asyncio")
 
 
-def add_channel_argument(p: argparse.ArgumentParser) -> None:
-    """`--stream-channels` / `--no-stream-channels` of `serve` and `up` (`gateway.channel`)."""
+def add_routing_arguments(p: argparse.ArgumentParser) -> None:
+    """`--stream-channels` / `--no-stream-channels` (`gateway.channel`) and `--pack-ar` (`gateway.placement`)
+    of `serve` and `up`."""
     p.add_argument("--stream-channels", action=argparse.BooleanOptionalAction, default=True,
                    help="direct routing: carry streamed events over one channel per replica (default on)")
+    p.add_argument("--pack-ar", type=pack_arg, default=0, metavar="N",
+                   help="direct routing: requests running ar fill the busiest replica below N in flight before "
+                        "the next (0: spread every request; gateway.placement)")
+
+
+def pack_arg(text: str) -> int:
+    """A count >= 0 (an argparse type)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"want a count >= 0 (0: spread every request), got {text!r}")
+    return int(text)
 
 
 def replica_count_arg(text: str) -> str:
@@ -193,7 +204,8 @@ def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str]
     from .config import GatewayConfig
 
     fields = {"replica_url": f"http://{REPLICA_HOST}:{args.replica_port}", "model_name": model_name,
-              "replica_routing": args.replica_routing, "stream_channels": args.stream_channels}
+              "replica_routing": args.replica_routing, "stream_channels": args.stream_channels,
+              "pack_ar": args.pack_ar}
     fields.update(auth_fields(args.api_key_file, args.no_auth, environ))
     return GatewayConfig(**fields)
 
