@@ -299,6 +299,7 @@ BAD_VALUES = [
     ({"gateway": {"image": {"registry": "https://ghcr.io"}}}, "at '/gateway/image/registry'"),
     ({"monitoring": {"prometheusRule": {"errorRateThreshold": 5}}}, "at '/monitoring/prometheusRule/errorRateThreshold'"),
     ({"networkPolicy": {"metricsFrom": [{"namespace": "monitoring"}]}}, "additional properties 'namespace' not allowed"),
+    ({"gateway": {"packAr": -1}}, "at '/gateway/packAr'"),
 ]
 
 
@@ -542,6 +543,15 @@ def test_stream_channels_can_be_turned_off():
     objs = C.objects(C.render({"gateway": {"streamChannels": False}}))
     args = C.one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--no-stream-channels" in args
+
+
+def test_pack_ar_reaches_the_gateway_only_when_set():
+    def gateway_args(values: dict) -> list[str]:
+        return C.one(C.objects(C.render(values)), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert "--pack-ar" not in gateway_args({})  # spread, as the gateway's default
+    args = gateway_args({"gateway": {"packAr": 4}})
+    assert args[args.index("--pack-ar") + 1] == "4"
 
 
 def test_gpu_workers_with_two_replicas_and_autoscaling():

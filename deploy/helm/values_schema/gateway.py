@@ -15,6 +15,7 @@ GATEWAY = obj(
         'replicaUrl': string(pattern='^$|^https?://'),
         'replicaRouting': string(enum=['direct', 'ingress']),
         'streamChannels': boolean(),
+        'packAr': integer(minimum=0),
         'policy': obj(
             {'source': string(enum=['fixed', 'file']), 'fixedMode': string(enum=MODES)},
             required=['source', 'fixedMode'],
@@ -96,5 +97,5 @@ GATEWAY = obj(
     },
     required=['image', 'port', 'resources', 'service', 'ingress', 'autoscaling', 'podDisruptionBudget',
               'serviceAccount', 'policy', 'metricsPort', 'keyReloadIntervalSeconds', 'replicaRouting',
-              'streamChannels'],
+              'streamChannels', 'packAr'],
 )
