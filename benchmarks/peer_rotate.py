@@ -246,7 +246,8 @@ def main(argv=None) -> None:
             servers["vllm"] = start_vllm(ensure_vllm_venv(), str(model), vllm_port, work)
             urls["vllm"] = f"http://127.0.0.1:{vllm_port}"
         if set(systems) & set(STACK_VARIANTS):
-            servers["stack"] = start_stack(str(model), stack_port, policy, work, "stack", args.torch_threads)
+            servers["stack"] = start_stack(str(model), stack_port, policy, work, "stack", args.torch_threads,
+                                           args.stack_options)
             urls.update({s: f"http://127.0.0.1:{stack_port}" for s in STACK_VARIANTS})
         for name, server in servers.items():  # one at a time: the other is frozen while it loads
             print(f"{server.name} ready in {server.wait_ready():.0f} s", flush=True)

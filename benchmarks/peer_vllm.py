@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -353,6 +354,8 @@ def peer_arguments(description: str, *, policy: Path, policy_help: str, seconds:
                    help="torch threads of our engine, stack and bare (default: one per core: the bare engine "
                         "takes torch's default, the stack's one replica reserves every CPU; vLLM's CPU backend "
                         "instead binds its engine's OpenMP threads to all cores but one, kept for its frontend)")
+    p.add_argument("--stack-options", type=shlex.split, default=[],
+                   help="more `nld-gateway up` options for our stack, e.g. \"--pack-ar 0\" (last: they override)")
     p.add_argument("--port", type=int, default=port)
     p.add_argument("--out", type=Path, default=out)
     p.add_argument("--prompts-file", type=Path, default=None, help=argparse.SUPPRESS)
@@ -402,7 +405,7 @@ def main(argv=None) -> None:
             else:
                 label = group[0]
                 server = start_stack(str(model), stack_port, policy if label == "adaptive" else None, work, label,
-                                      args.torch_threads)
+                                      args.torch_threads, args.stack_options)
                 url = f"http://127.0.0.1:{stack_port}"
             try:
                 print(f"round {rnd}: {server.name} ready in {server.wait_ready():.0f} s", flush=True)
