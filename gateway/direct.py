@@ -88,7 +88,8 @@ class DirectRoutes:
     def __init__(self, ingress: UpstreamPool, *, connect_timeout_s: float = 1.0, health_interval_s: float = 0.5,
                  discover_interval_s: float = 1.0, health_timeout_s: float = 1.0, forget_after_s: float = 30.0,
                  max_replicas: int = 256, max_idle: int = 256, stream_channels: bool = True,
-                 channel_idle_s: float = 2.0, pack_ar: int = 0, pool_factory: Callable[[str], UpstreamPool] | None = None,
+                 channel_idle_s: float = 2.0, pack_ar: int = 0,
+                 pool_factory: Callable[[str], UpstreamPool] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if min(health_interval_s, discover_interval_s, health_timeout_s, forget_after_s) <= 0 or max_replicas < 1:
             raise ValueError("direct routes: intervals, timeouts and max_replicas must be > 0")
