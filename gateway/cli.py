@@ -25,7 +25,7 @@ from replicas.wire import MODES
 
 from .bootstrap import API_KEY_ENV, CONFIG_ERRORS, PolicySpec, auth_fields, build_gateway, config_error
 from .policy_cli import add_policy_parser
-from .up import add_routing_arguments, add_loop_argument, add_up_parser
+from .up import add_loop_argument, add_routing_arguments, add_up_parser
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:

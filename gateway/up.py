@@ -46,7 +46,7 @@ def add_up_parser(sub: argparse._SubParsersAction) -> None:
                    help="how the gateway reaches the replicas: direct (default) to each replica's own HTTP port, "
                         "learned from their answers; ingress: always through HAProxy (nld-gateway serve "
                         "--replica-routing)")
-    add_routing_arguments(p)
+    add_routing_arguments(p, pack_auto=True)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="CPU threads of the replica's engine process (default: the CPUs the replica reserves)")
     p.add_argument("--replicas", type=replica_count_arg, default="auto", metavar="N|auto|policy",
@@ -89,14 +89,28 @@ def add_loop_argument(p: argparse.ArgumentParser) -> None:
                    help="the gateway's event loop: auto (uvloop where installed, as uvicorn chooses), uvloop or asyncio")
 
 
-def add_routing_arguments(p: argparse.ArgumentParser) -> None:
+def add_routing_arguments(p: argparse.ArgumentParser, *, pack_auto: bool = False) -> None:
     """`--stream-channels` / `--no-stream-channels` (`gateway.channel`) and `--pack-ar` (`gateway.placement`)
-    of `serve` and `up`."""
+    of `serve` and `up`; `up`'s `--pack-ar` also takes `auto`, its default (`resolve_pack_ar`)."""
     p.add_argument("--stream-channels", action=argparse.BooleanOptionalAction, default=True,
                    help="direct routing: carry streamed events over one channel per replica (default on)")
-    p.add_argument("--pack-ar", type=pack_arg, default=0, metavar="N",
-                   help="direct routing: requests running ar fill the busiest replica below N in flight before "
-                        "the next (0: spread every request; gateway.placement)")
+    if pack_auto:
+        p.add_argument("--pack-ar", type=pack_arg_or_auto, default="auto", metavar="N|auto",
+                       help=f"requests running ar fill the busiest replica below N in flight before the next (0: "
+                            f"spread every request; gateway.placement). auto (default): {AUTO_PACK_AR} on a host of "
+                            f"at most {AUTO_PACK_MAX_CPUS} CPUs, where the replicas and the serving path share them, "
+                            f"else 0")
+    else:
+        p.add_argument("--pack-ar", type=pack_arg, default=0, metavar="N",
+                       help="direct routing: requests running ar fill the busiest replica below N in flight before "
+                            "the next (0: spread every request; gateway.placement)")
+
+
+# `up --pack-ar auto`: measured on a 2-CPU host (one one-CPU replica per CPU), 4 requests in `ar` made
+# 1.16x (non-streamed) and 1.28x (streamed) the tokens/s when packed onto one replica, level at 2, 8
+# and 16 (docs/PERFORMANCE.md, "Packing `ar` requests at low load"); larger hosts are not measured.
+AUTO_PACK_AR = 4
+AUTO_PACK_MAX_CPUS = 2
 
 
 def pack_arg(text: str) -> int:
@@ -104,6 +118,19 @@ def pack_arg(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"want a count >= 0 (0: spread every request), got {text!r}")
     return int(text)
+
+
+def pack_arg_or_auto(text: str) -> int | str:
+    return text if text == "auto" else pack_arg(text)
+
+
+def resolve_pack_ar(spec: int | str, cpus: int) -> int:
+    """`--pack-ar` of `up`: a count as given; `auto` is `AUTO_PACK_AR` on a host of at most
+    `AUTO_PACK_MAX_CPUS` CPUs (the replicas' engines then take every CPU the serving path needs),
+    else 0 (spread)."""
+    if spec != "auto":
+        return int(spec)
+    return AUTO_PACK_AR if cpus <= AUTO_PACK_MAX_CPUS else 0
 
 
 def replica_count_arg(text: str) -> str:
@@ -198,14 +225,15 @@ def run_until_signal(server, on_started=lambda: None, loop=None) -> None:
     run(main(), loop)
 
 
-def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str]):
-    """The gateway's `GatewayConfig` for `up` (keys from the flag or the environment, as `serve`)."""
+def up_config(args: argparse.Namespace, model_name: str, environ: dict[str, str], cpus: int | None = None):
+    """The gateway's `GatewayConfig` for `up` (keys from the flag or the environment, as `serve`);
+    `cpus`: this host's, for `--pack-ar auto` (default: the CPUs this process may run on)."""
     from .bootstrap import auth_fields
     from .config import GatewayConfig
 
     fields = {"replica_url": f"http://{REPLICA_HOST}:{args.replica_port}", "model_name": model_name,
               "replica_routing": args.replica_routing, "stream_channels": args.stream_channels,
-              "pack_ar": args.pack_ar}
+              "pack_ar": resolve_pack_ar(args.pack_ar, len(os.sched_getaffinity(0)) if cpus is None else cpus)}
     fields.update(auth_fields(args.api_key_file, args.no_auth, environ))
     return GatewayConfig(**fields)
 
@@ -255,6 +283,9 @@ def cmd_up(args: argparse.Namespace, environ: dict[str, str]) -> int:
             print(f"nld-gateway up: --serving-cpus {args.serving_cpus}: {getattr(e, 'strerror', None) or e}",
                   file=sys.stderr)
             return 2
+    if args.pack_ar == "auto" and config.pack_ar:
+        print(f"ar requests fill one replica up to {config.pack_ar} before the next (--pack-ar auto on a host "
+              f"of at most {AUTO_PACK_MAX_CPUS} CPUs; --pack-ar 0 spreads them)", flush=True)
     print(f"starting the replicas on {model} (Ray, then the weights) ...", flush=True)
     proc = start_replicas(args, model_name, autoscaling)
     try:

@@ -15,7 +15,7 @@ from gateway.cli import build_parser, serve_config
 from gateway.direct import DirectRoutes
 from gateway.placement import choose
 from gateway.replica_client import HttpReplicaClient
-from gateway.up import up_config
+from gateway.up import AUTO_PACK_AR, up_config
 from gateway.upstream import UpstreamPool
 from replicas.wire import GenerateRequest, replica_address
 
@@ -121,8 +121,16 @@ def test_pack_ar_from_the_flags_of_serve_and_up():
     assert serve_config(parser.parse_args(["serve", *url]), {}).pack_ar == 0  # spread unless asked
     assert serve_config(parser.parse_args(["serve", *url, "--pack-ar", "4"]), {}).pack_ar == 4
     assert up_config(parser.parse_args(["up", "--model", "m", "--pack-ar", "8"]), "m", {}).pack_ar == 8
+    up = parser.parse_args(["up", "--model", "m"])  # auto: fill on a host of at most 2 CPUs, else spread
+    assert up.pack_ar == "auto"
+    assert [up_config(up, "m", {}, cpus=n).pack_ar for n in (1, 2, 3, 16)] == [AUTO_PACK_AR] * 2 + [0, 0]
+    assert up_config(parser.parse_args(["up", "--model", "m", "--pack-ar", "0"]), "m", {}, cpus=2).pack_ar == 0
     for bad in ("-1", "x"):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", *url, "--pack-ar", bad])
+        with pytest.raises(SystemExit):
+            parser.parse_args(["up", "--model", "m", "--pack-ar", bad])
+    with pytest.raises(SystemExit):  # serve cannot see the replicas' host: a count only
+        parser.parse_args(["serve", *url, "--pack-ar", "auto"])
     with pytest.raises(ValidationError, match="pack_ar"):
         GatewayConfig(pack_ar=-1)
