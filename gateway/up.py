@@ -94,16 +94,12 @@ def add_routing_arguments(p: argparse.ArgumentParser, *, pack_auto: bool = False
     of `serve` and `up`; `up`'s `--pack-ar` also takes `auto`, its default (`resolve_pack_ar`)."""
     p.add_argument("--stream-channels", action=argparse.BooleanOptionalAction, default=True,
                    help="direct routing: carry streamed events over one channel per replica (default on)")
-    if pack_auto:
-        p.add_argument("--pack-ar", type=pack_arg_or_auto, default="auto", metavar="N|auto",
-                       help=f"requests running ar fill the busiest replica below N in flight before the next (0: "
-                            f"spread every request; gateway.placement). auto (default): {AUTO_PACK_AR} on a host of "
-                            f"at most {AUTO_PACK_MAX_CPUS} CPUs, where the replicas and the serving path share them, "
-                            f"else 0")
-    else:
-        p.add_argument("--pack-ar", type=pack_arg, default=0, metavar="N",
-                       help="direct routing: requests running ar fill the busiest replica below N in flight before "
-                            "the next (0: spread every request; gateway.placement)")
+    auto = (f" auto (default): {AUTO_PACK_AR} on a host of at most {AUTO_PACK_MAX_CPUS} CPUs, where the replicas and "
+            f"the serving path share them, else 0") if pack_auto else ""
+    p.add_argument("--pack-ar", type=pack_arg_or_auto if pack_auto else pack_arg, default="auto" if pack_auto else 0,
+                   metavar="N|auto" if pack_auto else "N",
+                   help="direct routing: requests running ar fill the busiest replica below N in flight before the "
+                        "next (0: spread every request; gateway.placement)." + auto)
 
 
 # `up --pack-ar auto`: measured on a 2-CPU host (one one-CPU replica per CPU), 4 requests in `ar` made
